@@ -1,0 +1,129 @@
+//! The daemon's configuration: a TOML file, overridden by `BLIXARD_*` environment
+//! variables and flags (flags win).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The `blixard node run` configuration file. Unknown keys are an error, so a typo is
+/// reported instead of silently ignored.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the Iroh endpoint binds (UDP), e.g. "0.0.0.0:7000".
+    pub listen: Option<SocketAddr>,
+    /// A human name for this node; defaults to the host name.
+    pub name: Option<String>,
+    /// An Iroh relay to use; relays are off when unset.
+    pub relay_url: Option<String>,
+    /// Labels for placement (zone, rack, …).
+    pub labels: BTreeMap<String, String>,
+    pub capacity: CapacityConfig,
+    pub raft: RaftConfig,
+    /// How long an API request may take, in milliseconds.
+    pub request_timeout_ms: Option<u64>,
+}
+
+/// What this node offers to VMs; detected from the host when unset.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+}
+
+/// Consensus tunables.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// One raft tick, in milliseconds.
+    pub tick_ms: u64,
+    /// Ticks without a heartbeat before a follower campaigns.
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Compact the log when it grows past this many applied entries.
+    pub snapshot_threshold: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_threshold: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {detail}")]
+    Parse { path: String, detail: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|detail| ConfigError::Parse { path: p, detail })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let r = &self.raft;
+        if r.tick_ms == 0 || r.tick_ms > 10_000 {
+            return Err("raft.tick_ms must be between 1 and 10000".into());
+        }
+        if r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
+            return Err(
+                "raft.election_ticks must be greater than raft.heartbeat_ticks (≥ 1)".into(),
+            );
+        }
+        if r.snapshot_threshold == 0 {
+            return Err("raft.snapshot_threshold must be at least 1".into());
+        }
+        if let Some(url) = &self.relay_url {
+            url.parse::<iroh::RelayUrl>()
+                .map_err(|e| format!("relay_url {url:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parses_and_rejects_typos_and_nonsense() {
+        let c = Config::parse(
+            "listen = \"127.0.0.1:7001\"\n[labels]\nzone = \"a\"\n[raft]\nsnapshot_threshold = 50\n",
+        )
+        .unwrap();
+        assert_eq!(c.raft.snapshot_threshold, 50);
+        assert_eq!(c.raft.tick_ms, 100);
+        assert_eq!(c.labels["zone"], "a");
+        assert!(Config::parse("lsiten = \"x\"")
+            .unwrap_err()
+            .contains("lsiten"));
+        assert!(Config::parse("[raft]\nelection_ticks = 1\nheartbeat_ticks = 2").is_err());
+        assert!(Config::parse("listen = \"nope\"").is_err());
+    }
+}

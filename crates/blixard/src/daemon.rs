@@ -1,0 +1,436 @@
+//! `blixard node run`: start (or resume) a node and serve until told to stop.
+//!
+//! Shutdown order on SIGTERM/SIGINT: stop accepting connections and let in-flight API
+//! requests finish (the router's shutdown does both, then closes the endpoint), stop the
+//! raft thread after its current step, and remove `node.json`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blixard_core::{Capacity, ClusterId, Command, NewMember, NodeId, State};
+use blixard_net::api::{JoinCluster, Joined};
+use blixard_net::client::{ApiClient, ClientError};
+use blixard_net::raft_transport::{IrohTransport, RaftHandler};
+use blixard_net::server::ApiHandler;
+use blixard_net::ticket::JoinTicket;
+use blixard_net::{endpoint, key_of, keys, member_addr, API_ALPN, RAFT_ALPN};
+use blixard_raft::{CoreConfig, RaftCore, RaftNode};
+use blixard_store::{NodeRecord, Store, StoreError};
+use clap::Args;
+use iroh::protocol::Router;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::datadir::{self, NodeInfo};
+use crate::exit::{self, Failure};
+use crate::service::{now_ms, Book, NodeService, Seeds};
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Address to listen on (UDP), e.g. 0.0.0.0:7000.
+    #[arg(long, env = "BLIXARD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Start a new cluster with this node as its first member. Ignored (with a note) when
+    /// the data dir already holds this node's cluster.
+    #[arg(long, conflicts_with_all = ["join", "join_file"])]
+    pub init: bool,
+    /// Name of the new cluster (with --init).
+    #[arg(long, default_value = "blixard")]
+    pub cluster_name: String,
+    /// Join the cluster of this ticket (from `cluster token create`).
+    #[arg(long, env = "BLIXARD_JOIN", conflicts_with = "join_file")]
+    pub join: Option<String>,
+    /// Read the join ticket from this file.
+    #[arg(long, env = "BLIXARD_JOIN_FILE")]
+    pub join_file: Option<PathBuf>,
+    /// Config file (default: DATA_DIR/blixard.toml when it exists).
+    #[arg(long, env = "BLIXARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "BLIXARD_NAME")]
+    pub name: Option<String>,
+    /// A node label, KEY=VALUE; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// An Iroh relay URL (relays are off by default).
+    #[arg(long, env = "BLIXARD_RELAY_URL")]
+    pub relay_url: Option<String>,
+    /// Compact the raft log past this many entries.
+    #[arg(long)]
+    pub snapshot_threshold: Option<u64>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("labels are KEY=VALUE, got {s:?}")),
+    }
+}
+
+fn data_err(e: impl std::fmt::Display) -> Failure {
+    Failure::new(exit::DATA_DIR, e)
+}
+
+fn store_err(e: StoreError) -> Failure {
+    data_err(e)
+}
+
+fn load_config(data_dir: &Path, args: &RunArgs) -> Result<Config, Failure> {
+    let cfg_err = |e: crate::config::ConfigError| Failure::new(exit::CONFIG, e);
+    let mut config = match &args.config {
+        Some(p) => Config::load(p).map_err(cfg_err)?,
+        None => {
+            let p = data_dir.join("blixard.toml");
+            if p.exists() {
+                Config::load(&p).map_err(cfg_err)?
+            } else {
+                Config::default()
+            }
+        }
+    };
+    if args.listen.is_some() {
+        config.listen = args.listen;
+    }
+    if args.name.is_some() {
+        config.name.clone_from(&args.name);
+    }
+    if args.relay_url.is_some() {
+        config.relay_url.clone_from(&args.relay_url);
+    }
+    if let Some(t) = args.snapshot_threshold {
+        config.raft.snapshot_threshold = t;
+    }
+    for (k, v) in &args.labels {
+        config.labels.insert(k.clone(), v.clone());
+    }
+    config
+        .validate()
+        .map_err(|e| Failure::new(exit::CONFIG, format!("invalid config: {e}")))?;
+    Ok(config)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+fn detect_capacity(config: &Config) -> Capacity {
+    let vcpus = config.capacity.vcpus.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    });
+    let memory_mib = config.capacity.memory_mib.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map(|kb| kb / 1024)
+            .unwrap_or(0)
+    });
+    Capacity { vcpus, memory_mib }
+}
+
+fn read_ticket(args: &RunArgs) -> Result<Option<JoinTicket>, Failure> {
+    let text = match (&args.join, &args.join_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+            Failure::new(
+                exit::CONFIG,
+                format!("cannot read join ticket {}: {e}", path.display()),
+            )
+        })?,
+        (None, None) => return Ok(None),
+    };
+    text.parse::<JoinTicket>()
+        .map(Some)
+        .map_err(|e| Failure::new(exit::USAGE, e))
+}
+
+pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
+    let config = load_config(data_dir, &args)?;
+    let ticket = read_ticket(&args)?;
+    datadir::ensure(data_dir).map_err(|e| {
+        data_err(format!(
+            "cannot create data dir {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let store = Store::open(&datadir::db(data_dir)).map_err(store_err)?;
+    let record = store.node_record().map_err(store_err)?;
+    if let Some(r) = record.as_ref().filter(|r| r.removed) {
+        return Err(data_err(format!(
+            "node {} was removed from cluster {}; this data dir cannot rejoin (start with an empty data dir and a new join ticket)",
+            r.node_id, r.cluster_id
+        )));
+    }
+
+    let listen = config
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7000)));
+    let relay = match &config.relay_url {
+        Some(u) => Some(
+            u.parse()
+                .map_err(|e| Failure::new(exit::CONFIG, format!("relay_url: {e}")))?,
+        ),
+        None => None,
+    };
+    let secret = keys::load_or_create(&datadir::node_key(data_dir)).map_err(data_err)?;
+    let ep = endpoint::bind(
+        secret,
+        listen,
+        relay,
+        vec![RAFT_ALPN.to_vec(), API_ALPN.to_vec()],
+    )
+    .await
+    .map_err(|e| Failure::new(exit::CONFIG, e))?;
+    let advertise: Vec<SocketAddr> = if listen.ip().is_unspecified() {
+        ep.bound_sockets()
+    } else {
+        vec![listen]
+    };
+    let timeout = Duration::from_millis(config.request_timeout_ms.unwrap_or(10_000));
+    let name = config.name.clone().unwrap_or_else(host_name);
+    let capacity = detect_capacity(&config);
+
+    // Who are we: resume, initialise, or join.
+    let (record, seeds): (NodeRecord, Seeds) = match record {
+        Some(r) => {
+            if let Some(t) = &ticket {
+                if t.cluster_id != r.cluster_id {
+                    return Err(data_err(format!(
+                        "data dir {} belongs to cluster {}, but the join ticket is for cluster {}",
+                        data_dir.display(),
+                        r.cluster_id,
+                        t.cluster_id
+                    )));
+                }
+                tracing::info!(
+                    "already a member of cluster {}; ignoring the join ticket",
+                    r.cluster_id
+                );
+            }
+            if args.init {
+                tracing::info!("cluster {} already initialised; resuming", r.cluster_id);
+            }
+            (r, Vec::new())
+        }
+        None if args.init => {
+            let admin = keys::create(&datadir::admin_key(data_dir)).map_err(data_err)?;
+            let cluster_id = ClusterId(rand::random());
+            let mut state = State::new();
+            state
+                .apply(&Command::Bootstrap {
+                    cluster_id,
+                    name: args.cluster_name.clone(),
+                    member: NewMember {
+                        name: name.clone(),
+                        endpoint: key_of(&ep.id()),
+                        addrs: advertise.clone(),
+                        labels: config.labels.clone(),
+                        capacity,
+                    },
+                    admin: key_of(&admin.public()),
+                    now_ms: now_ms(),
+                })
+                .map_err(|e| Failure::new(exit::ERROR, e))?;
+            store.bootstrap(&state, &[1]).map_err(store_err)?;
+            let r = NodeRecord {
+                cluster_id,
+                node_id: NodeId(1),
+                removed: false,
+            };
+            store.set_node_record(&r).map_err(store_err)?;
+            tracing::info!(%cluster_id, "initialised a new cluster");
+            (r, Vec::new())
+        }
+        None => {
+            let Some(ticket) = ticket else {
+                return Err(data_err(format!(
+                    "data dir {} holds no cluster: pass --init to start one, or --join TICKET to join one",
+                    data_dir.display()
+                )));
+            };
+            let admin = keys::load_or_create(&datadir::admin_key(data_dir)).map_err(data_err)?;
+            let client = ApiClient::new(ep.clone(), Some(ticket.cluster_id), timeout);
+            let request = JoinCluster {
+                secret: ticket.secret,
+                endpoint: key_of(&ep.id()),
+                name: name.clone(),
+                addrs: advertise.clone(),
+                labels: config.labels.clone(),
+                capacity,
+                admin: key_of(&admin.public()),
+            };
+            let joined = join(&client, &ticket, request).await?;
+            let r = NodeRecord {
+                cluster_id: joined.cluster_id,
+                node_id: joined.node,
+                removed: false,
+            };
+            store.set_node_record(&r).map_err(store_err)?;
+            tracing::info!(node = %joined.node, cluster = %joined.cluster_id, "joined the cluster");
+            (r, joined.members)
+        }
+    };
+    let me = record.node_id;
+    let cluster_id = record.cluster_id;
+
+    let mut core_cfg = CoreConfig::new(me.0);
+    core_cfg.election_tick = config.raft.election_ticks;
+    core_cfg.heartbeat_tick = config.raft.heartbeat_ticks;
+    core_cfg.snapshot_threshold = config.raft.snapshot_threshold;
+    let core = RaftCore::open(store.clone(), core_cfg, &blixard_raft::tracing_logger())
+        .map_err(data_err)?;
+    let solo = core.conf_state().voters == vec![me.0];
+    let (removed_tx, mut removed_by_peer) = watch::channel(false);
+    let book = Arc::new(Book {
+        state: core.state(),
+        seeds,
+        me,
+        removed: Mutex::new(Some(removed_tx)),
+    });
+    let transport = IrohTransport::new(
+        ep.clone(),
+        cluster_id,
+        me,
+        book.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let (node, raft_thread) = RaftNode::spawn(
+        core,
+        Arc::new(transport),
+        Duration::from_millis(config.raft.tick_ms),
+    )
+    .map_err(|e| Failure::new(exit::ERROR, format!("cannot start the raft thread: {e}")))?;
+    if solo {
+        node.campaign();
+    }
+    let service = NodeService {
+        node: node.clone(),
+        cluster_id,
+        client: ApiClient::new(ep.clone(), Some(cluster_id), timeout),
+    };
+    let router = Router::builder(ep.clone())
+        .accept(
+            RAFT_ALPN,
+            RaftHandler::new(node.clone(), cluster_id, book.clone()),
+        )
+        .accept(API_ALPN, ApiHandler::new(Arc::new(service), timeout))
+        .spawn();
+
+    let info = NodeInfo {
+        node_id: me,
+        cluster_id,
+        endpoint_id: key_of(&ep.id()),
+        addrs: advertise.clone(),
+        pid: std::process::id(),
+    };
+    let info_json = serde_json::to_vec_pretty(&info).map_err(|e| Failure::new(exit::ERROR, e))?;
+    datadir::write_atomic(&datadir::node_info(data_dir), &info_json)
+        .map_err(|e| data_err(format!("cannot write node.json: {e}")))?;
+    tokio::spawn(keep_addrs_current(node.clone(), me, advertise.clone()));
+    tracing::info!(node = %me, cluster = %cluster_id, endpoint = %ep.id(), addrs = ?advertise, "serving");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+
+    let mut removed_by_raft = node.removed();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::new(exit::ERROR, format!("cannot install signal handler: {e}")))?;
+    let removed = tokio::select! {
+        _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); false }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); false }
+        _ = removed_by_raft.wait_for(|r| *r) => true,
+        _ = removed_by_peer.wait_for(|r| *r) => true,
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if let Err(e) = router.shutdown().await {
+        tracing::warn!("router shutdown: {e}");
+    }
+    node.shutdown();
+    let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    let _ = std::fs::remove_file(datadir::node_info(data_dir));
+    if removed {
+        store
+            .set_node_record(&NodeRecord {
+                removed: true,
+                ..record
+            })
+            .map_err(store_err)?;
+        return Err(data_err(format!(
+            "node {me} was removed from cluster {cluster_id}; it has stopped and its data dir cannot rejoin"
+        )));
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Tries each member in the ticket until one admits us.
+async fn join(
+    client: &ApiClient,
+    ticket: &JoinTicket,
+    request: JoinCluster,
+) -> Result<Joined, Failure> {
+    let mut last = None;
+    for (key, addrs) in &ticket.members {
+        let Some(addr) = member_addr(key, addrs) else {
+            continue;
+        };
+        match client.call(&addr, request.clone()).await {
+            Ok(joined) => return Ok(joined),
+            Err(e @ ClientError::Api(_)) => return Err(Failure::from(e)),
+            Err(e) => {
+                tracing::warn!("join via {key}: {e}");
+                last = Some(e);
+            }
+        }
+    }
+    Err(match last {
+        Some(e) => Failure::new(
+            exit::UNREACHABLE,
+            format!("could not reach any member of the cluster: {e}"),
+        ),
+        None => Failure::new(exit::USAGE, "the join ticket lists no members"),
+    })
+}
+
+/// Records this node's current addresses in cluster state if they changed (e.g. after a
+/// restart on another port).
+async fn keep_addrs_current(node: RaftNode, me: NodeId, addrs: Vec<SocketAddr>) {
+    loop {
+        let current = node.state().member(me).map(|m| m.addrs.clone());
+        match current {
+            Some(a) if a == addrs => return,
+            None => {}
+            Some(_) => {
+                let cmd = Command::UpdateAddrs {
+                    node: me,
+                    addrs: addrs.clone(),
+                };
+                match tokio::time::timeout(Duration::from_secs(5), node.propose(cmd)).await {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => tracing::debug!("address update not yet applied: {e}"),
+                    Err(_) => tracing::debug!("address update timed out"),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,194 @@
+//! `blixard`: the node daemon (`blixard node run`) and the CLI that talks to it.
+
+mod cli;
+mod config;
+mod daemon;
+mod datadir;
+mod exit;
+mod output;
+mod service;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::exit::Failure;
+use crate::output::Format;
+
+/// Blixard: microVMs on a cluster of NixOS hosts.
+#[derive(Parser, Debug)]
+#[command(name = "blixard", version, about)]
+struct Cli {
+    /// The node's data dir. The CLI finds the local node and its admin credential here.
+    #[arg(
+        long,
+        global = true,
+        env = "BLIXARD_DATA_DIR",
+        default_value = "/var/lib/blixard"
+    )]
+    data_dir: PathBuf,
+    /// Talk to this node instead of the local one: a join ticket, or ENDPOINT_ID@HOST:PORT.
+    #[arg(long, global = true, env = "BLIXARD_NODE")]
+    node: Option<String>,
+    /// The credential to call with (default: DATA_DIR/admin.key).
+    #[arg(long, global = true, env = "BLIXARD_KEY")]
+    key: Option<PathBuf>,
+    /// Output format of read commands.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// Seconds to wait for an answer.
+    #[arg(long, global = true, default_value_t = 15)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run or inspect this node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Cluster membership, status and metadata.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Run the node daemon in the foreground.
+    Run(daemon::RunArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Members, roles, leader, term, commit and applied index.
+    Status(StatusArgs),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Remove a node from the cluster.
+    Leave {
+        /// The node id (e.g. 3 or n3).
+        #[arg(value_name = "NODE_ID")]
+        id: String,
+    },
+    /// Cluster metadata: small key/value pairs stored in cluster state.
+    #[command(subcommand)]
+    Meta(MetaCommand),
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Answer from this node's state without a round to the leader (may be behind).
+    #[arg(long)]
+    stale: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a one-time join token and print the ticket to pass to `node run --join`.
+    Create {
+        /// How long the token is valid (e.g. 30s, 10m, 2h).
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MetaCommand {
+    /// Set a key.
+    Set {
+        #[arg(value_name = "KEY")]
+        name: String,
+        value: String,
+    },
+    /// Show one key, or all keys.
+    Get {
+        #[arg(value_name = "KEY")]
+        name: Option<String>,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Delete a key.
+    Rm {
+        #[arg(value_name = "KEY")]
+        name: String,
+    },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BLIXARD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,iroh=warn,noq=warn,noq_proto=warn,raft=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Don't wait for background tasks (e.g. connections still closing).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(failure) => {
+            eprintln!("error: {failure}");
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let ctx = cli::Context {
+        data_dir: cli.data_dir.clone(),
+        node: cli.node.clone(),
+        key: cli.key.clone(),
+        output: cli.output,
+        timeout: std::time::Duration::from_secs(cli.timeout.max(1)),
+    };
+    match cli.command {
+        Command::Node(NodeCommand::Run(args)) => {
+            init_logging();
+            daemon::run(&cli.data_dir, args).await
+        }
+        Command::Cluster(cmd) => match cmd {
+            ClusterCommand::Status(a) => cli::status(&ctx, a.stale).await,
+            ClusterCommand::Token(TokenCommand::Create { ttl }) => {
+                cli::token_create(&ctx, &ttl).await
+            }
+            ClusterCommand::Leave { id } => cli::leave(&ctx, &id).await,
+            ClusterCommand::Meta(MetaCommand::Set { name, value }) => {
+                cli::meta_set(&ctx, name, Some(value)).await
+            }
+            ClusterCommand::Meta(MetaCommand::Rm { name }) => cli::meta_set(&ctx, name, None).await,
+            ClusterCommand::Meta(MetaCommand::Get { name, stale }) => {
+                cli::meta_get(&ctx, name, stale).await
+            }
+        },
+    }
+}

@@ -1,0 +1,115 @@
+//! The closed set of state changes: every write to cluster state is one [`Command`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClusterId, EndpointKey, NodeId};
+use crate::state::Capacity;
+
+/// A command as it travels through the raft log: who proposed it, so that the proposing
+/// node can hand the result of `apply` back to its caller.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The node whose caller waits for the result; `None` for internal commands.
+    pub proposer: Option<NodeId>,
+    /// Unique per proposer (and per proposer restart, since it starts from a random value).
+    pub request_id: u64,
+    pub command: Command,
+}
+
+/// What a new member brings: its identity, where it listens, and what it offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewMember {
+    pub name: String,
+    pub endpoint: EndpointKey,
+    pub addrs: Vec<SocketAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+}
+
+/// A join request, after the API layer has hashed the secret from the ticket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The id the new member will get: the leader proposes it from `next_node_id`, and
+    /// `apply` refuses the join if that is no longer the next id.
+    pub node: NodeId,
+    pub token_hash: [u8; 32],
+    pub now_ms: u64,
+    pub member: NewMember,
+    /// The admin credential the joining node writes into its own data dir.
+    pub admin: EndpointKey,
+}
+
+/// A member's place in the raft configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberRole {
+    /// Receives the log but does not vote; a new member starts here.
+    Learner,
+    Voter,
+}
+
+/// Every operation that changes cluster state. Versioned through the envelope's encoding;
+/// new operations are appended as new variants, existing variants never change shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Does nothing; proposed by a new leader and by tests.
+    Noop,
+    /// Records the cluster's identity and first member. Legal once, on an empty state; it is
+    /// applied by `--init` to build the cluster's first snapshot, never proposed.
+    Bootstrap {
+        cluster_id: ClusterId,
+        name: String,
+        member: NewMember,
+        admin: EndpointKey,
+        now_ms: u64,
+    },
+    /// Sets (or with `None` clears) a cluster metadata key.
+    SetMeta { key: String, value: Option<String> },
+    /// Registers a one-time join token by the hash of its secret.
+    CreateJoinToken {
+        token_hash: [u8; 32],
+        now_ms: u64,
+        expires_at_ms: u64,
+    },
+    /// Spends a join token and registers the new member; allocates its node id. Followed
+    /// by a configuration change that adds the node as a learner.
+    Join(JoinRequest),
+    /// The context of a configuration change that adds or promotes a node.
+    SetRole { node: NodeId, role: MemberRole },
+    /// The context of a configuration change that removes a node. Its id is never reused
+    /// and its endpoint may not rejoin with its old data.
+    RemoveMember { node: NodeId, now_ms: u64 },
+    /// A member reports the addresses it now listens on (after a restart).
+    UpdateAddrs {
+        node: NodeId,
+        addrs: Vec<SocketAddr>,
+    },
+}
+
+impl Command {
+    /// A short name for logs and the audit trail.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Noop => "noop",
+            Command::Bootstrap { .. } => "bootstrap",
+            Command::SetMeta { .. } => "set_meta",
+            Command::CreateJoinToken { .. } => "create_join_token",
+            Command::Join(_) => "join",
+            Command::SetRole { .. } => "set_role",
+            Command::RemoveMember { .. } => "remove_member",
+            Command::UpdateAddrs { .. } => "update_addrs",
+        }
+    }
+}
+
+/// The successful result of applying a command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandOutput {
+    Done,
+    /// A join was accepted: the node id allocated to the new member.
+    Joined {
+        node: NodeId,
+    },
+}

@@ -1,0 +1,151 @@
+//! Identifiers: nodes, clusters and endpoint keys.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's raft id. Allocated by the state machine when a node joins; never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = ParseIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.strip_prefix('n').unwrap_or(s);
+        s.parse::<u64>()
+            .ok()
+            .filter(|id| *id != 0)
+            .map(NodeId)
+            .ok_or_else(|| ParseIdError::NodeId(s.to_string()))
+    }
+}
+
+/// Errors parsing an identifier from text.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseIdError {
+    #[error("invalid node id {0:?}: expected a positive integer such as 2 or n2")]
+    NodeId(String),
+    #[error("invalid key {0:?}: expected 64 hex characters")]
+    Key(String),
+    #[error("invalid cluster id {0:?}: expected 32 hex characters")]
+    Cluster(String),
+}
+
+fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != N * 2 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    for b in bytes {
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
+}
+
+/// The public half of an ed25519 key: a node's Iroh endpoint id, or a user's key.
+/// Displayed as lowercase hex, the way Iroh displays endpoint ids.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointKey(pub [u8; 32]);
+
+impl fmt::Display for EndpointKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+impl fmt::Debug for EndpointKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EndpointKey(")?;
+        write_hex(f, &self.0[..5])?;
+        write!(f, ")")
+    }
+}
+
+impl FromStr for EndpointKey {
+    type Err = ParseIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        decode_hex::<32>(s)
+            .map(EndpointKey)
+            .ok_or_else(|| ParseIdError::Key(s.to_string()))
+    }
+}
+
+/// A cluster's identity: chosen at random by `--init`, carried in join tickets and in every
+/// node's data dir so that a node never talks to (or joins) the wrong cluster.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct ClusterId(pub [u8; 16]);
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+impl FromStr for ClusterId {
+    type Err = ParseIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        decode_hex::<16>(s)
+            .map(ClusterId)
+            .ok_or_else(|| ParseIdError::Cluster(s.to_string()))
+    }
+}
+
+/// Hex text in human-readable formats (JSON), raw bytes in binary ones (postcard).
+macro_rules! hex_serde {
+    ($t:ident, $n:literal) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    s.collect_str(self)
+                } else {
+                    self.0.serialize(s)
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                if d.is_human_readable() {
+                    let s = String::deserialize(d)?;
+                    s.parse().map_err(serde::de::Error::custom)
+                } else {
+                    <[u8; $n]>::deserialize(d).map($t)
+                }
+            }
+        }
+    };
+}
+hex_serde!(EndpointKey, 32);
+hex_serde!(ClusterId, 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_through_text() {
+        let key = EndpointKey([0xab; 32]);
+        assert_eq!(key.to_string().parse::<EndpointKey>(), Ok(key));
+        let cluster = ClusterId([7; 16]);
+        assert_eq!(cluster.to_string().parse::<ClusterId>(), Ok(cluster));
+        assert_eq!("n3".parse::<NodeId>(), Ok(NodeId(3)));
+        assert_eq!("3".parse::<NodeId>(), Ok(NodeId(3)));
+        assert!("0".parse::<NodeId>().is_err());
+        assert!("zz".parse::<EndpointKey>().is_err());
+        assert!("é".repeat(32).parse::<EndpointKey>().is_err());
+    }
+}

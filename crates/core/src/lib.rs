@@ -1,0 +1,23 @@
+//! Blixard's domain types and the deterministic cluster state machine.
+//!
+//! Everything that changes cluster state is one [`Command`]. [`State::apply`] is a pure
+//! function of the current state and the command: it reads no clock, draws no random
+//! numbers and does no IO. Times and ids arrive inside the command. That is what lets every
+//! node apply the same log to the same result, and what makes simulation testing possible.
+//!
+//! **Invariant:** this crate depends on no async runtime, no network and no storage crate.
+
+mod command;
+mod encoding;
+mod ids;
+mod state;
+mod table;
+
+pub use command::{Command, CommandOutput, Envelope, JoinRequest, MemberRole, NewMember};
+pub use encoding::{decode_versioned, encode_versioned, DecodeError, FORMAT_VERSION};
+pub use ids::{ClusterId, EndpointKey, NodeId, ParseIdError};
+pub use state::{
+    AdminCredential, ApplyError, Capacity, ClusterMeta, JoinToken, LoadError, Member, MemberStatus,
+    State,
+};
+pub use table::{Row, Table};

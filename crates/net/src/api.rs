@@ -1,0 +1,198 @@
+//! The `blixard/api/1` protocol: one [`Request`] enum, one [`Response`] enum, and for each
+//! request a type implementing [`Rpc`] that names its response type.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use blixard_core::{Capacity, ClusterId, EndpointKey, Member, NodeId};
+use blixard_raft::NodeStatus;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The API version spoken inside `blixard/api/1` frames.
+pub const API_VERSION: u16 = 1;
+
+/// A request names its response type.
+pub trait Rpc: Serialize + DeserializeOwned + Into<Request> {
+    type Response: DeserializeOwned;
+    fn from_response(response: Response) -> Option<Self::Response>;
+}
+
+macro_rules! rpcs {
+    ($($variant:ident($req:ty) -> $resp:ty;)*) => {
+        /// Every API request. Each variant's payload type names its response via [`Rpc`].
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub enum Request { $($variant($req),)* }
+
+        /// Every API response, one variant per request kind.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub enum Response { $($variant($resp),)* }
+
+        $(
+            impl From<$req> for Request {
+                fn from(r: $req) -> Request { Request::$variant(r) }
+            }
+            impl Rpc for $req {
+                type Response = $resp;
+                fn from_response(response: Response) -> Option<$resp> {
+                    match response {
+                        Response::$variant(r) => Some(r),
+                        #[allow(unreachable_patterns)]
+                        _ => None,
+                    }
+                }
+            }
+        )*
+
+        impl Request {
+            /// The request kind, as authorization and logs name it.
+            pub fn kind(&self) -> &'static str {
+                match self { $(Request::$variant(_) => stringify!($variant),)* }
+            }
+        }
+    };
+}
+
+rpcs! {
+    Status(StatusRequest) -> ClusterStatus;
+    TokenCreate(TokenCreate) -> TokenCreated;
+    Join(JoinCluster) -> Joined;
+    Leave(LeaveCluster) -> Left;
+    MetaSet(MetaSet) -> MetaSetDone;
+    MetaGet(MetaGet) -> MetaEntries;
+}
+
+/// What goes on the wire for a request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub version: u16,
+    /// The cluster the caller means to talk to; a node of another cluster refuses.
+    pub cluster: Option<ClusterId>,
+    /// Set when a node forwards a request to the leader; a forwarded request is never
+    /// forwarded again.
+    pub forwarded: bool,
+    pub request: Request,
+}
+
+impl RequestFrame {
+    pub fn new(cluster: Option<ClusterId>, request: Request) -> Self {
+        Self {
+            version: API_VERSION,
+            cluster,
+            forwarded: false,
+            request,
+        }
+    }
+}
+
+/// What goes on the wire for a response.
+pub type ResponseFrame = Result<Response, ApiError>;
+
+/// Errors a node returns to a caller. Each is one line for the user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApiError {
+    #[error("not authorized: {caller} may not {action}")]
+    Unauthorized { caller: String, action: String },
+    #[error("this node belongs to cluster {actual}, not {expected}")]
+    WrongCluster { expected: String, actual: String },
+    #[error("unsupported API version {0} (this node speaks {API_VERSION})")]
+    Version(u16),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("refused: {0}")]
+    Rejected(String),
+    #[error("no leader is reachable; the cluster may be electing one or may have lost its quorum")]
+    NoLeader,
+    #[error("timed out after {0} ms waiting for the cluster")]
+    Timeout(u64),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Cluster status, as seen by the answering node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    /// Serve from local state without a ReadIndex round (may be behind).
+    pub stale: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: ClusterId,
+    pub name: String,
+    /// The node that answered.
+    pub node: NodeId,
+    pub raft: NodeStatus,
+    pub members: Vec<Member>,
+    pub stale: bool,
+}
+
+/// Creates a one-time join token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreate {
+    pub ttl_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub ticket: String,
+    pub expires_at_ms: u64,
+}
+
+/// Sent by a new node with the secret from its ticket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinCluster {
+    pub secret: [u8; 32],
+    /// The joining node's endpoint id; must be the caller's own key (checked by the first
+    /// node that receives the request, which may forward it to the leader).
+    pub endpoint: EndpointKey,
+    pub name: String,
+    pub addrs: Vec<SocketAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    /// The admin credential the new node writes into its data dir.
+    pub admin: EndpointKey,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    pub node: NodeId,
+    pub cluster_id: ClusterId,
+    /// Every member, so the new node can reach its peers before it has the state.
+    pub members: Vec<(NodeId, EndpointKey, Vec<SocketAddr>)>,
+}
+
+/// Removes a member from the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaveCluster {
+    pub node: NodeId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Left {
+    pub node: NodeId,
+}
+
+/// Sets (or, with `None`, deletes) a cluster metadata key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaSet {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaSetDone {}
+
+/// Reads one metadata key, or all of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaGet {
+    pub key: Option<String>,
+    pub stale: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaEntries {
+    pub entries: Vec<(String, String)>,
+}

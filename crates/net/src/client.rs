@@ -1,0 +1,131 @@
+//! The API client: used by the CLI, by nodes to forward requests to the leader, and by
+//! joining nodes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use blixard_core::ClusterId;
+use iroh::endpoint::Connection;
+use iroh::{Endpoint, EndpointAddr, EndpointId};
+
+use crate::api::{ApiError, Request, RequestFrame, ResponseFrame, Rpc};
+use crate::frame;
+use crate::API_ALPN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach node {node}: {detail}")]
+    Connect { node: String, detail: String },
+    #[error("{0}")]
+    Api(#[from] ApiError),
+    #[error("protocol error talking to {node}: {detail}")]
+    Protocol { node: String, detail: String },
+    #[error("no answer from {node} within {ms} ms")]
+    Timeout { node: String, ms: u64 },
+}
+
+/// Calls the API of other nodes, reusing one connection per node.
+#[derive(Debug)]
+pub struct ApiClient {
+    endpoint: Endpoint,
+    cluster: Option<ClusterId>,
+    timeout: Duration,
+    conns: Mutex<HashMap<EndpointId, Connection>>,
+}
+
+impl ApiClient {
+    pub fn new(endpoint: Endpoint, cluster: Option<ClusterId>, timeout: Duration) -> Self {
+        Self {
+            endpoint,
+            cluster,
+            timeout,
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Sends a typed request and returns its typed response.
+    pub async fn call<R: Rpc>(
+        &self,
+        to: &EndpointAddr,
+        request: R,
+    ) -> Result<R::Response, ClientError> {
+        let response = self
+            .call_frame(to, RequestFrame::new(self.cluster, request.into()))
+            .await??;
+        R::from_response(response).ok_or_else(|| ClientError::Protocol {
+            node: to.id.fmt_short().to_string(),
+            detail: "response of the wrong kind".into(),
+        })
+    }
+
+    /// Forwards an already-framed request (node to leader).
+    pub async fn forward(
+        &self,
+        to: &EndpointAddr,
+        request: Request,
+    ) -> Result<ResponseFrame, ClientError> {
+        let mut frame = RequestFrame::new(self.cluster, request);
+        frame.forwarded = true;
+        self.call_frame(to, frame).await
+    }
+
+    async fn connection(&self, to: &EndpointAddr) -> Result<Connection, ClientError> {
+        if let Ok(conns) = self.conns.lock() {
+            if let Some(c) = conns.get(&to.id) {
+                if c.close_reason().is_none() {
+                    return Ok(c.clone());
+                }
+            }
+        }
+        let node = to.id.fmt_short().to_string();
+        let conn = tokio::time::timeout(self.timeout, self.endpoint.connect(to.clone(), API_ALPN))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                node: node.clone(),
+                ms: self.timeout.as_millis() as u64,
+            })?
+            .map_err(|e| ClientError::Connect {
+                node,
+                detail: e.to_string(),
+            })?;
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.insert(to.id, conn.clone());
+        }
+        Ok(conn)
+    }
+
+    pub async fn call_frame(
+        &self,
+        to: &EndpointAddr,
+        request: RequestFrame,
+    ) -> Result<ResponseFrame, ClientError> {
+        let node = to.id.fmt_short().to_string();
+        let ms = self.timeout.as_millis() as u64;
+        let attempt = async {
+            let conn = self.connection(to).await?;
+            let protocol = |e: frame::FrameError| ClientError::Protocol {
+                node: node.clone(),
+                detail: e.to_string(),
+            };
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| ClientError::Connect {
+                node: node.clone(),
+                detail: e.to_string(),
+            })?;
+            frame::write(&mut send, &request).await.map_err(protocol)?;
+            let _ = send.finish();
+            frame::read::<ResponseFrame>(&mut recv)
+                .await
+                .map_err(protocol)
+        };
+        // The server applies the request timeout itself; allow a little more here.
+        match tokio::time::timeout(self.timeout + Duration::from_secs(2), attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout { node, ms }),
+        }
+    }
+}

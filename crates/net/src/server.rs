@@ -1,0 +1,154 @@
+//! The `blixard/api/1` server: reads a request, passes it through the choke point, hands
+//! it to the node's [`Service`], and writes the answer.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blixard_core::{ClusterId, EndpointKey};
+use iroh::endpoint::{Connection, RecvStream, SendStream};
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use tokio::sync::Semaphore;
+
+use crate::api::{ApiError, RequestFrame, ResponseFrame, API_VERSION};
+use crate::authz::{authorize, Principal};
+use crate::frame::{self, FrameError};
+use crate::key_of;
+
+/// What a node does with authorized requests.
+pub trait Service: Send + Sync + 'static {
+    /// The cluster this node belongs to.
+    fn cluster_id(&self) -> Option<ClusterId>;
+    /// Who the caller is, from its authenticated key.
+    fn principal(&self, caller: &EndpointKey) -> Principal;
+    /// Handles an authorized request.
+    fn handle(
+        &self,
+        principal: Principal,
+        frame: RequestFrame,
+    ) -> impl Future<Output = ResponseFrame> + Send;
+}
+
+/// The most requests handled at once per node.
+const MAX_IN_FLIGHT: u32 = 1024;
+
+/// The protocol handler registered for [`crate::API_ALPN`].
+pub struct ApiHandler<S> {
+    service: Arc<S>,
+    timeout: Duration,
+    in_flight: Arc<Semaphore>,
+    closing: Arc<AtomicBool>,
+}
+
+impl<S> std::fmt::Debug for ApiHandler<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiHandler").finish_non_exhaustive()
+    }
+}
+
+impl<S: Service> ApiHandler<S> {
+    pub fn new(service: Arc<S>, timeout: Duration) -> Self {
+        Self {
+            service,
+            timeout,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
+            closing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl<S: Service> ProtocolHandler for ApiHandler<S> {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let caller = key_of(&conn.remote_id());
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(streams) => streams,
+                Err(_) => return Ok(()),
+            };
+            if self.closing.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                return Ok(());
+            };
+            let service = self.service.clone();
+            let timeout = self.timeout;
+            tokio::spawn(async move {
+                serve_stream(service, caller, send, recv, timeout).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Stops taking requests and waits (up to the request timeout) for those in flight.
+    async fn shutdown(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        let all = tokio::time::timeout(self.timeout, self.in_flight.acquire_many(MAX_IN_FLIGHT));
+        if all.await.is_err() {
+            tracing::warn!(
+                "shutdown: requests still in flight after {:?}",
+                self.timeout
+            );
+        }
+    }
+}
+
+async fn serve_stream<S: Service>(
+    service: Arc<S>,
+    caller: EndpointKey,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    timeout: Duration,
+) {
+    let response = match tokio::time::timeout(timeout, frame::read::<RequestFrame>(&mut recv)).await
+    {
+        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+        Ok(Err(FrameError::Closed)) => return,
+        Ok(Err(e)) => Err(ApiError::BadRequest(e.to_string())),
+        Ok(Ok(frame)) => dispatch(&*service, caller, frame, timeout).await,
+    };
+    if let Err(e) = &response {
+        tracing::debug!(%caller, "request failed: {e}");
+    }
+    if let Err(e) = frame::write(&mut send, &response).await {
+        tracing::debug!(%caller, "could not answer: {e}");
+    }
+    let _ = send.finish();
+    // Let the peer read the answer before the stream is dropped.
+    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+}
+
+/// The choke point: version, cluster and authorization checks, then the handler.
+async fn dispatch<S: Service>(
+    service: &S,
+    caller: EndpointKey,
+    frame: RequestFrame,
+    timeout: Duration,
+) -> ResponseFrame {
+    if frame.version != API_VERSION {
+        return Err(ApiError::Version(frame.version));
+    }
+    if let (Some(expected), Some(actual)) = (frame.cluster, service.cluster_id()) {
+        if expected != actual {
+            return Err(ApiError::WrongCluster {
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+    }
+    let principal = service.principal(&caller);
+    authorize(&principal, &frame.request)?;
+    if frame.forwarded && !matches!(principal, Principal::Node(..)) {
+        return Err(ApiError::Unauthorized {
+            caller: principal.to_string(),
+            action: "forward requests".into(),
+        });
+    }
+    let kind = frame.request.kind();
+    tracing::debug!(%principal, kind, "request");
+    match tokio::time::timeout(timeout, service.handle(principal, frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+    }
+}

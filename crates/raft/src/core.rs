@@ -1,0 +1,398 @@
+//! The sans-IO consensus core: a raft-rs `RawNode` over the redb [`Store`], and the state
+//! machine it drives. No threads, no sockets, no clock: the caller ticks it, feeds it
+//! messages and sends what it returns. The daemon and the simulation share this code.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use blixard_core::{
+    decode_versioned, encode_versioned, ApplyError, CommandOutput, Envelope, State,
+};
+use blixard_store::{Store, StoreError, WriteBatch};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::{RawNode, ReadState, StateRole};
+
+/// Tunables of one raft node.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub id: u64,
+    /// Ticks without a leader's heartbeat before an election (randomised up to 2×).
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Compact the log once it holds more entries than this beyond the applied index.
+    pub snapshot_threshold: u64,
+    pub max_size_per_msg: u64,
+    pub max_inflight_msgs: usize,
+}
+
+impl CoreConfig {
+    pub fn new(id: u64) -> Self {
+        Self {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            snapshot_threshold: 10_000,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+        }
+    }
+}
+
+/// Consensus failures. Storage errors are fatal for the node: it stops rather than
+/// continue with state it could not persist.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+}
+
+/// The result of applying a command this node proposed.
+#[derive(Debug)]
+pub struct Applied {
+    pub index: u64,
+    pub request_id: u64,
+    pub result: Result<CommandOutput, ApplyError>,
+}
+
+/// What one round of `Ready` handling produced for the caller.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages to send, in order.
+    pub messages: Vec<Message>,
+    /// Results for this node's own proposals.
+    pub applied: Vec<Applied>,
+    /// ReadIndex answers: serve the read once `applied_index >= index`.
+    pub read_states: Vec<ReadState>,
+    /// This node was removed from the configuration.
+    pub removed_self: bool,
+}
+
+/// One raft node: the `RawNode`, its storage and the state machine.
+pub struct RaftCore {
+    raw: RawNode<Store>,
+    store: Store,
+    state: Arc<RwLock<State>>,
+    conf: ConfState,
+    applied: u64,
+    cfg: CoreConfig,
+}
+
+fn lock_write(state: &RwLock<State>) -> std::sync::RwLockWriteGuard<'_, State> {
+    match state.write() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl RaftCore {
+    /// Opens a node from its store. A store that was never bootstrapped or joined starts
+    /// empty and waits for a leader to send it a snapshot.
+    pub fn open(store: Store, cfg: CoreConfig, logger: &slog::Logger) -> Result<Self, CoreError> {
+        let (state, applied, _) = store.load_state()?;
+        let conf = store.conf_state()?;
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_tick,
+            heartbeat_tick: cfg.heartbeat_tick,
+            applied,
+            max_size_per_msg: cfg.max_size_per_msg,
+            max_inflight_msgs: cfg.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let raw = RawNode::new(&raft_cfg, store.clone(), logger)?;
+        Ok(Self {
+            raw,
+            store,
+            state: Arc::new(RwLock::new(state)),
+            conf,
+            applied,
+            cfg,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.cfg.id
+    }
+
+    /// The state machine, shared for reads.
+    pub fn state(&self) -> Arc<RwLock<State>> {
+        self.state.clone()
+    }
+
+    pub fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        match self.state.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn step(&mut self, msg: Message) -> Result<(), raft::Error> {
+        self.raw.step(msg)
+    }
+
+    pub fn campaign(&mut self) -> Result<(), raft::Error> {
+        self.raw.campaign()
+    }
+
+    /// Proposes a command as a normal entry. Followers forward it to the leader.
+    pub fn propose(&mut self, envelope: &Envelope) -> Result<(), raft::Error> {
+        self.raw.propose(vec![], encode_versioned(envelope))
+    }
+
+    /// Proposes a configuration change; `envelope` (applied with it) records the change in
+    /// the state machine. Only the leader should call this, with no change pending.
+    pub fn propose_conf_change(
+        &mut self,
+        envelope: &Envelope,
+        cc: ConfChangeV2,
+    ) -> Result<(), raft::Error> {
+        let mut cc = cc;
+        cc.context = encode_versioned(envelope).into();
+        self.raw.propose_conf_change(vec![], cc)
+    }
+
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.raw.read_index(ctx);
+    }
+
+    pub fn role(&self) -> StateRole {
+        self.raw.raft.state
+    }
+
+    pub fn leader_id(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.store.first_index()
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf
+    }
+
+    /// A configuration change is proposed and not yet applied.
+    pub fn has_pending_conf(&self) -> bool {
+        self.raw.raft.has_pending_conf()
+    }
+
+    /// The highest log index a peer is known to hold (leader only).
+    pub fn matched(&self, id: u64) -> Option<u64> {
+        self.raw.raft.prs().get(id).map(|p| p.matched)
+    }
+
+    /// Whether the leader heard from the peer within the last election timeout.
+    pub fn recently_active(&self, id: u64) -> Option<bool> {
+        self.raw.raft.prs().get(id).map(|p| p.recent_active)
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// Handles one `Ready`, in the order raft-rs documents:
+    ///
+    /// 1. take the messages that may go out before persisting (the leader's appends);
+    /// 2. install an incoming snapshot;
+    /// 3. apply committed entries to the state machine;
+    /// 4. persist new entries and the hard state, with the applied state, in one
+    ///    transaction;
+    /// 5. take the messages that may only go out after persisting (votes, acks);
+    /// 6. advance, then apply what the light ready commits and take its messages;
+    /// 7. advance the applied index, and compact the log past the threshold.
+    ///
+    /// Every message is returned after the write of step 4 committed, which is
+    /// stricter than raft requires and simple to reason about.
+    pub fn process_ready(&mut self) -> Result<Output, CoreError> {
+        let mut out = Output::default();
+        if !self.raw.has_ready() {
+            return Ok(out);
+        }
+        let mut ready = self.raw.ready();
+
+        // 1.
+        out.messages.extend(ready.take_messages());
+
+        // 2.
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            self.store.apply_snapshot(&snap)?;
+            let (state, applied, _) = self.store.load_state()?;
+            *lock_write(&self.state) = state;
+            self.applied = applied;
+            self.conf = snap.get_metadata().get_conf_state().clone();
+        }
+
+        // 3.
+        let mut batch = WriteBatch::default();
+        self.apply_entries(ready.take_committed_entries(), &mut batch, &mut out)?;
+
+        // 4.
+        batch.entries = ready.take_entries();
+        if let Some(hs) = ready.hs() {
+            batch.hard_state = Some(hs.clone());
+        }
+        self.store.write(batch)?;
+
+        // 5.
+        out.messages.extend(ready.take_persisted_messages());
+        out.read_states.extend(ready.take_read_states());
+
+        // 6.
+        let mut light = self.raw.advance(ready);
+        let mut batch = WriteBatch::default();
+        if light.commit_index().is_some() {
+            batch.hard_state = Some(self.raw.raft.hard_state());
+        }
+        out.messages.extend(light.take_messages());
+        self.apply_entries(light.take_committed_entries(), &mut batch, &mut out)?;
+        self.store.write(batch)?;
+
+        // 7.
+        self.raw.advance_apply_to(self.applied);
+        self.maybe_compact()?;
+        Ok(out)
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), CoreError> {
+        let first = self.store.first_index();
+        if self.applied >= first && self.applied - first + 1 > self.cfg.snapshot_threshold {
+            tracing::debug!(applied = self.applied, first, "compacting the raft log");
+            self.store.compact(self.applied)?;
+        }
+        Ok(())
+    }
+
+    fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+        batch: &mut WriteBatch,
+        out: &mut Output,
+    ) -> Result<(), CoreError> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let (last_index, last_term) = (last.index, last.term);
+        let me = self.cfg.id;
+        let mut state = lock_write(&self.state);
+        for entry in entries {
+            if entry.index <= self.applied {
+                continue;
+            }
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if entry.data.is_empty() {
+                        // The empty entry a new leader appends.
+                        continue;
+                    }
+                    let env: Envelope = match decode_versioned(&entry.data) {
+                        Ok(env) => env,
+                        Err(e) => {
+                            // Every node holds the same bytes, so skipping is deterministic.
+                            tracing::error!(index = entry.index, "skipping undecodable entry: {e}");
+                            continue;
+                        }
+                    };
+                    let result = state.apply(&env.command);
+                    if env.proposer.map(|p| p.0) == Some(me) {
+                        out.applied.push(Applied {
+                            index: entry.index,
+                            request_id: env.request_id,
+                            result,
+                        });
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = match ConfChangeV2::parse_from_bytes(&entry.data) {
+                        Ok(cc) => cc,
+                        Err(e) => {
+                            tracing::error!(
+                                index = entry.index,
+                                "skipping undecodable conf change: {e}"
+                            );
+                            continue;
+                        }
+                    };
+                    let env: Envelope = match decode_versioned(&cc.context) {
+                        Ok(env) => env,
+                        Err(e) => {
+                            tracing::error!(
+                                index = entry.index,
+                                "skipping conf change with undecodable context: {e}"
+                            );
+                            continue;
+                        }
+                    };
+                    // The state machine and raft must agree: try the state change on a
+                    // copy, and commit it only if raft accepts the configuration too.
+                    let mut trial = state.clone();
+                    let result = match trial.apply(&env.command) {
+                        Ok(output) => match self.raw.apply_conf_change(&cc) {
+                            Ok(cs) => {
+                                *state = trial;
+                                self.conf = cs.clone();
+                                batch.conf_state = Some(cs);
+                                if cc.changes.iter().any(|c| {
+                                    c.node_id == me
+                                        && c.get_change_type() == ConfChangeType::RemoveNode
+                                }) {
+                                    out.removed_self = true;
+                                }
+                                Ok(output)
+                            }
+                            Err(e) => Err(ApplyError::ConfChangeRefused(e.to_string())),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = &result {
+                        tracing::info!(index = entry.index, "configuration change refused: {e}");
+                    }
+                    if env.proposer.map(|p| p.0) == Some(me) {
+                        out.applied.push(Applied {
+                            index: entry.index,
+                            request_id: env.request_id,
+                            result,
+                        });
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    tracing::error!(
+                        index = entry.index,
+                        "ignoring a v1 configuration change; blixard only proposes v2"
+                    );
+                }
+            }
+        }
+        batch.rows.extend(state.drain_changes());
+        if last_index > self.applied {
+            self.applied = last_index;
+            batch.applied = Some((last_index, last_term));
+        }
+        Ok(())
+    }
+}

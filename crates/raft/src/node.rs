@@ -1,0 +1,544 @@
+//! [`RaftNode`]: a [`RaftCore`] on its own thread, with typed proposals and reads.
+//!
+//! The thread owns the core; everyone else talks to it through a channel. Storage writes
+//! (fsync) happen on that thread and never block the async runtime.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blixard_core::{
+    ApplyError, Command, CommandOutput, Envelope, JoinRequest, MemberRole, NodeId, State,
+};
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
+use raft::StateRole;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use crate::core::{Output, RaftCore};
+
+/// Sends raft messages to peers. Must not block: queue and return.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, messages: Vec<Message>);
+}
+
+/// Why a proposal or read did not produce a result.
+#[derive(Clone, Debug, thiserror::Error, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ProposeError {
+    #[error("no leader is known; the cluster may be electing one or may have lost its quorum")]
+    NoLeader,
+    #[error("this node is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("{0}")]
+    Rejected(ApplyError),
+    #[error("raft dropped the proposal: {0}")]
+    Dropped(String),
+    #[error("the raft node has stopped")]
+    Stopped,
+}
+
+/// A peer as the leader sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub id: u64,
+    pub matched: u64,
+    pub recently_active: bool,
+}
+
+/// A snapshot of the node's raft status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub role: String,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Filled on the leader only.
+    pub peers: Vec<PeerStatus>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
+
+enum Input {
+    Propose(Command, Reply<CommandOutput>),
+    Join(JoinRequest, Reply<CommandOutput>),
+    Remove(NodeId, u64, Reply<CommandOutput>),
+    ReadIndex(Reply<()>),
+    Raft(Message),
+    Status(oneshot::Sender<NodeStatus>),
+    Campaign,
+    Shutdown,
+}
+
+/// A handle to the raft thread. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftNode {
+    tx: mpsc::Sender<Input>,
+    state: Arc<RwLock<State>>,
+    applied: watch::Receiver<u64>,
+    removed: watch::Receiver<bool>,
+    id: NodeId,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode").field("id", &self.id).finish()
+    }
+}
+
+impl RaftNode {
+    /// Starts the raft thread. `tick` is the interval of one raft tick.
+    pub fn spawn(
+        core: RaftCore,
+        transport: Arc<dyn Transport>,
+        tick: Duration,
+    ) -> Result<(Self, JoinHandle<()>), std::io::Error> {
+        let (tx, rx) = mpsc::channel();
+        let state = core.state();
+        let (applied_tx, applied) = watch::channel(core.applied_index());
+        let (removed_tx, removed) = watch::channel(false);
+        let id = NodeId(core.id());
+        let worker = Worker {
+            core,
+            transport,
+            tick,
+            pending: HashMap::new(),
+            next_request: seed_request_id(),
+            conf_queue: VecDeque::new(),
+            reads: BTreeMap::new(),
+            waiting_reads: Vec::new(),
+            next_read: 0,
+            applied_tx,
+            removed_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("raft-{id}"))
+            .spawn(move || worker.run(rx))?;
+        Ok((
+            Self {
+                tx,
+                state,
+                applied,
+                removed,
+                id,
+            },
+            handle,
+        ))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The local state machine, as of the last applied entry (a stale read).
+    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        match self.state.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Resolves to `true` once this node learns it was removed from the cluster.
+    pub fn removed(&self) -> watch::Receiver<bool> {
+        self.removed.clone()
+    }
+
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Proposes a command and waits until it is committed and applied here; returns the
+    /// result of `apply`. Callers bound the wait with a timeout.
+    pub async fn propose(&self, command: Command) -> Result<CommandOutput, ProposeError> {
+        self.ask(|r| Input::Propose(command, r)).await
+    }
+
+    /// Admits a new member as a learner (leader only). The node id in `request` is
+    /// filled in by the leader.
+    pub async fn join(&self, request: JoinRequest) -> Result<CommandOutput, ProposeError> {
+        self.ask(|r| Input::Join(request, r)).await
+    }
+
+    /// Removes a member from the configuration (leader only).
+    pub async fn remove(&self, node: NodeId, now_ms: u64) -> Result<CommandOutput, ProposeError> {
+        self.ask(|r| Input::Remove(node, now_ms, r)).await
+    }
+
+    /// Waits until the local state reflects everything committed before the call
+    /// (raft's ReadIndex), so that a read that follows is linearizable.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        self.ask(Input::ReadIndex).await
+    }
+
+    /// Hands a message from a peer to raft.
+    pub fn step(&self, message: Message) {
+        let _ = self.tx.send(Input::Raft(message));
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Status(reply))
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)
+    }
+
+    /// Starts an election now (used at bootstrap so a new cluster has a leader at once).
+    pub fn campaign(&self) {
+        let _ = self.tx.send(Input::Campaign);
+    }
+
+    /// Stops the raft thread after the current step.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Input::Shutdown);
+    }
+}
+
+fn seed_request_id() -> u64 {
+    // Request ids only need to differ across restarts of one node.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    nanos.rotate_left(17)
+}
+
+enum ConfWork {
+    Join(JoinRequest, Reply<CommandOutput>),
+    Remove(NodeId, u64, Reply<CommandOutput>),
+    Promote(NodeId),
+}
+
+struct Worker {
+    core: RaftCore,
+    transport: Arc<dyn Transport>,
+    tick: Duration,
+    pending: HashMap<u64, Reply<CommandOutput>>,
+    next_request: u64,
+    conf_queue: VecDeque<ConfWork>,
+    /// ReadIndex requests sent to raft, by context.
+    reads: BTreeMap<u64, Reply<()>>,
+    /// ReadIndex answers waiting for the applied index to catch up.
+    waiting_reads: Vec<(u64, Reply<()>)>,
+    next_read: u64,
+    applied_tx: watch::Sender<u64>,
+    removed_tx: watch::Sender<bool>,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Input>) {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(input) => {
+                    if !self.handle(input) {
+                        break;
+                    }
+                    // Batch: take everything already queued before one Ready round.
+                    let mut stop = false;
+                    for _ in 0..4096 {
+                        match rx.try_recv() {
+                            Ok(input) => {
+                                if !self.handle(input) {
+                                    stop = true;
+                                    break;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if stop {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.core.tick();
+                next_tick += self.tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.tick;
+                }
+                self.housekeeping();
+            }
+            self.drive_conf_queue();
+            match self.ready() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::error!("raft node stopping: {e}");
+                    break;
+                }
+            }
+        }
+        tracing::debug!("raft thread exiting");
+    }
+
+    /// Returns false when the node must stop.
+    fn handle(&mut self, input: Input) -> bool {
+        match input {
+            Input::Propose(command, reply) => {
+                let request_id = self.next_request;
+                self.next_request = self.next_request.wrapping_add(1);
+                let env = Envelope {
+                    proposer: Some(NodeId(self.core.id())),
+                    request_id,
+                    command,
+                };
+                if self.core.leader_id() == 0 {
+                    let _ = reply.send(Err(ProposeError::NoLeader));
+                    return true;
+                }
+                match self.core.propose(&env) {
+                    Ok(()) => {
+                        self.pending.insert(request_id, reply);
+                    }
+                    Err(raft::Error::ProposalDropped) => {
+                        let _ = reply.send(Err(ProposeError::NoLeader));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ProposeError::Dropped(e.to_string())));
+                    }
+                }
+            }
+            Input::Join(request, reply) => {
+                self.conf_queue.push_back(ConfWork::Join(request, reply))
+            }
+            Input::Remove(node, now, reply) => self
+                .conf_queue
+                .push_back(ConfWork::Remove(node, now, reply)),
+            Input::ReadIndex(reply) => {
+                if self.core.leader_id() == 0 {
+                    let _ = reply.send(Err(ProposeError::NoLeader));
+                    return true;
+                }
+                self.next_read += 1;
+                self.core.read_index(self.next_read.to_be_bytes().to_vec());
+                self.reads.insert(self.next_read, reply);
+            }
+            Input::Raft(msg) => {
+                if let Err(e) = self.core.step(msg) {
+                    tracing::debug!("raft refused a message: {e}");
+                }
+            }
+            Input::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Input::Campaign => {
+                if let Err(e) = self.core.campaign() {
+                    tracing::warn!("campaign failed: {e}");
+                }
+            }
+            Input::Shutdown => return false,
+        }
+        true
+    }
+
+    fn status(&self) -> NodeStatus {
+        let cs = self.core.conf_state();
+        let leader = self.core.leader_id();
+        let is_leader = self.core.role() == StateRole::Leader;
+        let peers = if is_leader {
+            cs.voters
+                .iter()
+                .chain(cs.learners.iter())
+                .filter(|id| **id != self.core.id())
+                .map(|id| PeerStatus {
+                    id: *id,
+                    matched: self.core.matched(*id).unwrap_or(0),
+                    recently_active: self.core.recently_active(*id).unwrap_or(false),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut voters = cs.voters.clone();
+        voters.sort_unstable();
+        let mut learners = cs.learners.clone();
+        learners.sort_unstable();
+        NodeStatus {
+            id: self.core.id(),
+            role: format!("{:?}", self.core.role()).to_lowercase(),
+            leader: (leader != 0).then_some(leader),
+            term: self.core.term(),
+            commit: self.core.commit_index(),
+            applied: self.core.applied_index(),
+            first_index: self.core.first_index(),
+            last_index: self.core.last_index(),
+            voters,
+            learners,
+            peers,
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        self.pending.retain(|_, r| !r.is_closed());
+        self.reads.retain(|_, r| !r.is_closed());
+        if self.core.role() != StateRole::Leader {
+            return;
+        }
+        // Promote learners that have caught up.
+        let commit = self.core.commit_index();
+        let learners = self.core.conf_state().learners.clone();
+        for id in learners {
+            let caught_up = self
+                .core
+                .matched(id)
+                .is_some_and(|m| m + 64 >= commit && m > 0);
+            let queued = self
+                .conf_queue
+                .iter()
+                .any(|w| matches!(w, ConfWork::Promote(n) if n.0 == id));
+            if caught_up && !queued {
+                self.conf_queue.push_back(ConfWork::Promote(NodeId(id)));
+            }
+        }
+    }
+
+    /// Proposes the next queued configuration change once none is pending.
+    fn drive_conf_queue(&mut self) {
+        while !self.conf_queue.is_empty() {
+            if self.core.role() != StateRole::Leader {
+                let leader = (self.core.leader_id() != 0).then_some(self.core.leader_id());
+                for work in self.conf_queue.drain(..) {
+                    match work {
+                        ConfWork::Join(_, r) | ConfWork::Remove(_, _, r) => {
+                            let _ = r.send(Err(ProposeError::NotLeader { leader }));
+                        }
+                        ConfWork::Promote(_) => {}
+                    }
+                }
+                return;
+            }
+            if self.core.has_pending_conf() {
+                return;
+            }
+            let Some(work) = self.conf_queue.pop_front() else {
+                return;
+            };
+            let request_id = self.next_request;
+            self.next_request = self.next_request.wrapping_add(1);
+            let me = Some(NodeId(self.core.id()));
+            let (env, change, reply) = match work {
+                ConfWork::Join(mut request, reply) => {
+                    let next = self.core.read_state().next_node_id();
+                    let Some(node) = next else {
+                        let _ =
+                            reply.send(Err(ProposeError::Rejected(ApplyError::NotBootstrapped)));
+                        continue;
+                    };
+                    request.node = node;
+                    let change = single(ConfChangeType::AddLearnerNode, node.0);
+                    let env = Envelope {
+                        proposer: me,
+                        request_id,
+                        command: Command::Join(request),
+                    };
+                    (env, change, Some(reply))
+                }
+                ConfWork::Remove(node, now_ms, reply) => {
+                    let env = Envelope {
+                        proposer: me,
+                        request_id,
+                        command: Command::RemoveMember { node, now_ms },
+                    };
+                    (env, single(ConfChangeType::RemoveNode, node.0), Some(reply))
+                }
+                ConfWork::Promote(node) => {
+                    if !self.core.conf_state().learners.contains(&node.0) {
+                        continue;
+                    }
+                    let env = Envelope {
+                        proposer: None,
+                        request_id,
+                        command: Command::SetRole {
+                            node,
+                            role: MemberRole::Voter,
+                        },
+                    };
+                    (env, single(ConfChangeType::AddNode, node.0), None)
+                }
+            };
+            let mut cc = ConfChangeV2::default();
+            cc.set_changes(vec![change].into());
+            match self.core.propose_conf_change(&env, cc) {
+                Ok(()) => {
+                    if let Some(reply) = reply {
+                        self.pending.insert(request_id, reply);
+                    }
+                }
+                Err(e) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(ProposeError::Dropped(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One Ready round. Returns false when the node must stop.
+    fn ready(&mut self) -> Result<bool, crate::CoreError> {
+        if !self.core.has_ready() {
+            return Ok(true);
+        }
+        let Output {
+            messages,
+            applied,
+            read_states,
+            removed_self,
+        } = self.core.process_ready()?;
+        if !messages.is_empty() {
+            self.transport.send(messages);
+        }
+        for a in applied {
+            if let Some(reply) = self.pending.remove(&a.request_id) {
+                let _ = reply.send(a.result.map_err(ProposeError::Rejected));
+            }
+        }
+        for rs in read_states {
+            let ctx: Option<[u8; 8]> = rs.request_ctx.as_slice().try_into().ok();
+            if let Some(reply) = ctx.and_then(|c| self.reads.remove(&u64::from_be_bytes(c))) {
+                self.waiting_reads.push((rs.index, reply));
+            }
+        }
+        let applied_index = self.core.applied_index();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_reads)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied_index);
+        self.waiting_reads = waiting;
+        for (_, reply) in ready {
+            let _ = reply.send(Ok(()));
+        }
+        self.applied_tx.send_replace(applied_index);
+        if removed_self {
+            tracing::warn!("this node was removed from the cluster");
+            self.removed_tx.send_replace(true);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+fn single(kind: ConfChangeType, node: u64) -> ConfChangeSingle {
+    let mut c = ConfChangeSingle::default();
+    c.set_change_type(kind);
+    c.node_id = node;
+    c
+}

@@ -1,0 +1,12 @@
+//! redb storage for Blixard: one database file holds the raft log, the hard state, the
+//! configuration, the compaction point, the applied index and the state-machine tables.
+//!
+//! **Invariant:** the applied index is written in the same transaction as the state rows it
+//! produced, so a crash never leaves state and applied index disagreeing.
+//! **Invariant:** opening never initialises over existing data: a file that cannot be read
+//! is an error, never an empty store.
+//! **Boundary:** only this crate touches redb.
+
+mod storage;
+
+pub use storage::{NodeRecord, Store, StoreError, WriteBatch};
