@@ -1,8 +1,9 @@
 //! Building the node's (or the CLI's) Iroh endpoint.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use iroh::endpoint::presets;
+use iroh::endpoint::{presets, QuicTransportConfig};
 use iroh::{Endpoint, RelayMode, RelayUrl, SecretKey};
 
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +13,9 @@ pub enum BindError {
     #[error("cannot bind {addr}: {detail}")]
     Bind { addr: SocketAddr, detail: String },
 }
+
+/// Seconds without any packet from a peer before its connection is considered dead.
+pub const IDLE_TIMEOUT_SECS: u64 = 4;
 
 /// Binds an endpoint on exactly `listen`, with relays off unless `relay` is given.
 pub async fn bind(
@@ -24,7 +28,14 @@ pub async fn bind(
         Some(url) => RelayMode::custom([url]),
         None => RelayMode::Disabled,
     };
+    // A peer that vanished (kill -9, power loss) is noticed within the idle timeout, and
+    // its restarted incarnation gets fresh connections instead of writes into a dead one.
+    let mut transport = QuicTransportConfig::builder().keep_alive_interval(Duration::from_secs(1));
+    if let Ok(idle) = Duration::from_secs(IDLE_TIMEOUT_SECS).try_into() {
+        transport = transport.max_idle_timeout(Some(idle));
+    }
     Endpoint::builder(presets::Minimal)
+        .transport_config(transport.build())
         .secret_key(secret)
         .alpns(alpns)
         .relay_mode(relay_mode)

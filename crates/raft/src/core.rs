@@ -9,8 +9,10 @@ use blixard_core::{
 };
 use blixard_store::{Store, StoreError, WriteBatch};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
-use raft::{RawNode, ReadState, StateRole};
+use raft::eraftpb::{
+    ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
+};
+use raft::{RawNode, ReadState, SnapshotStatus, StateRole};
 
 /// Tunables of one raft node.
 #[derive(Clone, Debug)]
@@ -224,7 +226,8 @@ impl RaftCore {
     ///    transaction;
     /// 5. take the messages that may only go out after persisting (votes, acks);
     /// 6. advance, then apply what the light ready commits and take its messages;
-    /// 7. advance the applied index, and compact the log past the threshold.
+    /// 7. advance the applied index, and compact the log past the threshold;
+    /// 8. report every outgoing snapshot as sent (see below).
     ///
     /// Every message is returned after the write of step 4 committed, which is
     /// stricter than raft requires and simple to reason about.
@@ -276,14 +279,30 @@ impl RaftCore {
         // 7.
         self.raw.advance_apply_to(self.applied);
         self.maybe_compact()?;
+
+        // 8. raft-rs pauses replication to a peer it sent a snapshot to until it is told
+        // the snapshot's fate; if the snapshot or the peer's reply is lost, nothing else
+        // resumes it and the peer stays behind for the rest of the term. Report each one
+        // finished as it leaves: if it was in fact lost, the peer rejects the next append
+        // and the leader sends a new snapshot.
+        for msg in &out.messages {
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                self.raw.report_snapshot(msg.to, SnapshotStatus::Finish);
+            }
+        }
         Ok(out)
     }
 
     fn maybe_compact(&mut self) -> Result<(), CoreError> {
         let first = self.store.first_index();
         if self.applied >= first && self.applied - first + 1 > self.cfg.snapshot_threshold {
-            tracing::debug!(applied = self.applied, first, "compacting the raft log");
-            self.store.compact(self.applied)?;
+            // Keep a tail of a quarter of the threshold, so that a follower a few entries
+            // behind catches up from the log instead of needing a whole snapshot.
+            let to = self.applied - self.cfg.snapshot_threshold / 4;
+            if to >= first {
+                tracing::debug!(applied = self.applied, first, to, "compacting the raft log");
+                self.store.compact(to)?;
+            }
         }
         Ok(())
     }

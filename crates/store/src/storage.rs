@@ -381,7 +381,16 @@ impl Store {
             )
         }))
         .map_err(|e| corrupt("snapshot data", e))?;
+        if meta.index <= self.bounds().start_index {
+            return Err(StoreError::Raft(raft::Error::Store(
+                RaftStorageError::SnapshotOutOfDate,
+            )));
+        }
         let mut hs = self.hard_state()?;
+        if meta.term > hs.term {
+            // A vote belongs to its term.
+            hs.vote = 0;
+        }
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
         let txn = self.begin_write()?;

@@ -1,0 +1,184 @@
+//! Process tests: three real `blixard` daemons on loopback, driven through the CLI.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use blixard_tests::{wait_for, Cluster, Node};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Waits until `node` (read locally, without a leader round) has `key = value`.
+fn wait_meta(node: &Node, key: &str, value: &str) {
+    wait_for(
+        &format!("{} to have {key}={value}", node.name),
+        LONG,
+        || {
+            let m = node.meta(true)?;
+            if m[key].as_str() == Some(value) {
+                Ok(())
+            } else {
+                Err(m.to_string())
+            }
+        },
+    );
+}
+
+#[test]
+fn cluster_forms_survives_leader_loss_and_the_old_leader_catches_up() {
+    let mut c = Cluster::start(3, &[]);
+    let status = c.nodes[1].status(false).unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 3);
+    assert_eq!(status["raft"]["voters"], serde_json::json!([1, 2, 3]));
+
+    // A write through a follower is committed and visible, linearizably, everywhere.
+    let leader = c.leader();
+    let follower = (leader + 1) % 3;
+    c.nodes[follower].cli_ok(&["cluster", "meta", "set", "color", "blue"]);
+    for node in &c.nodes {
+        let m = node.meta(false).unwrap();
+        assert_eq!(m["color"], "blue", "linearizable read on {}", node.name);
+    }
+
+    // kill -9 the leader: the others elect a new one and writes go on.
+    c.nodes[leader].kill9();
+    let new_leader = c.leader();
+    assert_ne!(new_leader, leader);
+    let survivor = (0..3).find(|i| *i != leader && *i != new_leader).unwrap();
+    wait_for("a write after failover", LONG, || {
+        c.nodes[survivor].try_cli(&["cluster", "meta", "set", "color", "green"])
+    });
+    assert_eq!(c.nodes[new_leader].meta(false).unwrap()["color"], "green");
+
+    // The old leader restarts from its data dir alone and catches up.
+    c.nodes[leader].start(&[]);
+    wait_meta(&c.nodes[leader], "color", "green");
+    let s = c.nodes[leader].status(false).unwrap();
+    assert_eq!(s["members"].as_array().unwrap().len(), 3);
+    assert!(s["raft"]["term"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn a_lagging_node_catches_up_by_snapshot_after_compaction() {
+    let mut c = Cluster::start(3, &["--snapshot-threshold", "20"]);
+    let leader = c.leader();
+    let lagging = (leader + 2) % 3;
+    let writer = (leader + 1) % 3;
+    c.nodes[lagging].kill9();
+    for i in 0..60 {
+        c.nodes[writer].cli_ok(&["cluster", "meta", "set", &format!("k{i}"), &i.to_string()]);
+    }
+    // The leader compacted its log past what the lagging node has.
+    let s = c.nodes[leader].status(false).unwrap();
+    assert!(
+        s["raft"]["first_index"].as_u64().unwrap() > 20,
+        "leader compacted: {s}"
+    );
+
+    c.nodes[lagging].start(&[]);
+    wait_meta(&c.nodes[lagging], "k59", "59");
+    let m = c.nodes[lagging].meta(true).unwrap();
+    assert_eq!(m.as_object().unwrap().len(), 60);
+    assert!(
+        c.nodes[lagging].log().contains("received snapshot"),
+        "caught up by snapshot: {}",
+        c.nodes[lagging].log()
+    );
+}
+
+#[test]
+fn tokens_are_one_time_and_expire() {
+    let c = Cluster::start(1, &[]);
+    let ticket = c.token();
+    let mut n2 = Node::new(c.root.path(), "n2");
+    n2.start(&["--join", &ticket]);
+
+    // The same ticket again, for a new node: refused.
+    let n3 = Node::new(c.root.path(), "n3");
+    let (code, out) = n3.run_expect_exit(&["--join", &ticket]);
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("join token already used"), "{out}");
+
+    // An expired token: refused.
+    let out = c.nodes[0].cli_ok(&[
+        "cluster", "token", "create", "--ttl", "1s", "--output", "json",
+    ]);
+    let t: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let expires = t["expires_at_ms"].as_u64().unwrap();
+    wait_for("the token to expire", LONG, || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        if now > expires {
+            Ok(())
+        } else {
+            Err(format!("{now} <= {expires}"))
+        }
+    });
+    let n4 = Node::new(c.root.path(), "n4");
+    let (code, out) = n4.run_expect_exit(&["--join", t["ticket"].as_str().unwrap()]);
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("join token expired"), "{out}");
+    // Neither failed join left a member behind.
+    let s = c.nodes[0].status(false).unwrap();
+    assert_eq!(s["members"].as_array().unwrap().len(), 2, "{s}");
+}
+
+#[test]
+fn a_removed_node_stops_and_cannot_come_back() {
+    let mut c = Cluster::start(3, &[]);
+    let out = c.nodes[0].cli(&["cluster", "leave", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.nodes[2].wait_exit(LONG), 7);
+    let s = c.nodes[1].status(false).unwrap();
+    assert_eq!(s["members"].as_array().unwrap().len(), 2);
+    assert_eq!(s["raft"]["voters"], serde_json::json!([1, 2]));
+
+    let (code, out) = c.nodes[2].run_expect_exit(&[]);
+    assert_eq!(code, 7, "{out}");
+    assert!(out.contains("was removed"), "{out}");
+
+    // The cluster keeps working with two nodes; leaving twice is refused.
+    c.nodes[1].cli_ok(&["cluster", "meta", "set", "after", "leave"]);
+    let out = c.nodes[0].cli(&["cluster", "leave", "3"]);
+    assert_eq!(out.status.code(), Some(5));
+}
+
+#[test]
+fn a_remote_node_is_reachable_by_ticket_or_address() {
+    let c = Cluster::start(1, &[]);
+    let ticket = c.token();
+    // Another directory's CLI, with the admin key of n1, aimed by --node.
+    let key = c.nodes[0].dir.join("admin.key");
+    let out = std::process::Command::new(blixard_tests::binary())
+        .args(["--data-dir", "/nonexistent", "--key"])
+        .arg(&key)
+        .args(["--node", &ticket, "cluster", "status", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let endpoint = s["members"][0]["endpoint"].as_str().unwrap().to_string();
+    let addr = format!("{endpoint}@127.0.0.1:{}", c.nodes[0].port);
+    let out = std::process::Command::new(blixard_tests::binary())
+        .args(["--data-dir", "/nonexistent", "--key"])
+        .arg(&key)
+        .args(["--node", &addr, "cluster", "status"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("leader n1"));
+}

@@ -1,0 +1,341 @@
+//! A harness for process tests: starts real `blixard` daemons in temp dirs on loopback
+//! and drives them through the real CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `blixard` binary: `BLIXARD_BIN`, or the one next to this test's target dir.
+pub fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("BLIXARD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/blixard
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile_dir.join("blixard");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bin blixard` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free UDP port on loopback.
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some`, or fails the test after `timeout` with `what` and
+/// the last thing observed.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match f() {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One `blixard node run` process and its data dir.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub extra: Vec<String>,
+}
+
+impl Node {
+    pub fn new(root: &Path, name: &str) -> Self {
+        let dir = root.join(name);
+        Self {
+            name: name.to_string(),
+            dir,
+            port: free_port(),
+            child: None,
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.with_extension("log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the daemon with `args` after the common ones.
+    pub fn start(&mut self, args: &[&str]) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut cmd = Command::new(binary());
+        cmd.arg("node")
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--name")
+            .arg(&self.name)
+            .args(&self.extra)
+            .args(args)
+            .env("BLIXARD_LOG", "info,raft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut child = cmd.spawn().unwrap();
+        // Serving once node.json names this process.
+        let pid = child.id();
+        let info = self.dir.join("node.json");
+        let log_path = self.log_path();
+        let name = self.name.clone();
+        let started = wait_for(&format!("{name} to serve"), Duration::from_secs(30), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Ok(Err(format!("{name} exited with {status}: {log}")));
+            }
+            let text = std::fs::read_to_string(&info).map_err(|e| e.to_string())?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            if v["pid"].as_u64() == Some(u64::from(pid)) {
+                Ok(Ok(()))
+            } else {
+                Err("node.json of an earlier run".into())
+            }
+        });
+        self.child = Some(child);
+        started.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Runs the daemon expecting it to fail; returns (exit code, output).
+    pub fn run_expect_exit(&self, args: &[&str]) -> (i32, String) {
+        let log = self.dir.with_extension("expect-exit.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(binary())
+            .arg("node")
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "expected {} to exit, but it kept running: {}",
+                    self.name,
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (
+            status.code().unwrap_or(-1),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+        )
+    }
+
+    /// Waits for the daemon to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let name = self.name.clone();
+        let child = self.child.as_mut().expect("not running");
+        let code = wait_for(&format!("{name} to exit"), timeout, || {
+            match child.try_wait() {
+                Ok(Some(status)) => Ok(status.code().unwrap_or(-1)),
+                Ok(None) => Err("still running".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        self.child = None;
+        code
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn stop(&mut self) -> i32 {
+        let pid = self.child.as_ref().expect("not running").id();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// Runs the CLI against this node's data dir.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--timeout")
+            .arg("10")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and returns stdout, failing the test on a non-zero exit.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "blixard {args:?} on {} failed ({:?}): {}",
+            self.name,
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Like `cli`, but a failure is an `Err` with the message (for `wait_for`).
+    pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.cli(args);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    pub fn status(&self, stale: bool) -> Result<Value, String> {
+        let mut args = vec!["cluster", "status", "--output", "json"];
+        if stale {
+            args.push("--stale");
+        }
+        let out = self.try_cli(&args)?;
+        serde_json::from_str(&out).map_err(|e| e.to_string())
+    }
+
+    pub fn meta(&self, stale: bool) -> Result<Value, String> {
+        let mut args = vec!["cluster", "meta", "get", "--output", "json"];
+        if stale {
+            args.push("--stale");
+        }
+        serde_json::from_str(&self.try_cli(&args)?).map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A cluster of nodes under one temp dir.
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes: the first with `--init`, the others joining with fresh tokens,
+    /// and waits until all are voters.
+    pub fn start(n: usize, extra: &[&str]) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("blixard-test")
+            .tempdir()
+            .unwrap();
+        let mut nodes: Vec<Node> = (1..=n)
+            .map(|i| Node::new(root.path(), &format!("n{i}")))
+            .collect();
+        for node in &mut nodes {
+            node.extra = extra.iter().map(|s| s.to_string()).collect();
+        }
+        nodes[0].start(&["--init"]);
+        let mut cluster = Self { root, nodes };
+        for i in 1..n {
+            let ticket = cluster.token();
+            cluster.nodes[i].start(&["--join", &ticket]);
+        }
+        cluster.wait_voters(n);
+        cluster
+    }
+
+    pub fn token(&self) -> String {
+        self.nodes[0]
+            .cli_ok(&["cluster", "token", "create", "--ttl", "5m"])
+            .trim()
+            .to_string()
+    }
+
+    /// Waits until `n` members are voters, as seen (linearizably) from the first node.
+    pub fn wait_voters(&self, n: usize) {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
+        wait_for(&format!("{n} voters"), Duration::from_secs(60), || {
+            let s = node.status(false)?;
+            let voters = s["raft"]["voters"].as_array().map(|v| v.len()).unwrap_or(0);
+            let members = s["members"].as_array().map(|m| m.len()).unwrap_or(0);
+            if voters == n && members == n {
+                Ok(())
+            } else {
+                Err(format!("{voters} voters, {members} members: {s}"))
+            }
+        });
+    }
+
+    /// The current leader's index in `nodes`, agreed by every running node.
+    pub fn leader(&self) -> usize {
+        wait_for("a leader", Duration::from_secs(60), || {
+            let mut leader = None;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let s = node.status(true)?;
+                let l = s["raft"]["leader"]
+                    .as_u64()
+                    .ok_or(format!("{} sees no leader", node.name))?;
+                if leader.is_some_and(|x| x != l) {
+                    return Err(format!("nodes disagree on the leader: {leader:?} vs {l}"));
+                }
+                leader = Some(l);
+            }
+            let l = leader.ok_or("no node running")?;
+            let idx = (l - 1) as usize;
+            if self.nodes.get(idx).is_some_and(|n| n.child.is_some()) {
+                Ok(idx)
+            } else {
+                Err(format!("leader n{l} is not running"))
+            }
+        })
+    }
+}
