@@ -172,7 +172,10 @@ async fn malformed_frames_and_unknown_alpns_do_not_hurt_the_node() {
     assert!(matches!(answer, Err(ApiError::BadRequest(_))), "{answer:?}");
 
     // A stranger speaking raft: refused after its hello, before any raft message is read.
-    let raft = ep.connect(addr.clone(), blixard_net::RAFT_ALPN).await.unwrap();
+    let raft = ep
+        .connect(addr.clone(), blixard_net::RAFT_ALPN)
+        .await
+        .unwrap();
     let (mut send, mut recv) = raft.open_bi().await.unwrap();
     let cluster: blixard_core::ClusterId = info["cluster_id"].as_str().unwrap().parse().unwrap();
     let hello = blixard_net::raft_transport::Hello {
@@ -181,10 +184,13 @@ async fn malformed_frames_and_unknown_alpns_do_not_hurt_the_node() {
         to: blixard_core::NodeId(1),
     };
     frame::write(&mut send, &hello).await.unwrap();
-    let verdict: Result<(), blixard_net::raft_transport::Refusal> = frame::read(&mut recv).await.unwrap();
+    let verdict: Result<(), blixard_net::raft_transport::Refusal> =
+        frame::read(&mut recv).await.unwrap();
     assert_eq!(
         verdict,
-        Err(blixard_net::raft_transport::Refusal::NotMember(blixard_core::NodeId(1)))
+        Err(blixard_net::raft_transport::Refusal::NotMember(
+            blixard_core::NodeId(1)
+        ))
     );
 
     // A well-formed request from a stranger: refused by the choke point.

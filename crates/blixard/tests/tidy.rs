@@ -42,7 +42,10 @@ fn every_cli_command_appears_in_the_readme() {
         "cluster meta set",
         "cluster meta get",
     ] {
-        assert!(readme.contains(command), "README.md does not mention `blixard {command}`");
+        assert!(
+            readme.contains(command),
+            "README.md does not mention `blixard {command}`"
+        );
     }
     // And each of those exists in the binary.
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_blixard"))
@@ -51,6 +54,9 @@ fn every_cli_command_appears_in_the_readme() {
         .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for sub in ["status", "token", "leave", "meta"] {
-        assert!(help.contains(sub), "`blixard cluster {sub}` is missing: {help}");
+        assert!(
+            help.contains(sub),
+            "`blixard cluster {sub}` is missing: {help}"
+        );
     }
 }
