@@ -13,7 +13,7 @@ fn cli_with_key(node: &Node, key: &std::path::Path, args: &[&str]) -> (i32, Stri
     let out = Command::new(binary())
         .arg("--data-dir")
         .arg(&node.dir)
-        .arg("--key")
+        .arg("--credential")
         .arg(key)
         .args(args)
         .output()

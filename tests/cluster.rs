@@ -156,7 +156,7 @@ fn a_remote_node_is_reachable_by_ticket_or_address() {
     // Another directory's CLI, with the admin key of n1, aimed by --node.
     let key = c.nodes[0].dir.join("admin.key");
     let out = std::process::Command::new(blixard_tests::binary())
-        .args(["--data-dir", "/nonexistent", "--key"])
+        .args(["--data-dir", "/nonexistent", "--credential"])
         .arg(&key)
         .args(["--node", &ticket, "cluster", "status", "--output", "json"])
         .output()
@@ -170,7 +170,7 @@ fn a_remote_node_is_reachable_by_ticket_or_address() {
     let endpoint = s["members"][0]["endpoint"].as_str().unwrap().to_string();
     let addr = format!("{endpoint}@127.0.0.1:{}", c.nodes[0].port);
     let out = std::process::Command::new(blixard_tests::binary())
-        .args(["--data-dir", "/nonexistent", "--key"])
+        .args(["--data-dir", "/nonexistent", "--credential"])
         .arg(&key)
         .args(["--node", &addr, "cluster", "status"])
         .output()

@@ -248,6 +248,18 @@ impl Node {
         serde_json::from_str(&out).map_err(|e| e.to_string())
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The `node.json` the running daemon wrote (node id, endpoint id, addresses, pid).
+    pub fn info(&self) -> Result<Value, String> {
+        let text =
+            std::fs::read_to_string(self.dir.join("node.json")).map_err(|e| e.to_string())?;
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    }
+
     pub fn meta(&self, stale: bool) -> Result<Value, String> {
         let mut args = vec!["cluster", "meta", "get", "--output", "json"];
         if stale {
@@ -338,4 +350,26 @@ impl Cluster {
             }
         })
     }
+}
+
+/// A `kB` field (`VmRSS`, `VmHWM`, ...) of `/proc/<pid>/status`, in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        rest.trim().strip_suffix("kB")?.trim().parse().ok()
+    })
+}
+
+/// User plus system CPU time a process has used, in clock ticks (`/proc/<pid>/stat`).
+pub fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = text
+        .get(text.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use blixard_core::{EndpointKey, MemberRole, MemberStatus, NodeId};
-use blixard_net::api::{LeaveCluster, MetaGet, MetaSet, StatusRequest, TokenCreate};
+use blixard_net::api::{
+    LeaveCluster, MetaGet, MetaSet, PolicyGet, PolicySet, PolicyTest, StatusRequest, TokenCreate,
+    UserAdd, UserList, UserRemove,
+};
 use blixard_net::client::ApiClient;
 use blixard_net::ticket::JoinTicket;
 use blixard_net::{endpoint, keys, member_addr, EndpointAddr};
@@ -88,18 +91,51 @@ pub fn parse_target(s: &str) -> Result<EndpointAddr, Failure> {
         .ok_or_else(|| Failure::new(exit::USAGE, format!("--node {s:?}: invalid endpoint id")))
 }
 
-async fn client(ctx: &Context) -> Result<(ApiClient, EndpointAddr), Failure> {
-    let to = target(ctx)?;
-    let key_path = ctx
-        .key
-        .clone()
-        .unwrap_or_else(|| datadir::admin_key(&ctx.data_dir));
-    let secret = keys::load(&key_path).map_err(|e| {
+/// The credential the CLI calls with: `--key`; else the node's admin credential when this
+/// user can read it; else the user's own key, created on first use.
+fn credential(ctx: &Context) -> Result<(PathBuf, blixard_net::SecretKey), Failure> {
+    let refuse = |e: keys::KeyError| Failure::new(exit::UNAUTHORIZED, e);
+    if let Some(path) = &ctx.key {
+        return keys::load(path).map(|k| (path.clone(), k)).map_err(refuse);
+    }
+    let admin = datadir::admin_key(&ctx.data_dir);
+    if std::fs::File::open(&admin).is_ok() {
+        return keys::load(&admin).map(|k| (admin, k)).map_err(refuse);
+    }
+    let home = std::env::var_os("HOME").ok_or_else(|| {
         Failure::new(
             exit::UNAUTHORIZED,
-            format!("{e} (the CLI needs a credential: run as the node's user, or pass --key)"),
+            "no credential: HOME is not set; pass --credential",
         )
     })?;
+    let dir = PathBuf::from(home).join(".config/blixard");
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        Failure::new(
+            exit::UNAUTHORIZED,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
+    let path = dir.join("key");
+    keys::load_or_create(&path)
+        .map(|k| (path, k))
+        .map_err(refuse)
+}
+
+pub fn whoami(ctx: &Context) -> Result<(), Failure> {
+    let (path, key) = credential(ctx)?;
+    let id = blixard_net::key_of(&key.public());
+    if ctx.output == Format::Json {
+        return output::json(&serde_json::json!({"key": id.to_string(), "file": path}))
+            .map_err(|e| Failure::new(exit::ERROR, e));
+    }
+    println!("{id}");
+    eprintln!("(credential {})", path.display());
+    Ok(())
+}
+
+async fn client(ctx: &Context) -> Result<(ApiClient, EndpointAddr), Failure> {
+    let to = target(ctx)?;
+    let (_, secret) = credential(ctx)?;
     let listen = SocketAddr::from(([0, 0, 0, 0], 0));
     let ep = endpoint::bind(secret, listen, None, vec![])
         .await
@@ -239,6 +275,159 @@ pub async fn meta_get(ctx: &Context, key: Option<String>, stale: bool) -> Result
     let rows: Vec<Vec<String>> = m.entries.into_iter().map(|(k, v)| vec![k, v]).collect();
     output::table(&["KEY", "VALUE"], &rows);
     Ok(())
+}
+
+pub async fn user_add(
+    ctx: &Context,
+    name: String,
+    key: &str,
+    roles: Vec<String>,
+    tenant: Option<String>,
+) -> Result<(), Failure> {
+    let key: EndpointKey = key.parse().map_err(|e| Failure::new(exit::USAGE, e))?;
+    let (client, to) = client(ctx).await?;
+    let r = client
+        .call(
+            &to,
+            UserAdd {
+                name: name.clone(),
+                key,
+                roles,
+                tenant,
+            },
+        )
+        .await;
+    client.endpoint().close().await;
+    r?;
+    eprintln!("user {name} added");
+    Ok(())
+}
+
+pub async fn user_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client.call(&to, UserList { stale }).await;
+    client.endpoint().close().await;
+    let users = r?.users;
+    if ctx.output == Format::Json {
+        return output::json(&users).map_err(|e| Failure::new(exit::ERROR, e));
+    }
+    let rows: Vec<Vec<String>> = users
+        .iter()
+        .map(|u| {
+            vec![
+                u.name.clone(),
+                u.roles.join(","),
+                u.tenant.clone().unwrap_or_else(|| "-".into()),
+                short(&u.key),
+            ]
+        })
+        .collect();
+    output::table(&["NAME", "ROLES", "TENANT", "KEY"], &rows);
+    Ok(())
+}
+
+pub async fn user_rm(ctx: &Context, name: String) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client.call(&to, UserRemove { name: name.clone() }).await;
+    client.endpoint().close().await;
+    r?;
+    eprintln!("user {name} removed");
+    Ok(())
+}
+
+pub async fn policy_show(ctx: &Context) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client.call(&to, PolicyGet {}).await;
+    client.endpoint().close().await;
+    let p = r?;
+    if ctx.output == Format::Json {
+        return output::json(&p).map_err(|e| Failure::new(exit::ERROR, e));
+    }
+    if p.default {
+        eprintln!("(the built-in default policies)");
+    }
+    print!("{}", p.text);
+    Ok(())
+}
+
+pub async fn policy_set(ctx: &Context, file: &std::path::Path) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Failure::new(exit::USAGE, format!("cannot read {}: {e}", file.display())))?;
+    let (client, to) = client(ctx).await?;
+    let r = client.call(&to, PolicySet { text }).await;
+    client.endpoint().close().await;
+    r?;
+    eprintln!("policies replaced");
+    Ok(())
+}
+
+pub async fn policy_test(
+    ctx: &Context,
+    principal: String,
+    action: String,
+    resource: String,
+) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client
+        .call(
+            &to,
+            PolicyTest {
+                principal,
+                action: action.clone(),
+                resource: resource.clone(),
+            },
+        )
+        .await;
+    client.endpoint().close().await;
+    let v = r?;
+    if ctx.output == Format::Json {
+        return output::json(&v).map_err(|e| Failure::new(exit::ERROR, e));
+    }
+    let verdict = if v.allowed { "ALLOW" } else { "DENY" };
+    println!("{verdict}: {} {action} on {resource}", v.principal);
+    if !v.reasons.is_empty() {
+        println!("decided by: {}", v.reasons.join(", "));
+    }
+    for e in &v.errors {
+        println!("error: {e}");
+    }
+    Ok(())
+}
+
+pub async fn audit_tail(ctx: &Context, lines: usize, follow: bool) -> Result<(), Failure> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = crate::audit::path(&ctx.data_dir);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Failure::new(
+            exit::DATA_DIR,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let all: Vec<&str> = text.lines().collect();
+    for line in &all[all.len().saturating_sub(lines)..] {
+        println!("{line}");
+    }
+    if !follow {
+        return Ok(());
+    }
+    let mut offset = text.len() as u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < offset {
+            offset = 0; // rotated
+        }
+        if len > offset && f.seek(SeekFrom::Start(offset)).is_ok() {
+            let mut more = String::new();
+            if f.read_to_string(&mut more).is_ok() {
+                print!("{more}");
+                offset += more.len() as u64;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

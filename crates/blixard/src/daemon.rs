@@ -315,11 +315,13 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
     if solo {
         node.campaign();
     }
-    let service = NodeService {
-        node: node.clone(),
+    let service = NodeService::new(
+        node.clone(),
         cluster_id,
-        client: ApiClient::new(ep.clone(), Some(cluster_id), timeout),
-    };
+        ApiClient::new(ep.clone(), Some(cluster_id), timeout),
+        crate::audit::AuditLog::new(data_dir, me),
+    )
+    .map_err(|e| Failure::new(exit::ERROR, e))?;
     let router = Router::builder(ep.clone())
         .accept(
             RAFT_ALPN,

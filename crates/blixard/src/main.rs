@@ -1,5 +1,6 @@
 //! `blixard`: the node daemon (`blixard node run`) and the CLI that talks to it.
 
+mod audit;
 mod cli;
 mod config;
 mod daemon;
@@ -32,9 +33,10 @@ struct Cli {
     /// Talk to this node instead of the local one: a join ticket, or ENDPOINT_ID@HOST:PORT.
     #[arg(long, global = true, env = "BLIXARD_NODE")]
     node: Option<String>,
-    /// The credential to call with (default: DATA_DIR/admin.key).
-    #[arg(long, global = true, env = "BLIXARD_KEY")]
-    key: Option<PathBuf>,
+    /// The secret key file to call with (default: DATA_DIR/admin.key when readable, else
+    /// ~/.config/blixard/key, created on first use).
+    #[arg(long, global = true, env = "BLIXARD_CREDENTIAL")]
+    credential: Option<PathBuf>,
     /// Output format of read commands.
     #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -53,6 +55,72 @@ enum Command {
     /// Cluster membership, status and metadata.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Print the public key (identity) of the credential this CLI calls with.
+    Whoami,
+    /// Users: named keys with roles and a tenant.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// The cluster's Cedar authorization policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// This node's audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Add a user.
+    Add {
+        name: String,
+        /// The user's public key (from `blixard whoami` on their machine).
+        #[arg(long = "key", value_name = "PUBLIC_KEY")]
+        public_key: String,
+        /// A role: admin, operator, viewer (or one your policies use); repeatable.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// List the users you may see.
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Remove a user.
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Print the policies in force.
+    Show,
+    /// Replace the policies with the Cedar file FILE (validated against the schema first).
+    Set { file: PathBuf },
+    /// Would PRINCIPAL be allowed ACTION on RESOURCE?
+    Test {
+        /// user:NAME, node:ID or key:HEX
+        #[arg(long)]
+        principal: String,
+        /// e.g. cluster:manage
+        #[arg(long)]
+        action: String,
+        /// cluster or user:NAME
+        #[arg(long, default_value = "cluster")]
+        resource: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Print the last lines of this node's audit log (DATA_DIR/audit.log).
+    Tail {
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: usize,
+        /// Keep printing new lines as they are written.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,7 +235,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let ctx = cli::Context {
         data_dir: cli.data_dir.clone(),
         node: cli.node.clone(),
-        key: cli.key.clone(),
+        key: cli.credential.clone(),
         output: cli.output,
         timeout: std::time::Duration::from_secs(cli.timeout.max(1)),
     };
@@ -190,5 +258,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 cli::meta_get(&ctx, name, stale).await
             }
         },
+        Command::Whoami => cli::whoami(&ctx),
+        Command::User(UserCommand::Add {
+            name,
+            public_key,
+            roles,
+            tenant,
+        }) => cli::user_add(&ctx, name, &public_key, roles, tenant).await,
+        Command::User(UserCommand::List { stale }) => cli::user_list(&ctx, stale).await,
+        Command::User(UserCommand::Rm { name }) => cli::user_rm(&ctx, name).await,
+        Command::Policy(PolicyCommand::Show) => cli::policy_show(&ctx).await,
+        Command::Policy(PolicyCommand::Set { file }) => cli::policy_set(&ctx, &file).await,
+        Command::Policy(PolicyCommand::Test {
+            principal,
+            action,
+            resource,
+        }) => cli::policy_test(&ctx, principal, action, resource).await,
+        Command::Audit(AuditCommand::Tail { lines, follow }) => {
+            cli::audit_tail(&ctx, lines, follow).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap checks (in debug builds, at parse time) what this checks here once.
+        super::Cli::command().debug_assert();
     }
 }

@@ -5,17 +5,19 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use blixard_authz::{Authorizer, RequestContext, Resource};
 use blixard_core::{
-    ClusterId, Command, CommandOutput, EndpointKey, JoinRequest, NewMember, NodeId, State,
+    ClusterId, Command, CommandOutput, EndpointKey, JoinRequest, NewMember, NodeId, State, User,
 };
 use blixard_net::api::{
-    ApiError, ClusterStatus, JoinCluster, Joined, Left, MetaEntries, MetaSetDone, Request,
-    RequestFrame, Response, ResponseFrame, TokenCreated,
+    ApiError, ClusterStatus, JoinCluster, Joined, Left, MetaEntries, MetaSetDone, PolicySetDone,
+    PolicyText, PolicyVerdict, Request, RequestFrame, Response, ResponseFrame, TokenCreated,
+    UserAdded, UserEntries, UserRemoved,
 };
-use blixard_net::authz::Principal;
+use blixard_net::authz::{user_resource, Lookup, Principal};
 use blixard_net::client::ApiClient;
 use blixard_net::raft_transport::{PeerBook, Refusal};
-use blixard_net::server::Service;
+use blixard_net::server::{AuditEvent, Service};
 use blixard_net::ticket::{hash_secret, JoinTicket};
 use blixard_net::{member_addr, EndpointAddr};
 use blixard_raft::{ProposeError, RaftNode};
@@ -97,6 +99,91 @@ pub struct NodeService {
     pub node: RaftNode,
     pub cluster_id: ClusterId,
     pub client: ApiClient,
+    pub audit: crate::audit::AuditLog,
+    /// The authorizer for the policy text it was built from (`None` = the defaults).
+    pub policies: Mutex<(Option<String>, Arc<Authorizer>)>,
+}
+
+impl NodeService {
+    pub fn new(
+        node: RaftNode,
+        cluster_id: ClusterId,
+        client: ApiClient,
+        audit: crate::audit::AuditLog,
+    ) -> Result<Self, String> {
+        let defaults = Authorizer::with_defaults().map_err(|e| e.to_string())?;
+        Ok(Self {
+            node,
+            cluster_id,
+            client,
+            audit,
+            policies: Mutex::new((None, Arc::new(defaults))),
+        })
+    }
+
+    fn principal_of(state: &State, caller: &EndpointKey) -> Principal {
+        if let Some(m) = state.member_by_endpoint(caller) {
+            Principal::Node(m.id, *caller)
+        } else if let Some(a) = state.admin(caller) {
+            Principal::Admin(*caller, a.node)
+        } else if let Some(u) = state.user_by_key(caller) {
+            Principal::User(u.clone())
+        } else {
+            Principal::Anonymous(*caller)
+        }
+    }
+
+    /// Parses `user:NAME`, `node:ID` or `key:HEX` for `policy test`.
+    fn principal_spec(&self, spec: &str) -> Result<Principal, ApiError> {
+        let state = self.node.state();
+        let bad = || {
+            ApiError::BadRequest(format!(
+                "principal {spec:?}: expected user:NAME, node:ID or key:HEX"
+            ))
+        };
+        match spec.split_once(':').ok_or_else(bad)? {
+            ("user", name) => state
+                .user(name)
+                .cloned()
+                .map(Principal::User)
+                .ok_or_else(|| ApiError::Rejected(format!("no user {name}"))),
+            ("node", id) => {
+                let id: NodeId = id.parse().map_err(|_| bad())?;
+                state
+                    .member(id)
+                    .map(|m| Principal::Node(id, m.endpoint))
+                    .ok_or_else(|| ApiError::Rejected(format!("node {id} is not a member")))
+            }
+            ("key", hex) => {
+                let key: EndpointKey = hex.parse().map_err(|_| bad())?;
+                Ok(Self::principal_of(&state, &key))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    fn resource_spec(&self, spec: &str) -> Result<Resource, ApiError> {
+        if spec == "cluster" {
+            return Ok(Resource::Cluster);
+        }
+        match spec.split_once(':') {
+            Some(("user", name)) => self
+                .node
+                .state()
+                .user(name)
+                .map(user_resource)
+                .ok_or_else(|| ApiError::Rejected(format!("no user {name}"))),
+            _ => Err(ApiError::BadRequest(format!(
+                "resource {spec:?}: expected cluster or user:NAME"
+            ))),
+        }
+    }
+}
+
+impl Lookup for NodeService {
+    fn user(&self, name: &str) -> Option<User> {
+        self.node.state().user(name).cloned()
+    }
 }
 
 fn propose_error(e: ProposeError) -> ApiError {
@@ -215,14 +302,26 @@ impl Service for NodeService {
     }
 
     fn principal(&self, caller: &EndpointKey) -> Principal {
-        let state = self.node.state();
-        if let Some(m) = state.member_by_endpoint(caller) {
-            Principal::Node(m.id, *caller)
-        } else if state.admin(caller).is_some() {
-            Principal::Admin(*caller)
-        } else {
-            Principal::Anonymous(*caller)
+        Self::principal_of(&self.node.state(), caller)
+    }
+
+    fn authorizer(&self) -> Arc<Authorizer> {
+        let current = self.node.state().policies().cloned();
+        let mut cache = match self.policies.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if cache.0 != current {
+            match current.as_deref().map(Authorizer::new).unwrap_or_else(Authorizer::with_defaults) {
+                Ok(a) => *cache = (current, Arc::new(a)),
+                Err(e) => tracing::error!("stored policies do not validate with this version ({e}); keeping the previous ones"),
+            }
         }
+        cache.1.clone()
+    }
+
+    fn audit(&self, event: AuditEvent) {
+        self.audit.record(&event);
     }
 
     async fn handle(&self, principal: Principal, frame: RequestFrame) -> ResponseFrame {
@@ -307,6 +406,87 @@ impl Service for NodeService {
                 })
                 .await?;
                 Ok(Response::MetaSet(MetaSetDone {}))
+            }
+            Request::UserAdd(u) => {
+                self.propose(Command::AddUser(User {
+                    name: u.name.clone(),
+                    key: u.key,
+                    roles: u.roles.clone(),
+                    tenant: u.tenant.clone(),
+                    created_at_ms: now_ms(),
+                }))
+                .await?;
+                Ok(Response::UserAdd(UserAdded {}))
+            }
+            Request::UserRemove(u) => {
+                self.propose(Command::RemoveUser {
+                    name: u.name.clone(),
+                })
+                .await?;
+                Ok(Response::UserRemove(UserRemoved {}))
+            }
+            Request::UserList(l) => {
+                self.barrier(l.stale).await?;
+                let authorizer = self.authorizer();
+                let subject = principal.subject();
+                let context = RequestContext {
+                    time_ms: now_ms(),
+                    source: principal.key().to_string(),
+                };
+                // Filtered by authorization: the caller sees the users it may read.
+                let users = self
+                    .node
+                    .state()
+                    .users()
+                    .filter(|u| {
+                        authorizer
+                            .authorize(&subject, "user:read", &user_resource(u), &context)
+                            .is_ok_and(|v| v.allowed)
+                    })
+                    .cloned()
+                    .collect();
+                Ok(Response::UserList(UserEntries { users }))
+            }
+            Request::PolicyGet(_) => {
+                let stored = self.node.state().policies().cloned();
+                Ok(Response::PolicyGet(PolicyText {
+                    default: stored.is_none(),
+                    text: stored.unwrap_or_else(|| blixard_authz::DEFAULT_POLICIES.to_string()),
+                }))
+            }
+            Request::PolicySet(p) => {
+                // Validate here; apply only stores what passed.
+                Authorizer::new(&p.text).map_err(|e| ApiError::Rejected(e.to_string()))?;
+                self.propose(Command::SetPolicies {
+                    text: p.text.clone(),
+                })
+                .await?;
+                Ok(Response::PolicySet(PolicySetDone {}))
+            }
+            Request::PolicyTest(t) => {
+                let who = self.principal_spec(&t.principal)?;
+                let resource = self.resource_spec(&t.resource)?;
+                if !blixard_authz::ACTIONS.contains(&t.action.as_str()) {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown action {:?}; actions: {}",
+                        t.action,
+                        blixard_authz::ACTIONS.join(", ")
+                    )));
+                }
+                let context = RequestContext {
+                    time_ms: now_ms(),
+                    source: who.key().to_string(),
+                };
+                let v = self
+                    .authorizer()
+                    .authorize(&who.subject(), &t.action, &resource, &context)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                Ok(Response::PolicyTest(PolicyVerdict {
+                    principal: who.to_string(),
+                    allowed: v.allowed,
+                    reasons: v.reasons,
+                    errors: v.errors,
+                }))
             }
             Request::MetaGet(m) => {
                 self.barrier(m.stale).await?;

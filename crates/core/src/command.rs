@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ClusterId, EndpointKey, NodeId};
-use crate::state::Capacity;
+use crate::state::{Capacity, User};
 
 /// A command as it travels through the raft log: who proposed it, so that the proposing
 /// node can hand the result of `apply` back to its caller.
@@ -86,6 +86,13 @@ pub enum Command {
         node: NodeId,
         addrs: Vec<SocketAddr>,
     },
+    /// Adds a user. Names and keys are unique across users, members and admin credentials.
+    AddUser(User),
+    /// Removes a user by name.
+    RemoveUser { name: String },
+    /// Replaces the cluster's authorization policies. The text was validated against the
+    /// schema before it was proposed; `apply` only stores it.
+    SetPolicies { text: String },
 }
 
 impl Command {
@@ -100,6 +107,9 @@ impl Command {
             Command::SetRole { .. } => "set_role",
             Command::RemoveMember { .. } => "remove_member",
             Command::UpdateAddrs { .. } => "update_addrs",
+            Command::AddUser(_) => "add_user",
+            Command::RemoveUser { .. } => "remove_user",
+            Command::SetPolicies { .. } => "set_policies",
         }
     }
 }

@@ -17,7 +17,7 @@ pub use command::{Command, CommandOutput, Envelope, JoinRequest, MemberRole, New
 pub use encoding::{decode_versioned, encode_versioned, DecodeError, FORMAT_VERSION};
 pub use ids::{ClusterId, EndpointKey, NodeId, ParseIdError};
 pub use state::{
-    AdminCredential, ApplyError, Capacity, ClusterMeta, JoinToken, LoadError, Member, MemberStatus,
-    State,
+    valid_name, AdminCredential, ApplyError, Capacity, ClusterMeta, JoinToken, LoadError, Member,
+    MemberStatus, State, User,
 };
 pub use table::{Row, Table};

@@ -60,6 +60,30 @@ pub struct AdminCredential {
     pub created_at_ms: u64,
 }
 
+/// A user: a named key with roles and an optional tenant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    pub key: EndpointKey,
+    pub roles: Vec<String>,
+    pub tenant: Option<String>,
+    pub created_at_ms: u64,
+}
+
+/// Names of users, roles and tenants: 1 to 64 of `a-z 0-9 . _ -`, starting with a letter
+/// or digit.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
 /// A one-time join token, known only by the hash of its secret.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinToken {
@@ -95,6 +119,14 @@ pub enum ApplyError {
     StaleNodeId(NodeId),
     #[error("raft refused the configuration change: {0}")]
     ConfChangeRefused(String),
+    #[error("user {0} already exists")]
+    UserExists(String),
+    #[error("no user {0}")]
+    UnknownUser(String),
+    #[error("key {0} is already in use by {1}")]
+    KeyInUse(EndpointKey, String),
+    #[error("invalid user: {0}")]
+    InvalidUser(String),
     #[error("node {0} is the last voter; add another node before removing it")]
     LastVoter(NodeId),
 }
@@ -108,6 +140,8 @@ pub struct State {
     admins: Table<EndpointKey, AdminCredential>,
     tokens: Table<[u8; 32], JoinToken>,
     kv: Table<String, String>,
+    users: Table<String, User>,
+    policies: Table<u8, String>,
 }
 
 impl Default for State {
@@ -125,6 +159,8 @@ impl State {
             admins: Table::new("admins"),
             tokens: Table::new("join_tokens"),
             kv: Table::new("kv"),
+            users: Table::new("users"),
+            policies: Table::new("policies"),
         }
     }
 
@@ -200,6 +236,15 @@ impl State {
                 for key in creds {
                     self.admins.remove(&key);
                 }
+                Ok(CommandOutput::Done)
+            }
+            Command::AddUser(user) => self.add_user(user),
+            Command::RemoveUser { name } => match self.users.remove(name) {
+                Some(_) => Ok(CommandOutput::Done),
+                None => Err(ApplyError::UnknownUser(name.clone())),
+            },
+            Command::SetPolicies { text } => {
+                self.policies.insert(0, text.clone());
                 Ok(CommandOutput::Done)
             }
             Command::UpdateAddrs { node, addrs } => {
@@ -308,6 +353,63 @@ impl State {
         Ok(CommandOutput::Joined { node })
     }
 
+    fn add_user(&mut self, user: &User) -> Result<CommandOutput, ApplyError> {
+        if !valid_name(&user.name) {
+            return Err(ApplyError::InvalidUser(format!(
+                "{:?}: names are 1 to 64 of a-z 0-9 . _ -",
+                user.name
+            )));
+        }
+        if user.roles.is_empty() || !user.roles.iter().all(|r| valid_name(r)) {
+            return Err(ApplyError::InvalidUser(
+                "give at least one role, each 1 to 64 of a-z 0-9 . _ -".into(),
+            ));
+        }
+        if let Some(t) = &user.tenant {
+            if !valid_name(t) {
+                return Err(ApplyError::InvalidUser(format!(
+                    "invalid tenant name {t:?}"
+                )));
+            }
+        }
+        if self.users.contains(&user.name) {
+            return Err(ApplyError::UserExists(user.name.clone()));
+        }
+        if let Some(holder) = self.key_holder(&user.key) {
+            return Err(ApplyError::KeyInUse(user.key, holder));
+        }
+        self.users.insert(user.name.clone(), user.clone());
+        Ok(CommandOutput::Done)
+    }
+
+    /// Who holds `key`: a member, an admin credential or a user.
+    pub fn key_holder(&self, key: &EndpointKey) -> Option<String> {
+        if let Some(m) = self.member_by_endpoint(key) {
+            return Some(format!("node {}", m.id));
+        }
+        if let Some(a) = self.admins.get(key) {
+            return Some(format!("the admin credential of node {}", a.node));
+        }
+        self.user_by_key(key).map(|u| format!("user {}", u.name))
+    }
+
+    pub fn users(&self) -> impl Iterator<Item = &User> {
+        self.users.values()
+    }
+
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.get(&name.to_string())
+    }
+
+    pub fn user_by_key(&self, key: &EndpointKey) -> Option<&User> {
+        self.users.values().find(|u| &u.key == key)
+    }
+
+    /// The policies set with `SetPolicies`; `None` means the built-in defaults.
+    pub fn policies(&self) -> Option<&String> {
+        self.policies.get(&0)
+    }
+
     fn check_not_removed(&self, node: NodeId) -> Result<(), ApplyError> {
         if self.removed.contains(&node) {
             Err(ApplyError::MemberRemoved(node))
@@ -367,6 +469,8 @@ impl State {
         self.admins.drain_changes(&mut out);
         self.tokens.drain_changes(&mut out);
         self.kv.drain_changes(&mut out);
+        self.users.drain_changes(&mut out);
+        self.policies.drain_changes(&mut out);
         out
     }
 
@@ -379,6 +483,8 @@ impl State {
         self.admins.all_rows(&mut out);
         self.tokens.all_rows(&mut out);
         self.kv.all_rows(&mut out);
+        self.users.all_rows(&mut out);
+        self.policies.all_rows(&mut out);
         out
     }
 
@@ -396,6 +502,8 @@ impl State {
                 "admins" => state.admins.load(key, value),
                 "join_tokens" => state.tokens.load(key, value),
                 "kv" => state.kv.load(key, value),
+                "users" => state.users.load(key, value),
+                "policies" => state.policies.load(key, value),
                 other => return Err(LoadError::UnknownTable(other.to_string())),
             };
             result.map_err(|source| LoadError::Row {
@@ -649,6 +757,58 @@ mod tests {
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].table, "kv");
         assert_eq!(changes[0].value, None);
+    }
+
+    #[test]
+    fn users_have_unique_names_and_keys() {
+        let mut s = bootstrapped();
+        let alice = User {
+            name: "alice".into(),
+            key: EndpointKey([50; 32]),
+            roles: vec!["operator".into()],
+            tenant: Some("acme".into()),
+            created_at_ms: 5,
+        };
+        s.apply(&Command::AddUser(alice.clone())).unwrap();
+        assert_eq!(s.user_by_key(&EndpointKey([50; 32])), Some(&alice));
+        assert_eq!(
+            s.apply(&Command::AddUser(alice.clone())),
+            Err(ApplyError::UserExists("alice".into()))
+        );
+        let mut bob = alice.clone();
+        bob.name = "bob".into();
+        assert!(matches!(
+            s.apply(&Command::AddUser(bob.clone())),
+            Err(ApplyError::KeyInUse(..))
+        ));
+        bob.key = EndpointKey([100; 32]); // the admin credential of node 1
+        assert!(matches!(
+            s.apply(&Command::AddUser(bob.clone())),
+            Err(ApplyError::KeyInUse(..))
+        ));
+        bob.key = EndpointKey([51; 32]);
+        bob.name = "Bob!".into();
+        assert!(matches!(
+            s.apply(&Command::AddUser(bob.clone())),
+            Err(ApplyError::InvalidUser(_))
+        ));
+        bob.name = "bob".into();
+        bob.roles = vec![];
+        assert!(matches!(
+            s.apply(&Command::AddUser(bob)),
+            Err(ApplyError::InvalidUser(_))
+        ));
+        s.apply(&Command::RemoveUser {
+            name: "alice".into(),
+        })
+        .unwrap();
+        assert!(s.user("alice").is_none());
+        assert_eq!(
+            s.apply(&Command::RemoveUser {
+                name: "alice".into()
+            }),
+            Err(ApplyError::UnknownUser("alice".into()))
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use blixard_core::{Capacity, ClusterId, EndpointKey, Member, NodeId};
+use blixard_core::{Capacity, ClusterId, EndpointKey, Member, NodeId, User};
 use blixard_raft::NodeStatus;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,12 @@ rpcs! {
     Leave(LeaveCluster) -> Left;
     MetaSet(MetaSet) -> MetaSetDone;
     MetaGet(MetaGet) -> MetaEntries;
+    UserAdd(UserAdd) -> UserAdded;
+    UserRemove(UserRemove) -> UserRemoved;
+    UserList(UserList) -> UserEntries;
+    PolicyGet(PolicyGet) -> PolicyText;
+    PolicySet(PolicySet) -> PolicySetDone;
+    PolicyTest(PolicyTest) -> PolicyVerdict;
 }
 
 /// What goes on the wire for a request.
@@ -195,4 +201,75 @@ pub struct MetaGet {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaEntries {
     pub entries: Vec<(String, String)>,
+}
+
+/// Adds a user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAdd {
+    pub name: String,
+    pub key: EndpointKey,
+    pub roles: Vec<String>,
+    pub tenant: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAdded {}
+
+/// Removes a user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRemove {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRemoved {}
+
+/// Lists the users the caller may see.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserList {
+    pub stale: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserEntries {
+    pub users: Vec<User>,
+}
+
+/// Shows the policies in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyGet {}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyText {
+    pub text: String,
+    /// The built-in defaults are in force (no `policy set` yet).
+    pub default: bool,
+}
+
+/// Replaces the policies; refused unless they validate against the schema.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySet {
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySetDone {}
+
+/// Asks whether a principal would be allowed an action on a resource.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyTest {
+    /// `user:NAME`, `node:ID` or `key:HEX`.
+    pub principal: String,
+    pub action: String,
+    /// `cluster` or `user:NAME`.
+    pub resource: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVerdict {
+    pub principal: String,
+    pub allowed: bool,
+    /// The policies that decided it.
+    pub reasons: Vec<String>,
+    pub errors: Vec<String>,
 }

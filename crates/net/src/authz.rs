@@ -1,15 +1,20 @@
 //! The one authorization choke point. Every API request passes [`authorize`] with the
-//! caller's authenticated identity before any handler runs.
+//! caller's authenticated identity before any handler runs: the request kind names one
+//! Cedar action and one resource, and the cluster's policies decide.
 
-use blixard_core::{EndpointKey, NodeId};
+use blixard_authz::{Authorizer, RequestContext, Resource, Subject, Verdict};
+use blixard_core::{EndpointKey, NodeId, User};
+use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, Request};
 
 /// Who is calling, as established from the connection's authenticated endpoint id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
-    /// A holder of an admin credential (written into a node's data dir).
-    Admin(EndpointKey),
+    /// A node's admin credential (written into its data dir): acts with the role `admin`.
+    Admin(EndpointKey, NodeId),
+    /// A user registered with `blixard user add`.
+    User(User),
     /// A cluster member, acting as a host.
     Node(NodeId, EndpointKey),
     /// Anyone else: authenticated (the key is real) but unknown to the cluster.
@@ -19,7 +24,26 @@ pub enum Principal {
 impl Principal {
     pub fn key(&self) -> &EndpointKey {
         match self {
-            Principal::Admin(k) | Principal::Node(_, k) | Principal::Anonymous(k) => k,
+            Principal::Admin(k, _) | Principal::Node(_, k) | Principal::Anonymous(k) => k,
+            Principal::User(u) => &u.key,
+        }
+    }
+
+    /// The principal as Cedar sees it.
+    pub fn subject(&self) -> Subject {
+        match self {
+            Principal::Admin(_, node) => Subject::User {
+                name: format!("admin-n{node}"),
+                roles: vec!["admin".into()],
+                tenant: None,
+            },
+            Principal::User(u) => Subject::User {
+                name: u.name.clone(),
+                roles: u.roles.clone(),
+                tenant: u.tenant.clone(),
+            },
+            Principal::Node(n, _) => Subject::Node { id: n.0 },
+            Principal::Anonymous(k) => Subject::Anonymous { key: k.to_string() },
         }
     }
 }
@@ -27,29 +51,150 @@ impl Principal {
 impl std::fmt::Display for Principal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Principal::Admin(k) => write!(f, "admin {k}"),
+            Principal::Admin(_, n) => write!(f, "the admin credential of node {n}"),
+            Principal::User(u) => write!(f, "user {}", u.name),
             Principal::Node(n, _) => write!(f, "node {n}"),
             Principal::Anonymous(k) => write!(f, "unknown key {k}"),
         }
     }
 }
 
-/// Decides whether `principal` may make `request`.
-///
-/// Members and admins may make every request. Anyone else may only ask to join, which
-/// the join token inside the request then authorizes.
-pub fn authorize(principal: &Principal, request: &Request) -> Result<(), ApiError> {
-    let allowed = match principal {
-        Principal::Admin(_) | Principal::Node(..) => true,
-        Principal::Anonymous(_) => matches!(request, Request::Join(_)),
+/// Looks up what a resource is, for requests that name one.
+pub trait Lookup {
+    fn user(&self, name: &str) -> Option<User>;
+}
+
+/// The Cedar form of a user resource.
+pub fn user_resource(u: &User) -> Resource {
+    Resource::User {
+        name: u.name.clone(),
+        roles: u.roles.clone(),
+        tenant: u.tenant.clone(),
+    }
+}
+
+/// The Cedar action and resource of a request. One action per request kind; a request
+/// forwarded by a member node to the leader is `node:forward` (it was authorized for its
+/// real caller where it arrived).
+pub fn action_of(
+    principal: &Principal,
+    request: &Request,
+    forwarded: bool,
+    lookup: &dyn Lookup,
+) -> (&'static str, Resource) {
+    if forwarded {
+        return ("node:forward", Resource::Cluster);
+    }
+    match request {
+        Request::Status(_) | Request::MetaGet(_) => ("cluster:read", Resource::Cluster),
+        Request::TokenCreate(_) | Request::Leave(_) | Request::MetaSet(_) => {
+            ("cluster:manage", Resource::Cluster)
+        }
+        Request::Join(_) => ("cluster:join", Resource::Cluster),
+        Request::UserAdd(u) => (
+            "user:manage",
+            Resource::User {
+                name: u.name.clone(),
+                roles: u.roles.clone(),
+                tenant: u.tenant.clone(),
+            },
+        ),
+        Request::UserRemove(r) => (
+            "user:manage",
+            match lookup.user(&r.name) {
+                Some(u) => user_resource(&u),
+                None => Resource::Cluster,
+            },
+        ),
+        // Listing needs the right to see oneself; the results are then filtered user by
+        // user with the same action.
+        Request::UserList(_) => (
+            "user:read",
+            match principal {
+                Principal::User(u) => user_resource(u),
+                Principal::Admin(..) => Resource::User {
+                    name: principal.subject_name(),
+                    roles: vec!["admin".into()],
+                    tenant: None,
+                },
+                _ => Resource::Cluster,
+            },
+        ),
+        Request::PolicyGet(_) | Request::PolicyTest(_) => ("policy:read", Resource::Cluster),
+        Request::PolicySet(_) => ("policy:set", Resource::Cluster),
+    }
+}
+
+impl Principal {
+    fn subject_name(&self) -> String {
+        match self.subject() {
+            Subject::User { name, .. } => name,
+            Subject::Node { id } => format!("n{id}"),
+            Subject::Anonymous { key } => key,
+        }
+    }
+}
+
+/// Whether a request changes state (its decisions are audited).
+pub fn is_mutating(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::Status(_)
+            | Request::MetaGet(_)
+            | Request::UserList(_)
+            | Request::PolicyGet(_)
+            | Request::PolicyTest(_)
+    )
+}
+
+/// Decides whether `principal` may make `request`. A refusal names the action and the
+/// resource as the caller asked for them, and nothing else.
+pub fn authorize(
+    authorizer: &Authorizer,
+    principal: &Principal,
+    request: &Request,
+    forwarded: bool,
+    context: &RequestContext,
+    lookup: &dyn Lookup,
+) -> Result<Decision, ApiError> {
+    let (action, resource) = action_of(principal, request, forwarded, lookup);
+    let verdict = match authorizer.authorize(&principal.subject(), action, &resource, context) {
+        Ok(v) => v,
+        // A request Cedar cannot even form (e.g. a resource type the action does not apply
+        // to) is a refusal, never an allowance.
+        Err(e) => Verdict {
+            allowed: false,
+            reasons: Vec::new(),
+            errors: vec![e.to_string()],
+        },
     };
-    if allowed {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized {
+    let decision = Decision {
+        action,
+        resource: resource.to_string(),
+        allowed: verdict.allowed,
+        reasons: verdict.reasons,
+        errors: verdict.errors,
+    };
+    Ok(decision)
+}
+
+/// The outcome of one authorization, for the caller and the audit log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub action: &'static str,
+    pub resource: String,
+    pub allowed: bool,
+    pub reasons: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+impl Decision {
+    /// The error a refused caller sees.
+    pub fn refusal(&self, principal: &Principal) -> ApiError {
+        ApiError::Unauthorized {
             caller: principal.to_string(),
-            action: request.kind().to_string(),
-        })
+            action: format!("{} on {}", self.action, self.resource),
+        }
     }
 }
 
@@ -58,14 +203,37 @@ mod tests {
     use super::*;
     use crate::api::{LeaveCluster, StatusRequest};
 
+    struct NoUsers;
+    impl Lookup for NoUsers {
+        fn user(&self, _: &str) -> Option<User> {
+            None
+        }
+    }
+
+    fn ctx() -> RequestContext {
+        RequestContext {
+            time_ms: 0,
+            source: String::new(),
+        }
+    }
+
     #[test]
-    fn strangers_may_only_join() {
+    fn strangers_may_only_join_and_nodes_only_read_and_forward() {
+        let a = Authorizer::with_defaults().unwrap();
         let stranger = Principal::Anonymous(EndpointKey([1; 32]));
+        let node = Principal::Node(NodeId(3), EndpointKey([3; 32]));
+        let admin = Principal::Admin(EndpointKey([2; 32]), NodeId(1));
         let status = Request::Status(StatusRequest::default());
         let leave = Request::Leave(LeaveCluster { node: NodeId(2) });
-        assert!(authorize(&stranger, &status).is_err());
-        assert!(authorize(&stranger, &leave).is_err());
-        assert!(authorize(&Principal::Admin(EndpointKey([2; 32])), &leave).is_ok());
-        assert!(authorize(&Principal::Node(NodeId(3), EndpointKey([3; 32])), &status).is_ok());
+        let ok = |p: &Principal, r: &Request, fwd: bool| {
+            authorize(&a, p, r, fwd, &ctx(), &NoUsers).unwrap().allowed
+        };
+        assert!(!ok(&stranger, &status, false));
+        assert!(!ok(&stranger, &leave, false));
+        assert!(!ok(&stranger, &leave, true), "strangers cannot forward");
+        assert!(ok(&admin, &leave, false));
+        assert!(ok(&node, &status, false));
+        assert!(!ok(&node, &leave, false));
+        assert!(ok(&node, &leave, true));
     }
 }

@@ -12,16 +12,31 @@ use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::sync::Semaphore;
 
 use crate::api::{ApiError, RequestFrame, ResponseFrame, API_VERSION};
-use crate::authz::{authorize, Principal};
+use crate::authz::{authorize, is_mutating, Decision, Lookup, Principal};
 use crate::frame::{self, FrameError};
 use crate::key_of;
 
+/// One audited event: an authorization decision for a mutating request, and its outcome.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AuditEvent {
+    pub principal: String,
+    pub key: String,
+    pub request: &'static str,
+    pub decision: Decision,
+    /// `None` when the request was refused before it ran; else "ok" or the error.
+    pub outcome: Option<String>,
+}
+
 /// What a node does with authorized requests.
-pub trait Service: Send + Sync + 'static {
+pub trait Service: Lookup + Send + Sync + 'static {
     /// The cluster this node belongs to.
     fn cluster_id(&self) -> Option<ClusterId>;
     /// Who the caller is, from its authenticated key.
     fn principal(&self, caller: &EndpointKey) -> Principal;
+    /// The policies in force.
+    fn authorizer(&self) -> Arc<blixard_authz::Authorizer>;
+    /// Records an audited event.
+    fn audit(&self, event: AuditEvent);
     /// Handles an authorized request.
     fn handle(
         &self,
@@ -138,17 +153,48 @@ async fn dispatch<S: Service>(
         }
     }
     let principal = service.principal(&caller);
-    authorize(&principal, &frame.request)?;
-    if frame.forwarded && !matches!(principal, Principal::Node(..)) {
-        return Err(ApiError::Unauthorized {
-            caller: principal.to_string(),
-            action: "forward requests".into(),
-        });
-    }
+    let context = blixard_authz::RequestContext {
+        time_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        source: caller.to_string(),
+    };
+    let authorizer = service.authorizer();
+    let decision = authorize(
+        &authorizer,
+        &principal,
+        &frame.request,
+        frame.forwarded,
+        &context,
+        service,
+    )?;
     let kind = frame.request.kind();
+    let audited = is_mutating(&frame.request);
+    let event = |outcome: Option<String>| AuditEvent {
+        principal: principal.to_string(),
+        key: caller.to_string(),
+        request: kind,
+        decision: decision.clone(),
+        outcome,
+    };
+    if !decision.allowed {
+        if audited {
+            service.audit(event(None));
+        }
+        return Err(decision.refusal(&principal));
+    }
     tracing::debug!(%principal, kind, "request");
-    match tokio::time::timeout(timeout, service.handle(principal, frame)).await {
+    let result = match tokio::time::timeout(timeout, service.handle(principal.clone(), frame)).await
+    {
         Ok(r) => r,
         Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+    };
+    if audited {
+        service.audit(event(Some(match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        })));
     }
+    result
 }

@@ -1,0 +1,496 @@
+//! Committed-write benchmark: a 3-node cluster of real release `blixard` daemons on
+//! loopback, loaded with `MetaSet` requests (each one a committed raft write) by
+//! concurrent writers in this process.
+//!
+//! Run: `cargo build --release --bin blixard && cargo bench -p blixard-tests --bench writes`.
+//! Env: `BLIXARD_BIN` (the binary; default target/release/blixard), `BENCH_SECS` (measured
+//! seconds per level, default 10). Each level runs a 2 s warm-up first.
+//!
+//! Prints a one-line machine description and markdown tables to stdout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use blixard_core::EndpointKey;
+use blixard_net::api::{MetaSet, StatusRequest};
+use blixard_net::client::ApiClient;
+use blixard_net::{endpoint, keys, member_addr, EndpointAddr};
+use blixard_tests::{binary, proc_cpu_ticks, proc_status_kib, Cluster, Node};
+
+const WARMUP: Duration = Duration::from_secs(2);
+const IDLE: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Targets from the issue.
+const TARGET_COMMITS_64: f64 = 10_000.0;
+const TARGET_P99_1_MS: f64 = 10.0;
+const TARGET_IDLE_RSS_MIB: f64 = 30.0;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Leader,
+    Follower,
+}
+
+impl Via {
+    fn name(self) -> &'static str {
+        match self {
+            Via::Leader => "leader",
+            Via::Follower => "follower",
+        }
+    }
+}
+
+const LEVELS: &[(Via, usize)] = &[
+    (Via::Leader, 1),
+    (Via::Leader, 16),
+    (Via::Leader, 64),
+    (Via::Follower, 1),
+    (Via::Follower, 64),
+];
+
+struct LevelResult {
+    via: Via,
+    writers: usize,
+    commits: usize,
+    secs: f64,
+    errors: u64,
+    first_error: Option<String>,
+    /// Sorted latencies of the requests completed in the window, in microseconds.
+    latencies_us: Vec<u64>,
+    /// CPU used by the three daemons and by this process during the window, in cores.
+    cpu_daemons: f64,
+    cpu_bench: f64,
+}
+
+impl LevelResult {
+    fn throughput(&self) -> f64 {
+        self.commits as f64 / self.secs
+    }
+
+    /// The `p`-quantile (nearest rank), in milliseconds.
+    fn quantile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p * self.latencies_us.len() as f64).ceil() as usize).max(1) - 1;
+        self.latencies_us[rank.min(self.latencies_us.len() - 1)] as f64 / 1000.0
+    }
+
+    fn max_ms(&self) -> f64 {
+        self.latencies_us
+            .last()
+            .map_or(f64::NAN, |v| *v as f64 / 1000.0)
+    }
+
+    fn mean_ms(&self) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        self.latencies_us.iter().sum::<u64>() as f64 / self.latencies_us.len() as f64 / 1000.0
+    }
+}
+
+fn bench_secs() -> u64 {
+    match std::env::var("BENCH_SECS") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("BENCH_SECS={s:?} is not a number of seconds")),
+        Err(_) => 10,
+    }
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn read_first_line_with(path: &str, prefix: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// The mount (device, mount point, fs type) holding `path`: the longest matching prefix.
+fn mount_of(path: &Path) -> Option<(String, String, String)> {
+    let path = path.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.first()?.to_string(),
+                f.get(1)?.to_string(),
+                f.get(2)?.to_string(),
+            ))
+        })
+        .filter(|(_, mnt, _)| path.starts_with(mnt))
+        .max_by_key(|(_, mnt, _)| mnt.len())
+}
+
+/// What kind of disk a block device is, as far as sysfs tells.
+fn disk_kind(device: &str) -> String {
+    let Some(name) = device.strip_prefix("/dev/") else {
+        return "not a block device".into();
+    };
+    // vda1 -> vda, nvme0n1p1 -> nvme0n1, sda1 -> sda.
+    let base = if Path::new(&format!("/sys/block/{name}")).exists() {
+        name.to_string()
+    } else if name.starts_with("nvme") {
+        name.rsplit_once('p').map_or(name, |(b, _)| b).to_string()
+    } else {
+        name.trim_end_matches(|c: char| c.is_ascii_digit())
+            .to_string()
+    };
+    let rotational = std::fs::read_to_string(format!("/sys/block/{base}/queue/rotational"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let bus = if base.starts_with("vd") {
+        "virtio-blk (virtual; rotational flag not meaningful)"
+    } else if base.starts_with("nvme") {
+        "NVMe"
+    } else if base.starts_with("sd") {
+        "SCSI/SATA"
+    } else {
+        "unknown bus"
+    };
+    format!("{bus}, rotational={rotational}")
+}
+
+fn machine(data_root: &Path) -> String {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = read_first_line_with("/proc/cpuinfo", "model name").unwrap_or_else(|| "?".into());
+    let mem_gib = proc_meminfo_kib("MemTotal").map_or(f64::NAN, |k| k as f64 / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let disk = match mount_of(data_root) {
+        Some((dev, mnt, fs)) => {
+            format!("data dirs on {dev} ({fs} at {mnt}; {})", disk_kind(&dev))
+        }
+        None => "data dirs on an unknown mount".into(),
+    };
+    format!("{nproc} CPUs ({model}), {mem_gib:.1} GiB RAM, Linux {kernel}, {disk}")
+}
+
+fn proc_meminfo_kib(field: &str) -> Option<u64> {
+    read_first_line_with("/proc/meminfo", field)?
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Warns when the daemon binary is older than the sources it is built from.
+fn check_binary_fresh(bin: &Path) {
+    if std::env::var_os("BLIXARD_BIN").is_some() {
+        return;
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut newest: Option<(SystemTime, PathBuf)> = None;
+    let mut stack = vec![root.join("crates")];
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        stack.push(root.join(f));
+    }
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
+            }
+        } else if let Ok(m) = std::fs::metadata(&p).and_then(|m| m.modified()) {
+            if newest.as_ref().is_none_or(|(t, _)| m > *t) {
+                newest = Some((m, p));
+            }
+        }
+    }
+    if let Some((t, p)) = newest {
+        if t > built {
+            eprintln!(
+                "warning: {} is newer than {}; run `cargo build --release --bin blixard`",
+                p.display(),
+                bin.display()
+            );
+        }
+    }
+}
+
+/// The address of a running node, from its `node.json`.
+fn addr_of(node: &Node) -> (u64, EndpointAddr) {
+    let info = node.info().unwrap();
+    let id = info["node_id"].as_u64().expect("node_id in node.json");
+    let key: EndpointKey = info["endpoint_id"]
+        .as_str()
+        .expect("endpoint_id in node.json")
+        .parse()
+        .unwrap();
+    let addrs: Vec<SocketAddr> = serde_json::from_value(info["addrs"].clone()).unwrap();
+    (id, member_addr(&key, &addrs).expect("a valid endpoint id"))
+}
+
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|p| proc_cpu_ticks(*p)).sum()
+}
+
+async fn run_level(
+    client: Arc<ApiClient>,
+    to: EndpointAddr,
+    via: Via,
+    writers: usize,
+    measure: Duration,
+    daemon_pids: &[u32],
+    ticks_per_sec: f64,
+) -> LevelResult {
+    let start = Instant::now();
+    let t0 = start + WARMUP;
+    let t1 = t0 + measure;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let client = client.clone();
+        let to = to.clone();
+        let prefix = format!("bench/{}/{writers}/{w}", via.name());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut first_error = None;
+            let mut i = 0u64;
+            loop {
+                let sent = Instant::now();
+                if sent >= t1 {
+                    break;
+                }
+                let request = MetaSet {
+                    key: format!("{prefix}/{i}"),
+                    value: Some(i.to_string()),
+                };
+                i += 1;
+                let result = client.call(&to, request).await;
+                let done = Instant::now();
+                let in_window = done >= t0 && done <= t1;
+                match result {
+                    Ok(_) if in_window => latencies.push((done - sent).as_micros() as u64),
+                    Ok(_) => {}
+                    Err(e) => {
+                        if in_window {
+                            errors += 1;
+                        }
+                        first_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+            (latencies, errors, first_error)
+        }));
+    }
+    // CPU over the measured window.
+    tokio::time::sleep_until(t0.into()).await;
+    let daemons_before = cpu_ticks(daemon_pids);
+    let bench_before = proc_cpu_ticks(std::process::id()).unwrap_or(0);
+    tokio::time::sleep_until(t1.into()).await;
+    let daemons_after = cpu_ticks(daemon_pids);
+    let bench_after = proc_cpu_ticks(std::process::id()).unwrap_or(0);
+
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    for t in tasks {
+        let (l, e, f) = t.await.unwrap();
+        latencies_us.extend(l);
+        errors += e;
+        if first_error.is_none() {
+            first_error = f;
+        }
+    }
+    latencies_us.sort_unstable();
+    let secs = measure.as_secs_f64();
+    LevelResult {
+        via,
+        writers,
+        commits: latencies_us.len(),
+        secs,
+        errors,
+        first_error,
+        latencies_us,
+        cpu_daemons: (daemons_after - daemons_before) as f64 / ticks_per_sec / secs,
+        cpu_bench: bench_after.saturating_sub(bench_before) as f64 / ticks_per_sec / secs,
+    }
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+}
+
+fn main() {
+    let measure = Duration::from_secs(bench_secs());
+    let bin = binary();
+    check_binary_fresh(&bin);
+    eprintln!("bench: daemon binary {}", bin.display());
+    let ticks_per_sec = clock_ticks_per_sec();
+
+    eprintln!("bench: starting a 3-node cluster");
+    let cluster = Cluster::start(3, &[]);
+    let machine = machine(cluster.root.path());
+
+    let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.pid().unwrap()).collect();
+    let addrs: Vec<(u64, EndpointAddr)> = cluster.nodes.iter().map(addr_of).collect();
+
+    eprintln!("bench: idle for {IDLE:?}");
+    std::thread::sleep(IDLE);
+    let rss_idle: Vec<Option<u64>> = pids.iter().map(|p| proc_status_kib(*p, "VmRSS")).collect();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (results, leader_before, leader_after) = runtime.block_on(async {
+        let secret = keys::load(&cluster.nodes[0].dir.join("admin.key")).unwrap();
+        let ep = endpoint::bind(secret, SocketAddr::from(([127, 0, 0, 1], 0)), None, vec![])
+            .await
+            .unwrap();
+        let client = Arc::new(ApiClient::new(ep, None, REQUEST_TIMEOUT));
+
+        let leader_of = |s: blixard_net::api::ClusterStatus| s.raft.leader.expect("a leader");
+        let status = client
+            .call(&addrs[0].1, StatusRequest { stale: false })
+            .await
+            .unwrap();
+        let leader_id = leader_of(status);
+        let leader = addrs
+            .iter()
+            .position(|(id, _)| *id == leader_id)
+            .expect("the leader is one of the three nodes");
+        let follower = (leader + 1) % addrs.len();
+
+        let mut results = Vec::new();
+        for &(via, writers) in LEVELS {
+            let idx = match via {
+                Via::Leader => leader,
+                Via::Follower => follower,
+            };
+            eprintln!(
+                "bench: {writers} writer(s) via the {} (n{}), {WARMUP:?} warm-up + {measure:?}",
+                via.name(),
+                addrs[idx].0
+            );
+            let r = run_level(
+                client.clone(),
+                addrs[idx].1.clone(),
+                via,
+                writers,
+                measure,
+                &pids,
+                ticks_per_sec,
+            )
+            .await;
+            if let Some(e) = &r.first_error {
+                eprintln!("bench: {} error(s) in the window; first: {e}", r.errors);
+            }
+            results.push(r);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let status = client
+            .call(&addrs[0].1, StatusRequest { stale: false })
+            .await
+            .unwrap();
+        let leader_after = leader_of(status);
+        client.endpoint().close().await;
+        (results, leader_id, leader_after)
+    });
+    let rss_after: Vec<Option<u64>> = pids.iter().map(|p| proc_status_kib(*p, "VmRSS")).collect();
+    let hwm_after: Vec<Option<u64>> = pids.iter().map(|p| proc_status_kib(*p, "VmHWM")).collect();
+
+    // Report.
+    println!();
+    println!("Machine: {machine}");
+    println!(
+        "Daemon: {} ; {} s measured per level after a {} s warm-up; one client process, \
+         one QUIC connection per target node; every request sets a new key",
+        bin.display(),
+        measure.as_secs(),
+        WARMUP.as_secs()
+    );
+    if leader_after != leader_before {
+        println!(
+            "WARNING: leadership moved from n{leader_before} to n{leader_after} during the run"
+        );
+    }
+    println!();
+    println!(
+        "| via | writers | commits/s | p50 ms | p99 ms | max ms | mean ms | errors | CPU daemons (cores) | CPU bench (cores) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &results {
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} |",
+            r.via.name(),
+            r.writers,
+            r.throughput(),
+            r.quantile_ms(0.50),
+            r.quantile_ms(0.99),
+            r.max_ms(),
+            r.mean_ms(),
+            r.errors,
+            r.cpu_daemons,
+            r.cpu_bench
+        );
+    }
+    println!();
+    println!("| node | role | RSS idle (MiB) | RSS after load (MiB) | peak RSS, VmHWM (MiB) |");
+    println!("|---|---|---:|---:|---:|");
+    for (i, (id, _)) in addrs.iter().enumerate() {
+        let role = if *id == leader_before {
+            "leader"
+        } else {
+            "follower"
+        };
+        println!(
+            "| n{id} | {role} | {} | {} | {} |",
+            mib(rss_idle[i]),
+            mib(rss_after[i]),
+            mib(hwm_after[i])
+        );
+    }
+    let total_keys: usize = results.iter().map(|r| r.commits).sum();
+    println!();
+    println!(
+        "(about {total_keys} metadata keys were written in the measured windows, plus warm-ups)"
+    );
+
+    // Targets.
+    let find = |via, writers| {
+        results
+            .iter()
+            .find(|r| r.via == via && r.writers == writers)
+            .unwrap()
+    };
+    let t64 = find(Via::Leader, 64).throughput();
+    let p99_1 = find(Via::Leader, 1).quantile_ms(0.99);
+    let idle_max = rss_idle.iter().flatten().max().copied().unwrap_or(0) as f64 / 1024.0;
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!();
+    println!(
+        "- >= {TARGET_COMMITS_64:.0} commits/s at 64 writers (leader): {t64:.0} -> {}",
+        verdict(t64 >= TARGET_COMMITS_64)
+    );
+    println!(
+        "- p99 <= {TARGET_P99_1_MS} ms at 1 writer (leader): {p99_1:.2} ms -> {}",
+        verdict(p99_1 <= TARGET_P99_1_MS)
+    );
+    println!(
+        "- idle daemon RSS <= {TARGET_IDLE_RSS_MIB} MiB: max {idle_max:.1} MiB -> {}",
+        verdict(idle_max <= TARGET_IDLE_RSS_MIB)
+    );
+    drop(cluster);
+}

@@ -1,0 +1,387 @@
+//! Authorization on a real 3-node cluster: every request kind × every kind of caller.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use blixard_core::{EndpointKey, NodeId};
+use blixard_net::api::{
+    ApiError, JoinCluster, LeaveCluster, MetaGet, MetaSet, PolicyGet, PolicySet, PolicyTest,
+    Request, RequestFrame, StatusRequest, TokenCreate, UserAdd, UserList, UserRemove,
+};
+use blixard_net::client::{ApiClient, ClientError};
+use blixard_net::{endpoint, key_of, keys, member_addr, EndpointAddr, SecretKey};
+use blixard_tests::{Cluster, Node};
+
+fn key_hex(k: &SecretKey) -> String {
+    key_of(&k.public()).to_string()
+}
+
+fn add_user(admin: &Node, name: &str, key: &SecretKey, role: &str, tenant: Option<&str>) {
+    let hex = key_hex(key);
+    let mut args = vec!["user", "add", name, "--key", &hex, "--role", role];
+    if let Some(t) = tenant {
+        args.extend(["--tenant", t]);
+    }
+    admin.cli_ok(&args);
+}
+
+fn addr_of(node: &Node) -> EndpointAddr {
+    let info = node.info().unwrap();
+    let key: EndpointKey = info["endpoint_id"].as_str().unwrap().parse().unwrap();
+    member_addr(&key, &[format!("127.0.0.1:{}", node.port).parse().unwrap()]).unwrap()
+}
+
+async fn client(secret: SecretKey) -> ApiClient {
+    let ep = endpoint::bind(secret, "127.0.0.1:0".parse().unwrap(), None, vec![])
+        .await
+        .unwrap();
+    ApiClient::new(ep, None, Duration::from_secs(10))
+}
+
+/// One request of every kind. Each is harmless when allowed (it names nothing that exists,
+/// or rewrites what is already there), so the matrix can run them all in any order.
+fn every_request(who: &str) -> Vec<Request> {
+    vec![
+        StatusRequest { stale: false }.into(),
+        MetaGet {
+            key: None,
+            stale: false,
+        }
+        .into(),
+        MetaSet {
+            key: format!("matrix-{who}"),
+            value: Some("1".into()),
+        }
+        .into(),
+        TokenCreate { ttl_secs: 60 }.into(),
+        JoinCluster {
+            secret: [0; 32],
+            endpoint: EndpointKey([0; 32]),
+            name: "nobody".into(),
+            addrs: vec![],
+            labels: Default::default(),
+            capacity: Default::default(),
+            admin: EndpointKey([1; 32]),
+        }
+        .into(),
+        LeaveCluster { node: NodeId(99) }.into(),
+        UserAdd {
+            name: format!("new-{who}"),
+            key: key_of(&SecretKey::generate().public()),
+            roles: vec!["viewer".into()],
+            tenant: None,
+        }
+        .into(),
+        UserRemove {
+            name: "nobody".into(),
+        }
+        .into(),
+        UserList { stale: false }.into(),
+        PolicyGet {}.into(),
+        PolicySet {
+            text: blixard_authz::DEFAULT_POLICIES.into(),
+        }
+        .into(),
+        PolicyTest {
+            principal: "node:1".into(),
+            action: "cluster:read".into(),
+            resource: "cluster".into(),
+        }
+        .into(),
+    ]
+}
+
+/// Sends `request` and says whether the choke point let it through (a request that was
+/// let through may still fail on its merits, e.g. an unknown join token).
+async fn allowed(client: &ApiClient, to: &EndpointAddr, request: Request) -> bool {
+    let kind = request.kind();
+    match client
+        .call_frame(to, RequestFrame::new(None, request))
+        .await
+    {
+        Ok(Ok(_)) => true,
+        Ok(Err(ApiError::Unauthorized { .. })) => false,
+        Ok(Err(ApiError::Rejected(_))) | Ok(Err(ApiError::BadRequest(_))) => true,
+        Ok(Err(other)) => panic!("{kind}: unexpected error {other}"),
+        Err(ClientError::Api(e)) => panic!("{kind}: {e}"),
+        Err(e) => panic!("{kind}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_matrix_on_a_real_cluster() {
+    let c = tokio::task::spawn_blocking(|| Cluster::start(3, &[]))
+        .await
+        .unwrap();
+    let admin_node = &c.nodes[0];
+    let viewer = SecretKey::generate();
+    let operator = SecretKey::generate();
+    let other_operator = SecretKey::generate();
+    let admin = SecretKey::generate();
+    let removed = SecretKey::generate();
+    add_user(admin_node, "vera", &viewer, "viewer", Some("acme"));
+    add_user(admin_node, "otto", &operator, "operator", Some("acme"));
+    add_user(
+        admin_node,
+        "olga",
+        &other_operator,
+        "operator",
+        Some("globex"),
+    );
+    add_user(admin_node, "ada", &admin, "admin", None);
+    add_user(admin_node, "rex", &removed, "operator", Some("acme"));
+    admin_node.cli_ok(&["user", "rm", "rex"]);
+    let node_key = keys::load(&c.nodes[2].dir.join("node.key")).unwrap();
+
+    // Requests go to node 2; node 3's own key is the member node.
+    let to = addr_of(&c.nodes[1]);
+    let kinds: Vec<&str> = every_request("x").iter().map(|r| r.kind()).collect();
+    //            Status MetaGet MetaSet Token Join Leave UAdd URm ULst PGet PSet PTest
+    let expect: [(&str, SecretKey, [bool; 12]); 7] = [
+        (
+            "anonymous",
+            SecretKey::generate(),
+            [
+                false, false, false, false, true, false, false, false, false, false, false, false,
+            ],
+        ),
+        (
+            "unknown key",
+            removed.clone(),
+            [
+                false, false, false, false, true, false, false, false, false, false, false, false,
+            ],
+        ),
+        (
+            "viewer",
+            viewer.clone(),
+            [
+                true, true, false, false, true, false, false, false, true, false, false, false,
+            ],
+        ),
+        (
+            "operator of another tenant",
+            other_operator.clone(),
+            [
+                true, true, false, false, true, false, false, false, true, false, false, false,
+            ],
+        ),
+        (
+            "operator",
+            operator.clone(),
+            [
+                true, true, false, false, true, false, false, false, true, false, false, false,
+            ],
+        ),
+        (
+            "admin",
+            admin.clone(),
+            [
+                true, true, true, true, true, true, true, true, true, true, true, true,
+            ],
+        ),
+        (
+            "member node",
+            node_key,
+            [
+                true, true, false, false, true, false, false, false, false, false, false, false,
+            ],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (who, key, row) in expect {
+        let client = client(key).await;
+        for (i, request) in every_request(&who.replace(' ', "-"))
+            .into_iter()
+            .enumerate()
+        {
+            let got = allowed(&client, &to, request).await;
+            if got != row[i] {
+                failures.push(format!(
+                    "{who} × {}: expected {}, got {}",
+                    kinds[i], row[i], got
+                ));
+            }
+        }
+        client.endpoint().close().await;
+    }
+    assert!(
+        failures.is_empty(),
+        "authorization matrix:\n{}",
+        failures.join("\n")
+    );
+
+    // List results are filtered by authorization, not only refused.
+    let names = |users: Vec<blixard_core::User>| {
+        let mut n: Vec<String> = users.into_iter().map(|u| u.name).collect();
+        n.sort();
+        n
+    };
+    let list = |key: SecretKey| {
+        let to = to.clone();
+        async move {
+            let client = client(key).await;
+            let users = client
+                .call(&to, UserList { stale: false })
+                .await
+                .unwrap()
+                .users;
+            client.endpoint().close().await;
+            names(users)
+        }
+    };
+    assert_eq!(
+        list(operator.clone()).await,
+        ["otto", "vera"],
+        "operator of acme sees acme"
+    );
+    assert_eq!(
+        list(other_operator.clone()).await,
+        ["olga"],
+        "operator of globex sees globex"
+    );
+    assert_eq!(
+        list(viewer.clone()).await,
+        ["vera"],
+        "a viewer sees only itself"
+    );
+    assert!(
+        list(admin.clone()).await.len() >= 4,
+        "an admin sees everyone"
+    );
+
+    // A denial names the action and resource, and nothing about other tenants.
+    let client_v = client(viewer.clone()).await;
+    let err = client_v
+        .call(
+            &to,
+            UserRemove {
+                name: "olga".into(),
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("user:manage"), "{err}");
+    client_v.endpoint().close().await;
+}
+
+#[test]
+fn an_invalid_policy_is_refused_and_the_old_one_stays() {
+    let c = Cluster::start(1, &[]);
+    let n = &c.nodes[0];
+    let dir = c.root.path();
+    let viewer = SecretKey::generate();
+    add_user(n, "vera", &viewer, "viewer", None);
+
+    // Viewers may read by default.
+    let out = n.cli_ok(&[
+        "policy",
+        "test",
+        "--principal",
+        "user:vera",
+        "--action",
+        "cluster:read",
+    ]);
+    assert!(out.starts_with("ALLOW"), "{out}");
+
+    // A policy naming an action that does not exist: refused, defaults stay.
+    let bad = dir.join("bad.cedar");
+    std::fs::write(
+        &bad,
+        "permit(principal, action == Blixard::Action::\"vm:fly\", resource);",
+    )
+    .unwrap();
+    let out = n.cli(&["policy", "set", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("do not match the schema"), "{err}");
+    let shown = n.cli_ok(&["policy", "show", "--output", "json"]);
+    assert!(shown.contains("\"default\": true"), "{shown}");
+
+    // A valid replacement that only lets admins in takes effect cluster-wide.
+    let strict = dir.join("strict.cedar");
+    std::fs::write(
+        &strict,
+        "@id(\"admins-only\")\npermit(principal is Blixard::User, action, resource) when { principal.roles.contains(\"admin\") };\n",
+    )
+    .unwrap();
+    n.cli_ok(&["policy", "set", strict.to_str().unwrap()]);
+    let out = n.cli_ok(&[
+        "policy",
+        "test",
+        "--principal",
+        "user:vera",
+        "--action",
+        "cluster:read",
+    ]);
+    assert!(out.starts_with("DENY"), "{out}");
+    let vera_key = dir.join("vera.key");
+    std::fs::write(&vera_key, format!("{}\n", EndpointKey(viewer.to_bytes()))).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&vera_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = n.cli(&[
+        "--credential",
+        vera_key.to_str().unwrap(),
+        "cluster",
+        "status",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The cluster keeps working for admins.
+    n.cli_ok(&["cluster", "meta", "set", "still", "working"]);
+
+    // Every decision on a mutating request is in the audit log, allowed or denied.
+    let out = n.cli(&[
+        "--credential",
+        vera_key.to_str().unwrap(),
+        "cluster",
+        "meta",
+        "set",
+        "x",
+        "y",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    let audit = n.cli_ok(&["audit", "tail", "-n", "50"]);
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|l| l["principal"] == "user vera" && l["allowed"] == false));
+    assert!(lines
+        .iter()
+        .any(|l| l["request"] == "PolicySet" && l["allowed"] == true && l["outcome"] == "ok"));
+    assert!(lines.iter().any(|l| l["request"] == "PolicySet"
+        && l["outcome"].as_str().is_some_and(|o| o.contains("schema"))));
+}
+
+#[test]
+fn whoami_creates_a_user_key_once() {
+    let home = tempfile::tempdir().unwrap();
+    let run = || {
+        std::process::Command::new(blixard_tests::binary())
+            .args(["--data-dir", "/nonexistent", "whoami"])
+            .env("HOME", home.path())
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success());
+    let second = run();
+    assert_eq!(first.stdout, second.stdout, "the same key on every call");
+    let id = String::from_utf8_lossy(&first.stdout).trim().to_string();
+    assert!(id.parse::<EndpointKey>().is_ok(), "{id}");
+    let key = home.path().join(".config/blixard/key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
