@@ -41,6 +41,14 @@ fn every_cli_command_appears_in_the_readme() {
         "cluster leave",
         "cluster meta set",
         "cluster meta get",
+        "whoami",
+        "user add",
+        "user list",
+        "user rm",
+        "policy show",
+        "policy set",
+        "policy test",
+        "audit tail",
     ] {
         assert!(
             readme.contains(command),

@@ -87,6 +87,29 @@ mod tests {
             let _ = decode::<RequestFrame>(&bytes);
         }
 
+        // Valid requests with bytes flipped, cut or extended decode to an error or to some
+        // request, never to a panic or an unbounded allocation.
+        #[test]
+        fn damaged_requests_never_panic(
+            key in "[a-z]{1,20}",
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            cut in any::<usize>(),
+        ) {
+            let frame = RequestFrame::new(None, crate::api::Request::UserAdd(crate::api::UserAdd {
+                name: key,
+                key: blixard_core::EndpointKey([7; 32]),
+                roles: vec!["viewer".into()],
+                tenant: Some("acme".into()),
+            }));
+            let mut bytes = encode(&frame).unwrap()[4..].to_vec();
+            for (at, byte) in flips {
+                let i = at % bytes.len();
+                bytes[i] ^= byte;
+            }
+            let _ = decode::<RequestFrame>(&bytes);
+            let _ = decode::<RequestFrame>(&bytes[..cut % bytes.len()]);
+        }
+
         #[test]
         fn frames_round_trip(key in "[a-z]{1,20}", value in proptest::option::of(".{0,40}")) {
             let frame = RequestFrame::new(None, crate::api::Request::MetaSet(crate::api::MetaSet { key: key.clone(), value: value.clone() }));

@@ -306,9 +306,16 @@ impl ProtocolHandler for RaftHandler {
             }
             let node = self.node.clone();
             let from = hello.from;
+            let book = self.book.clone();
+            let conn = conn.clone();
             tokio::spawn(async move {
-                if let Err(e) = receive(node, from, recv).await {
-                    tracing::debug!(peer = %from, "raft stream ended: {e}");
+                match receive(node, from, key, book, recv).await {
+                    Err(FrameError::Malformed(e)) if e.starts_with(NO_LONGER) => {
+                        tracing::warn!(peer = %from, "closing raft stream: {e}");
+                        conn.close(2u32.into(), b"no longer a member");
+                    }
+                    Err(e) => tracing::debug!(peer = %from, "raft stream ended: {e}"),
+                    Ok(()) => {}
                 }
             });
         }
@@ -316,9 +323,13 @@ impl ProtocolHandler for RaftHandler {
     }
 }
 
+const NO_LONGER: &str = "no longer admitted";
+
 async fn receive(
     node: RaftNode,
     from: NodeId,
+    key: EndpointKey,
+    book: Arc<dyn PeerBook>,
     mut recv: iroh::endpoint::RecvStream,
 ) -> Result<(), FrameError> {
     let mut snapshot: Option<(Message, Vec<u8>, u64)> = None;
@@ -332,6 +343,10 @@ async fn receive(
         Ok(())
     };
     while let Some(body) = frame::read_raw(&mut recv).await? {
+        // A member removed while its stream is open is cut off at its next frame.
+        if let Err(refusal) = book.admit(&key, from) {
+            return Err(FrameError::Malformed(format!("{NO_LONGER}: {refusal}")));
+        }
         match frame::decode::<RaftFrame>(&body)? {
             RaftFrame::Batch(msgs) => {
                 for bytes in msgs {
