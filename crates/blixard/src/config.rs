@@ -77,7 +77,19 @@ impl Config {
             path: p.clone(),
             source,
         })?;
-        Self::parse(&text).map_err(|detail| ConfigError::Parse { path: p, detail })
+        let parsed = if path.extension().is_some_and(|e| e == "json") {
+            Self::parse_json(&text)
+        } else {
+            Self::parse(&text)
+        };
+        parsed.map_err(|detail| ConfigError::Parse { path: p, detail })
+    }
+
+    /// The same configuration as JSON (what the NixOS module's pure functions produce).
+    pub fn parse_json(text: &str) -> Result<Self, String> {
+        let config: Config = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -125,5 +137,12 @@ mod tests {
             .contains("lsiten"));
         assert!(Config::parse("[raft]\nelection_ticks = 1\nheartbeat_ticks = 2").is_err());
         assert!(Config::parse("listen = \"nope\"").is_err());
+        let j =
+            Config::parse_json(r#"{"listen": "127.0.0.1:7001", "raft": {"tick_ms": 50}}"#).unwrap();
+        assert_eq!(j.raft.tick_ms, 50);
+        assert_eq!(j.raft.election_ticks, 10);
+        assert!(Config::parse_json(r#"{"lisen": 1}"#)
+            .unwrap_err()
+            .contains("lisen"));
     }
 }

@@ -127,6 +127,9 @@ enum AuditCommand {
 enum NodeCommand {
     /// Run the node daemon in the foreground.
     Run(daemon::RunArgs),
+    /// Check a config file (TOML, or JSON when it ends in .json) and print it as the daemon
+    /// reads it, with defaults filled in.
+    CheckConfig { file: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -240,6 +243,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         timeout: std::time::Duration::from_secs(cli.timeout.max(1)),
     };
     match cli.command {
+        Command::Node(NodeCommand::CheckConfig { file }) => {
+            let config = config::Config::load(&file).map_err(|e| Failure::new(exit::CONFIG, e))?;
+            output::json(&config).map_err(|e| Failure::new(exit::ERROR, e))
+        }
         Command::Node(NodeCommand::Run(args)) => {
             init_logging();
             daemon::run(&cli.data_dir, args).await
