@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, the storage contract suite, the seeded raft
-# simulation, and the process tests that start real `blixard` daemons on loopback.
+# simulation, the process tests that start real `blixard` daemons on loopback, and the
+# Nix checks (every .nix file parses; the module's pure functions evaluate to the expected
+# JSON; the daemon accepts the config they produce).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need cargo; then
-  echo "test.sh: cargo is missing; install Rust (https://rustup.rs) or use 'nix develop'" >&2
+  echo "test.sh: cargo is missing; install Rust (https://rustup.rs)" >&2
   exit 1
 fi
-# Build the binary the process tests start.
-cargo build --locked --bin blixard
-if need cargo-nextest; then
-  cargo nextest run --workspace --locked --no-fail-fast
-else
-  cargo test --workspace --locked --no-fail-fast
+if ! need nix-instantiate; then
+  if [ "$(id -u)" = 0 ] && need apt-get; then
+    echo "test.sh: installing Debian's nix-bin for the Nix checks"
+    apt-get update -qq && apt-get install -y -qq nix-bin >/dev/null
+  else
+    echo "test.sh: nix-instantiate is missing; install Nix (Debian/Ubuntu: sudo apt-get install nix-bin)" >&2
+    exit 1
+  fi
 fi
+
+# Build the binary the process tests and the Nix checks start.
+cargo build --locked --bin blixard
+status=0
+if need cargo-nextest; then
+  cargo nextest run --workspace --locked --no-fail-fast || status=1
+else
+  cargo test --workspace --locked --no-fail-fast || status=1
+fi
+./scripts/nix-check.sh || status=1
+exit $status

@@ -1,0 +1,230 @@
+# services.blixard options. Implementation: ./default.nix; assertions: ./asserts.nix.
+{ lib, pkgs, ... }:
+let
+  inherit (lib) mkOption mkEnableOption types literalExpression;
+  settingsFormat = pkgs.formats.toml { };
+
+  memberModule = { name, ... }: {
+    options = {
+      name = mkOption {
+        type = types.str;
+        default = name;
+        description = "The member's node name (defaults to the attribute name).";
+      };
+      endpointId = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "7aa4cdfa310c6c75191e5e5da02a5e9060b272f7e25241c439322823fa9d3840";
+        description = "The member's Iroh endpoint id (64 hex characters, as `blixard cluster status` shows it).";
+      };
+      addresses = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "10.0.0.2:7000" ];
+        description = "The member's UDP socket addresses (IP:PORT).";
+      };
+    };
+  };
+
+  vmModule = { name, ... }: {
+    options = {
+      runner = mkOption {
+        type = types.nullOr types.package;
+        default = null;
+        description = "A microvm.nix runner package (`config.microvm.declaredRunner` of a guest). Set this or `config`.";
+      };
+      config = mkOption {
+        type = types.nullOr types.deferredModule;
+        default = null;
+        description = "A NixOS module for the guest; built into a runner with microvm.nix. Set this or `runner`.";
+      };
+      vcpus = mkOption { type = types.ints.positive; default = 1; description = "Virtual CPUs."; };
+      memory = mkOption { type = types.ints.positive; default = 512; description = "Memory in MiB."; };
+      tenant = mkOption { type = types.nullOr types.str; default = null; description = "The tenant that owns the VM."; };
+      labels = mkOption { type = types.attrsOf types.str; default = { }; description = "Labels of the VM."; };
+      constraints = mkOption {
+        type = types.attrsOf types.str;
+        default = { };
+        example = { zone = "a"; };
+        description = "Node labels the VM must be placed on.";
+      };
+      restart = mkOption {
+        type = types.enum [ "no" "on-failure" "always" ];
+        default = "on-failure";
+        description = "Restart policy.";
+      };
+      placement = mkOption {
+        type = types.enum [ "spread" "pack" ];
+        default = "spread";
+        description = "Placement strategy.";
+      };
+    };
+  };
+in
+{
+  options.services.blixard = {
+    enable = mkEnableOption "the Blixard node daemon";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ../nix/package.nix { };
+      defaultText = literalExpression "pkgs.callPackage \"\${blixard}/nix/package.nix\" { }";
+      description = "The blixard package (daemon and CLI).";
+    };
+
+    dataDir = mkOption {
+      type = types.str;
+      default = "/var/lib/blixard";
+      description = ''
+        The node's data dir (raft log, state, keys). When it is the default, systemd's
+        StateDirectory creates it with mode 0700.
+      '';
+    };
+
+    listen = mkOption {
+      type = types.str;
+      default = "0.0.0.0:7000";
+      example = "[::]:7000";
+      description = "UDP socket address (IP:PORT) the Iroh endpoint binds. Written as `listen`.";
+    };
+
+    name = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      defaultText = literalExpression "null (the daemon uses the host name)";
+      description = "This node's name. Written as `name`.";
+    };
+
+    relayUrl = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "An Iroh relay URL; relays are off when null. Written as `relay_url`.";
+    };
+
+    labels = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      example = { zone = "a"; rack = "r1"; };
+      description = "Placement labels of this node. Written as `[labels]`.";
+    };
+
+    capacity = {
+      vcpus = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "vCPUs this node offers to VMs; detected when null. Written as `capacity.vcpus`.";
+      };
+      memoryMib = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "Memory (MiB) this node offers to VMs; detected when null. Written as `capacity.memory_mib`.";
+      };
+    };
+
+    raft = {
+      tickMs = mkOption { type = types.nullOr types.ints.positive; default = null; description = "One raft tick in ms (daemon default 100). `raft.tick_ms`."; };
+      electionTicks = mkOption { type = types.nullOr types.ints.positive; default = null; description = "Ticks before a follower campaigns (daemon default 10). `raft.election_ticks`."; };
+      heartbeatTicks = mkOption { type = types.nullOr types.ints.positive; default = null; description = "Heartbeat interval in ticks (daemon default 2). `raft.heartbeat_ticks`."; };
+      snapshotThreshold = mkOption { type = types.nullOr types.ints.positive; default = null; description = "Compact the log past this many entries (daemon default 10000). `raft.snapshot_threshold`."; };
+    };
+
+    requestTimeoutMs = mkOption {
+      type = types.nullOr types.ints.positive;
+      default = null;
+      description = "How long an API request may take, in ms. Written as `request_timeout_ms`.";
+    };
+
+    settings = mkOption {
+      type = types.submodule { freeformType = settingsFormat.type; };
+      default = { };
+      example = { raft.snapshot_threshold = 50000; };
+      description = ''
+        Freeform daemon configuration, in the daemon's own key names (see README.md,
+        "The daemon"). Merged over the typed options above; rendered to TOML. Unknown keys
+        make the daemon refuse to start (exit 8), so a typo is caught at boot.
+      '';
+    };
+
+    init = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Start a new cluster with this node as its first member (`--init`). Harmless on
+        restart: a data dir that already holds the cluster ignores it.
+      '';
+    };
+
+    joinTicketFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/keys/blixard-join-ticket";
+      description = ''
+        A file holding a join ticket (`blixard cluster token create`), passed as
+        `--join-file`. A string, not a path, on purpose: a path would be copied into the
+        world-readable Nix store, and the ticket is a secret. Deliver it out of band
+        (agenix, sops-nix, scp). Once joined, the node resumes from its data dir and the
+        one-time ticket is no longer needed.
+      '';
+    };
+
+    members = mkOption {
+      type = types.attrsOf (types.submodule memberModule);
+      default = { };
+      description = ''
+        The cluster's expected members. Checked at evaluation (no duplicate names or
+        endpoint ids, addresses are IP:PORT) and written to /etc/blixard/members.json for
+        operators and tests. The daemon learns membership through join tickets; it does
+        not read this list.
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the UDP port of `listen` in the firewall.";
+    };
+
+    tuning.highDensity = {
+      enable = mkEnableOption "sysctls and limits for hosts running many VMs";
+      pidMax = mkOption { type = types.int; default = 4194303; description = "kernel.pid_max."; };
+      threadsMax = mkOption { type = types.int; default = 999999999; description = "kernel.threads-max."; };
+      neighGcThresh1 = mkOption { type = types.int; default = 1024; description = "net.ipv4.neigh.default.gc_thresh1."; };
+      neighGcThresh2 = mkOption { type = types.int; default = 2048; description = "net.ipv4.neigh.default.gc_thresh2."; };
+      neighGcThresh3 = mkOption { type = types.int; default = 4096; description = "net.ipv4.neigh.default.gc_thresh3."; };
+      localPortRange = mkOption { type = types.str; default = "1024 65535"; description = "net.ipv4.ip_local_port_range."; };
+      nofile = mkOption { type = types.int; default = 1048576; description = "Open-file limit (LimitNOFILE of blixard units, and PAM nofile)."; };
+      nproc = mkOption { type = types.int; default = 1048576; description = "Process limit (LimitNPROC of blixard units, and PAM nproc)."; };
+      defaultTasksMax = mkOption { type = types.str; default = "infinity"; description = "systemd DefaultTasksMax."; };
+    };
+
+    thinPool = {
+      enable = mkEnableOption "a device-mapper thin pool for VM disks (set up before blixard starts)";
+      name = mkOption { type = types.str; default = "blixard-pool"; description = "Device-mapper name (/dev/mapper/NAME)."; };
+      backingFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/blixard-pool/pool.img";
+        description = "A sparse file to back the pool through loop devices. Set this or `device`.";
+      };
+      device = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/dev/disk/by-id/nvme-…";
+        description = "A block device for the pool data (metadata then lives in a file next to the data dir). Set this or `backingFile`.";
+      };
+      dataSize = mkOption { type = types.ints.positive; default = 20480; description = "Data size in MiB."; };
+      metadataSize = mkOption { type = types.ints.positive; default = 256; description = "Metadata size in MiB (2–16384)."; };
+      blockSize = mkOption { type = types.ints.positive; default = 128; description = "dm-thin block size in 512-byte sectors (a multiple of 128)."; };
+    };
+
+    vms = mkOption {
+      type = types.attrsOf (types.submodule vmModule);
+      default = { };
+      description = ''
+        Declared VMs. NOT YET CONSUMED: the daemon has no VM feature yet. The module
+        checks them, writes them to /etc/blixard/vms.json and installs the
+        blixard-vm@.service template, but nothing starts them.
+      '';
+    };
+  };
+}

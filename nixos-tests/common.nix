@@ -1,0 +1,33 @@
+# Shared by nixos-tests/: a three-node cluster on the test VLAN. node1 starts the
+# cluster; node2 and node3 join with a ticket the test script writes to /run/keys.
+{ self }:
+let
+  member = n: { lib, config, pkgs, ... }: {
+    imports = [ self.nixosModules.default ];
+    virtualisation.memorySize = 1024;
+    environment.systemPackages = [ pkgs.jq ];
+    services.blixard = {
+      enable = true;
+      name = n;
+      listen = "${config.networking.primaryIPAddress}:7000";
+      openFirewall = true;
+      init = n == "node1";
+      joinTicketFile = if n == "node1" then null else "/run/keys/blixard-ticket";
+      labels.zone = n;
+      raft = { tickMs = 100; electionTicks = 10; heartbeatTicks = 2; };
+      # Endpoint ids are generated on first start, so only names are declared here.
+      members = {
+        node1 = { };
+        node2 = { };
+        node3 = { };
+      };
+    };
+    # Joiners start once the test has written their ticket.
+    systemd.services.blixard.wantedBy = lib.mkIf (n != "node1") (lib.mkForce [ ]);
+  };
+in
+{
+  node1 = member "node1";
+  node2 = member "node2";
+  node3 = member "node3";
+}
