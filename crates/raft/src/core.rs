@@ -71,6 +71,25 @@ pub struct Output {
     pub removed_self: bool,
 }
 
+impl Output {
+    /// Keeps the result of an entry this node proposed, for its waiting caller.
+    fn hand_back(
+        &mut self,
+        me: u64,
+        index: u64,
+        env: &Envelope,
+        result: Result<CommandOutput, ApplyError>,
+    ) {
+        if env.proposer.map(|p| p.0) == Some(me) {
+            self.applied.push(Applied {
+                index,
+                request_id: env.request_id,
+                result,
+            });
+        }
+    }
+}
+
 /// One raft node: the `RawNode`, its storage and the state machine.
 pub struct RaftCore {
     raw: RawNode<Store>,
@@ -338,13 +357,7 @@ impl RaftCore {
                         }
                     };
                     let result = state.apply(&env.command);
-                    if env.proposer.map(|p| p.0) == Some(me) {
-                        out.applied.push(Applied {
-                            index: entry.index,
-                            request_id: env.request_id,
-                            result,
-                        });
-                    }
+                    out.hand_back(me, entry.index, &env, result);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = match ConfChangeV2::parse_from_bytes(&entry.data) {
@@ -391,13 +404,7 @@ impl RaftCore {
                     if let Err(e) = &result {
                         tracing::info!(index = entry.index, "configuration change refused: {e}");
                     }
-                    if env.proposer.map(|p| p.0) == Some(me) {
-                        out.applied.push(Applied {
-                            index: entry.index,
-                            request_id: env.request_id,
-                            result,
-                        });
-                    }
+                    out.hand_back(me, entry.index, &env, result);
                 }
                 EntryType::EntryConfChange => {
                     tracing::error!(
