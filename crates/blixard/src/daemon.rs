@@ -193,6 +193,36 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
     )
     .await
     .map_err(|e| Failure::new(exit::CONFIG, e))?;
+    let result = serve(
+        data_dir,
+        &args,
+        &config,
+        ticket,
+        store,
+        record,
+        listen,
+        ep.clone(),
+    )
+    .await;
+    if result.is_err() {
+        // Close the endpoint on the way out, so the error stays the one line we print.
+        ep.close().await;
+    }
+    result
+}
+
+/// Everything after the endpoint is bound: resume, initialise or join, then serve.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    data_dir: &Path,
+    args: &RunArgs,
+    config: &Config,
+    ticket: Option<JoinTicket>,
+    store: Store,
+    record: Option<NodeRecord>,
+    listen: SocketAddr,
+    ep: iroh::Endpoint,
+) -> Result<(), Failure> {
     let advertise: Vec<SocketAddr> = if listen.ip().is_unspecified() {
         ep.bound_sockets()
     } else {
