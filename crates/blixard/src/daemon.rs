@@ -230,7 +230,7 @@ async fn serve(
     };
     let timeout = Duration::from_millis(config.request_timeout_ms.unwrap_or(10_000));
     let name = config.name.clone().unwrap_or_else(host_name);
-    let capacity = detect_capacity(&config);
+    let capacity = detect_capacity(config);
 
     // Who are we: resume, initialise, or join.
     let (record, seeds): (NodeRecord, Seeds) = match record {
