@@ -232,6 +232,11 @@ impl RaftCore {
         self.raw.raft.prs().get(id).map(|p| p.recent_active)
     }
 
+    /// Makes every earlier write durable (before a clean shutdown).
+    pub fn sync(&self) -> Result<(), CoreError> {
+        Ok(self.store.sync()?)
+    }
+
     pub fn has_ready(&self) -> bool {
         self.raw.has_ready()
     }
@@ -279,6 +284,9 @@ impl RaftCore {
         if let Some(hs) = ready.hs() {
             batch.hard_state = Some(hs.clone());
         }
+        // New entries, term and vote must be on disk before anyone hears of them; a
+        // configuration change is synced too, so membership never goes back.
+        batch.sync = ready.must_sync() || batch.conf_state.is_some();
         self.store.write(batch)?;
 
         // 5.
@@ -293,6 +301,8 @@ impl RaftCore {
         }
         out.messages.extend(light.take_messages());
         self.apply_entries(light.take_committed_entries(), &mut batch, &mut out)?;
+        // Only the commit index and applied state: recoverable from the log after a crash.
+        batch.sync = batch.conf_state.is_some();
         self.store.write(batch)?;
 
         // 7.

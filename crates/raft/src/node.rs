@@ -288,6 +288,9 @@ impl Worker {
                 }
             }
         }
+        if let Err(e) = self.core.sync() {
+            tracing::error!("could not sync the store on shutdown: {e}");
+        }
         tracing::debug!("raft thread exiting");
     }
 

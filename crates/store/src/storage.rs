@@ -88,6 +88,10 @@ pub struct WriteBatch {
     /// The applied index and the term of that entry.
     pub applied: Option<(u64, u64)>,
     pub conf_state: Option<ConfState>,
+    /// Whether the commit must reach the disk before `write` returns. Raft requires it for
+    /// new entries, term and vote (`Ready::must_sync`); a commit index or applied state
+    /// that is lost in a crash is recovered from the log.
+    pub sync: bool,
 }
 
 impl WriteBatch {
@@ -154,6 +158,13 @@ fn decode_pair(what: &'static str, bytes: &[u8]) -> Result<(u64, u64), StoreErro
 }
 
 impl Store {
+    /// Makes every earlier commit durable (a synced empty commit), e.g. before shutdown.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let txn = self.begin_write()?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Opens (or creates) the database at `path` with durable commits.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with(path, Durability::Immediate)
@@ -311,7 +322,13 @@ impl Store {
             return Ok(());
         }
         let mut bounds = self.bounds();
-        let txn = self.begin_write()?;
+        let mut txn = self.begin_write()?;
+        if !batch.sync {
+            // Lost on a crash together with everything after it, never torn: redb commits
+            // are atomic and ordered. Made durable by the next synced commit.
+            txn.set_durability(Durability::None)
+                .map_err(|e| corrupt("durability", e))?;
+        }
         {
             let mut log = txn.open_table(LOG)?;
             if let Some(first) = batch.entries.first() {

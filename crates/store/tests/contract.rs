@@ -670,6 +670,7 @@ fn restart_preserves_everything() {
                 rows,
                 applied: Some((20, 4)),
                 conf_state: Some(conf(&[1, 2, 3], &[4])),
+                sync: true,
             })
             .unwrap();
         store.compact(15).unwrap();
