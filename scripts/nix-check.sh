@@ -43,7 +43,7 @@ for e in nix/tests/expected/*.json; do
 done
 
 # (c) the daemon accepts what mkDaemonConfig renders
-bin=target/debug/blixard
+bin=${CARGO_TARGET_DIR:-target}/debug/blixard
 if [ ! -x "$bin" ]; then cargo build --bin blixard || { bad "cargo build --bin blixard"; }; fi
 check_config() { # CASE EXPECTED_EXIT
   local c=$1 want=$2 rc
