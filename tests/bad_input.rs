@@ -81,6 +81,18 @@ fn a_corrupt_database_is_an_error_not_a_new_cluster() {
 }
 
 #[test]
+fn a_member_whose_node_key_is_lost_does_not_get_a_new_identity() {
+    let mut c = Cluster::start(1, &[]);
+    c.nodes[0].stop();
+    let key = c.nodes[0].dir.join("node.key");
+    std::fs::remove_file(&key).unwrap();
+    let (code, out) = c.nodes[0].run_expect_exit(&[]);
+    assert_eq!(code, 7, "{out}");
+    assert!(out.contains("identity is gone"), "{out}");
+    assert!(!key.exists(), "no new key was made");
+}
+
+#[test]
 fn wrong_credentials_are_refused() {
     let c = Cluster::start(1, &[]);
     let root = c.root.path();

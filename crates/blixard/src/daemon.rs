@@ -184,7 +184,18 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
         ),
         None => None,
     };
-    let secret = keys::load_or_create(&datadir::node_key(data_dir)).map_err(data_err)?;
+    // A node that is already a member must keep its identity: a lost key is an error,
+    // never a fresh identity the cluster would not recognise.
+    let key_path = datadir::node_key(data_dir);
+    let secret = if record.is_some() {
+        keys::load(&key_path).map_err(|e| {
+            data_err(format!(
+                "{e}; this node's identity is gone, so it cannot rejoin as itself (remove it with `cluster leave` and join again with an empty data dir)"
+            ))
+        })?
+    } else {
+        keys::load_or_create(&key_path).map_err(data_err)?
+    };
     let ep = endpoint::bind(
         secret,
         listen,
