@@ -31,7 +31,8 @@ struct Line<'a> {
 pub struct AuditLog {
     path: PathBuf,
     node: NodeId,
-    file: Mutex<Option<File>>,
+    /// The open file and its size, known from the open and our own writes (no `stat` per line).
+    file: Mutex<Option<(File, u64)>>,
     max_bytes: u64,
 }
 
@@ -45,7 +46,7 @@ impl AuditLog {
         }
     }
 
-    fn open(&self) -> std::io::Result<File> {
+    fn open(&self) -> std::io::Result<(File, u64)> {
         let mut opts = OpenOptions::new();
         opts.create(true).append(true);
         #[cfg(unix)]
@@ -53,7 +54,9 @@ impl AuditLog {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(0o600);
         }
-        opts.open(&self.path)
+        let file = opts.open(&self.path)?;
+        let size = file.metadata()?.len();
+        Ok((file, size))
     }
 
     fn rotate(&self) -> std::io::Result<()> {
@@ -88,18 +91,15 @@ impl AuditLog {
             if guard.is_none() {
                 *guard = Some(self.open()?);
             }
-            let size = guard
-                .as_ref()
-                .map(|f| f.metadata().map(|m| m.len()))
-                .transpose()?
-                .unwrap_or(0);
+            let size = guard.as_ref().map_or(0, |(_, size)| *size);
             if size + text.len() as u64 > self.max_bytes {
                 *guard = None;
                 self.rotate()?;
                 *guard = Some(self.open()?);
             }
-            if let Some(f) = guard.as_mut() {
+            if let Some((f, size)) = guard.as_mut() {
                 f.write_all(text.as_bytes())?;
+                *size += text.len() as u64;
             }
             Ok(())
         })();
