@@ -80,6 +80,38 @@ impl Node {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Where this node unpacks images.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.with_extension("store")
+    }
+
+    /// Per-node settings that must differ between nodes on one host, unless the test
+    /// sets them itself: the binary cache on an ephemeral port, a store dir of its own.
+    fn defaults(&self, args: &[&str]) -> Vec<String> {
+        let given = |flag: &str| {
+            args.iter()
+                .chain(
+                    self.extra
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .iter(),
+                )
+                .any(|a| a.starts_with(flag))
+        };
+        let mut out = Vec::new();
+        if !given("--cache-listen") {
+            out.extend(["--cache-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
+        if !given("--store-dir") {
+            out.extend([
+                "--store-dir".to_string(),
+                self.store_dir().display().to_string(),
+            ]);
+        }
+        out
+    }
+
     /// Starts the daemon with `args` after the common ones.
     pub fn start(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "{} already running", self.name);
@@ -97,6 +129,7 @@ impl Node {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--name")
             .arg(&self.name)
+            .args(self.defaults(args))
             .args(&self.extra)
             .args(args)
             .env("BLIXARD_LOG", "info,raft=warn")

@@ -27,6 +27,9 @@ pub const ACTIONS: &[&str] = &[
     "user:read",
     "policy:set",
     "policy:read",
+    "image:read",
+    "image:manage",
+    "blob:fetch",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,11 @@ pub enum Resource {
         roles: Vec<String>,
         tenant: Option<String>,
     },
+    /// An image; `tenant` is `None` for images shared by the whole cluster.
+    Image {
+        name: String,
+        tenant: Option<String>,
+    },
 }
 
 impl std::fmt::Display for Resource {
@@ -74,6 +82,7 @@ impl std::fmt::Display for Resource {
         match self {
             Resource::Cluster => write!(f, "the cluster"),
             Resource::User { name, .. } => write!(f, "user {name}"),
+            Resource::Image { name, .. } => write!(f, "image {name}"),
         }
     }
 }
@@ -219,6 +228,18 @@ impl Authorizer {
                 }
                 u
             }
+            Resource::Image { name, tenant } => {
+                let u = uid("Image", name)?;
+                let attrs = HashMap::from([(
+                    "tenant".to_string(),
+                    RestrictedExpression::new_string(tenant.clone().unwrap_or_default()),
+                )]);
+                entities.push(
+                    Entity::new(u.clone(), attrs, HashSet::new())
+                        .map_err(|e| AuthzError::Request(e.to_string()))?,
+                );
+                u
+            }
         };
         let action_uid = uid("Action", action)?;
         let ctx = Context::from_pairs([
@@ -302,8 +323,16 @@ mod tests {
             roles: vec![],
             tenant: None,
         };
-        for action in ACTIONS {
-            let r = if *action == "user:read" { &someone } else { &c };
+        let web = |tenant: Option<&str>| Resource::Image {
+            name: "web".into(),
+            tenant: tenant.map(str::to_string),
+        };
+        for action in ACTIONS.iter().filter(|a| **a != "blob:fetch") {
+            let r = match *action {
+                "user:read" => &someone,
+                "image:read" | "image:manage" => &web(None),
+                _ => &c,
+            };
             assert!(
                 allowed(&a, &user(&["admin"], None), action, r),
                 "admin may {action}"
@@ -330,6 +359,25 @@ mod tests {
         let op = user(&["operator"], Some("acme"));
         assert!(allowed(&a, &op, "user:read", &bob("acme")));
         assert!(!allowed(&a, &op, "user:read", &bob("other")));
+        // Images: operators manage their tenant's, everyone reads shared ones, nobody
+        // sees another tenant's; only nodes fetch blobs.
+        assert!(allowed(&a, &op, "image:manage", &web(Some("acme"))));
+        assert!(!allowed(&a, &op, "image:manage", &web(Some("other"))));
+        assert!(!allowed(&a, &op, "image:read", &web(Some("other"))));
+        assert!(!allowed(&a, &op, "image:manage", &web(None)));
+        assert!(allowed(&a, &op, "image:read", &web(None)));
+        let viewer = user(&["viewer"], Some("acme"));
+        assert!(allowed(&a, &viewer, "image:read", &web(Some("acme"))));
+        assert!(!allowed(&a, &viewer, "image:manage", &web(Some("acme"))));
+        assert!(allowed(&a, &Subject::Node { id: 2 }, "blob:fetch", &c));
+        assert!(allowed(
+            &a,
+            &Subject::Node { id: 2 },
+            "image:read",
+            &web(Some("x"))
+        ));
+        assert!(!allowed(&a, &user(&["admin"], None), "blob:fetch", &c));
+        assert!(!allowed(&a, &anon, "blob:fetch", &c));
     }
 
     #[test]

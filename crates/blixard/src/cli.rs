@@ -17,6 +17,7 @@ use crate::datadir::{self, NodeInfo};
 use crate::exit::{self, Failure};
 use crate::output::{self, Format};
 
+#[derive(Clone)]
 pub struct Context {
     pub data_dir: PathBuf,
     pub node: Option<String>,
@@ -26,10 +27,35 @@ pub struct Context {
 }
 
 /// Where the CLI should send its request.
-fn target(ctx: &Context) -> Result<EndpointAddr, Failure> {
-    if let Some(node) = &ctx.node {
-        return parse_target(node);
+async fn target(ctx: &Context) -> Result<EndpointAddr, Failure> {
+    match &ctx.node {
+        // A member by id (`n2` or `2`): ask the local node where it is.
+        Some(node) if node.parse::<NodeId>().is_ok() => {
+            let id: NodeId = node.parse().map_err(|e| Failure::new(exit::USAGE, e))?;
+            let local = Context {
+                node: None,
+                ..ctx.clone()
+            };
+            let (client, to) = client_to(&local, local_target(ctx)?).await?;
+            let status = client.call(&to, StatusRequest { stale: true }).await;
+            client.endpoint().close().await;
+            let status = status?;
+            let member = status.members.iter().find(|m| m.id == id).ok_or_else(|| {
+                Failure::new(
+                    exit::USAGE,
+                    format!("--node {node}: node {id} is not a member"),
+                )
+            })?;
+            member_addr(&member.endpoint, &member.addrs)
+                .ok_or_else(|| Failure::new(exit::UNREACHABLE, format!("node {id} has no address")))
+        }
+        Some(node) => parse_target(node),
+        None => local_target(ctx),
     }
+}
+
+/// The node whose data dir the CLI uses.
+fn local_target(ctx: &Context) -> Result<EndpointAddr, Failure> {
     let path = datadir::node_info(&ctx.data_dir);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         Failure::new(
@@ -133,8 +159,12 @@ pub fn whoami(ctx: &Context) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn client(ctx: &Context) -> Result<(ApiClient, EndpointAddr), Failure> {
-    let to = target(ctx)?;
+pub async fn client(ctx: &Context) -> Result<(ApiClient, EndpointAddr), Failure> {
+    let to = target(ctx).await?;
+    client_to(ctx, to).await
+}
+
+async fn client_to(ctx: &Context, to: EndpointAddr) -> Result<(ApiClient, EndpointAddr), Failure> {
     let (_, secret) = credential(ctx)?;
     let listen = SocketAddr::from(([0, 0, 0, 0], 0));
     let ep = endpoint::bind(secret, listen, None, vec![])

@@ -24,6 +24,29 @@ pub struct Config {
     pub raft: RaftConfig,
     /// How long an API request may take, in milliseconds.
     pub request_timeout_ms: Option<u64>,
+    pub images: ImagesConfig,
+}
+
+/// Where images go on this host, and the binary cache.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// The store dir closures are unpacked into (on hosts whose store Nix does not manage).
+    pub store_dir: String,
+    /// Where the binary cache listens (HTTP); `None` turns it off.
+    pub cache_listen: Option<SocketAddr>,
+    /// Evict unpinned images least-recently-used beyond this many MiB; unset keeps all.
+    pub cache_size_mib: Option<u64>,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            store_dir: "/nix/store".into(),
+            cache_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7380))),
+            cache_size_mib: None,
+        }
+    }
 }
 
 /// What this node offers to VMs; detected from the host when unset.
@@ -111,6 +134,8 @@ impl Config {
         if r.snapshot_threshold == 0 {
             return Err("raft.snapshot_threshold must be at least 1".into());
         }
+        blixard_images::nix::StoreDir::new(&self.images.store_dir)
+            .map_err(|e| format!("images.store_dir: {e}"))?;
         if let Some(url) = &self.relay_url {
             url.parse::<iroh::RelayUrl>()
                 .map_err(|e| format!("relay_url {url:?}: {e}"))?;

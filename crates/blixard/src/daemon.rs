@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blixard_core::{Capacity, ClusterId, Command, NewMember, NodeId, State};
+use blixard_images::nix::StoreDir;
+use blixard_images::ImageStore;
 use blixard_net::api::{JoinCluster, Joined};
 use blixard_net::client::{ApiClient, ClientError};
 use blixard_net::raft_transport::{IrohTransport, RaftHandler};
-use blixard_net::server::ApiHandler;
+use blixard_net::server::{ApiHandler, Gated};
 use blixard_net::ticket::JoinTicket;
 use blixard_net::{endpoint, key_of, keys, member_addr, API_ALPN, RAFT_ALPN};
 use blixard_raft::{CoreConfig, RaftCore, RaftNode};
@@ -60,6 +62,28 @@ pub struct RunArgs {
     /// Compact the raft log past this many entries.
     #[arg(long)]
     pub snapshot_threshold: Option<u64>,
+    /// Unpack image closures into this store dir (default /nix/store).
+    #[arg(long, env = "BLIXARD_STORE_DIR")]
+    pub store_dir: Option<String>,
+    /// Serve the binary cache on this address (default 127.0.0.1:7380), or `off`.
+    #[arg(long, env = "BLIXARD_CACHE_LISTEN", value_parser = parse_cache_listen)]
+    pub cache_listen: Option<CacheListen>,
+}
+
+/// `--cache-listen`: an address, or `off`.
+#[derive(Clone, Debug)]
+pub enum CacheListen {
+    Off,
+    At(SocketAddr),
+}
+
+fn parse_cache_listen(s: &str) -> Result<CacheListen, String> {
+    if s == "off" {
+        return Ok(CacheListen::Off);
+    }
+    s.parse()
+        .map(CacheListen::At)
+        .map_err(|e| format!("expected HOST:PORT or off: {e}"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -104,6 +128,14 @@ fn load_config(data_dir: &Path, args: &RunArgs) -> Result<Config, Failure> {
     }
     for (k, v) in &args.labels {
         config.labels.insert(k.clone(), v.clone());
+    }
+    if let Some(dir) = &args.store_dir {
+        config.images.store_dir.clone_from(dir);
+    }
+    match &args.cache_listen {
+        Some(CacheListen::Off) => config.images.cache_listen = None,
+        Some(CacheListen::At(a)) => config.images.cache_listen = Some(*a),
+        None => {}
     }
     config
         .validate()
@@ -200,7 +232,11 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
         secret,
         listen,
         relay,
-        vec![RAFT_ALPN.to_vec(), API_ALPN.to_vec()],
+        vec![
+            RAFT_ALPN.to_vec(),
+            API_ALPN.to_vec(),
+            iroh_blobs::ALPN.to_vec(),
+        ],
     )
     .await
     .map_err(|e| Failure::new(exit::CONFIG, e))?;
@@ -356,20 +392,59 @@ async fn serve(
     if solo {
         node.campaign();
     }
-    let service = NodeService::new(
-        node.clone(),
-        cluster_id,
-        ApiClient::new(ep.clone(), Some(cluster_id), timeout),
-        crate::audit::AuditLog::new(data_dir, me),
-    )
-    .map_err(|e| Failure::new(exit::ERROR, e))?;
+    let store_dir = StoreDir::new(&config.images.store_dir)
+        .map_err(|e| Failure::new(exit::CONFIG, format!("images.store_dir: {e}")))?;
+    let image_store = ImageStore::open(&datadir::blobs(data_dir), store_dir)
+        .await
+        .map_err(data_err)?;
+    let cache = match config.images.cache_listen {
+        Some(addr) => {
+            let (bound, task) = blixard_images::cache::serve(
+                addr,
+                image_store.clone(),
+                StoreDir::default(),
+                Arc::new(crate::images::StateKeys(node.clone())),
+            )
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    exit::CONFIG,
+                    format!("cannot serve the binary cache on {addr}: {e}"),
+                )
+            })?;
+            tracing::info!(%bound, "binary cache serving");
+            Some((bound, task))
+        }
+        None => None,
+    };
+    let images = crate::images::Images::new(
+        image_store.clone(),
+        cache.as_ref().map(|(a, _)| format!("http://{a}")),
+        config.images.cache_size_mib.map(|m| m << 20),
+    );
+    let service = Arc::new(
+        NodeService::new(
+            node.clone(),
+            cluster_id,
+            ApiClient::new(ep.clone(), Some(cluster_id), timeout),
+            crate::audit::AuditLog::new(data_dir, me),
+            images,
+        )
+        .map_err(|e| Failure::new(exit::ERROR, e))?,
+    );
+    let blobs = iroh_blobs::BlobsProtocol::new(image_store.blobs(), None);
     let router = Router::builder(ep.clone())
         .accept(
             RAFT_ALPN,
             RaftHandler::new(node.clone(), cluster_id, book.clone()),
         )
-        .accept(API_ALPN, ApiHandler::new(Arc::new(service), timeout))
+        .accept(API_ALPN, ApiHandler::new(service.clone(), timeout))
+        .accept(
+            iroh_blobs::ALPN,
+            Gated::new(service.clone(), blobs, "blob:fetch"),
+        )
         .spawn();
+    let janitor = tokio::spawn(crate::images::janitor(service.clone()));
 
     let info = NodeInfo {
         node_id: me,
@@ -404,9 +479,15 @@ async fn serve(
         _ = removed_by_peer.wait_for(|r| *r) => true,
     };
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    janitor.abort();
+    if let Some((_, task)) = cache {
+        task.abort();
+    }
+    // The router's shutdown also closes the blob store (through the blobs handler).
     if let Err(e) = router.shutdown().await {
         tracing::warn!("router shutdown: {e}");
     }
+    image_store.shutdown().await;
     node.shutdown();
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
     let _ = std::fs::remove_file(datadir::node_info(data_dir));

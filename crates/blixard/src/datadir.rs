@@ -6,6 +6,8 @@
 //! | `node.key` | the node's Iroh secret key (its identity) | 0600 |
 //! | `admin.key` | the admin credential the CLI uses | 0600 |
 //! | `node.json` | where the running node listens, for the CLI | 0644 |
+//! | `audit.log` | authorization decisions of mutating requests (JSON lines) | 0600 |
+//! | `blobs/` | the iroh-blobs store: image manifests and NARs | 0700 |
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,10 @@ pub fn node_key(dir: &Path) -> PathBuf {
 
 pub fn admin_key(dir: &Path) -> PathBuf {
     dir.join("admin.key")
+}
+
+pub fn blobs(dir: &Path) -> PathBuf {
+    dir.join("blobs")
 }
 
 pub fn node_info(dir: &Path) -> PathBuf {

@@ -6,6 +6,8 @@ mod config;
 mod daemon;
 mod datadir;
 mod exit;
+mod image_cli;
+mod images;
 mod output;
 mod service;
 
@@ -30,7 +32,8 @@ struct Cli {
         default_value = "/var/lib/blixard"
     )]
     data_dir: PathBuf,
-    /// Talk to this node instead of the local one: a join ticket, or ENDPOINT_ID@HOST:PORT.
+    /// Talk to this node instead of the local one: a member id (n2), a join ticket, or
+    /// ENDPOINT_ID@HOST:PORT.
     #[arg(long, global = true, env = "BLIXARD_NODE")]
     node: Option<String>,
     /// The secret key file to call with (default: DATA_DIR/admin.key when readable, else
@@ -66,6 +69,8 @@ enum Command {
     /// This node's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    #[command(subcommand)]
+    Image(image_cli::ImageCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,7 +131,7 @@ enum AuditCommand {
 #[derive(Subcommand, Debug)]
 enum NodeCommand {
     /// Run the node daemon in the foreground.
-    Run(daemon::RunArgs),
+    Run(Box<daemon::RunArgs>),
     /// Check a config file (TOML, or JSON when it ends in .json) and print it as the daemon
     /// reads it, with defaults filled in.
     CheckConfig { file: PathBuf },
@@ -249,7 +254,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Node(NodeCommand::Run(args)) => {
             init_logging();
-            daemon::run(&cli.data_dir, args).await
+            daemon::run(&cli.data_dir, *args).await
         }
         Command::Cluster(cmd) => match cmd {
             ClusterCommand::Status(a) => cli::status(&ctx, a.stale).await,
@@ -284,6 +289,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Audit(AuditCommand::Tail { lines, follow }) => {
             cli::audit_tail(&ctx, lines, follow).await
         }
+        Command::Image(cmd) => image_cli::run(&ctx, cmd).await,
     }
 }
 

@@ -102,6 +102,7 @@ pub struct NodeService {
     pub audit: crate::audit::AuditLog,
     /// The authorizer for the policy text it was built from (`None` = the defaults).
     pub policies: Mutex<(Option<String>, Arc<Authorizer>)>,
+    pub images: crate::images::Images,
 }
 
 impl NodeService {
@@ -110,6 +111,7 @@ impl NodeService {
         cluster_id: ClusterId,
         client: ApiClient,
         audit: crate::audit::AuditLog,
+        images: crate::images::Images,
     ) -> Result<Self, String> {
         let defaults = Authorizer::with_defaults().map_err(|e| e.to_string())?;
         Ok(Self {
@@ -118,6 +120,7 @@ impl NodeService {
             client,
             audit,
             policies: Mutex::new((None, Arc::new(defaults))),
+            images,
         })
     }
 
@@ -173,8 +176,9 @@ impl NodeService {
                 .user(name)
                 .map(user_resource)
                 .ok_or_else(|| ApiError::Rejected(format!("no user {name}"))),
+            Some(("image", name)) => Ok(blixard_net::authz::image_resource(name, self)),
             _ => Err(ApiError::BadRequest(format!(
-                "resource {spec:?}: expected cluster or user:NAME"
+                "resource {spec:?}: expected cluster, user:NAME or image:NAME"
             ))),
         }
     }
@@ -183,6 +187,9 @@ impl NodeService {
 impl Lookup for NodeService {
     fn user(&self, name: &str) -> Option<User> {
         self.node.state().user(name).cloned()
+    }
+    fn image(&self, name: &str) -> Option<blixard_core::Image> {
+        self.node.state().image(name).cloned()
     }
 }
 
@@ -199,7 +206,7 @@ fn propose_error(e: ProposeError) -> ApiError {
 }
 
 impl NodeService {
-    async fn barrier(&self, stale: bool) -> Result<(), ApiError> {
+    pub(crate) async fn barrier(&self, stale: bool) -> Result<(), ApiError> {
         if stale {
             Ok(())
         } else {
@@ -207,7 +214,7 @@ impl NodeService {
         }
     }
 
-    async fn propose(&self, command: Command) -> Result<CommandOutput, ApiError> {
+    pub(crate) async fn propose(&self, command: Command) -> Result<CommandOutput, ApiError> {
         self.node.propose(command).await.map_err(propose_error)
     }
 
@@ -503,6 +510,13 @@ impl Service for NodeService {
                 };
                 Ok(Response::MetaGet(MetaEntries { entries }))
             }
+            Request::ImageImport(r) => self.image_import(&principal, r).await,
+            Request::ImageList(r) => self.image_list(&principal, r.stale).await,
+            Request::ImageShow(r) => self.image_show(&r.name, r.stale).await,
+            Request::ImagePull(r) => self.image_pull(&frame, r).await,
+            Request::ImagePin(r) => self.image_pin(&r.name, r.pinned).await,
+            Request::ImageRemove(r) => self.image_remove(&r.name).await,
+            Request::CacheKey(_) => self.cache_key(),
         }
     }
 }

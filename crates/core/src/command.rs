@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClusterId, EndpointKey, NodeId};
+use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
+use crate::image::Image;
 use crate::state::{Capacity, User};
 
 /// A command as it travels through the raft log: who proposed it, so that the proposing
@@ -93,6 +94,24 @@ pub enum Command {
     /// Replaces the cluster's authorization policies. The text was validated against the
     /// schema before it was proposed; `apply` only stores it.
     SetPolicies { text: String },
+    /// Registers an image imported on `image.holders` (one node). Re-registering the same
+    /// name with the same manifest adds the holder; a different manifest is refused.
+    AddImage(Image),
+    /// A node reports that it now holds (`held`) or no longer holds an image completely.
+    /// Refused when the name is now bound to another manifest.
+    SetImageHolder {
+        name: String,
+        manifest: BlobHash,
+        node: NodeId,
+        held: bool,
+    },
+    /// Pins or unpins an image.
+    PinImage { name: String, pinned: bool },
+    /// Removes an image from the cluster; refused while it is pinned.
+    RemoveImage { name: String },
+    /// Sets the cluster's binary-cache signing key (Nix's `name:base64` secret form). Legal
+    /// once: when a key is already set this changes nothing, so racing first imports agree.
+    SetCacheKey { secret: String },
 }
 
 impl Command {
@@ -110,6 +129,11 @@ impl Command {
             Command::AddUser(_) => "add_user",
             Command::RemoveUser { .. } => "remove_user",
             Command::SetPolicies { .. } => "set_policies",
+            Command::AddImage(_) => "add_image",
+            Command::SetImageHolder { .. } => "set_image_holder",
+            Command::PinImage { .. } => "pin_image",
+            Command::RemoveImage { .. } => "remove_image",
+            Command::SetCacheKey { .. } => "set_cache_key",
         }
     }
 }

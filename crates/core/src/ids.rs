@@ -36,6 +36,8 @@ pub enum ParseIdError {
     Key(String),
     #[error("invalid cluster id {0:?}: expected 32 hex characters")]
     Cluster(String),
+    #[error("invalid blob hash {0:?}: expected 64 hex characters")]
+    Blob(String),
 }
 
 fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -104,6 +106,34 @@ impl FromStr for ClusterId {
     }
 }
 
+/// The BLAKE3 hash of a blob in the iroh-blobs store (an image's manifest, a NAR).
+/// Displayed as lowercase hex.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlobHash(pub [u8; 32]);
+
+impl fmt::Display for BlobHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+impl fmt::Debug for BlobHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlobHash(")?;
+        write_hex(f, &self.0[..5])?;
+        write!(f, ")")
+    }
+}
+
+impl FromStr for BlobHash {
+    type Err = ParseIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        decode_hex::<32>(s)
+            .map(BlobHash)
+            .ok_or_else(|| ParseIdError::Blob(s.to_string()))
+    }
+}
+
 /// Hex text in human-readable formats (JSON), raw bytes in binary ones (postcard).
 macro_rules! hex_serde {
     ($t:ident, $n:literal) => {
@@ -131,6 +161,7 @@ macro_rules! hex_serde {
 }
 hex_serde!(EndpointKey, 32);
 hex_serde!(ClusterId, 16);
+hex_serde!(BlobHash, 32);
 
 #[cfg(test)]
 mod tests {

@@ -10,12 +10,14 @@
 mod command;
 mod encoding;
 mod ids;
+mod image;
 mod state;
 mod table;
 
 pub use command::{Command, CommandOutput, Envelope, JoinRequest, MemberRole, NewMember};
 pub use encoding::{decode_versioned, encode_versioned, DecodeError, FORMAT_VERSION};
-pub use ids::{ClusterId, EndpointKey, NodeId, ParseIdError};
+pub use ids::{BlobHash, ClusterId, EndpointKey, NodeId, ParseIdError};
+pub use image::{Image, MAX_IMAGE_BYTES, MAX_IMAGE_NARS};
 pub use state::{
     valid_name, AdminCredential, ApplyError, Capacity, ClusterMeta, JoinToken, LoadError, Member,
     MemberStatus, State, User,

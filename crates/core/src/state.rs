@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandOutput, JoinRequest, MemberRole, NewMember};
 use crate::encoding::DecodeError;
-use crate::ids::{ClusterId, EndpointKey, NodeId};
+use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
+use crate::image::{Image, MAX_IMAGE_BYTES, MAX_IMAGE_NARS};
 use crate::table::{Row, Table};
 
 /// The longest metadata key and value accepted.
@@ -129,6 +130,18 @@ pub enum ApplyError {
     InvalidUser(String),
     #[error("node {0} is the last voter; add another node before removing it")]
     LastVoter(NodeId),
+    #[error("invalid image: {0}")]
+    InvalidImage(String),
+    #[error("no image {0}")]
+    UnknownImage(String),
+    #[error(
+        "image {0} already exists with a different closure; remove it first or pick another name"
+    )]
+    ImageExists(String),
+    #[error("image {0} now names another closure")]
+    ImageChanged(String),
+    #[error("image {0} is pinned; unpin it first")]
+    ImagePinned(String),
 }
 
 /// The whole replicated state. Each field is a [`Table`]; see [`State::tables_mut`].
@@ -142,6 +155,8 @@ pub struct State {
     kv: Table<String, String>,
     users: Table<String, User>,
     policies: Table<u8, String>,
+    images: Table<String, Image>,
+    cache_key: Table<u8, String>,
 }
 
 impl Default for State {
@@ -161,6 +176,8 @@ impl State {
             kv: Table::new("kv"),
             users: Table::new("users"),
             policies: Table::new("policies"),
+            images: Table::new("images"),
+            cache_key: Table::new("cache_key"),
         }
     }
 
@@ -236,6 +253,17 @@ impl State {
                 for key in creds {
                     self.admins.remove(&key);
                 }
+                let held: Vec<String> = self
+                    .images
+                    .iter()
+                    .filter(|(_, i)| i.holders.contains(node))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for name in held {
+                    self.images.update(&name, |i| {
+                        i.holders.remove(node);
+                    });
+                }
                 Ok(CommandOutput::Done)
             }
             Command::AddUser(user) => self.add_user(user),
@@ -245,6 +273,58 @@ impl State {
             },
             Command::SetPolicies { text } => {
                 self.policies.insert(0, text.clone());
+                Ok(CommandOutput::Done)
+            }
+            Command::AddImage(image) => self.add_image(image),
+            Command::SetImageHolder {
+                name,
+                manifest,
+                node,
+                held,
+            } => {
+                let image = self
+                    .images
+                    .get(name)
+                    .ok_or_else(|| ApplyError::UnknownImage(name.clone()))?;
+                if image.manifest != *manifest {
+                    return Err(ApplyError::ImageChanged(name.clone()));
+                }
+                if *held {
+                    self.check_not_removed(*node)?;
+                    if self.members.get(node).is_none() {
+                        return Err(ApplyError::UnknownMember(*node));
+                    }
+                }
+                let (node, held) = (*node, *held);
+                self.images.update(name, |i| {
+                    if held {
+                        i.holders.insert(node);
+                    } else {
+                        i.holders.remove(&node);
+                    }
+                });
+                Ok(CommandOutput::Done)
+            }
+            Command::PinImage { name, pinned } => {
+                let pinned = *pinned;
+                if self.images.update(name, |i| i.pinned = pinned) {
+                    Ok(CommandOutput::Done)
+                } else {
+                    Err(ApplyError::UnknownImage(name.clone()))
+                }
+            }
+            Command::RemoveImage { name } => match self.images.get(name) {
+                None => Err(ApplyError::UnknownImage(name.clone())),
+                Some(i) if i.pinned => Err(ApplyError::ImagePinned(name.clone())),
+                Some(_) => {
+                    self.images.remove(name);
+                    Ok(CommandOutput::Done)
+                }
+            },
+            Command::SetCacheKey { secret } => {
+                if !self.cache_key.contains(&0) {
+                    self.cache_key.insert(0, secret.clone());
+                }
                 Ok(CommandOutput::Done)
             }
             Command::UpdateAddrs { node, addrs } => {
@@ -382,6 +462,73 @@ impl State {
         Ok(CommandOutput::Done)
     }
 
+    fn add_image(&mut self, image: &Image) -> Result<CommandOutput, ApplyError> {
+        let invalid = |m: String| Err(ApplyError::InvalidImage(m));
+        if !valid_name(&image.name) {
+            return invalid(format!(
+                "{:?}: names are 1 to 64 of a-z 0-9 . _ -",
+                image.name
+            ));
+        }
+        if image.nar_count == 0 || image.nar_count > MAX_IMAGE_NARS {
+            return invalid(format!("an image lists 1 to {MAX_IMAGE_NARS} store paths"));
+        }
+        if image.nar_size > MAX_IMAGE_BYTES {
+            return invalid(format!("an image is at most {MAX_IMAGE_BYTES} bytes"));
+        }
+        if !image.root.starts_with(&format!("{}/", image.store_dir)) {
+            return invalid(format!(
+                "root {} is not in store dir {}",
+                image.root, image.store_dir
+            ));
+        }
+        if let Some(t) = &image.tenant {
+            if !valid_name(t) {
+                return invalid(format!("invalid tenant name {t:?}"));
+            }
+        }
+        for node in &image.holders {
+            self.check_not_removed(*node)?;
+            if self.members.get(node).is_none() {
+                return Err(ApplyError::UnknownMember(*node));
+            }
+        }
+        match self.images.get(&image.name) {
+            Some(existing) if existing.manifest != image.manifest => {
+                Err(ApplyError::ImageExists(image.name.clone()))
+            }
+            Some(_) => {
+                let holders = image.holders.clone();
+                self.images
+                    .update(&image.name, |i| i.holders.extend(holders));
+                Ok(CommandOutput::Done)
+            }
+            None => {
+                self.images.insert(image.name.clone(), image.clone());
+                Ok(CommandOutput::Done)
+            }
+        }
+    }
+
+    pub fn images(&self) -> impl Iterator<Item = &Image> {
+        self.images.values()
+    }
+
+    pub fn image(&self, name: &str) -> Option<&Image> {
+        self.images.get(&name.to_string())
+    }
+
+    /// The images whose manifest is `manifest` (normally one).
+    pub fn images_by_manifest(&self, manifest: &BlobHash) -> impl Iterator<Item = &Image> {
+        let manifest = *manifest;
+        self.images.values().filter(move |i| i.manifest == manifest)
+    }
+
+    /// The binary-cache signing key (Nix's secret-key form), once the first import set it.
+    pub fn cache_key(&self) -> Option<&String> {
+        self.cache_key.get(&0)
+    }
+
     /// Who holds `key`: a member, an admin credential or a user.
     pub fn key_holder(&self, key: &EndpointKey) -> Option<String> {
         if let Some(m) = self.member_by_endpoint(key) {
@@ -471,6 +618,8 @@ impl State {
         self.kv.drain_changes(&mut out);
         self.users.drain_changes(&mut out);
         self.policies.drain_changes(&mut out);
+        self.images.drain_changes(&mut out);
+        self.cache_key.drain_changes(&mut out);
         out
     }
 
@@ -485,6 +634,8 @@ impl State {
         self.kv.all_rows(&mut out);
         self.users.all_rows(&mut out);
         self.policies.all_rows(&mut out);
+        self.images.all_rows(&mut out);
+        self.cache_key.all_rows(&mut out);
         out
     }
 
@@ -504,6 +655,8 @@ impl State {
                 "kv" => state.kv.load(key, value),
                 "users" => state.users.load(key, value),
                 "policies" => state.policies.load(key, value),
+                "images" => state.images.load(key, value),
+                "cache_key" => state.cache_key.load(key, value),
                 other => return Err(LoadError::UnknownTable(other.to_string())),
             };
             result.map_err(|source| LoadError::Row {
@@ -828,5 +981,147 @@ mod tests {
             State::from_rows([("vms_v9", &key[..], &value[..])]),
             Err(LoadError::UnknownTable(_))
         ));
+    }
+
+    fn image(name: &str, manifest: u8, holder: u64) -> Image {
+        Image {
+            name: name.into(),
+            manifest: BlobHash([manifest; 32]),
+            root: "/nix/store/aaaa-web".into(),
+            store_dir: "/nix/store".into(),
+            nar_count: 2,
+            nar_size: 1024,
+            holders: [NodeId(holder)].into(),
+            pinned: false,
+            tenant: None,
+            created_at_ms: 5,
+        }
+    }
+
+    #[test]
+    fn images_register_gain_holders_pin_and_go() {
+        let mut s = bootstrapped();
+        let t = token(&mut s, 9, 10_000);
+        s.apply(&Command::Join(JoinRequest {
+            node: NodeId(2),
+            token_hash: t,
+            now_ms: 2_000,
+            member: new_member(2),
+            admin: EndpointKey([102; 32]),
+        }))
+        .unwrap();
+        s.apply(&Command::AddImage(image("web", 1, 1))).unwrap();
+        // The same closure again from another node adds a holder; another closure under the
+        // same name is refused.
+        s.apply(&Command::AddImage(image("web", 1, 2))).unwrap();
+        assert_eq!(
+            s.image("web").unwrap().holders,
+            [NodeId(1), NodeId(2)].into()
+        );
+        assert_eq!(
+            s.apply(&Command::AddImage(image("web", 2, 1))),
+            Err(ApplyError::ImageExists("web".into()))
+        );
+        assert_eq!(
+            s.apply(&Command::SetImageHolder {
+                name: "web".into(),
+                manifest: BlobHash([2; 32]),
+                node: NodeId(2),
+                held: false
+            }),
+            Err(ApplyError::ImageChanged("web".into()))
+        );
+        s.apply(&Command::SetImageHolder {
+            name: "web".into(),
+            manifest: BlobHash([1; 32]),
+            node: NodeId(2),
+            held: false,
+        })
+        .unwrap();
+        assert_eq!(s.image("web").unwrap().holders, [NodeId(1)].into());
+        // Holders must be members.
+        assert_eq!(
+            s.apply(&Command::AddImage(image("other", 3, 7))),
+            Err(ApplyError::UnknownMember(NodeId(7)))
+        );
+        // Bad shapes.
+        let mut bad = image("Bad Name", 4, 1);
+        assert!(matches!(
+            s.apply(&Command::AddImage(bad.clone())),
+            Err(ApplyError::InvalidImage(_))
+        ));
+        bad = image("ok", 4, 1);
+        bad.root = "/elsewhere/x".into();
+        assert!(matches!(
+            s.apply(&Command::AddImage(bad.clone())),
+            Err(ApplyError::InvalidImage(_))
+        ));
+        bad = image("ok", 4, 1);
+        bad.nar_count = 0;
+        assert!(matches!(
+            s.apply(&Command::AddImage(bad)),
+            Err(ApplyError::InvalidImage(_))
+        ));
+        // Pinned images stay.
+        s.apply(&Command::PinImage {
+            name: "web".into(),
+            pinned: true,
+        })
+        .unwrap();
+        assert_eq!(
+            s.apply(&Command::RemoveImage { name: "web".into() }),
+            Err(ApplyError::ImagePinned("web".into()))
+        );
+        s.apply(&Command::PinImage {
+            name: "web".into(),
+            pinned: false,
+        })
+        .unwrap();
+        s.apply(&Command::RemoveImage { name: "web".into() })
+            .unwrap();
+        assert!(s.image("web").is_none());
+        assert_eq!(
+            s.apply(&Command::RemoveImage { name: "web".into() }),
+            Err(ApplyError::UnknownImage("web".into()))
+        );
+    }
+
+    #[test]
+    fn removed_members_stop_holding_images_and_the_cache_key_is_set_once() {
+        let mut s = bootstrapped();
+        let t = token(&mut s, 9, 10_000);
+        s.apply(&Command::Join(JoinRequest {
+            node: NodeId(2),
+            token_hash: t,
+            now_ms: 2_000,
+            member: new_member(2),
+            admin: EndpointKey([102; 32]),
+        }))
+        .unwrap();
+        s.apply(&Command::AddImage(image("web", 1, 2))).unwrap();
+        s.apply(&Command::RemoveMember {
+            node: NodeId(2),
+            now_ms: 3_000,
+        })
+        .unwrap();
+        assert!(s.image("web").unwrap().holders.is_empty());
+        s.apply(&Command::SetCacheKey {
+            secret: "first".into(),
+        })
+        .unwrap();
+        s.apply(&Command::SetCacheKey {
+            secret: "second".into(),
+        })
+        .unwrap();
+        assert_eq!(s.cache_key().map(String::as_str), Some("first"));
+        let copy = State::from_rows(s.all_rows().iter().map(|r| {
+            (
+                r.table.as_str(),
+                r.key.as_slice(),
+                r.value.as_deref().unwrap_or_default(),
+            )
+        }))
+        .unwrap();
+        assert_eq!(copy.digest(), s.digest());
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use blixard_core::{Capacity, ClusterId, EndpointKey, Member, NodeId, User};
+use blixard_core::{Capacity, ClusterId, EndpointKey, Image, Member, NodeId, User};
 use blixard_raft::NodeStatus;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,23 @@ rpcs! {
     PolicyGet(PolicyGet) -> PolicyText;
     PolicySet(PolicySet) -> PolicySetDone;
     PolicyTest(PolicyTest) -> PolicyVerdict;
+    ImageImport(ImageImport) -> ImageInfo;
+    ImageList(ImageList) -> ImageEntries;
+    ImageShow(ImageShow) -> ImageDetail;
+    ImagePull(ImagePull) -> ImagePulled;
+    ImagePin(ImagePin) -> ImageInfo;
+    ImageRemove(ImageRemove) -> ImageRemoved;
+    CacheKey(CacheKeyGet) -> CacheKeyInfo;
+}
+
+/// How long a long-running request (an image import or pull) may take.
+pub const LONG_REQUEST: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl Request {
+    /// Requests that move whole images and may take minutes; they get [`LONG_REQUEST`].
+    pub fn is_long_running(&self) -> bool {
+        matches!(self, Request::ImageImport(_) | Request::ImagePull(_))
+    }
 }
 
 /// What goes on the wire for a request.
@@ -272,4 +289,116 @@ pub struct PolicyVerdict {
     /// The policies that decided it.
     pub reasons: Vec<String>,
     pub errors: Vec<String>,
+}
+
+/// Imports a closure found on the answering node's host: a store path (with everything it
+/// references, enumerated by Nix) or a plain directory (wrapped as one store path).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageImport {
+    pub name: String,
+    /// A path on the answering node's host.
+    pub path: String,
+    /// The owning tenant; defaults to the caller's tenant, none for shared images.
+    pub tenant: Option<String>,
+    pub pin: bool,
+}
+
+/// An image as `image list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub image: Image,
+}
+
+/// Lists the images the caller may see.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageList {
+    pub stale: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageEntries {
+    pub images: Vec<Image>,
+}
+
+/// One image with the store paths of its closure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageShow {
+    pub name: String,
+    pub stale: bool,
+}
+
+/// One store path of an image's closure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePath {
+    pub path: String,
+    /// Nix's form, `sha256:<nix-base32>`.
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub references: Vec<String>,
+    /// The NAR's blob (BLAKE3, hex).
+    pub blob: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageDetail {
+    pub image: Image,
+    pub paths: Vec<ImagePath>,
+}
+
+/// Makes a node fetch an image now (and materialise it in its store).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePull {
+    pub name: String,
+    /// The node that should fetch it; the answering node when `None`.
+    pub node: Option<NodeId>,
+}
+
+/// What one holder contributed to a fetch, or why it was dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderReport {
+    pub node: NodeId,
+    pub blobs: u32,
+    pub bytes: u64,
+    /// Why this holder was dropped from the fetch (corrupt data, gone mid-transfer, …).
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePulled {
+    pub node: NodeId,
+    /// Blobs and bytes fetched from other nodes (zero when the node already held it).
+    pub fetched_blobs: u32,
+    pub fetched_bytes: u64,
+    pub holders: Vec<HolderReport>,
+    /// Store paths unpacked into the node's store (those already there are skipped).
+    pub materialised: Vec<String>,
+    pub millis: u64,
+}
+
+/// Pins or unpins an image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePin {
+    pub name: String,
+    pub pinned: bool,
+}
+
+/// Removes an image; refused while it is pinned or used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRemove {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRemoved {}
+
+/// The binary cache's public key and the answering node's cache URL.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheKeyGet {}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheKeyInfo {
+    /// `name:base64`, for Nix's `trusted-public-keys`; `None` before the first import.
+    pub public_key: Option<String>,
+    /// `http://ADDR` of the answering node's binary cache, when it serves one.
+    pub url: Option<String>,
 }

@@ -3,7 +3,7 @@
 //! Cedar action and one resource, and the cluster's policies decide.
 
 use blixard_authz::{Authorizer, RequestContext, Resource, Subject, Verdict};
-use blixard_core::{EndpointKey, NodeId, User};
+use blixard_core::{EndpointKey, Image, NodeId, User};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, Request};
@@ -62,6 +62,26 @@ impl std::fmt::Display for Principal {
 /// Looks up what a resource is, for requests that name one.
 pub trait Lookup {
     fn user(&self, name: &str) -> Option<User>;
+    fn image(&self, name: &str) -> Option<Image>;
+}
+
+/// The Cedar form of an image (an unknown name is treated as a shared image, so the
+/// refusal or "no such image" reveals nothing about other tenants).
+pub fn image_resource(name: &str, lookup: &dyn Lookup) -> Resource {
+    Resource::Image {
+        name: name.to_string(),
+        tenant: lookup.image(name).and_then(|i| i.tenant),
+    }
+}
+
+impl Principal {
+    /// The caller's tenant, if it is a user bound to one.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Principal::User(u) => u.tenant.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 /// The Cedar form of a user resource.
@@ -122,6 +142,23 @@ pub fn action_of(
         ),
         Request::PolicyGet(_) | Request::PolicyTest(_) => ("policy:read", Resource::Cluster),
         Request::PolicySet(_) => ("policy:set", Resource::Cluster),
+        Request::ImageImport(i) => (
+            "image:manage",
+            Resource::Image {
+                name: i.name.clone(),
+                tenant: i
+                    .tenant
+                    .clone()
+                    .or_else(|| principal.tenant().map(str::to_string)),
+            },
+        ),
+        // Listing needs the right to read the cluster; the results are then filtered
+        // image by image with `image:read`.
+        Request::ImageList(_) | Request::CacheKey(_) => ("cluster:read", Resource::Cluster),
+        Request::ImageShow(i) => ("image:read", image_resource(&i.name, lookup)),
+        Request::ImagePull(i) => ("image:manage", image_resource(&i.name, lookup)),
+        Request::ImagePin(i) => ("image:manage", image_resource(&i.name, lookup)),
+        Request::ImageRemove(i) => ("image:manage", image_resource(&i.name, lookup)),
     }
 }
 
@@ -144,6 +181,9 @@ pub fn is_mutating(request: &Request) -> bool {
             | Request::UserList(_)
             | Request::PolicyGet(_)
             | Request::PolicyTest(_)
+            | Request::ImageList(_)
+            | Request::ImageShow(_)
+            | Request::CacheKey(_)
     )
 }
 
@@ -178,6 +218,38 @@ pub fn authorize(
     Ok(decision)
 }
 
+/// Decides whether `principal` may open a connection for `action` (on the cluster), e.g.
+/// `blob:fetch` for the iroh-blobs protocol.
+pub fn authorize_connection(
+    authorizer: &Authorizer,
+    principal: &Principal,
+    action: &'static str,
+    caller: &EndpointKey,
+) -> Decision {
+    let context = RequestContext {
+        time_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        source: caller.to_string(),
+    };
+    let resource = Resource::Cluster;
+    let verdict = authorizer
+        .authorize(&principal.subject(), action, &resource, &context)
+        .unwrap_or_else(|e| Verdict {
+            allowed: false,
+            reasons: Vec::new(),
+            errors: vec![e.to_string()],
+        });
+    Decision {
+        action,
+        resource: resource.to_string(),
+        allowed: verdict.allowed,
+        reasons: verdict.reasons,
+        errors: verdict.errors,
+    }
+}
+
 /// The outcome of one authorization, for the caller and the audit log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
@@ -206,6 +278,9 @@ mod tests {
     struct NoUsers;
     impl Lookup for NoUsers {
         fn user(&self, _: &str) -> Option<User> {
+            None
+        }
+        fn image(&self, _: &str) -> Option<Image> {
             None
         }
     }

@@ -105,7 +105,12 @@ impl ApiClient {
         request: RequestFrame,
     ) -> Result<ResponseFrame, ClientError> {
         let node = to.id.fmt_short().to_string();
-        let ms = self.timeout.as_millis() as u64;
+        let timeout = if request.request.is_long_running() {
+            self.timeout.max(crate::api::LONG_REQUEST)
+        } else {
+            self.timeout
+        };
+        let ms = timeout.as_millis() as u64;
         let attempt = async {
             let conn = self.connection(to).await?;
             let protocol = |e: frame::FrameError| ClientError::Protocol {
@@ -123,7 +128,7 @@ impl ApiClient {
                 .map_err(protocol)
         };
         // The server applies the request timeout itself; allow a little more here.
-        match tokio::time::timeout(self.timeout + Duration::from_secs(2), attempt).await {
+        match tokio::time::timeout(timeout + Duration::from_secs(2), attempt).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout { node, ms }),
         }

@@ -185,6 +185,11 @@ async fn dispatch<S: Service>(
         return Err(decision.refusal(&principal));
     }
     tracing::debug!(%principal, kind, "request");
+    let timeout = if frame.request.is_long_running() {
+        timeout.max(crate::api::LONG_REQUEST)
+    } else {
+        timeout
+    };
     let result = match tokio::time::timeout(timeout, service.handle(principal.clone(), frame)).await
     {
         Ok(r) => r,
@@ -197,4 +202,60 @@ async fn dispatch<S: Service>(
         })));
     }
     result
+}
+
+/// Guards another protocol (the iroh-blobs ALPN) with the same choke point: a connection
+/// is handed to `inner` only if its caller may do `action` on the cluster. Refusals are
+/// audited and close the connection with code 1.
+pub struct Gated<S, H> {
+    service: Arc<S>,
+    inner: H,
+    action: &'static str,
+}
+
+impl<S, H> std::fmt::Debug for Gated<S, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gated")
+            .field("action", &self.action)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Service, H: ProtocolHandler> Gated<S, H> {
+    pub fn new(service: Arc<S>, inner: H, action: &'static str) -> Self {
+        Self {
+            service,
+            inner,
+            action,
+        }
+    }
+}
+
+impl<S: Service, H: ProtocolHandler> ProtocolHandler for Gated<S, H> {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let caller = key_of(&conn.remote_id());
+        let principal = self.service.principal(&caller);
+        let decision = crate::authz::authorize_connection(
+            &self.service.authorizer(),
+            &principal,
+            self.action,
+            &caller,
+        );
+        if !decision.allowed {
+            self.service.audit(AuditEvent {
+                principal: principal.to_string(),
+                key: caller.to_string(),
+                request: "Connect",
+                decision,
+                outcome: None,
+            });
+            conn.close(1u32.into(), b"not authorized");
+            return Ok(());
+        }
+        self.inner.accept(conn).await
+    }
+
+    async fn shutdown(&self) {
+        self.inner.shutdown().await;
+    }
 }

@@ -1,0 +1,303 @@
+//! `blixard image …`: import, list, show, pull, pin, remove, and the cache key.
+
+use std::path::Path;
+use std::time::Duration;
+
+use blixard_core::Image;
+use blixard_net::api::{
+    CacheKeyGet, ImageImport, ImageList, ImagePin, ImagePull, ImageRemove, ImageShow,
+};
+use clap::Subcommand;
+
+use crate::cli::{client, Context};
+use crate::exit::{self, Failure};
+use crate::output::{self, Format};
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Import a closure: a Nix store path (with everything it references), or a plain
+    /// directory, which becomes one store path. The path is read on the node's host.
+    Import {
+        path: String,
+        #[arg(long)]
+        name: String,
+        /// The owning tenant (default: yours; none for a shared image).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Pin it: never evicted, not removable until unpinned.
+        #[arg(long)]
+        pin: bool,
+    },
+    /// List images: name, root path, closure size, NAR count, which nodes hold it.
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Show one image with the store paths of its closure.
+    Show {
+        name: String,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Make a node fetch an image now (normally fetched on demand); the node is the one
+    /// the CLI talks to, so use `--node n2` to pick another.
+    Pull {
+        name: String,
+    },
+    /// Pin an image: it is never evicted, and `image rm` refuses it.
+    Pin {
+        name: String,
+    },
+    Unpin {
+        name: String,
+    },
+    /// Remove an image from the cluster; refused while it is pinned.
+    Rm {
+        name: String,
+    },
+    /// Print the binary cache's public key (for Nix's trusted-public-keys) and its URL.
+    CacheKey,
+}
+
+fn fail(e: impl std::fmt::Display) -> Failure {
+    Failure::new(exit::ERROR, e)
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn holders(i: &Image) -> String {
+    if i.holders.is_empty() {
+        return "-".into();
+    }
+    i.holders
+        .iter()
+        .map(|n| format!("n{n}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Long-running commands wait up to an hour unless `--timeout` asks for more.
+fn long(ctx: &Context) -> Context {
+    Context {
+        timeout: ctx.timeout.max(Duration::from_secs(3600)),
+        ..ctx.clone()
+    }
+}
+
+pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
+    match cmd {
+        ImageCommand::Import {
+            path,
+            name,
+            tenant,
+            pin,
+        } => {
+            // A relative path means the caller's directory (the node is local then).
+            let path = match std::fs::canonicalize(Path::new(&path)) {
+                Ok(p) if ctx.node.is_none() => p.display().to_string(),
+                _ => path,
+            };
+            let ctx = long(ctx);
+            let (client, to) = client(&ctx).await?;
+            eprintln!("importing {path} as {name} …");
+            let r = client
+                .call(
+                    &to,
+                    ImageImport {
+                        name,
+                        path,
+                        tenant,
+                        pin,
+                    },
+                )
+                .await;
+            client.endpoint().close().await;
+            let image = r?.image;
+            if ctx.output == Format::Json {
+                return output::json(&image).map_err(fail);
+            }
+            eprintln!(
+                "imported {}: {} ({} store paths, {})",
+                image.name,
+                image.root,
+                image.nar_count,
+                human_bytes(image.nar_size)
+            );
+            Ok(())
+        }
+        ImageCommand::List { stale } => {
+            let (client, to) = client(ctx).await?;
+            let r = client.call(&to, ImageList { stale }).await;
+            client.endpoint().close().await;
+            let images = r?.images;
+            if ctx.output == Format::Json {
+                return output::json(&images).map_err(fail);
+            }
+            let rows: Vec<Vec<String>> = images
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.name.clone(),
+                        i.tenant.clone().unwrap_or_else(|| "-".into()),
+                        i.root.clone(),
+                        human_bytes(i.nar_size),
+                        i.nar_count.to_string(),
+                        holders(i),
+                        if i.pinned { "yes" } else { "" }.to_string(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &[
+                    "NAME", "TENANT", "ROOT", "SIZE", "NARS", "HOLDERS", "PINNED",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+        ImageCommand::Show { name, stale } => {
+            let (client, to) = client(ctx).await?;
+            let r = client.call(&to, ImageShow { name, stale }).await;
+            client.endpoint().close().await;
+            let d = r?;
+            if ctx.output == Format::Json {
+                return output::json(&d).map_err(fail);
+            }
+            let i = &d.image;
+            println!("image     {}", i.name);
+            println!("root      {}", i.root);
+            println!("manifest  {}", i.manifest);
+            println!(
+                "size      {} in {} store paths",
+                human_bytes(i.nar_size),
+                i.nar_count
+            );
+            println!("holders   {}", holders(i));
+            println!("tenant    {}", i.tenant.as_deref().unwrap_or("-"));
+            println!("pinned    {}", if i.pinned { "yes" } else { "no" });
+            println!();
+            let rows: Vec<Vec<String>> = d
+                .paths
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.path.clone(),
+                        human_bytes(p.nar_size),
+                        p.references.len().to_string(),
+                    ]
+                })
+                .collect();
+            output::table(&["STORE PATH", "NAR SIZE", "REFS"], &rows);
+            Ok(())
+        }
+        ImageCommand::Pull { name } => {
+            let ctx = long(ctx);
+            let (client, to) = client(&ctx).await?;
+            let r = client
+                .call(
+                    &to,
+                    ImagePull {
+                        name: name.clone(),
+                        node: None,
+                    },
+                )
+                .await;
+            client.endpoint().close().await;
+            let p = r?;
+            if ctx.output == Format::Json {
+                return output::json(&p).map_err(fail);
+            }
+            if p.fetched_blobs == 0 {
+                eprintln!("n{} already held {name}", p.node);
+            } else {
+                let secs = (p.millis as f64 / 1000.0).max(0.001);
+                eprintln!(
+                    "n{} fetched {name}: {} NARs, {} in {:.1} s ({}/s)",
+                    p.node,
+                    p.fetched_blobs,
+                    human_bytes(p.fetched_bytes),
+                    secs,
+                    human_bytes((p.fetched_bytes as f64 / secs) as u64)
+                );
+            }
+            for h in &p.holders {
+                match &h.error {
+                    Some(e) => eprintln!("  n{}: dropped: {e}", h.node),
+                    None => eprintln!(
+                        "  n{}: {} pieces, {}",
+                        h.node,
+                        h.blobs,
+                        human_bytes(h.bytes)
+                    ),
+                }
+            }
+            if !p.materialised.is_empty() {
+                eprintln!("unpacked {} store paths", p.materialised.len());
+            }
+            Ok(())
+        }
+        ImageCommand::Pin { name } => pin(ctx, name, true).await,
+        ImageCommand::Unpin { name } => pin(ctx, name, false).await,
+        ImageCommand::Rm { name } => {
+            let (client, to) = client(ctx).await?;
+            let r = client.call(&to, ImageRemove { name: name.clone() }).await;
+            client.endpoint().close().await;
+            r?;
+            eprintln!("image {name} removed");
+            Ok(())
+        }
+        ImageCommand::CacheKey => {
+            let (client, to) = client(ctx).await?;
+            let r = client.call(&to, CacheKeyGet {}).await;
+            client.endpoint().close().await;
+            let k = r?;
+            if ctx.output == Format::Json {
+                return output::json(&k).map_err(fail);
+            }
+            match &k.public_key {
+                Some(key) => println!("{key}"),
+                None => return Err(Failure::new(
+                    exit::REFUSED,
+                    "the cluster has no cache key yet; it is created by the first `image import`",
+                )),
+            }
+            if let Some(url) = &k.url {
+                eprintln!("(binary cache of this node: {url})");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn pin(ctx: &Context, name: String, pinned: bool) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client
+        .call(
+            &to,
+            ImagePin {
+                name: name.clone(),
+                pinned,
+            },
+        )
+        .await;
+    client.endpoint().close().await;
+    r?;
+    eprintln!(
+        "image {name} {}",
+        if pinned { "pinned" } else { "unpinned" }
+    );
+    Ok(())
+}

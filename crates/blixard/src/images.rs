@@ -1,0 +1,469 @@
+//! The node's side of images: the API handlers for `image …`, the binary cache's key, and
+//! the janitor that keeps the local blob store in line with cluster state.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use blixard_authz::RequestContext;
+use blixard_core::{BlobHash, Command, Image, NodeId};
+use blixard_images::nix::SigningKey;
+use blixard_images::{fetch, fetch_manifest, Holder, ImageStore, Progress};
+use blixard_net::api::{
+    ApiError, CacheKeyInfo, HolderReport, ImageDetail, ImageEntries, ImageImport, ImageInfo,
+    ImagePath, ImagePull, ImagePulled, ImageRemoved, RequestFrame, Response, ResponseFrame,
+};
+use blixard_net::authz::Principal;
+use blixard_net::member_addr;
+use blixard_net::server::Service;
+use blixard_raft::RaftNode;
+use iroh_blobs::Hash;
+use rand::seq::SliceRandom;
+
+use crate::service::{now_ms, NodeService};
+
+/// The node's images and when each was last used here (for eviction).
+pub struct Images {
+    pub store: ImageStore,
+    /// `http://ADDR` of this node's binary cache, when it serves one.
+    pub cache_url: Option<String>,
+    /// Evict unpinned images beyond this many bytes; `None` keeps everything.
+    pub cache_bytes: Option<u64>,
+    last_used: Mutex<HashMap<BlobHash, Instant>>,
+}
+
+impl Images {
+    pub fn new(store: ImageStore, cache_url: Option<String>, cache_bytes: Option<u64>) -> Self {
+        Self {
+            store,
+            cache_url,
+            cache_bytes,
+            last_used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn touch(&self, manifest: BlobHash) {
+        if let Ok(mut m) = self.last_used.lock() {
+            m.insert(manifest, Instant::now());
+        }
+    }
+}
+
+pub fn blob_hash(h: BlobHash) -> Hash {
+    Hash::from_bytes(h.0)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+/// The binary cache reads the signing key from cluster state.
+pub struct StateKeys(pub RaftNode);
+
+impl blixard_images::cache::KeySource for StateKeys {
+    fn signing_key(&self) -> Option<SigningKey> {
+        let secret = self.0.state().cache_key().cloned()?;
+        SigningKey::from_nix_secret(&secret)
+            .map_err(|e| tracing::error!("the cluster's cache key is unreadable: {e}"))
+            .ok()
+    }
+}
+
+impl NodeService {
+    fn holders_of(&self, image: &Image) -> Vec<(NodeId, Holder)> {
+        let me = self.node.id();
+        let state = self.node.state();
+        let mut holders: Vec<(NodeId, Holder)> = image
+            .holders
+            .iter()
+            .filter(|n| **n != me)
+            .filter_map(|n| {
+                let m = state.member(*n)?;
+                Some((
+                    *n,
+                    Holder {
+                        label: format!("n{n}"),
+                        addr: member_addr(&m.endpoint, &m.addrs)?,
+                    },
+                ))
+            })
+            .collect();
+        // Spread the load: every fetcher starts with a different holder.
+        holders.shuffle(&mut rand::rng());
+        holders
+    }
+
+    fn image_named(&self, name: &str) -> Result<Image, ApiError> {
+        self.node
+            .state()
+            .image(name)
+            .cloned()
+            .ok_or_else(|| ApiError::Rejected(format!("no image {name}")))
+    }
+
+    /// Sets the cluster's cache signing key if no node has yet.
+    async fn ensure_cache_key(&self) -> Result<(), ApiError> {
+        if self.node.state().cache_key().is_some() {
+            return Ok(());
+        }
+        let key = SigningKey::generate(&format!("blixard-{}-1", self.cluster_short()))
+            .map_err(internal)?;
+        self.propose(Command::SetCacheKey {
+            secret: key.to_nix_secret(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    fn cluster_short(&self) -> String {
+        self.cluster_id.to_string().chars().take(8).collect()
+    }
+
+    pub(crate) async fn image_import(
+        &self,
+        principal: &Principal,
+        r: &ImageImport,
+    ) -> ResponseFrame {
+        if !blixard_core::valid_name(&r.name) {
+            return Err(ApiError::BadRequest(format!(
+                "image name {:?}: names are 1 to 64 of a-z 0-9 . _ -",
+                r.name
+            )));
+        }
+        let path = Path::new(&r.path);
+        if !path.is_absolute() {
+            return Err(ApiError::BadRequest(format!(
+                "{}: give an absolute path (it is read on the node's host)",
+                r.path
+            )));
+        }
+        if let Some(existing) = self.node.state().image(&r.name) {
+            return Err(ApiError::Rejected(format!(
+                "image {} already exists (root {}); remove it first or pick another name",
+                r.name, existing.root
+            )));
+        }
+        self.ensure_cache_key().await?;
+        let name = r.name.clone();
+        let progress = Progress::new(
+            move |p| tracing::debug!(image = %name, done = p.done, total = p.total, "{}", p.phase),
+        );
+        let started = Instant::now();
+        let imported = self
+            .images
+            .store
+            .import(path, &r.name, &progress)
+            .await
+            .map_err(|e| ApiError::Rejected(e.to_string()))?;
+        let m = &imported.manifest;
+        let manifest = BlobHash(*imported.manifest_hash.as_bytes());
+        // Unpack into this node's store dir too, so a VM here can run it.
+        self.images
+            .store
+            .materialise(m)
+            .await
+            .map_err(|e| ApiError::Rejected(e.to_string()))?;
+        let image = Image {
+            name: r.name.clone(),
+            manifest,
+            root: m.root.clone(),
+            store_dir: m.store_dir.clone(),
+            nar_count: m.entries.len() as u32,
+            nar_size: m.total_size(),
+            holders: [self.node.id()].into(),
+            pinned: r.pin,
+            tenant: r
+                .tenant
+                .clone()
+                .or_else(|| principal.tenant().map(str::to_string)),
+            created_at_ms: now_ms(),
+        };
+        self.propose(Command::AddImage(image.clone())).await?;
+        self.images.touch(manifest);
+        tracing::info!(
+            image = %r.name,
+            root = %m.root,
+            paths = m.entries.len(),
+            bytes = m.total_size(),
+            ms = started.elapsed().as_millis() as u64,
+            "imported image"
+        );
+        Ok(Response::ImageImport(ImageInfo { image }))
+    }
+
+    pub(crate) async fn image_list(&self, principal: &Principal, stale: bool) -> ResponseFrame {
+        self.barrier(stale).await?;
+        let authorizer = self.authorizer();
+        let subject = principal.subject();
+        let context = RequestContext {
+            time_ms: now_ms(),
+            source: principal.key().to_string(),
+        };
+        let images = self
+            .node
+            .state()
+            .images()
+            .filter(|i| {
+                let resource = blixard_authz::Resource::Image {
+                    name: i.name.clone(),
+                    tenant: i.tenant.clone(),
+                };
+                authorizer
+                    .authorize(&subject, "image:read", &resource, &context)
+                    .is_ok_and(|v| v.allowed)
+            })
+            .cloned()
+            .collect();
+        Ok(Response::ImageList(ImageEntries { images }))
+    }
+
+    pub(crate) async fn image_show(&self, name: &str, stale: bool) -> ResponseFrame {
+        self.barrier(stale).await?;
+        let image = self.image_named(name)?;
+        let holders: Vec<Holder> = self
+            .holders_of(&image)
+            .into_iter()
+            .map(|(_, h)| h)
+            .collect();
+        let manifest = fetch_manifest(
+            &self.images.store,
+            self.client.endpoint(),
+            blob_hash(image.manifest),
+            &holders,
+        )
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let paths = manifest
+            .entries
+            .iter()
+            .map(|e| ImagePath {
+                path: e.path.clone(),
+                nar_hash: e.nar_hash.clone(),
+                nar_size: e.nar_size,
+                references: e.references.clone(),
+                blob: e.blob.clone(),
+            })
+            .collect();
+        Ok(Response::ImageShow(ImageDetail { image, paths }))
+    }
+
+    pub(crate) async fn image_pull(&self, frame: &RequestFrame, r: &ImagePull) -> ResponseFrame {
+        let me = self.node.id();
+        if let Some(target) = r.node.filter(|n| *n != me) {
+            if frame.forwarded {
+                return Err(ApiError::BadRequest(
+                    "a forwarded pull must be for the node it reached".into(),
+                ));
+            }
+            let addr = {
+                let state = self.node.state();
+                state
+                    .member(target)
+                    .and_then(|m| member_addr(&m.endpoint, &m.addrs))
+            }
+            .ok_or_else(|| ApiError::Rejected(format!("node {target} is not a member")))?;
+            return match self.client.forward(&addr, frame.request.clone()).await {
+                Ok(r) => r,
+                Err(e) => Err(ApiError::Unavailable(format!("asking node {target}: {e}"))),
+            };
+        }
+        self.barrier(false).await?;
+        let image = self.image_named(&r.name)?;
+        Ok(Response::ImagePull(self.pull_here(&image).await?))
+    }
+
+    /// Fetches `image` from its holders (unless it is here), unpacks it into the store dir,
+    /// and records this node as a holder.
+    pub(crate) async fn pull_here(&self, image: &Image) -> Result<ImagePulled, ApiError> {
+        let me = self.node.id();
+        let started = Instant::now();
+        let hash = blob_hash(image.manifest);
+        let mut out = ImagePulled {
+            node: me,
+            fetched_blobs: 0,
+            fetched_bytes: 0,
+            holders: Vec::new(),
+            materialised: Vec::new(),
+            millis: 0,
+        };
+        let store = &self.images.store;
+        if !store.is_complete(hash).await.map_err(internal)? {
+            let holders = self.holders_of(image);
+            if holders.is_empty() {
+                return Err(ApiError::Rejected(format!(
+                    "no other node holds image {} completely",
+                    image.name
+                )));
+            }
+            let ids: Vec<NodeId> = holders.iter().map(|(n, _)| *n).collect();
+            let name = image.name.clone();
+            let progress = Progress::new(
+                move |p| tracing::debug!(image = %name, done = p.done, total = p.total, "{}", p.phase),
+            );
+            let report = fetch(
+                store,
+                self.client.endpoint(),
+                hash,
+                holders.into_iter().map(|(_, h)| h).collect(),
+                &progress,
+            )
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("image {}: {e}", image.name)))?;
+            out.fetched_blobs = report.fetched_blobs;
+            out.fetched_bytes = report.fetched_bytes;
+            out.holders = ids
+                .into_iter()
+                .zip(report.holders)
+                .map(|(node, s)| HolderReport {
+                    node,
+                    blobs: s.pieces,
+                    bytes: s.bytes,
+                    error: s.error,
+                })
+                .collect();
+            for h in &out.holders {
+                if let Some(e) = &h.error {
+                    tracing::warn!(image = %image.name, holder = %h.node, "dropped holder: {e}");
+                }
+            }
+        }
+        let manifest = store.manifest(hash).await.map_err(internal)?;
+        out.materialised = store
+            .materialise(&manifest)
+            .await
+            .map_err(|e| ApiError::Rejected(format!("image {}: {e}", image.name)))?;
+        if !image.holders.contains(&me) {
+            self.propose(Command::SetImageHolder {
+                name: image.name.clone(),
+                manifest: image.manifest,
+                node: me,
+                held: true,
+            })
+            .await?;
+        }
+        self.images.touch(image.manifest);
+        out.millis = started.elapsed().as_millis() as u64;
+        Ok(out)
+    }
+
+    pub(crate) async fn image_pin(&self, name: &str, pinned: bool) -> ResponseFrame {
+        self.propose(Command::PinImage {
+            name: name.to_string(),
+            pinned,
+        })
+        .await?;
+        let image = self.image_named(name)?;
+        Ok(Response::ImagePin(ImageInfo { image }))
+    }
+
+    pub(crate) async fn image_remove(&self, name: &str) -> ResponseFrame {
+        let image = self.image_named(name)?;
+        self.propose(Command::RemoveImage {
+            name: name.to_string(),
+        })
+        .await?;
+        // Other nodes drop their copy when their janitor sees the image gone.
+        let manifest = blob_hash(image.manifest);
+        if let Err(e) = self.images.store.forget(manifest).await {
+            tracing::warn!(image = %name, "dropping the local copy: {e}");
+        }
+        Ok(Response::ImageRemove(ImageRemoved {}))
+    }
+
+    pub(crate) fn cache_key(&self) -> ResponseFrame {
+        let public_key = self
+            .node
+            .state()
+            .cache_key()
+            .and_then(|s| SigningKey::from_nix_secret(s).ok())
+            .map(|k| k.public_key().to_string());
+        Ok(Response::CacheKey(CacheKeyInfo {
+            public_key,
+            url: self.images.cache_url.clone(),
+        }))
+    }
+
+    /// One round of housekeeping: drop local copies of images the cluster no longer has,
+    /// stop claiming images this node lost, and evict least-recently-used unpinned images
+    /// beyond the cache size.
+    pub(crate) async fn janitor_round(&self) -> Result<(), String> {
+        let me = self.node.id();
+        let store = &self.images.store;
+        let held = store.held().await.map_err(|e| e.to_string())?;
+        let images: Vec<Image> = self.node.state().images().cloned().collect();
+        for hash in &held {
+            let known = images.iter().any(|i| blob_hash(i.manifest) == *hash);
+            if !known {
+                tracing::info!(%hash, "dropping the blobs of a removed image");
+                store.forget(*hash).await.map_err(|e| e.to_string())?;
+            }
+        }
+        for image in images.iter().filter(|i| i.holders.contains(&me)) {
+            let hash = blob_hash(image.manifest);
+            if !store.is_complete(hash).await.map_err(|e| e.to_string())? {
+                tracing::warn!(image = %image.name, "this node lost its copy; no longer a holder");
+                self.set_holder(image, false).await?;
+            }
+        }
+        let Some(limit) = self.images.cache_bytes else {
+            return Ok(());
+        };
+        let mut mine: Vec<&Image> = images.iter().filter(|i| i.holders.contains(&me)).collect();
+        let mut total: u64 = mine.iter().map(|i| i.nar_size).sum();
+        if total <= limit {
+            return Ok(());
+        }
+        let last_used = self
+            .images
+            .last_used
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        // Oldest first; never seen used since this daemon started counts as oldest.
+        mine.sort_by_key(|i| last_used.get(&i.manifest).copied());
+        for image in mine {
+            if total <= limit {
+                break;
+            }
+            if image.pinned {
+                continue;
+            }
+            // The last holder keeps its copy: evicting it would lose the image.
+            if image.holders.len() <= 1 {
+                continue;
+            }
+            tracing::info!(image = %image.name, bytes = image.nar_size, "evicting");
+            self.set_holder(image, false).await?;
+            store
+                .forget(blob_hash(image.manifest))
+                .await
+                .map_err(|e| e.to_string())?;
+            total = total.saturating_sub(image.nar_size);
+        }
+        Ok(())
+    }
+
+    async fn set_holder(&self, image: &Image, held: bool) -> Result<(), String> {
+        self.propose(Command::SetImageHolder {
+            name: image.name.clone(),
+            manifest: image.manifest,
+            node: self.node.id(),
+            held,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Runs the janitor every few seconds until the node stops.
+pub async fn janitor(service: std::sync::Arc<NodeService>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    loop {
+        tick.tick().await;
+        if let Err(e) = service.janitor_round().await {
+            tracing::debug!("image janitor: {e}");
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! The node's image store: an iroh-blobs store of NARs and manifests, and the store dir the
+//! closures are unpacked into.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, RwLock};
+
+use iroh_blobs::api::TempTag;
+use iroh_blobs::hashseq::HashSeq;
+use iroh_blobs::store::fs::FsStore;
+use iroh_blobs::{BlobFormat, Hash, HashAndFormat};
+
+use crate::manifest::{CheckedEntry, Entry, Manifest, MANIFEST_VERSION};
+use crate::nix::{
+    dump_path, make_source_path, parse_path_info_json, unpack_nar, NarHash, StoreDir, StorePath,
+    UnpackPolicy,
+};
+use crate::progress::Progress;
+use crate::ImageError;
+
+/// Tags that keep an image's blobs: `image/<manifest hash>`.
+const TAG_PREFIX: &str = "image/";
+
+/// Where a store path of a locally held image lives, for the binary cache.
+#[derive(Clone, Debug)]
+pub struct CachedPath {
+    pub entry: CheckedEntry,
+    pub store_dir: StoreDir,
+}
+
+/// The node's images.
+#[derive(Clone, Debug)]
+pub struct ImageStore {
+    blobs: FsStore,
+    /// Unpacked closures go here.
+    store_dir: StoreDir,
+    /// Scratch space for NARs being written or read (same file system as the blob store).
+    stage: PathBuf,
+    /// Store paths of complete local images by hash part: what the binary cache serves.
+    index: Arc<RwLock<HashMap<String, CachedPath>>>,
+}
+
+fn blob_err(what: &str) -> impl Fn(String) -> ImageError + '_ {
+    move |e| ImageError::Blobs(format!("{what}: {e}"))
+}
+
+/// What an import produced.
+#[derive(Clone, Debug)]
+pub struct Imported {
+    pub manifest_hash: Hash,
+    pub manifest: Manifest,
+}
+
+impl ImageStore {
+    /// Opens (or creates) the blob store under `dir`. `store_dir` is where closures are
+    /// unpacked.
+    pub async fn open(dir: &Path, store_dir: StoreDir) -> Result<Self, ImageError> {
+        let stage = dir.join("stage");
+        std::fs::create_dir_all(&stage).map_err(|e| ImageError::Io(stage.clone(), e))?;
+        // Leftovers of an interrupted import are garbage.
+        if let Ok(entries) = std::fs::read_dir(&stage) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        // Garbage collection removes the blobs of forgotten images; imports and fetches
+        // in flight hold temporary tags.
+        let mut options = iroh_blobs::store::fs::options::Options::new(dir);
+        options.gc = Some(iroh_blobs::store::GcConfig {
+            interval: std::time::Duration::from_secs(60),
+            add_protected: None,
+        });
+        let blobs = FsStore::load_with_opts(dir.join("blobs.db"), options)
+            .await
+            .map_err(|e| ImageError::Blobs(format!("cannot open {}: {e}", dir.display())))?;
+        let store = Self {
+            blobs,
+            store_dir,
+            stage,
+            index: Arc::new(RwLock::new(HashMap::new())),
+        };
+        store.reindex().await?;
+        Ok(store)
+    }
+
+    pub fn blobs(&self) -> &FsStore {
+        &self.blobs
+    }
+
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
+    }
+
+    /// Flushes and closes the blob store.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.blobs.shutdown().await {
+            tracing::warn!("closing the blob store: {e}");
+        }
+    }
+
+    /// The manifests of every image this node holds completely.
+    pub async fn held(&self) -> Result<Vec<Hash>, ImageError> {
+        use n0_future::StreamExt;
+        let mut out = Vec::new();
+        let mut tags = self
+            .blobs
+            .tags()
+            .list_prefix(TAG_PREFIX)
+            .await
+            .map_err(|e| blob_err("listing tags")(e.to_string()))?;
+        while let Some(tag) = tags.next().await {
+            let tag = tag.map_err(|e| blob_err("listing tags")(e.to_string()))?;
+            out.push(tag.hash);
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds the binary-cache index from the complete local images.
+    pub async fn reindex(&self) -> Result<(), ImageError> {
+        let mut index = HashMap::new();
+        for hash in self.held().await? {
+            if !self.is_complete(hash).await? {
+                continue;
+            }
+            match self.manifest(hash).await {
+                Ok(m) => add_to_index(&mut index, &m)?,
+                Err(e) => tracing::warn!(%hash, "unreadable manifest: {e}"),
+            }
+        }
+        if let Ok(mut i) = self.index.write() {
+            *i = index;
+        }
+        Ok(())
+    }
+
+    /// Looks up a store path by its hash part, for the binary cache.
+    pub fn cached(&self, hash_part: &str) -> Option<CachedPath> {
+        self.index.read().ok()?.get(hash_part).cloned()
+    }
+
+    /// Every store path the binary cache serves, by hash part.
+    pub fn cached_by_blob(&self, blob: &Hash) -> Option<CachedPath> {
+        self.index
+            .read()
+            .ok()?
+            .values()
+            .find(|c| c.entry.blob == *blob)
+            .cloned()
+    }
+
+    /// Whether the image's hash sequence and every blob it lists are here.
+    pub async fn is_complete(&self, manifest: Hash) -> Result<bool, ImageError> {
+        let info = self
+            .blobs
+            .remote()
+            .local(HashAndFormat::hash_seq(manifest))
+            .await
+            .map_err(|e| blob_err("checking local blobs")(e.to_string()))?;
+        Ok(info.is_complete())
+    }
+
+    /// Reads an image's manifest from the local store (the sequence and manifest blob
+    /// must be here).
+    pub async fn manifest(&self, manifest: Hash) -> Result<Manifest, ImageError> {
+        let seq = self
+            .blobs
+            .get_bytes(manifest)
+            .await
+            .map_err(|e| blob_err("reading the hash sequence")(e.to_string()))?;
+        let seq = HashSeq::try_from(seq)
+            .map_err(|e| ImageError::Manifest(format!("not a hash sequence: {e}")))?;
+        let hashes: Vec<Hash> = seq.iter().collect();
+        let Some((first, rest)) = hashes.split_first() else {
+            return Err(ImageError::Manifest("empty hash sequence".into()));
+        };
+        let bytes = self
+            .blobs
+            .get_bytes(*first)
+            .await
+            .map_err(|e| blob_err("reading the manifest")(e.to_string()))?;
+        Manifest::parse(&bytes, rest)
+    }
+
+    /// Imports `path`: a store path in `/nix/store` (or this node's store dir) with its
+    /// closure as Nix knows it, or else a plain directory wrapped as one store path named
+    /// `name` in this node's store dir.
+    pub async fn import(
+        &self,
+        path: &Path,
+        name: &str,
+        progress: &Progress,
+    ) -> Result<Imported, ImageError> {
+        // `./result` and other links into the store name the path they point to.
+        let path = &tokio::fs::canonicalize(path)
+            .await
+            .map_err(|e| ImageError::Io(path.to_owned(), e))?;
+        let meta = tokio::fs::symlink_metadata(path)
+            .await
+            .map_err(|e| ImageError::Io(path.to_owned(), e))?;
+        let nix_store = nix_store_of(path);
+        let (store_dir, infos) = match &nix_store {
+            Some(dir) => (dir.clone(), closure_from_nix(path, dir).await?),
+            None => {
+                if !meta.is_dir() && !meta.is_file() {
+                    return Err(ImageError::Source(format!(
+                        "{}: not a directory or file",
+                        path.display()
+                    )));
+                }
+                (self.store_dir.clone(), Vec::new())
+            }
+        };
+        let mut temp_tags: Vec<TempTag> = Vec::new();
+        let mut entries = Vec::new();
+        let total: u64 = infos.iter().map(|i| i.nar_size).sum();
+        progress.start("importing", total);
+        if infos.is_empty() {
+            // A plain directory: one source path, named the way `nix-store --add` would.
+            let (blob, summary, tag) = self.add_tree(path, progress).await?;
+            let store_path = make_source_path(&store_dir, name, &summary.hash)
+                .map_err(|e| ImageError::Source(e.to_string()))?;
+            temp_tags.push(tag);
+            entries.push(Entry {
+                path: store_path.to_absolute(&store_dir),
+                nar_hash: summary.hash.to_nix_string(),
+                nar_size: summary.size,
+                references: Vec::new(),
+                deriver: None,
+                blob: blob.to_hex().to_string(),
+            });
+        } else {
+            for info in &infos {
+                let abs = info.path.to_absolute(&store_dir);
+                let (blob, summary, tag) = self.add_tree(Path::new(&abs), progress).await?;
+                if summary.hash != info.nar_hash || summary.size != info.nar_size {
+                    return Err(ImageError::Source(format!(
+                        "{abs}: the NAR of the path on disk ({}, {} bytes) differs from what Nix recorded ({}, {} bytes); run `nix-store --verify-path {abs}`",
+                        summary.hash, summary.size, info.nar_hash, info.nar_size
+                    )));
+                }
+                temp_tags.push(tag);
+                entries.push(Entry {
+                    path: abs,
+                    nar_hash: summary.hash.to_nix_string(),
+                    nar_size: summary.size,
+                    references: info
+                        .references
+                        .iter()
+                        .map(|r| r.to_absolute(&store_dir))
+                        .collect(),
+                    deriver: info.deriver.as_ref().map(|d| d.to_absolute(&store_dir)),
+                    blob: blob.to_hex().to_string(),
+                });
+            }
+        }
+        let root = match nix_store {
+            Some(_) => infos
+                .first()
+                .map(|_| root_path(path, &store_dir))
+                .transpose()?
+                .unwrap_or_default(),
+            None => entries.first().map(|e| e.path.clone()).unwrap_or_default(),
+        };
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            store_dir: store_dir.as_str().to_string(),
+            root,
+            entries,
+        };
+        manifest.check()?;
+        let bytes = manifest.to_bytes()?;
+        let manifest_tag = self
+            .blobs
+            .add_bytes(bytes)
+            .temp_tag()
+            .await
+            .map_err(|e| blob_err("storing the manifest")(e.to_string()))?;
+        let mut seq = vec![manifest_tag.hash()];
+        for e in &manifest.check()? {
+            seq.push(e.blob);
+        }
+        let seq: HashSeq = seq.into_iter().collect();
+        let root = self
+            .blobs
+            .add_bytes_with_opts((seq.into_inner(), BlobFormat::HashSeq))
+            .temp_tag()
+            .await
+            .map_err(|e| blob_err("storing the hash sequence")(e.to_string()))?;
+        let manifest_hash = root.hash();
+        self.tag(manifest_hash).await?;
+        drop((temp_tags, manifest_tag, root));
+        {
+            let mut index = self.index.write().map_err(|_| ImageError::Poisoned)?;
+            add_to_index(&mut index, &manifest)?;
+        }
+        progress.finish();
+        Ok(Imported {
+            manifest_hash,
+            manifest,
+        })
+    }
+
+    async fn tag(&self, manifest: Hash) -> Result<(), ImageError> {
+        self.blobs
+            .tags()
+            .set(
+                format!("{TAG_PREFIX}{manifest}"),
+                HashAndFormat::hash_seq(manifest),
+            )
+            .await
+            .map_err(|e| blob_err("tagging the image")(e.to_string()))
+    }
+
+    /// Marks a fetched image as held here (its blobs are then kept) and indexes it.
+    pub async fn keep(&self, manifest_hash: Hash, manifest: &Manifest) -> Result<(), ImageError> {
+        self.tag(manifest_hash).await?;
+        let mut index = self.index.write().map_err(|_| ImageError::Poisoned)?;
+        add_to_index(&mut index, manifest)
+    }
+
+    /// Drops an image from this node: its tag goes, and blobs no other image uses are
+    /// collected. Unpacked store paths stay (a VM may run from them).
+    pub async fn forget(&self, manifest_hash: Hash) -> Result<(), ImageError> {
+        self.blobs
+            .tags()
+            .delete(format!("{TAG_PREFIX}{manifest_hash}"))
+            .await
+            .map_err(|e| blob_err("untagging the image")(e.to_string()))?;
+        self.reindex().await
+    }
+
+    /// Serialises a file tree to NAR in the stage dir and adds it to the blob store.
+    async fn add_tree(
+        &self,
+        path: &Path,
+        progress: &Progress,
+    ) -> Result<(Hash, crate::nix::NarSummary, TempTag), ImageError> {
+        let tmp = self
+            .stage
+            .join(format!("{:016x}.nar", rand::random::<u64>()));
+        let (src, dst) = (path.to_owned(), tmp.clone());
+        let summary = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::create(&dst).map_err(|e| ImageError::Io(dst.clone(), e))?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            let summary = dump_path(&src, &mut out).map_err(|e| ImageError::Io(src.clone(), e))?;
+            std::io::Write::flush(&mut out).map_err(|e| ImageError::Io(dst.clone(), e))?;
+            Ok::<_, ImageError>(summary)
+        })
+        .await
+        .map_err(|e| ImageError::Blobs(format!("NAR writer: {e}")))?;
+        let summary = match summary {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let added = self.blobs.add_path(&tmp).temp_tag().await;
+        let _ = std::fs::remove_file(&tmp);
+        let tag = added.map_err(|e| blob_err("adding a NAR")(e.to_string()))?;
+        progress.advance(summary.size);
+        Ok((tag.hash(), summary, tag))
+    }
+
+    /// Whether a blob is here completely.
+    pub async fn has_blob(&self, hash: Hash) -> Result<bool, ImageError> {
+        let info = self
+            .blobs
+            .remote()
+            .local(HashAndFormat::raw(hash))
+            .await
+            .map_err(|e| blob_err("checking a blob")(e.to_string()))?;
+        Ok(info.is_complete())
+    }
+
+    /// Unpacks every store path of `manifest` that is not yet in the store dir, each
+    /// verified against its NAR hash and size, atomically (unpacked beside, then renamed).
+    /// Returns the paths it unpacked.
+    pub async fn materialise(&self, manifest: &Manifest) -> Result<Vec<String>, ImageError> {
+        let entries = manifest.check()?;
+        let image_dir = manifest.store_dir()?;
+        let target_dir = PathBuf::from(self.store_dir.as_str());
+        std::fs::create_dir_all(&target_dir).map_err(|e| ImageError::Io(target_dir.clone(), e))?;
+        let policy = UnpackPolicy {
+            store_dir: image_dir.clone(),
+        };
+        let mut done = Vec::new();
+        for e in entries {
+            let name = e.path.base_name();
+            let dest = target_dir.join(&name);
+            if std::fs::symlink_metadata(&dest).is_ok() {
+                continue;
+            }
+            let nar = self
+                .stage
+                .join(format!("{:016x}.nar", rand::random::<u64>()));
+            self.blobs
+                .export(e.blob, &nar)
+                .await
+                .map_err(|err| blob_err("exporting a NAR")(err.to_string()))?;
+            let tmp = target_dir.join(format!(".blixard-unpack-{:016x}", rand::random::<u64>()));
+            let (nar2, tmp2, policy2) = (nar.clone(), tmp.clone(), policy.clone());
+            let expect = (e.nar_hash, e.nar_size);
+            let result = tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(&nar2).map_err(|err| ImageError::Io(nar2, err))?;
+                let reader = std::io::BufReader::with_capacity(1 << 20, file);
+                unpack_nar(reader, &tmp2, Some(expect), &policy2).map_err(ImageError::Nar)
+            })
+            .await
+            .map_err(|err| ImageError::Blobs(format!("NAR reader: {err}")));
+            let _ = std::fs::remove_file(&nar);
+            let abs = e.path.to_absolute(&image_dir);
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) | Err(err) => {
+                    return Err(ImageError::Unpack {
+                        path: abs,
+                        detail: err.to_string(),
+                    })
+                }
+            }
+            if let Err(err) = std::fs::rename(&tmp, &dest) {
+                let _ = remove_tree(&tmp);
+                // Another unpack of the same path won the race: that is the same content.
+                if std::fs::symlink_metadata(&dest).is_err() {
+                    return Err(ImageError::Io(dest, err));
+                }
+                continue;
+            }
+            done.push(abs);
+        }
+        Ok(done)
+    }
+}
+
+fn add_to_index(
+    index: &mut HashMap<String, CachedPath>,
+    manifest: &Manifest,
+) -> Result<(), ImageError> {
+    let store_dir = manifest.store_dir()?;
+    for entry in manifest.check()? {
+        index.insert(
+            entry.path.hash_part(),
+            CachedPath {
+                entry,
+                store_dir: store_dir.clone(),
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Removes a tree that may contain read-only directories.
+pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fn make_writable(p: &Path) {
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            if m.is_dir() {
+                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
+                if let Ok(entries) = std::fs::read_dir(p) {
+                    for e in entries.flatten() {
+                        make_writable(&e.path());
+                    }
+                }
+            }
+        }
+    }
+    make_writable(path);
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// The Nix store `path` lives in, if it is a store path of a Nix store on this host.
+fn nix_store_of(path: &Path) -> Option<StoreDir> {
+    let s = path.to_str()?;
+    let dir = std::env::var("NIX_STORE_DIR").unwrap_or_else(|_| "/nix/store".to_string());
+    let dir = StoreDir::new(&dir).ok()?;
+    let rest = s.strip_prefix(dir.as_str())?.strip_prefix('/')?;
+    let first = rest.split('/').next()?;
+    StorePath::from_base_name(first).ok().map(|_| dir)
+}
+
+/// The store path `path` is in (it may point inside one).
+fn root_path(path: &Path, dir: &StoreDir) -> Result<String, ImageError> {
+    let s = path.to_str().unwrap_or_default();
+    let rest = s
+        .strip_prefix(dir.as_str())
+        .and_then(|r| r.strip_prefix('/'))
+        .unwrap_or_default();
+    let first = rest.split('/').next().unwrap_or_default();
+    let p = StorePath::from_base_name(first).map_err(|e| ImageError::Source(e.to_string()))?;
+    Ok(p.to_absolute(dir))
+}
+
+/// One store path of a closure as Nix reports it.
+#[derive(Clone, Debug)]
+struct ClosurePath {
+    path: StorePath,
+    nar_hash: NarHash,
+    nar_size: u64,
+    references: Vec<StorePath>,
+    deriver: Option<StorePath>,
+}
+
+/// Asks Nix for the closure of `path`, root first.
+async fn closure_from_nix(path: &Path, dir: &StoreDir) -> Result<Vec<ClosurePath>, ImageError> {
+    let root = root_path(path, dir)?;
+    let out = tokio::process::Command::new("nix")
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            "--recursive",
+            &root,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| {
+            ImageError::Source(format!(
+                "{root} is a Nix store path, but `nix path-info` could not run: {e}"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::Source(format!(
+            "nix path-info {root}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let infos = parse_path_info_json(&text, dir).map_err(|e| ImageError::Source(e.to_string()))?;
+    let mut by_path: BTreeMap<String, ClosurePath> = BTreeMap::new();
+    for i in infos {
+        by_path.insert(
+            i.path.to_absolute(dir),
+            ClosurePath {
+                path: i.path,
+                nar_hash: i.nar_hash,
+                nar_size: i.nar_size,
+                references: i.references,
+                deriver: i.deriver,
+            },
+        );
+    }
+    let Some(first) = by_path.remove(&root) else {
+        return Err(ImageError::Source(format!(
+            "nix path-info did not report {root}"
+        )));
+    };
+    let mut out = vec![first];
+    out.extend(by_path.into_values());
+    Ok(out)
+}
