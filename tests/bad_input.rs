@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use blixard_net::api::{ApiError, ResponseFrame};
+use blixard_net::api::{ApiError, ResponseFrame, ResponseItem};
 use blixard_net::{endpoint, frame, member_addr, SecretKey, API_ALPN};
 use blixard_tests::{binary, Cluster, Node};
 
@@ -163,14 +163,14 @@ async fn malformed_frames_and_unknown_alpns_do_not_hurt_the_node() {
         .await
         .unwrap();
     send.finish().unwrap();
-    let answer: ResponseFrame = frame::read(&mut recv).await.unwrap();
+    let answer: ResponseFrame = done(frame::read(&mut recv).await.unwrap());
     assert!(matches!(answer, Err(ApiError::BadRequest(_))), "{answer:?}");
 
     // A length prefix past the limit.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     send.finish().unwrap();
-    let answer: ResponseFrame = frame::read(&mut recv).await.unwrap();
+    let answer: ResponseFrame = done(frame::read(&mut recv).await.unwrap());
     match answer {
         Err(ApiError::BadRequest(m)) => assert!(m.contains("exceeds"), "{m}"),
         other => panic!("expected a size refusal, got {other:?}"),
@@ -180,7 +180,7 @@ async fn malformed_frames_and_unknown_alpns_do_not_hurt_the_node() {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&[0, 0, 1, 0, 1, 2]).await.unwrap();
     send.finish().unwrap();
-    let answer: ResponseFrame = frame::read(&mut recv).await.unwrap();
+    let answer: ResponseFrame = done(frame::read(&mut recv).await.unwrap());
     assert!(matches!(answer, Err(ApiError::BadRequest(_))), "{answer:?}");
 
     // A stranger speaking raft: refused after its hello, before any raft message is read.
@@ -223,4 +223,11 @@ async fn malformed_frames_and_unknown_alpns_do_not_hurt_the_node() {
 
     // The node still serves its admin.
     c.nodes[0].status(false).unwrap();
+}
+
+fn done(item: ResponseItem) -> ResponseFrame {
+    match item {
+        ResponseItem::Done(answer) => answer,
+        other => panic!("expected an answer, got {other:?}"),
+    }
 }

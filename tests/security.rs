@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use blixard_core::{EndpointKey, NodeId};
 use blixard_net::api::{
-    ApiError, JoinCluster, LeaveCluster, MetaGet, MetaSet, PolicyGet, PolicySet, PolicyTest,
-    Request, RequestFrame, StatusRequest, TokenCreate, UserAdd, UserList, UserRemove,
+    ApiError, CacheKeyGet, ImageImport, ImageList, ImagePin, ImagePull, ImageRemove, ImageShow,
+    JoinCluster, LeaveCluster, MetaGet, MetaSet, PolicyGet, PolicySet, PolicyTest, Request,
+    RequestFrame, StatusRequest, TokenCreate, UserAdd, UserList, UserRemove,
 };
 use blixard_net::client::{ApiClient, ClientError};
 use blixard_net::{endpoint, key_of, keys, member_addr, EndpointAddr, SecretKey};
@@ -89,6 +90,36 @@ fn every_request(who: &str) -> Vec<Request> {
             resource: "cluster".into(),
         }
         .into(),
+        // Images: the caller's own tenant for imports (a path that does not exist), and
+        // an image that does not exist (so a shared one) for the rest.
+        ImageImport {
+            name: format!("matrix-{who}"),
+            path: "/nonexistent/matrix".into(),
+            tenant: None,
+            pin: false,
+        }
+        .into(),
+        ImageList { stale: false }.into(),
+        ImageShow {
+            name: "nothing".into(),
+            stale: false,
+        }
+        .into(),
+        ImagePull {
+            name: "nothing".into(),
+            node: None,
+        }
+        .into(),
+        ImagePin {
+            name: "nothing".into(),
+            pinned: true,
+        }
+        .into(),
+        ImageRemove {
+            name: "nothing".into(),
+        }
+        .into(),
+        CacheKeyGet {}.into(),
     ]
 }
 
@@ -138,12 +169,14 @@ async fn authorization_matrix_on_a_real_cluster() {
     let to = addr_of(&c.nodes[1]);
     let kinds: Vec<&str> = every_request("x").iter().map(|r| r.kind()).collect();
     //            Status MetaGet MetaSet Token Join Leave UAdd URm ULst PGet PSet PTest
-    let expect: [(&str, SecretKey, [bool; 12]); 7] = [
+    //            IImport IList IShow IPull IPin IRm CacheKey
+    let expect: [(&str, SecretKey, [bool; 19]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
             [
                 false, false, false, false, true, false, false, false, false, false, false, false,
+                false, false, false, false, false, false, false,
             ],
         ),
         (
@@ -151,6 +184,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             removed.clone(),
             [
                 false, false, false, false, true, false, false, false, false, false, false, false,
+                false, false, false, false, false, false, false,
             ],
         ),
         (
@@ -158,6 +192,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             viewer.clone(),
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
+                false, true, true, false, false, false, true,
             ],
         ),
         (
@@ -165,6 +200,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             other_operator.clone(),
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
+                true, true, true, false, false, false, true,
             ],
         ),
         (
@@ -172,13 +208,15 @@ async fn authorization_matrix_on_a_real_cluster() {
             operator.clone(),
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
+                true, true, true, false, false, false, true,
             ],
         ),
         (
             "admin",
             admin.clone(),
             [
-                true, true, true, true, true, true, true, true, true, true, true, true,
+                true, true, true, true, true, true, true, true, true, true, true, true, true, true,
+                true, true, true, true, true,
             ],
         ),
         (
@@ -186,6 +224,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             node_key,
             [
                 true, true, false, false, true, false, false, false, false, false, false, false,
+                false, true, true, false, false, false, true,
             ],
         ),
     ];
@@ -265,6 +304,84 @@ async fn authorization_matrix_on_a_real_cluster() {
         .to_string();
     assert!(err.contains("user:manage"), "{err}");
     client_v.endpoint().close().await;
+
+    // Images of a tenant are seen by that tenant (and admins) only.
+    let src = c.root.path().join("globex-image");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("file"), "globex\n").unwrap();
+    let client_a = client(admin.clone()).await;
+    let image = client_a
+        .call(
+            &to,
+            ImageImport {
+                name: "globex-web".into(),
+                path: src.display().to_string(),
+                tenant: Some("globex".into()),
+                pin: false,
+            },
+        )
+        .await
+        .unwrap()
+        .image;
+    client_a.endpoint().close().await;
+    let images = |key: SecretKey| {
+        let to = to.clone();
+        async move {
+            let client = client(key).await;
+            let images = client
+                .call(&to, ImageList { stale: false })
+                .await
+                .unwrap()
+                .images;
+            client.endpoint().close().await;
+            images.into_iter().map(|i| i.name).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(images(other_operator.clone()).await, ["globex-web"]);
+    assert!(images(operator.clone()).await.is_empty());
+    assert!(images(viewer.clone()).await.is_empty());
+    let client_o = client(operator.clone()).await;
+    let err = client_o
+        .call(
+            &to,
+            ImageRemove {
+                name: "globex-web".into(),
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("image:manage"), "{err}");
+    client_o.endpoint().close().await;
+
+    // The blob protocol (iroh-blobs) passes the same choke point: strangers and users
+    // cannot fetch blobs.
+    let manifest =
+        iroh_blobs::HashAndFormat::hash_seq(iroh_blobs::Hash::from_bytes(image.manifest.0));
+    let fetch = |key: SecretKey| {
+        let to = to.clone();
+        async move {
+            let ep = endpoint::bind(key, "127.0.0.1:0".parse().unwrap(), None, vec![])
+                .await
+                .unwrap();
+            let store = iroh_blobs::store::mem::MemStore::new();
+            let result = match ep.connect(to, iroh_blobs::ALPN).await {
+                Ok(conn) => store.remote().fetch(conn, manifest).await.is_ok(),
+                Err(_) => false,
+            };
+            ep.close().await;
+            result
+        }
+    };
+    assert!(
+        !fetch(SecretKey::generate()).await,
+        "a stranger fetched blobs"
+    );
+    assert!(
+        !fetch(admin.clone()).await,
+        "users fetch through the API, not blobs"
+    );
+    // (Members fetching through the gate is what every pull in tests/images.rs does.)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! Run with `cargo +nightly fuzz run api_frame` from this directory.
 #![no_main]
 
-use blixard_net::api::{RequestFrame, ResponseFrame};
+use blixard_net::api::{RequestFrame, ResponseItem};
 use blixard_net::frame::decode;
 use libfuzzer_sys::fuzz_target;
 
@@ -14,5 +14,5 @@ fuzz_target!(|data: &[u8]| {
         assert!(bytes.is_some());
         let _ = frame.request.kind();
     }
-    let _ = decode::<ResponseFrame>(data);
+    let _ = decode::<ResponseItem>(data);
 });

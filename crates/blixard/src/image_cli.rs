@@ -113,8 +113,9 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
             let ctx = long(ctx);
             let (client, to) = client(&ctx).await?;
             eprintln!("importing {path} as {name} …");
+            let mut view = output::ProgressView::new();
             let r = client
-                .call(
+                .call_with_progress(
                     &to,
                     ImageImport {
                         name,
@@ -122,8 +123,10 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
                         tenant,
                         pin,
                     },
+                    |p| view.update(&p.phase, p.done, p.total),
                 )
                 .await;
+            view.finish();
             client.endpoint().close().await;
             let image = r?.image;
             if ctx.output == Format::Json {
@@ -206,15 +209,18 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
         ImageCommand::Pull { name } => {
             let ctx = long(ctx);
             let (client, to) = client(&ctx).await?;
+            let mut view = output::ProgressView::new();
             let r = client
-                .call(
+                .call_with_progress(
                     &to,
                     ImagePull {
                         name: name.clone(),
                         node: None,
                     },
+                    |p| view.update(&p.phase, p.done, p.total),
                 )
                 .await;
+            view.finish();
             client.endpoint().close().await;
             let p = r?;
             if ctx.output == Format::Json {

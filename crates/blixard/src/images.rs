@@ -12,7 +12,8 @@ use blixard_images::nix::SigningKey;
 use blixard_images::{fetch, fetch_manifest, Holder, ImageStore, Progress};
 use blixard_net::api::{
     ApiError, CacheKeyInfo, HolderReport, ImageDetail, ImageEntries, ImageImport, ImageInfo,
-    ImagePath, ImagePull, ImagePulled, ImageRemoved, RequestFrame, Response, ResponseFrame,
+    ImagePath, ImagePull, ImagePulled, ImageRemoved, ProgressSink, RequestFrame, Response,
+    ResponseFrame,
 };
 use blixard_net::authz::Principal;
 use blixard_net::member_addr;
@@ -22,6 +23,9 @@ use iroh_blobs::Hash;
 use rand::seq::SliceRandom;
 
 use crate::service::{now_ms, NodeService};
+
+/// How long one raft step (a proposal, a read barrier) may take inside a long request.
+const RAFT_STEP: Duration = Duration::from_secs(15);
 
 /// The node's images and when each was last used here (for eviction).
 pub struct Images {
@@ -109,11 +113,21 @@ impl NodeService {
         }
         let key = SigningKey::generate(&format!("blixard-{}-1", self.cluster_short()))
             .map_err(internal)?;
-        self.propose(Command::SetCacheKey {
+        self.bounded(self.propose(Command::SetCacheKey {
             secret: key.to_nix_secret(),
-        })
+        }))
         .await
         .map(|_| ())
+    }
+
+    /// Raft steps inside long-running requests get the usual bound, not the request's hour.
+    async fn bounded<T>(
+        &self,
+        step: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        tokio::time::timeout(RAFT_STEP, step)
+            .await
+            .unwrap_or(Err(ApiError::Timeout(RAFT_STEP.as_millis() as u64)))
     }
 
     fn cluster_short(&self) -> String {
@@ -124,6 +138,7 @@ impl NodeService {
         &self,
         principal: &Principal,
         r: &ImageImport,
+        sink: ProgressSink,
     ) -> ResponseFrame {
         if !blixard_core::valid_name(&r.name) {
             return Err(ApiError::BadRequest(format!(
@@ -145,10 +160,7 @@ impl NodeService {
             )));
         }
         self.ensure_cache_key().await?;
-        let name = r.name.clone();
-        let progress = Progress::new(
-            move |p| tracing::debug!(image = %name, done = p.done, total = p.total, "{}", p.phase),
-        );
+        let progress = Progress::new(move |p| sink.report(p.phase, p.done, p.total));
         let started = Instant::now();
         let imported = self
             .images
@@ -179,7 +191,8 @@ impl NodeService {
                 .or_else(|| principal.tenant().map(str::to_string)),
             created_at_ms: now_ms(),
         };
-        self.propose(Command::AddImage(image.clone())).await?;
+        self.bounded(self.propose(Command::AddImage(image.clone())))
+            .await?;
         self.images.touch(manifest);
         tracing::info!(
             image = %r.name,
@@ -248,7 +261,12 @@ impl NodeService {
         Ok(Response::ImageShow(ImageDetail { image, paths }))
     }
 
-    pub(crate) async fn image_pull(&self, frame: &RequestFrame, r: &ImagePull) -> ResponseFrame {
+    pub(crate) async fn image_pull(
+        &self,
+        frame: &RequestFrame,
+        r: &ImagePull,
+        sink: ProgressSink,
+    ) -> ResponseFrame {
         let me = self.node.id();
         if let Some(target) = r.node.filter(|n| *n != me) {
             if frame.forwarded {
@@ -263,19 +281,27 @@ impl NodeService {
                     .and_then(|m| member_addr(&m.endpoint, &m.addrs))
             }
             .ok_or_else(|| ApiError::Rejected(format!("node {target} is not a member")))?;
-            return match self.client.forward(&addr, frame.request.clone()).await {
+            return match self
+                .client
+                .forward(&addr, frame.request.clone(), &sink)
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => Err(ApiError::Unavailable(format!("asking node {target}: {e}"))),
             };
         }
-        self.barrier(false).await?;
+        self.bounded(self.barrier(false)).await?;
         let image = self.image_named(&r.name)?;
-        Ok(Response::ImagePull(self.pull_here(&image).await?))
+        Ok(Response::ImagePull(self.pull_here(&image, sink).await?))
     }
 
     /// Fetches `image` from its holders (unless it is here), unpacks it into the store dir,
     /// and records this node as a holder.
-    pub(crate) async fn pull_here(&self, image: &Image) -> Result<ImagePulled, ApiError> {
+    pub(crate) async fn pull_here(
+        &self,
+        image: &Image,
+        sink: ProgressSink,
+    ) -> Result<ImagePulled, ApiError> {
         let me = self.node.id();
         let started = Instant::now();
         let hash = blob_hash(image.manifest);
@@ -285,6 +311,7 @@ impl NodeService {
             fetched_bytes: 0,
             holders: Vec::new(),
             materialised: Vec::new(),
+            fetch_millis: 0,
             millis: 0,
         };
         let store = &self.images.store;
@@ -297,10 +324,7 @@ impl NodeService {
                 )));
             }
             let ids: Vec<NodeId> = holders.iter().map(|(n, _)| *n).collect();
-            let name = image.name.clone();
-            let progress = Progress::new(
-                move |p| tracing::debug!(image = %name, done = p.done, total = p.total, "{}", p.phase),
-            );
+            let progress = Progress::new(move |p| sink.report(p.phase, p.done, p.total));
             let report = fetch(
                 store,
                 self.client.endpoint(),
@@ -322,6 +346,7 @@ impl NodeService {
                     error: s.error,
                 })
                 .collect();
+            out.fetch_millis = started.elapsed().as_millis() as u64;
             for h in &out.holders {
                 if let Some(e) = &h.error {
                     tracing::warn!(image = %image.name, holder = %h.node, "dropped holder: {e}");
@@ -334,12 +359,12 @@ impl NodeService {
             .await
             .map_err(|e| ApiError::Rejected(format!("image {}: {e}", image.name)))?;
         if !image.holders.contains(&me) {
-            self.propose(Command::SetImageHolder {
+            self.bounded(self.propose(Command::SetImageHolder {
                 name: image.name.clone(),
                 manifest: image.manifest,
                 node: me,
                 held: true,
-            })
+            }))
             .await?;
         }
         self.images.touch(image.manifest);

@@ -42,3 +42,69 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
         line(row.clone());
     }
 }
+
+/// Shows the progress of a long-running request on stderr: a bar with rate and ETA
+/// redrawn in place on a terminal, otherwise a plain line every few seconds.
+pub struct ProgressView {
+    tty: bool,
+    started: std::time::Instant,
+    last_line: Option<std::time::Instant>,
+    drawn: bool,
+}
+
+impl ProgressView {
+    pub fn new() -> Self {
+        use std::io::IsTerminal;
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            started: std::time::Instant::now(),
+            last_line: None,
+            drawn: false,
+        }
+    }
+
+    pub fn update(&mut self, phase: &str, done: u64, total: u64) {
+        let done = done.min(total);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let eta = if rate > 0.0 && total > done {
+            format!("{:.0} s", (total - done) as f64 / rate)
+        } else {
+            "-".into()
+        };
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let sizes = format!(
+            "{} / {}",
+            crate::image_cli::human_bytes(done),
+            crate::image_cli::human_bytes(total)
+        );
+        let rate = format!("{}/s", crate::image_cli::human_bytes(rate as u64));
+        if self.tty {
+            let width = 30;
+            let filled = ((pct / 100.0) * width as f64) as usize;
+            let bar = format!("{}{}", "#".repeat(filled), "-".repeat(width - filled));
+            eprint!("\r{phase:<9} [{bar}] {pct:>3.0}%  {sizes}  {rate}  ETA {eta}   ");
+            self.drawn = true;
+        } else {
+            let due = self
+                .last_line
+                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5));
+            if due || done == total {
+                eprintln!("{phase}: {pct:.0}% ({sizes}, {rate}, ETA {eta})");
+                self.last_line = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Ends the bar's line so what follows starts on a new one.
+    pub fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+    }
+}

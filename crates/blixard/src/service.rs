@@ -11,8 +11,8 @@ use blixard_core::{
 };
 use blixard_net::api::{
     ApiError, ClusterStatus, JoinCluster, Joined, Left, MetaEntries, MetaSetDone, PolicySetDone,
-    PolicyText, PolicyVerdict, Request, RequestFrame, Response, ResponseFrame, TokenCreated,
-    UserAdded, UserEntries, UserRemoved,
+    PolicyText, PolicyVerdict, ProgressSink, Request, RequestFrame, Response, ResponseFrame,
+    TokenCreated, UserAdded, UserEntries, UserRemoved,
 };
 use blixard_net::authz::{user_resource, Lookup, Principal};
 use blixard_net::client::ApiClient;
@@ -246,7 +246,11 @@ impl NodeService {
                     return Ok(Err(ApiError::NoLeader));
                 };
                 Err(
-                    match self.client.forward(&addr, frame.request.clone()).await {
+                    match self
+                        .client
+                        .forward(&addr, frame.request.clone(), &ProgressSink::none())
+                        .await
+                    {
                         Ok(r) => r,
                         Err(e) => Err(ApiError::Unavailable(format!(
                             "forwarding to leader {leader}: {e}"
@@ -331,7 +335,12 @@ impl Service for NodeService {
         self.audit.record(&event);
     }
 
-    async fn handle(&self, principal: Principal, frame: RequestFrame) -> ResponseFrame {
+    async fn handle(
+        &self,
+        principal: Principal,
+        frame: RequestFrame,
+        progress: ProgressSink,
+    ) -> ResponseFrame {
         match &frame.request {
             Request::Status(r) => {
                 self.barrier(r.stale).await?;
@@ -510,10 +519,10 @@ impl Service for NodeService {
                 };
                 Ok(Response::MetaGet(MetaEntries { entries }))
             }
-            Request::ImageImport(r) => self.image_import(&principal, r).await,
+            Request::ImageImport(r) => self.image_import(&principal, r, progress).await,
             Request::ImageList(r) => self.image_list(&principal, r.stale).await,
             Request::ImageShow(r) => self.image_show(&r.name, r.stale).await,
-            Request::ImagePull(r) => self.image_pull(&frame, r).await,
+            Request::ImagePull(r) => self.image_pull(&frame, r, progress).await,
             Request::ImagePin(r) => self.image_pin(&r.name, r.pinned).await,
             Request::ImageRemove(r) => self.image_remove(&r.name).await,
             Request::CacheKey(_) => self.cache_key(),

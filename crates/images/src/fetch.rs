@@ -179,13 +179,13 @@ pub async fn fetch(
                     Err(_) => None,
                 };
                 let Some(piece) = piece else { break };
-                match get(&store, &conn, piece.request()).await {
+                match get_counted(&store, &conn, piece.request(), &progress).await {
                     Ok(_) => {
                         mine.pieces += 1;
                         mine.bytes += piece.bytes;
-                        progress.advance(piece.bytes);
                     }
                     Err(e) => {
+                        // What arrived was verified and is kept; the rest goes back.
                         if let Ok(mut q) = queue.lock() {
                             q.push_back(piece);
                         }
@@ -257,24 +257,54 @@ fn failure_summary(what: &str, stats: &[HolderStats]) -> String {
     }
 }
 
+/// How long to wait for a holder to answer at all.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn connect(endpoint: &Endpoint, addr: &EndpointAddr) -> Result<Connection, String> {
-    endpoint
-        .connect(addr.clone(), iroh_blobs::ALPN)
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        endpoint.connect(addr.clone(), iroh_blobs::ALPN),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(format!("cannot connect: {e}")),
+        Err(_) => Err(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())),
+    }
 }
 
 /// One request to one holder.
-async fn get(store: &ImageStore, conn: &Connection, request: GetRequest) -> Result<(), String> {
-    let result = store
+async fn get(store: &ImageStore, conn: &Connection, request: GetRequest) -> Result<u64, String> {
+    get_counted(store, conn, request, &Progress::none()).await
+}
+
+/// One request to one holder, advancing `progress` as payload bytes arrive. Returns the
+/// bytes received.
+async fn get_counted(
+    store: &ImageStore,
+    conn: &Connection,
+    request: GetRequest,
+    progress: &Progress,
+) -> Result<u64, String> {
+    use iroh_blobs::api::remote::GetProgressItem;
+    use n0_future::StreamExt;
+    let mut items = store
         .blobs()
         .remote()
         .execute_get(conn.clone(), request)
-        .await;
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) => Err(describe(&e)),
+        .stream();
+    let mut seen = 0;
+    while let Some(item) = items.next().await {
+        match item {
+            GetProgressItem::Progress(total) => {
+                progress.advance(total.saturating_sub(seen));
+                seen = seen.max(total);
+            }
+            GetProgressItem::Done(stats) => return Ok(stats.payload_bytes_read),
+            GetProgressItem::Error(e) => return Err(describe(&e)),
+        }
     }
+    Err("the transfer ended without an answer".into())
 }
 
 fn describe(e: &iroh_blobs::get::GetError) -> String {

@@ -339,10 +339,14 @@ impl ImageStore {
         let tmp = self
             .stage
             .join(format!("{:016x}.nar", rand::random::<u64>()));
-        let (src, dst) = (path.to_owned(), tmp.clone());
+        let (src, dst, counter) = (path.to_owned(), tmp.clone(), progress.clone());
         let summary = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::create(&dst).map_err(|e| ImageError::Io(dst.clone(), e))?;
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            let counted = Counting {
+                inner: file,
+                progress: counter,
+            };
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, counted);
             let summary = dump_path(&src, &mut out).map_err(|e| ImageError::Io(src.clone(), e))?;
             std::io::Write::flush(&mut out).map_err(|e| ImageError::Io(dst.clone(), e))?;
             Ok::<_, ImageError>(summary)
@@ -359,7 +363,6 @@ impl ImageStore {
         let added = self.blobs.add_path(&tmp).temp_tag().await;
         let _ = std::fs::remove_file(&tmp);
         let tag = added.map_err(|e| blob_err("adding a NAR")(e.to_string()))?;
-        progress.advance(summary.size);
         Ok((tag.hash(), summary, tag))
     }
 
@@ -431,6 +434,24 @@ impl ImageStore {
             done.push(abs);
         }
         Ok(done)
+    }
+}
+
+/// Counts bytes written into a progress report.
+struct Counting<W> {
+    inner: W,
+    progress: Progress,
+}
+
+impl<W: std::io::Write> std::io::Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.progress.advance(n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

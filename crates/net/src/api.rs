@@ -108,8 +108,64 @@ impl RequestFrame {
     }
 }
 
-/// What goes on the wire for a response.
+/// The answer to a request.
 pub type ResponseFrame = Result<Response, ApiError>;
+
+/// What the server writes on a request's stream: for long-running requests, progress
+/// updates first; then, always, the answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ResponseItem {
+    Progress(ProgressUpdate),
+    Done(ResponseFrame),
+}
+
+/// How far a long-running request (an image import or pull) has come.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressUpdate {
+    /// What is happening ("importing", "fetching").
+    pub phase: String,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Where a handler reports progress; updates are dropped when nobody listens or the
+/// listener is behind, and sent at most a few times a second.
+#[derive(Clone, Debug, Default)]
+pub struct ProgressSink {
+    tx: Option<tokio::sync::mpsc::Sender<ProgressUpdate>>,
+    last: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl ProgressSink {
+    /// Reports to nobody.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    pub fn new(tx: tokio::sync::mpsc::Sender<ProgressUpdate>) -> Self {
+        Self {
+            tx: Some(tx),
+            last: Default::default(),
+        }
+    }
+
+    pub fn report(&self, phase: &str, done: u64, total: u64) {
+        let Some(tx) = &self.tx else { return };
+        let now = std::time::Instant::now();
+        if let Ok(mut last) = self.last.lock() {
+            let due = last.is_none_or(|t| now.duration_since(t).as_millis() >= 200);
+            if !due && done < total {
+                return;
+            }
+            *last = Some(now);
+        }
+        let _ = tx.try_send(ProgressUpdate {
+            phase: phase.to_string(),
+            done,
+            total,
+        });
+    }
+}
 
 /// Errors a node returns to a caller. Each is one line for the user.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -372,6 +428,8 @@ pub struct ImagePulled {
     pub holders: Vec<HolderReport>,
     /// Store paths unpacked into the node's store (those already there are skipped).
     pub materialised: Vec<String>,
+    /// Time spent fetching, and in total (fetch, unpack, recording the holder).
+    pub fetch_millis: u64,
     pub millis: u64,
 }
 

@@ -9,7 +9,9 @@ use blixard_core::ClusterId;
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 
-use crate::api::{ApiError, Request, RequestFrame, ResponseFrame, Rpc};
+use crate::api::{
+    ApiError, ProgressSink, ProgressUpdate, Request, RequestFrame, ResponseFrame, ResponseItem, Rpc,
+};
 use crate::frame;
 use crate::API_ALPN;
 
@@ -54,8 +56,23 @@ impl ApiClient {
         to: &EndpointAddr,
         request: R,
     ) -> Result<R::Response, ClientError> {
+        self.call_with_progress(to, request, |_| {}).await
+    }
+
+    /// Like [`ApiClient::call`], handing progress updates of a long-running request to
+    /// `on_progress` as they arrive.
+    pub async fn call_with_progress<R: Rpc>(
+        &self,
+        to: &EndpointAddr,
+        request: R,
+        on_progress: impl FnMut(&ProgressUpdate) + Send,
+    ) -> Result<R::Response, ClientError> {
         let response = self
-            .call_frame(to, RequestFrame::new(self.cluster, request.into()))
+            .exchange(
+                to,
+                RequestFrame::new(self.cluster, request.into()),
+                on_progress,
+            )
             .await??;
         R::from_response(response).ok_or_else(|| ClientError::Protocol {
             node: to.id.fmt_short().to_string(),
@@ -63,15 +80,18 @@ impl ApiClient {
         })
     }
 
-    /// Forwards an already-framed request (node to leader).
+    /// Forwards an already-framed request (node to leader, or to the node a pull is
+    /// for), passing its progress on.
     pub async fn forward(
         &self,
         to: &EndpointAddr,
         request: Request,
+        progress: &ProgressSink,
     ) -> Result<ResponseFrame, ClientError> {
         let mut frame = RequestFrame::new(self.cluster, request);
         frame.forwarded = true;
-        self.call_frame(to, frame).await
+        self.exchange(to, frame, |p| progress.report(&p.phase, p.done, p.total))
+            .await
     }
 
     async fn connection(&self, to: &EndpointAddr) -> Result<Connection, ClientError> {
@@ -99,10 +119,20 @@ impl ApiClient {
         Ok(conn)
     }
 
+    /// Sends a framed request and returns the answer, ignoring progress.
     pub async fn call_frame(
         &self,
         to: &EndpointAddr,
         request: RequestFrame,
+    ) -> Result<ResponseFrame, ClientError> {
+        self.exchange(to, request, |_| {}).await
+    }
+
+    async fn exchange(
+        &self,
+        to: &EndpointAddr,
+        request: RequestFrame,
+        mut on_progress: impl FnMut(&ProgressUpdate) + Send,
     ) -> Result<ResponseFrame, ClientError> {
         let node = to.id.fmt_short().to_string();
         let timeout = if request.request.is_long_running() {
@@ -123,9 +153,15 @@ impl ApiClient {
             })?;
             frame::write(&mut send, &request).await.map_err(protocol)?;
             let _ = send.finish();
-            frame::read::<ResponseFrame>(&mut recv)
-                .await
-                .map_err(protocol)
+            loop {
+                match frame::read::<ResponseItem>(&mut recv)
+                    .await
+                    .map_err(protocol)?
+                {
+                    ResponseItem::Progress(p) => on_progress(&p),
+                    ResponseItem::Done(answer) => return Ok(answer),
+                }
+            }
         };
         // The server applies the request timeout itself; allow a little more here.
         match tokio::time::timeout(timeout + Duration::from_secs(2), attempt).await {

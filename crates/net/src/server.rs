@@ -11,7 +11,7 @@ use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::sync::Semaphore;
 
-use crate::api::{ApiError, RequestFrame, ResponseFrame, API_VERSION};
+use crate::api::{ApiError, ProgressSink, RequestFrame, ResponseFrame, ResponseItem, API_VERSION};
 use crate::authz::{authorize, is_mutating, Decision, Lookup, Principal};
 use crate::frame::{self, FrameError};
 use crate::key_of;
@@ -37,11 +37,12 @@ pub trait Service: Lookup + Send + Sync + 'static {
     fn authorizer(&self) -> Arc<blixard_authz::Authorizer>;
     /// Records an audited event.
     fn audit(&self, event: AuditEvent);
-    /// Handles an authorized request.
+    /// Handles an authorized request; long-running ones report through `progress`.
     fn handle(
         &self,
         principal: Principal,
         frame: RequestFrame,
+        progress: ProgressSink,
     ) -> impl Future<Output = ResponseFrame> + Send;
 }
 
@@ -121,12 +122,28 @@ async fn serve_stream<S: Service>(
         Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
         Ok(Err(FrameError::Closed)) => return,
         Ok(Err(e)) => Err(ApiError::BadRequest(e.to_string())),
-        Ok(Ok(frame)) => dispatch(&*service, caller, frame, timeout).await,
+        Ok(Ok(frame)) => {
+            // Progress updates go out while the request runs.
+            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            let work = dispatch(&*service, caller, frame, timeout, ProgressSink::new(tx));
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    Some(update) = rx.recv() => {
+                        let item = ResponseItem::Progress(update);
+                        if frame::write(&mut send, &item).await.is_err() {
+                            tracing::debug!(%caller, "caller gone while its request runs");
+                        }
+                    }
+                }
+            }
+        }
     };
     if let Err(e) = &response {
         tracing::debug!(%caller, "request failed: {e}");
     }
-    if let Err(e) = frame::write(&mut send, &response).await {
+    if let Err(e) = frame::write(&mut send, &ResponseItem::Done(response)).await {
         tracing::debug!(%caller, "could not answer: {e}");
     }
     let _ = send.finish();
@@ -140,6 +157,7 @@ async fn dispatch<S: Service>(
     caller: EndpointKey,
     frame: RequestFrame,
     timeout: Duration,
+    progress: ProgressSink,
 ) -> ResponseFrame {
     if frame.version != API_VERSION {
         return Err(ApiError::Version(frame.version));
@@ -190,11 +208,13 @@ async fn dispatch<S: Service>(
     } else {
         timeout
     };
-    let result = match tokio::time::timeout(timeout, service.handle(principal.clone(), frame)).await
-    {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
-    };
+    let result =
+        match tokio::time::timeout(timeout, service.handle(principal.clone(), frame, progress))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+        };
     if audited {
         service.audit(event(Some(match &result {
             Ok(_) => "ok".to_string(),

@@ -113,6 +113,7 @@ impl RaftNode {
             next_request: seed_request_id(),
             conf_queue: VecDeque::new(),
             reads: BTreeMap::new(),
+            ticks: 0,
             waiting_reads: Vec::new(),
             next_read: 0,
             applied_tx,
@@ -224,6 +225,9 @@ enum ConfWork {
     Promote(NodeId),
 }
 
+/// Ticks after which an unanswered ReadIndex request is sent again.
+const READ_RETRY_TICKS: u64 = 20;
+
 struct Worker {
     core: RaftCore,
     transport: Arc<dyn Transport>,
@@ -231,8 +235,11 @@ struct Worker {
     pending: HashMap<u64, Reply<CommandOutput>>,
     next_request: u64,
     conf_queue: VecDeque<ConfWork>,
-    /// ReadIndex requests sent to raft, by context.
-    reads: BTreeMap<u64, Reply<()>>,
+    /// ReadIndex requests sent to raft, by context, with the leader and tick they were
+    /// (last) sent at: a request sent to a leader that then died is lost, so it is sent
+    /// again when the leader changes or it waits too long.
+    reads: BTreeMap<u64, (u64, u64, Reply<()>)>,
+    ticks: u64,
     /// ReadIndex answers waiting for the applied index to catch up.
     waiting_reads: Vec<(u64, Reply<()>)>,
     next_read: u64,
@@ -334,7 +341,8 @@ impl Worker {
                 }
                 self.next_read += 1;
                 self.core.read_index(self.next_read.to_be_bytes().to_vec());
-                self.reads.insert(self.next_read, reply);
+                self.reads
+                    .insert(self.next_read, (self.core.leader_id(), self.ticks, reply));
             }
             Input::Raft(msg) => {
                 if let Err(e) = self.core.step(msg) {
@@ -392,8 +400,26 @@ impl Worker {
     }
 
     fn housekeeping(&mut self) {
+        self.ticks += 1;
         self.pending.retain(|_, r| !r.is_closed());
-        self.reads.retain(|_, r| !r.is_closed());
+        self.reads.retain(|_, (_, _, r)| !r.is_closed());
+        let leader = self.core.leader_id();
+        if leader != 0 {
+            let (ticks, patience) = (self.ticks, READ_RETRY_TICKS);
+            let stale: Vec<u64> = self
+                .reads
+                .iter()
+                .filter(|(_, (sent_to, at, _))| *sent_to != leader || ticks >= at + patience)
+                .map(|(ctx, _)| *ctx)
+                .collect();
+            for ctx in stale {
+                self.core.read_index(ctx.to_be_bytes().to_vec());
+                if let Some(entry) = self.reads.get_mut(&ctx) {
+                    entry.0 = leader;
+                    entry.1 = ticks;
+                }
+            }
+        }
         if self.core.role() != StateRole::Leader {
             return;
         }
@@ -517,7 +543,8 @@ impl Worker {
         }
         for rs in read_states {
             let ctx: Option<[u8; 8]> = rs.request_ctx.as_slice().try_into().ok();
-            if let Some(reply) = ctx.and_then(|c| self.reads.remove(&u64::from_be_bytes(c))) {
+            if let Some((_, _, reply)) = ctx.and_then(|c| self.reads.remove(&u64::from_be_bytes(c)))
+            {
                 self.waiting_reads.push((rs.index, reply));
             }
         }

@@ -1,0 +1,355 @@
+//! Process tests for images: a real Nix closure imported on one node of a real cluster,
+//! fetched by the others over Iroh, compared byte for byte, served to a real Nix client
+//! as a binary cache; corrupt and vanished holders; pinning.
+//!
+//! Needs Nix (Debian's `nix-bin`; `scripts/test.sh` installs it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use blixard_tests::{wait_for, Cluster, Node};
+use serde_json::Value;
+
+const NIX_CONFIG: &str =
+    "experimental-features = nix-command flakes\nsandbox = false\nbuild-users-group =\nsubstituters =";
+
+fn nix_env() {
+    // Single-user Nix as root, without a daemon or substituters (see the platform notes).
+    std::env::set_var("NIX_CONFIG", NIX_CONFIG);
+}
+
+fn nix(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (install Nix: apt-get install nix-bin)", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Builds the test closure (two store paths; the runner refers to the lib) and returns
+/// the runner's store path.
+fn build_closure(tag: &str, big_mib: u32) -> String {
+    let expr = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/image-closure.nix");
+    nix(&[
+        "nix-build",
+        expr,
+        "--no-out-link",
+        "--argstr",
+        "tag",
+        tag,
+        "--arg",
+        "big",
+        &big_mib.to_string(),
+    ])
+}
+
+fn closure_of(path: &str) -> Vec<String> {
+    nix(&["nix-store", "-qR", path])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Compares two trees: names, kinds, file bytes, executable bits, symlink targets.
+fn assert_same_tree(a: &Path, b: &Path) {
+    let ma = std::fs::symlink_metadata(a).unwrap();
+    let mb =
+        std::fs::symlink_metadata(b).unwrap_or_else(|e| panic!("{} is missing: {e}", b.display()));
+    assert_eq!(ma.file_type(), mb.file_type(), "{}", b.display());
+    if ma.file_type().is_symlink() {
+        assert_eq!(
+            std::fs::read_link(a).unwrap(),
+            std::fs::read_link(b).unwrap(),
+            "{}",
+            b.display()
+        );
+    } else if ma.is_file() {
+        assert_eq!(
+            ma.permissions().mode() & 0o100,
+            mb.permissions().mode() & 0o100,
+            "executable bit of {}",
+            b.display()
+        );
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "contents of {} differ",
+            b.display()
+        );
+    } else {
+        let names = |d: &Path| {
+            let mut v: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(a), names(b), "entries of {}", b.display());
+        for name in names(a) {
+            assert_same_tree(&a.join(&name), &b.join(&name));
+        }
+    }
+}
+
+fn assert_closure_in(node: &Node, closure: &[String]) {
+    for p in closure {
+        let base = Path::new(p).file_name().unwrap();
+        assert_same_tree(Path::new(p), &node.store_dir().join(base));
+    }
+}
+
+fn json(node: &Node, args: &[&str]) -> Value {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&node.cli_ok(&all)).unwrap()
+}
+
+fn holders(node: &Node, image: &str) -> Vec<u64> {
+    let list = json(node, &["image", "list"]);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == image)
+        .map(|i| {
+            i["holders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h.as_u64().unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Tests 1 and 2 of the issue: a real closure through a 3-node cluster, and a real Nix
+/// client copying it from a node's binary cache with signatures checked.
+#[test]
+fn a_nix_closure_travels_byte_for_byte_and_nix_copies_it_from_the_cache() {
+    nix_env();
+    let root = build_closure("travel", 1);
+    let closure = closure_of(&root);
+    assert_eq!(closure.len(), 2, "{closure:?}");
+    let c = Cluster::start(3, &[]);
+    let (n1, n2, n3) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+
+    let image = json(n1, &["image", "import", &root, "--name", "web"]);
+    assert_eq!(image["root"], root.as_str());
+    assert_eq!(image["nar_count"], 2);
+    // Pulled through node 1's CLI on node 2 (by id), and by node 3 itself.
+    n1.cli_ok(&["--node", "n2", "image", "pull", "web"]);
+    let pulled = json(n3, &["image", "pull", "web"]);
+    assert_eq!(pulled["fetched_blobs"], 2, "{pulled}");
+    assert_closure_in(n2, &closure);
+    assert_closure_in(n3, &closure);
+    assert_eq!(holders(n1, "web"), vec![1, 2, 3]);
+    // Pulling again is a no-op.
+    let again = json(n3, &["image", "pull", "web"]);
+    assert_eq!(again["fetched_blobs"], 0);
+
+    let show = json(n2, &["image", "show", "web"]);
+    let paths: Vec<&str> = show["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    let mut expected: Vec<&str> = closure.iter().map(String::as_str).collect();
+    let mut got = paths.clone();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected);
+
+    // A real Nix client, into an empty store, with signatures required.
+    let key = json(n3, &["image", "cache-key"]);
+    let public = key["public_key"].as_str().unwrap().to_string();
+    let url = key["url"].as_str().unwrap().to_string();
+    let scratch = tempfile::tempdir().unwrap();
+    let copy = |store: &Path, trusted: &str| {
+        Command::new("nix")
+            .args(["copy", "--from", &url, "--to"])
+            .arg(store)
+            .args(["--option", "trusted-public-keys", trusted])
+            .args(["--option", "require-sigs", "true"])
+            .args(["--option", "narinfo-cache-negative-ttl", "0"])
+            .arg(&root)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .env("XDG_CACHE_HOME", scratch.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    let good = scratch.path().join("good");
+    let out = copy(&good, &public);
+    assert!(
+        out.status.success(),
+        "nix copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in &closure {
+        nix(&[
+            "nix-store",
+            "--store",
+            good.to_str().unwrap(),
+            "--verify-path",
+            p,
+        ]);
+        let inside = good.join(p.trim_start_matches('/'));
+        assert_same_tree(Path::new(p), &inside);
+    }
+    let wrong = "blixard-wrong-1:Hb8tKcr5lHMOnm1E2y3zcm0wMjC0VSCUXvBg+zYXxVQ=";
+    let out = copy(&scratch.path().join("bad"), wrong);
+    assert!(!out.status.success(), "a wrong key must be refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("signature"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The blob data file of `blob` in `node`'s store.
+fn blob_file(node: &Node, blob: &str) -> PathBuf {
+    node.dir
+        .join("blobs")
+        .join("data")
+        .join(format!("{blob}.data"))
+}
+
+/// Test 3: a holder whose copy is corrupt on disk is dropped and reported, the fetch
+/// completes from another; with every holder gone the pull fails clearly and leaves
+/// nothing in the store dir.
+#[test]
+fn a_corrupt_holder_is_dropped_and_vanished_holders_are_a_clear_error() {
+    nix_env();
+    // Large enough to be split into pieces served by both holders.
+    let root = build_closure("corrupt", 40);
+    let closure = closure_of(&root);
+    let mut c = Cluster::start(3, &[]);
+    let (n1, n2, n3) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+    n1.cli_ok(&["image", "import", &root, "--name", "web"]);
+    n2.cli_ok(&["image", "pull", "web"]);
+
+    // Corrupt node 1's copy of the big NAR on disk, every 16 KiB group of it.
+    let show = json(n1, &["image", "show", "web"]);
+    let big = show["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|p| p["nar_size"].as_u64().unwrap())
+        .unwrap()["blob"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let file = blob_file(n1, &big);
+    let mut bytes = std::fs::read(&file).unwrap();
+    for i in (0..bytes.len()).step_by(16 * 1024) {
+        bytes[i] ^= 0xff;
+    }
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.write_all(&bytes).unwrap();
+    }
+
+    let pulled = json(n3, &["image", "pull", "web"]);
+    assert_closure_in(n3, &closure);
+    let reports = pulled["holders"].as_array().unwrap();
+    let n1_report = reports.iter().find(|h| h["node"] == 1).unwrap();
+    assert!(
+        n1_report["error"].is_string(),
+        "node 1 served corrupt data and must be reported: {pulled}"
+    );
+    let n2_report = reports.iter().find(|h| h["node"] == 2).unwrap();
+    assert!(n2_report["error"].is_null(), "{pulled}");
+
+    // A plain directory (a non-Nix host's runner), held only by node 1, which then dies.
+    let src = c.root.path().join("lonely");
+    std::fs::create_dir_all(src.join("bin")).unwrap();
+    std::fs::write(src.join("bin/microvm-run"), "#!/bin/sh\necho lonely\n").unwrap();
+    std::fs::set_permissions(
+        src.join("bin/microvm-run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let image = json(
+        &c.nodes[0],
+        &["image", "import", src.to_str().unwrap(), "--name", "lonely"],
+    );
+    let lonely_root = image["root"].as_str().unwrap().to_string();
+    let base = Path::new(&lonely_root).file_name().unwrap().to_owned();
+    assert!(base.to_string_lossy().ends_with("-lonely"));
+    // Imported plain directories are unpacked on the importing node too.
+    assert_same_tree(&src, &c.nodes[0].store_dir().join(&base));
+    c.nodes[0].kill9();
+    let out = c.nodes[2].cli(&["image", "pull", "lonely"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("n1"),
+        "the error names the holder: {stderr}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(c.nodes[2].store_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("lonely") || n.starts_with(".blixard"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial paths left: {leftovers:?}");
+}
+
+/// Test 5 (until VMs exist): a pinned image cannot be removed; unpinned it can, and its
+/// holders drop it.
+#[test]
+fn pinned_images_stay_and_removed_images_go() {
+    nix_env();
+    let c = Cluster::start(1, &[]);
+    let n1 = &c.nodes[0];
+    let src = c.root.path().join("demo");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello"), "hello\n").unwrap();
+    n1.cli_ok(&[
+        "image",
+        "import",
+        src.to_str().unwrap(),
+        "--name",
+        "demo",
+        "--pin",
+    ]);
+    let out = n1.cli(&["image", "rm", "demo"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pinned"));
+    // The same name with other content is refused; the same content is not a new image.
+    std::fs::write(src.join("hello"), "changed\n").unwrap();
+    let out = n1.cli(&["image", "import", src.to_str().unwrap(), "--name", "demo"]);
+    assert_eq!(out.status.code(), Some(5));
+    n1.cli_ok(&["image", "unpin", "demo"]);
+    n1.cli_ok(&["image", "rm", "demo"]);
+    assert!(json(n1, &["image", "list"]).as_array().unwrap().is_empty());
+    let out = n1.cli(&["image", "show", "demo"]);
+    assert_eq!(out.status.code(), Some(5));
+    // Bad input: a relative path through the API, a missing path, a bad name.
+    let out = n1.cli(&["image", "import", "/nonexistent/x", "--name", "x"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = n1.cli(&[
+        "image",
+        "import",
+        src.to_str().unwrap(),
+        "--name",
+        "Bad Name",
+    ]);
+    assert_eq!(out.status.code(), Some(5));
+    wait_for("nothing", Duration::from_millis(1), || Ok(()));
+}
