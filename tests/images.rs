@@ -351,5 +351,124 @@ fn pinned_images_stay_and_removed_images_go() {
         "Bad Name",
     ]);
     assert_eq!(out.status.code(), Some(5));
-    wait_for("nothing", Duration::from_millis(1), || Ok(()));
+}
+
+/// Writes `mib` MiB of incompressible bytes (different per `seed`).
+fn random_file(path: &Path, mib: usize, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut bytes = vec![0u8; mib << 20];
+    for chunk in bytes.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Unpinned images beyond a node's cache size are evicted least-recently-used first;
+/// pinned ones stay, and the cluster stops listing the node as their holder.
+#[test]
+fn images_beyond_the_cache_size_are_evicted_least_recently_used() {
+    nix_env();
+    let root = tempfile::Builder::new()
+        .prefix("blixard-test")
+        .tempdir()
+        .unwrap();
+    let mut n1 = Node::new(root.path(), "n1");
+    let mut n2 = Node::new(root.path(), "n2");
+    std::fs::create_dir_all(&n2.dir).unwrap();
+    std::fs::write(
+        n2.dir.join("blixard.toml"),
+        "[images]\ncache_size_mib = 5\n",
+    )
+    .unwrap();
+    n1.start(&["--init"]);
+    let ticket = n1
+        .cli_ok(&["cluster", "token", "create"])
+        .trim()
+        .to_string();
+    n2.start(&["--join", &ticket]);
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        random_file(&dir.join("disk.img"), 2, i as u64 + 1);
+        let mut args = vec!["image", "import", dir.to_str().unwrap(), "--name", name];
+        if name == "a" {
+            args.push("--pin");
+        }
+        n1.cli_ok(&args);
+    }
+    // 6 MiB pulled into a 5 MiB cache: b, the least recently used unpinned image, goes.
+    for name in ["a", "b", "c"] {
+        n2.cli_ok(&["image", "pull", name]);
+    }
+    wait_for("node 2 to evict b", Duration::from_secs(30), || {
+        let held: Vec<(String, Vec<u64>)> = ["a", "b", "c"]
+            .iter()
+            .map(|n| (n.to_string(), holders(&n1, n)))
+            .collect();
+        if held
+            == [
+                ("a".to_string(), vec![1, 2]),
+                ("b".to_string(), vec![1]),
+                ("c".to_string(), vec![1, 2]),
+            ]
+        {
+            Ok(())
+        } else {
+            Err(format!("{held:?}"))
+        }
+    });
+    // The node that evicted it can take it back on demand (from its blob store while
+    // garbage collection has not yet reclaimed the blobs, else from node 1).
+    n2.cli_ok(&["image", "pull", "b"]);
+    assert_eq!(holders(&n1, "b"), vec![1, 2]);
+}
+
+/// On a host whose store Nix manages (`materialise = "nix"`), a pulled image reaches the
+/// store through the node's own binary cache with `nix copy`, signatures checked, so Nix
+/// registers every path.
+#[test]
+fn a_nix_host_gets_images_through_its_own_binary_cache() {
+    nix_env();
+    let path = build_closure("nixhost", 1);
+    let closure = closure_of(&path);
+    let root = tempfile::Builder::new()
+        .prefix("blixard-test")
+        .tempdir()
+        .unwrap();
+    let store = root.path().join("n2-nix");
+    let mut n1 = Node::new(root.path(), "n1");
+    let mut n2 = Node::new(root.path(), "n2");
+    std::fs::create_dir_all(&n2.dir).unwrap();
+    std::fs::write(
+        n2.dir.join("blixard.toml"),
+        format!(
+            "[images]\nmaterialise = \"nix\"\nnix_store = \"{}\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    n1.start(&["--init"]);
+    let ticket = n1
+        .cli_ok(&["cluster", "token", "create"])
+        .trim()
+        .to_string();
+    n2.start(&["--join", &ticket]);
+    n1.cli_ok(&["image", "import", &path, "--name", "web"]);
+    let pulled = json(&n2, &["image", "pull", "web"]);
+    assert_eq!(pulled["materialised"][0], path.as_str(), "{pulled}");
+    for p in &closure {
+        nix(&[
+            "nix-store",
+            "--store",
+            store.to_str().unwrap(),
+            "--verify-path",
+            p,
+        ]);
+        assert_same_tree(Path::new(p), &store.join(p.trim_start_matches('/')));
+    }
+    // Nothing was unpacked beside Nix.
+    assert!(!n2.store_dir().exists() || std::fs::read_dir(n2.store_dir()).unwrap().count() == 0);
 }

@@ -37,6 +37,22 @@ pub struct ImagesConfig {
     pub cache_listen: Option<SocketAddr>,
     /// Evict unpinned images least-recently-used beyond this many MiB; unset keeps all.
     pub cache_size_mib: Option<u64>,
+    /// How fetched closures reach the host's store: `unpack` them into `store_dir`
+    /// (hosts without a Nix daemon), or hand them to `nix` through this node's own binary
+    /// cache (`nix copy --from`), so Nix registers them.
+    pub materialise: Materialise,
+    /// With `materialise = "nix"`: the Nix store to copy into (`nix copy --to`); unset
+    /// means the host's store.
+    pub nix_store: Option<String>,
+}
+
+/// See [`ImagesConfig::materialise`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Materialise {
+    #[default]
+    Unpack,
+    Nix,
 }
 
 impl Default for ImagesConfig {
@@ -45,6 +61,8 @@ impl Default for ImagesConfig {
             store_dir: "/nix/store".into(),
             cache_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7380))),
             cache_size_mib: None,
+            materialise: Materialise::Unpack,
+            nix_store: None,
         }
     }
 }
@@ -136,6 +154,11 @@ impl Config {
         }
         blixard_images::nix::StoreDir::new(&self.images.store_dir)
             .map_err(|e| format!("images.store_dir: {e}"))?;
+        if self.images.materialise == Materialise::Nix && self.images.cache_listen.is_none() {
+            return Err(
+                "images.materialise = \"nix\" copies from this node's binary cache; set images.cache_listen".into(),
+            );
+        }
         if let Some(url) = &self.relay_url {
             url.parse::<iroh::RelayUrl>()
                 .map_err(|e| format!("relay_url {url:?}: {e}"))?;

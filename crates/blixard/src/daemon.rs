@@ -421,6 +421,8 @@ async fn serve(
         image_store.clone(),
         cache.as_ref().map(|(a, _)| format!("http://{a}")),
         config.images.cache_size_mib.map(|m| m << 20),
+        (config.images.materialise == crate::config::Materialise::Nix)
+            .then(|| config.images.nix_store.clone()),
     );
     let service = Arc::new(
         NodeService::new(

@@ -34,15 +34,24 @@ pub struct Images {
     pub cache_url: Option<String>,
     /// Evict unpinned images beyond this many bytes; `None` keeps everything.
     pub cache_bytes: Option<u64>,
+    /// Copy fetched closures into a Nix store with `nix copy` instead of unpacking them:
+    /// `Some(None)` for the host's store, `Some(Some(uri))` for another one.
+    pub nix_copy: Option<Option<String>>,
     last_used: Mutex<HashMap<BlobHash, Instant>>,
 }
 
 impl Images {
-    pub fn new(store: ImageStore, cache_url: Option<String>, cache_bytes: Option<u64>) -> Self {
+    pub fn new(
+        store: ImageStore,
+        cache_url: Option<String>,
+        cache_bytes: Option<u64>,
+        nix_copy: Option<Option<String>>,
+    ) -> Self {
         Self {
             store,
             cache_url,
             cache_bytes,
+            nix_copy,
             last_used: Mutex::new(HashMap::new()),
         }
     }
@@ -113,21 +122,33 @@ impl NodeService {
         }
         let key = SigningKey::generate(&format!("blixard-{}-1", self.cluster_short()))
             .map_err(internal)?;
-        self.bounded(self.propose(Command::SetCacheKey {
+        let command = Command::SetCacheKey {
             secret: key.to_nix_secret(),
-        }))
-        .await
-        .map(|_| ())
+        };
+        self.bounded(|| self.propose(command.clone()))
+            .await
+            .map(|_| ())
     }
 
-    /// Raft steps inside long-running requests get the usual bound, not the request's hour.
-    async fn bounded<T>(
+    /// Raft steps inside long-running requests get the usual bound, not the request's
+    /// hour; within it, a step that found no leader (an election, e.g. while transfers
+    /// starve the host's CPU) is tried again, so minutes of transfer are not lost to it.
+    async fn bounded<T, F: std::future::Future<Output = Result<T, ApiError>>>(
         &self,
-        step: impl std::future::Future<Output = Result<T, ApiError>>,
+        mut step: impl FnMut() -> F,
     ) -> Result<T, ApiError> {
-        tokio::time::timeout(RAFT_STEP, step)
-            .await
-            .unwrap_or(Err(ApiError::Timeout(RAFT_STEP.as_millis() as u64)))
+        let deadline = tokio::time::Instant::now() + RAFT_STEP;
+        loop {
+            match tokio::time::timeout_at(deadline, step()).await {
+                Err(_) => return Err(ApiError::Timeout(RAFT_STEP.as_millis() as u64)),
+                Ok(Err(ApiError::NoLeader | ApiError::Unavailable(_)))
+                    if tokio::time::Instant::now() + Duration::from_millis(250) < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Ok(result) => return result,
+            }
+        }
     }
 
     fn cluster_short(&self) -> String {
@@ -170,12 +191,6 @@ impl NodeService {
             .map_err(|e| ApiError::Rejected(e.to_string()))?;
         let m = &imported.manifest;
         let manifest = BlobHash(*imported.manifest_hash.as_bytes());
-        // Unpack into this node's store dir too, so a VM here can run it.
-        self.images
-            .store
-            .materialise(m)
-            .await
-            .map_err(|e| ApiError::Rejected(e.to_string()))?;
         let image = Image {
             name: r.name.clone(),
             manifest,
@@ -191,7 +206,9 @@ impl NodeService {
                 .or_else(|| principal.tenant().map(str::to_string)),
             created_at_ms: now_ms(),
         };
-        self.bounded(self.propose(Command::AddImage(image.clone())))
+        // Into this node's store too, so a VM here can run it.
+        self.materialise_here(&image, m).await?;
+        self.bounded(|| self.propose(Command::AddImage(image.clone())))
             .await?;
         self.images.touch(manifest);
         tracing::info!(
@@ -290,7 +307,7 @@ impl NodeService {
                 Err(e) => Err(ApiError::Unavailable(format!("asking node {target}: {e}"))),
             };
         }
-        self.bounded(self.barrier(false)).await?;
+        self.bounded(|| self.barrier(false)).await?;
         let image = self.image_named(&r.name)?;
         Ok(Response::ImagePull(self.pull_here(&image, sink).await?))
     }
@@ -354,22 +371,83 @@ impl NodeService {
             }
         }
         let manifest = store.manifest(hash).await.map_err(internal)?;
-        out.materialised = store
-            .materialise(&manifest)
-            .await
-            .map_err(|e| ApiError::Rejected(format!("image {}: {e}", image.name)))?;
+        out.materialised = self.materialise_here(image, &manifest).await?;
         if !image.holders.contains(&me) {
-            self.bounded(self.propose(Command::SetImageHolder {
+            let command = Command::SetImageHolder {
                 name: image.name.clone(),
                 manifest: image.manifest,
                 node: me,
                 held: true,
-            }))
-            .await?;
+            };
+            self.bounded(|| self.propose(command.clone())).await?;
         }
         self.images.touch(image.manifest);
         out.millis = started.elapsed().as_millis() as u64;
         Ok(out)
+    }
+
+    /// Puts the image's store paths into this host's store: unpacked, or through Nix.
+    async fn materialise_here(
+        &self,
+        image: &Image,
+        manifest: &blixard_images::Manifest,
+    ) -> Result<Vec<String>, ApiError> {
+        match &self.images.nix_copy {
+            None => self
+                .images
+                .store
+                .materialise(manifest)
+                .await
+                .map_err(|e| ApiError::Rejected(format!("image {}: {e}", image.name))),
+            Some(to) => {
+                self.nix_copy(image, to.as_deref()).await?;
+                Ok(vec![image.root.clone()])
+            }
+        }
+    }
+
+    /// Hands an image to the host's Nix through this node's binary cache, so Nix checks
+    /// the signatures, registers the paths and its GC roots can protect them.
+    async fn nix_copy(&self, image: &Image, to: Option<&str>) -> Result<(), ApiError> {
+        let url = self.images.cache_url.clone().ok_or_else(|| {
+            ApiError::Rejected(
+                "materialise = nix needs the binary cache (images.cache_listen)".into(),
+            )
+        })?;
+        let key = self
+            .node
+            .state()
+            .cache_key()
+            .and_then(|s| SigningKey::from_nix_secret(s).ok())
+            .map(|k| k.public_key().to_string())
+            .ok_or_else(|| ApiError::Rejected("the cluster has no cache key".into()))?;
+        let mut cmd = tokio::process::Command::new("nix");
+        cmd.args([
+            "--extra-experimental-features",
+            "nix-command",
+            "copy",
+            "--from",
+            &url,
+        ])
+        .args(["--option", "extra-trusted-public-keys", &key])
+        .args(["--option", "narinfo-cache-negative-ttl", "0"]);
+        if let Some(to) = to {
+            cmd.args(["--to", to]);
+        }
+        let out = cmd
+            .arg(&image.root)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| ApiError::Rejected(format!("cannot run nix copy: {e}")))?;
+        if !out.status.success() {
+            return Err(ApiError::Rejected(format!(
+                "image {}: nix copy --from {url}: {}",
+                image.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
     }
 
     pub(crate) async fn image_pin(&self, name: &str, pinned: bool) -> ResponseFrame {

@@ -1,9 +1,9 @@
 //! Fetching an image from the nodes that hold it.
 //!
 //! The hash sequence and the manifest come from the first holder that answers. The NARs
-//! this node lacks are cut into pieces (whole blobs, and ranges of large blobs when there
-//! is more than one holder) and pulled by one worker per holder from a shared queue, so
-//! several holders serve at once. Every byte is checked against the BLAKE3 tree of the
+//! this node lacks are cut into pieces (whole blobs, and 16 MiB ranges of large blobs) and
+//! pulled from a shared queue by a few concurrent streams per holder, so several holders
+//! (and several streams of one) serve at once. Every byte is checked against the BLAKE3 tree of the
 //! blob it belongs to as it arrives; a holder that sends anything else, or vanishes, is
 //! dropped with its reason and its piece goes back in the queue for the others.
 
@@ -49,12 +49,16 @@ pub struct FetchReport {
     pub holders: Vec<HolderStats>,
 }
 
-/// Blobs larger than this are split into pieces of this size when several holders serve.
+/// Blobs larger than twice this are fetched in pieces of this size, so several streams
+/// and holders can serve one blob.
 const PIECE_BYTES: u64 = 16 << 20;
 /// BLAKE3 chunks are 1 KiB.
 const CHUNK_BYTES: u64 = 1024;
 /// How many holders serve one fetch at once.
-const MAX_WORKERS: usize = 8;
+const MAX_HOLDERS: usize = 8;
+/// Concurrent requests to a holder: when it is the only one, and when it shares the work.
+const STREAMS_ALONE: usize = 4;
+const STREAMS_SHARED: usize = 2;
 
 #[derive(Clone, Debug)]
 struct Piece {
@@ -78,8 +82,8 @@ impl Piece {
     }
 }
 
-fn pieces_of(blob: Hash, size: u64, split: bool) -> Vec<Piece> {
-    if !split || size <= PIECE_BYTES * 2 {
+fn pieces_of(blob: Hash, size: u64) -> Vec<Piece> {
+    if size <= PIECE_BYTES * 2 {
         return vec![Piece {
             blob,
             chunks: None,
@@ -143,65 +147,76 @@ pub async fn fetch(
     let alive: Vec<usize> = (0..holders.len())
         .filter(|i| stats[*i].error.is_none())
         .collect();
-    let split = alive.len() > 1;
     for e in &entries {
         if store.has_blob(e.blob).await? {
             continue;
         }
         fetched_blobs += 1;
         fetched_bytes += e.nar_size;
-        queue.extend(pieces_of(e.blob, e.nar_size, split));
+        queue.extend(pieces_of(e.blob, e.nar_size));
     }
     progress.start("fetching", fetched_bytes);
     let queue = Arc::new(Mutex::new(queue));
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
-    for i in alive.into_iter().take(MAX_WORKERS) {
-        let (store, endpoint, queue, progress) = (
-            store.clone(),
-            endpoint.clone(),
-            queue.clone(),
-            progress.clone(),
-        );
-        let addr = holders[i].addr.clone();
-        workers.spawn(async move {
-            let mut mine = HolderStats::default();
-            let conn = match connect(&endpoint, &addr).await {
-                Ok(c) => c,
-                Err(e) => {
-                    mine.error = Some(e);
-                    return (i, mine);
-                }
-            };
-            loop {
-                let piece = match queue.lock() {
-                    Ok(mut q) => q.pop_front(),
-                    Err(_) => None,
-                };
-                let Some(piece) = piece else { break };
-                match get_counted(&store, &conn, piece.request(), &progress).await {
-                    Ok(_) => {
-                        mine.pieces += 1;
-                        mine.bytes += piece.bytes;
-                    }
-                    Err(e) => {
-                        // What arrived was verified and is kept; the rest goes back.
-                        if let Ok(mut q) = queue.lock() {
-                            q.push_back(piece);
-                        }
-                        mine.error = Some(e);
-                        break;
-                    }
-                }
+    // Several streams per holder keep a holder busy while each stream waits on its own
+    // verification and writes.
+    let per_holder = if alive.len() == 1 {
+        STREAMS_ALONE
+    } else {
+        STREAMS_SHARED
+    };
+    for i in alive.into_iter().take(MAX_HOLDERS) {
+        let conn = match connect(endpoint, &holders[i].addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                stats[i].error = Some(e);
+                continue;
             }
-            (i, mine)
-        });
+        };
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for _ in 0..per_holder {
+            let (store, conn, queue, progress, failed) = (
+                store.clone(),
+                conn.clone(),
+                queue.clone(),
+                progress.clone(),
+                failed.clone(),
+            );
+            workers.spawn(async move {
+                let mut mine = HolderStats::default();
+                while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    let piece = match queue.lock() {
+                        Ok(mut q) => q.pop_front(),
+                        Err(_) => None,
+                    };
+                    let Some(piece) = piece else { break };
+                    match get_counted(&store, &conn, piece.request(), &progress).await {
+                        Ok(_) => {
+                            mine.pieces += 1;
+                            mine.bytes += piece.bytes;
+                        }
+                        Err(e) => {
+                            // What arrived was verified and is kept; the rest goes back,
+                            // and this holder serves no more.
+                            if let Ok(mut q) = queue.lock() {
+                                q.push_back(piece);
+                            }
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            mine.error = Some(e);
+                            break;
+                        }
+                    }
+                }
+                (i, mine)
+            });
+        }
     }
     while let Some(done) = workers.join_next().await {
         if let Ok((i, mine)) = done {
             stats[i].pieces += mine.pieces;
             stats[i].bytes += mine.bytes;
-            if mine.error.is_some() {
+            if mine.error.is_some() && stats[i].error.is_none() {
                 stats[i].error = mine.error;
             }
         }
