@@ -309,7 +309,26 @@ async fn authorization_matrix_on_a_real_cluster() {
     let src = c.root.path().join("globex-image");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("file"), "globex\n").unwrap();
-    let client_a = client(admin.clone()).await;
+    // An import reads the node's files: users may only import from images.import_paths
+    // (the Nix store by default); the node's own admin credential may import from anywhere.
+    let client_o = client(other_operator.clone()).await;
+    let err = client_o
+        .call(
+            &to,
+            ImageImport {
+                name: "sneaky".into(),
+                path: src.display().to_string(),
+                tenant: None,
+                pin: false,
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("import_paths"), "{err}");
+    client_o.endpoint().close().await;
+    let node_admin = keys::load(&c.nodes[1].dir.join("admin.key")).unwrap();
+    let client_a = client(node_admin).await;
     let image = client_a
         .call(
             &to,

@@ -44,6 +44,10 @@ pub struct ImagesConfig {
     /// With `materialise = "nix"`: the Nix store to copy into (`nix copy --to`); unset
     /// means the host's store.
     pub nix_store: Option<String>,
+    /// Where callers other than this node's own admin credential may import from: an
+    /// import reads files on this host, so it is limited to these directories (the Nix
+    /// store, which is world-readable anyway, by default).
+    pub import_paths: Vec<String>,
 }
 
 /// See [`ImagesConfig::materialise`].
@@ -63,6 +67,7 @@ impl Default for ImagesConfig {
             cache_size_mib: None,
             materialise: Materialise::Unpack,
             nix_store: None,
+            import_paths: vec!["/nix/store".into()],
         }
     }
 }
@@ -154,6 +159,16 @@ impl Config {
         }
         blixard_images::nix::StoreDir::new(&self.images.store_dir)
             .map_err(|e| format!("images.store_dir: {e}"))?;
+        if let Some(p) = self
+            .images
+            .import_paths
+            .iter()
+            .find(|p| !p.starts_with('/'))
+        {
+            return Err(format!(
+                "images.import_paths: {p:?} is not an absolute path"
+            ));
+        }
         if self.images.materialise == Materialise::Nix && self.images.cache_listen.is_none() {
             return Err(
                 "images.materialise = \"nix\" copies from this node's binary cache; set images.cache_listen".into(),

@@ -423,6 +423,12 @@ async fn serve(
         config.images.cache_size_mib.map(|m| m << 20),
         (config.images.materialise == crate::config::Materialise::Nix)
             .then(|| config.images.nix_store.clone()),
+        config
+            .images
+            .import_paths
+            .iter()
+            .map(std::path::PathBuf::from)
+            .collect(),
     );
     let service = Arc::new(
         NodeService::new(

@@ -2,7 +2,7 @@
 //! the janitor that keeps the local blob store in line with cluster state.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,8 @@ pub struct Images {
     /// Copy fetched closures into a Nix store with `nix copy` instead of unpacking them:
     /// `Some(None)` for the host's store, `Some(Some(uri))` for another one.
     pub nix_copy: Option<Option<String>>,
+    /// Where callers other than the node's admin credential may import from.
+    pub import_paths: Vec<PathBuf>,
     last_used: Mutex<HashMap<BlobHash, Instant>>,
 }
 
@@ -46,12 +48,14 @@ impl Images {
         cache_url: Option<String>,
         cache_bytes: Option<u64>,
         nix_copy: Option<Option<String>>,
+        import_paths: Vec<PathBuf>,
     ) -> Self {
         Self {
             store,
             cache_url,
             cache_bytes,
             nix_copy,
+            import_paths,
             last_used: Mutex::new(HashMap::new()),
         }
     }
@@ -173,6 +177,23 @@ impl NodeService {
                 "{}: give an absolute path (it is read on the node's host)",
                 r.path
             )));
+        }
+        // An import reads this host's files: only the node's own admin credential (which
+        // can read the data dir anyway) may name any path; others stay in import_paths.
+        if !matches!(principal, Principal::Admin(..)) {
+            let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            if !self.images.import_paths.iter().any(|p| real.starts_with(p)) {
+                return Err(ApiError::Rejected(format!(
+                    "{}: imports by {principal} must come from {} (images.import_paths)",
+                    r.path,
+                    self.images
+                        .import_paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
         }
         if let Some(existing) = self.node.state().image(&r.name) {
             return Err(ApiError::Rejected(format!(
