@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
 use crate::image::Image;
 use crate::state::{Capacity, User};
+use crate::vm::{Quota, VmSpec};
 
 /// A command as it travels through the raft log: who proposed it, so that the proposing
 /// node can hand the result of `apply` back to its caller.
@@ -112,6 +113,28 @@ pub enum Command {
     /// Sets the cluster's binary-cache signing key (Nix's `name:base64` secret form). Legal
     /// once: when a key is already set this changes nothing, so racing first imports agree.
     SetCacheKey { secret: String },
+    /// Creates a tenant (with no quota limits).
+    CreateTenant { name: String, now_ms: u64 },
+    /// Replaces a tenant's quota. Existing VMs stay even if they now exceed it.
+    SetQuota { tenant: String, quota: Quota },
+    /// Creates a VM, pending placement. Refused when the tenant's quota would be
+    /// exceeded: checked here, in log order, so concurrent creates cannot overshoot.
+    CreateVm { spec: VmSpec, now_ms: u64 },
+    /// The scheduler's decision for a pending VM: a host, or why there is none. Legal only
+    /// for the generation it was made for; the host must still fit the VM.
+    PlaceVm {
+        key: String,
+        generation: u64,
+        node: Option<NodeId>,
+        reason: Option<String>,
+        cpu_overcommit_pct: u32,
+        memory_overcommit_pct: u32,
+        now_ms: u64,
+    },
+    /// Deletes a VM.
+    DeleteVm { key: String },
+    /// Marks a host as drained (takes no new VMs) or not.
+    SetDrained { node: NodeId, drained: bool },
 }
 
 impl Command {
@@ -134,6 +157,12 @@ impl Command {
             Command::PinImage { .. } => "pin_image",
             Command::RemoveImage { .. } => "remove_image",
             Command::SetCacheKey { .. } => "set_cache_key",
+            Command::CreateTenant { .. } => "create_tenant",
+            Command::SetQuota { .. } => "set_quota",
+            Command::CreateVm { .. } => "create_vm",
+            Command::PlaceVm { .. } => "place_vm",
+            Command::DeleteVm { .. } => "delete_vm",
+            Command::SetDrained { .. } => "set_drained",
         }
     }
 }

@@ -13,6 +13,7 @@ mod ids;
 mod image;
 mod state;
 mod table;
+mod vm;
 
 pub use command::{Command, CommandOutput, Envelope, JoinRequest, MemberRole, NewMember};
 pub use encoding::{decode_versioned, encode_versioned, DecodeError, FORMAT_VERSION};
@@ -23,3 +24,7 @@ pub use state::{
     MemberStatus, State, User,
 };
 pub use table::{Row, Table};
+pub use vm::{
+    fits, place, Allocated, Desired, Ledger, Phase, Quota, RestartPolicy, SchedulerConfig,
+    Strategy, Tenant, Vm, VmSpec, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
+};

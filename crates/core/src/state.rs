@@ -10,6 +10,10 @@ use crate::encoding::DecodeError;
 use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
 use crate::image::{Image, MAX_IMAGE_BYTES, MAX_IMAGE_NARS};
 use crate::table::{Row, Table};
+use crate::vm::{
+    fits, Desired, Ledger, Phase, Quota, SchedulerConfig, Tenant, Vm, VmSpec, MAX_MEMORY_MIB,
+    MAX_VCPUS, MIN_MEMORY_MIB,
+};
 
 /// The longest metadata key and value accepted.
 const MAX_META_KEY: usize = 128;
@@ -142,6 +146,28 @@ pub enum ApplyError {
     ImageChanged(String),
     #[error("image {0} is pinned; unpin it first")]
     ImagePinned(String),
+    #[error("image {0} is used by VM {1}")]
+    ImageInUse(String, String),
+    #[error("tenant {0} already exists")]
+    TenantExists(String),
+    #[error("no tenant {0}")]
+    UnknownTenant(String),
+    #[error("VM {0} already exists")]
+    VmExists(String),
+    #[error("no VM {0}")]
+    UnknownVm(String),
+    #[error("invalid VM: {0}")]
+    InvalidVm(String),
+    #[error("quota of tenant {tenant} exceeded: {what}")]
+    QuotaExceeded { tenant: String, what: String },
+    #[error("stale placement for VM {0} (it changed since the decision)")]
+    StalePlacement(String),
+    #[error("VM {vm} does not fit on node {node}: {why}")]
+    DoesNotFit {
+        vm: String,
+        node: NodeId,
+        why: String,
+    },
 }
 
 /// The whole replicated state. Each field is a [`Table`]; see [`State::tables_mut`].
@@ -157,6 +183,9 @@ pub struct State {
     policies: Table<u8, String>,
     images: Table<String, Image>,
     cache_key: Table<u8, String>,
+    tenants: Table<String, Tenant>,
+    vms: Table<String, Vm>,
+    drained: Table<NodeId, bool>,
 }
 
 impl Default for State {
@@ -178,6 +207,9 @@ impl State {
             policies: Table::new("policies"),
             images: Table::new("images"),
             cache_key: Table::new("cache_key"),
+            tenants: Table::new("tenants"),
+            vms: Table::new("vms"),
+            drained: Table::new("drained"),
         }
     }
 
@@ -316,11 +348,108 @@ impl State {
             Command::RemoveImage { name } => match self.images.get(name) {
                 None => Err(ApplyError::UnknownImage(name.clone())),
                 Some(i) if i.pinned => Err(ApplyError::ImagePinned(name.clone())),
+                Some(_) if self.vms.values().any(|v| &v.spec.image == name) => {
+                    let user = self
+                        .vms
+                        .iter()
+                        .find(|(_, v)| &v.spec.image == name)
+                        .map(|(k, _)| k.clone())
+                        .unwrap_or_default();
+                    Err(ApplyError::ImageInUse(name.clone(), user))
+                }
                 Some(_) => {
                     self.images.remove(name);
                     Ok(CommandOutput::Done)
                 }
             },
+            Command::CreateTenant { name, now_ms } => {
+                if !valid_name(name) {
+                    return Err(ApplyError::InvalidVm(format!(
+                        "tenant {name:?}: names are 1 to 64 of a-z 0-9 . _ -"
+                    )));
+                }
+                if self.tenants.contains(name) {
+                    return Err(ApplyError::TenantExists(name.clone()));
+                }
+                self.tenants.insert(
+                    name.clone(),
+                    Tenant {
+                        name: name.clone(),
+                        quota: Quota::default(),
+                        created_at_ms: *now_ms,
+                    },
+                );
+                Ok(CommandOutput::Done)
+            }
+            Command::SetQuota { tenant, quota } => {
+                let quota = *quota;
+                if self.tenants.update(tenant, |t| t.quota = quota) {
+                    Ok(CommandOutput::Done)
+                } else {
+                    Err(ApplyError::UnknownTenant(tenant.clone()))
+                }
+            }
+            Command::CreateVm { spec, now_ms } => self.create_vm(spec, *now_ms),
+            Command::PlaceVm {
+                key,
+                generation,
+                node,
+                reason,
+                cpu_overcommit_pct,
+                memory_overcommit_pct,
+                now_ms,
+            } => {
+                let vm = self
+                    .vms
+                    .get(key)
+                    .ok_or_else(|| ApplyError::UnknownVm(key.clone()))?;
+                if vm.generation != *generation || vm.node.is_some() {
+                    return Err(ApplyError::StalePlacement(key.clone()));
+                }
+                if let Some(n) = node {
+                    let member = self.members.get(n).ok_or(ApplyError::UnknownMember(*n))?;
+                    let config = SchedulerConfig {
+                        cpu_overcommit_pct: *cpu_overcommit_pct,
+                        memory_overcommit_pct: *memory_overcommit_pct,
+                        ..SchedulerConfig::default()
+                    };
+                    fits(member, &vm.spec, &self.ledger(), &config).map_err(|why| {
+                        ApplyError::DoesNotFit {
+                            vm: key.clone(),
+                            node: *n,
+                            why,
+                        }
+                    })?;
+                }
+                let (node, reason, now) = (*node, reason.clone(), *now_ms);
+                self.vms.update(key, |v| {
+                    v.node = node;
+                    v.generation += 1;
+                    v.phase = if node.is_some() {
+                        Phase::Scheduled
+                    } else {
+                        Phase::Pending
+                    };
+                    v.reason = reason;
+                    v.updated_at_ms = now;
+                });
+                Ok(CommandOutput::Done)
+            }
+            Command::DeleteVm { key } => match self.vms.remove(key) {
+                Some(_) => Ok(CommandOutput::Done),
+                None => Err(ApplyError::UnknownVm(key.clone())),
+            },
+            Command::SetDrained { node, drained } => {
+                if self.members.get(node).is_none() {
+                    return Err(ApplyError::UnknownMember(*node));
+                }
+                if *drained {
+                    self.drained.insert(*node, true);
+                } else {
+                    self.drained.remove(node);
+                }
+                Ok(CommandOutput::Done)
+            }
             Command::SetCacheKey { secret } => {
                 if !self.cache_key.contains(&0) {
                     self.cache_key.insert(0, secret.clone());
@@ -510,6 +639,94 @@ impl State {
         }
     }
 
+    fn create_vm(&mut self, spec: &VmSpec, now_ms: u64) -> Result<CommandOutput, ApplyError> {
+        let invalid = |m: String| Err(ApplyError::InvalidVm(m));
+        if !valid_name(&spec.name) {
+            return invalid(format!(
+                "{:?}: names are 1 to 64 of a-z 0-9 . _ -",
+                spec.name
+            ));
+        }
+        if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+            return invalid(format!("vcpus must be 1 to {MAX_VCPUS}"));
+        }
+        if spec.memory_mib < MIN_MEMORY_MIB || spec.memory_mib > MAX_MEMORY_MIB {
+            return invalid(format!(
+                "memory must be {MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB"
+            ));
+        }
+        let tenant = self
+            .tenants
+            .get(&spec.tenant)
+            .ok_or_else(|| ApplyError::UnknownTenant(spec.tenant.clone()))?;
+        let image = self
+            .images
+            .get(&spec.image)
+            .ok_or_else(|| ApplyError::UnknownImage(spec.image.clone()))?;
+        let key = Vm::key(&spec.tenant, &spec.name);
+        if self.vms.contains(&key) {
+            return Err(ApplyError::VmExists(key));
+        }
+        // The quota, against the tenant's VMs as applied so far.
+        let (mut count, mut vcpus, mut memory) = (1u64, u64::from(spec.vcpus), spec.memory_mib);
+        for v in self.vms.values().filter(|v| v.spec.tenant == spec.tenant) {
+            count += 1;
+            vcpus += u64::from(v.spec.vcpus);
+            memory += v.spec.memory_mib;
+        }
+        let q = tenant.quota;
+        let over = |what: String| {
+            Err(ApplyError::QuotaExceeded {
+                tenant: spec.tenant.clone(),
+                what,
+            })
+        };
+        if let Some(max) = q.max_vms.filter(|m| count > u64::from(*m)) {
+            return over(format!("{count} VMs > {max}"));
+        }
+        if let Some(max) = q.max_vcpus.filter(|m| vcpus > u64::from(*m)) {
+            return over(format!("{vcpus} vCPUs > {max}"));
+        }
+        if let Some(max) = q.max_memory_mib.filter(|m| memory > *m) {
+            return over(format!("{memory} MiB > {max} MiB"));
+        }
+        let manifest = image.manifest;
+        self.vms.insert(
+            key,
+            Vm {
+                spec: spec.clone(),
+                manifest,
+                desired: Desired::Running,
+                node: None,
+                generation: 0,
+                phase: Phase::Pending,
+                reason: None,
+                created_at_ms: now_ms,
+                updated_at_ms: now_ms,
+            },
+        );
+        Ok(CommandOutput::Done)
+    }
+
+    /// What is placed where, for the scheduler.
+    pub fn ledger(&self) -> Ledger {
+        let mut ledger = Ledger::from_vms(self.vms.values());
+        ledger.drained = self.drained.iter().map(|(n, _)| *n).collect();
+        ledger
+    }
+
+    pub fn vms(&self) -> impl Iterator<Item = &Vm> {
+        self.vms.values()
+    }
+
+    pub fn vm(&self, key: &str) -> Option<&Vm> {
+        self.vms.get(&key.to_string())
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.get(&name.to_string())
+    }
+
     pub fn images(&self) -> impl Iterator<Item = &Image> {
         self.images.values()
     }
@@ -620,6 +837,9 @@ impl State {
         self.policies.drain_changes(&mut out);
         self.images.drain_changes(&mut out);
         self.cache_key.drain_changes(&mut out);
+        self.tenants.drain_changes(&mut out);
+        self.vms.drain_changes(&mut out);
+        self.drained.drain_changes(&mut out);
         out
     }
 
@@ -636,6 +856,9 @@ impl State {
         self.policies.all_rows(&mut out);
         self.images.all_rows(&mut out);
         self.cache_key.all_rows(&mut out);
+        self.tenants.all_rows(&mut out);
+        self.vms.all_rows(&mut out);
+        self.drained.all_rows(&mut out);
         out
     }
 
@@ -657,6 +880,9 @@ impl State {
                 "policies" => state.policies.load(key, value),
                 "images" => state.images.load(key, value),
                 "cache_key" => state.cache_key.load(key, value),
+                "tenants" => state.tenants.load(key, value),
+                "vms" => state.vms.load(key, value),
+                "drained" => state.drained.load(key, value),
                 other => return Err(LoadError::UnknownTable(other.to_string())),
             };
             result.map_err(|source| LoadError::Row {

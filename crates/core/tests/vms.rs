@@ -1,0 +1,298 @@
+//! VMs in the state machine: quotas checked in apply, placements re-checked, and the
+//! scheduler's rules.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use blixard_core::{
+    place, ApplyError, BlobHash, Capacity, ClusterId, Command, EndpointKey, Image, JoinRequest,
+    NewMember, NodeId, Phase, Quota, RestartPolicy, SchedulerConfig, State, Strategy, VmSpec,
+};
+
+fn member(n: u8, vcpus: u32, memory_mib: u64, labels: &[(&str, &str)]) -> NewMember {
+    NewMember {
+        name: format!("node{n}"),
+        endpoint: EndpointKey([n; 32]),
+        addrs: vec![SocketAddr::from(([127, 0, 0, 1], 7000 + u16::from(n)))],
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        capacity: Capacity { vcpus, memory_mib },
+    }
+}
+
+/// A cluster of `hosts` (4 vCPUs / 4 GiB each; node 1 in zone a, then alternating b, a),
+/// with tenant acme and image web.
+fn cluster(hosts: u8) -> State {
+    let mut s = State::new();
+    s.apply(&Command::Bootstrap {
+        cluster_id: ClusterId([1; 16]),
+        name: "t".into(),
+        member: member(1, 4, 4096, &[("zone", "a")]),
+        admin: EndpointKey([200; 32]),
+        now_ms: 1,
+    })
+    .unwrap();
+    for n in 2..=hosts {
+        let hash = [n; 32];
+        s.apply(&Command::CreateJoinToken {
+            token_hash: hash,
+            now_ms: 1,
+            expires_at_ms: 1_000,
+        })
+        .unwrap();
+        let zone = if n % 2 == 0 { "b" } else { "a" };
+        s.apply(&Command::Join(JoinRequest {
+            node: NodeId(u64::from(n)),
+            token_hash: hash,
+            now_ms: 2,
+            member: member(n, 4, 4096, &[("zone", zone)]),
+            admin: EndpointKey([100 + n; 32]),
+        }))
+        .unwrap();
+        s.apply(&Command::SetRole {
+            node: NodeId(u64::from(n)),
+            role: blixard_core::MemberRole::Voter,
+        })
+        .unwrap();
+    }
+    s.apply(&Command::CreateTenant {
+        name: "acme".into(),
+        now_ms: 3,
+    })
+    .unwrap();
+    s.apply(&Command::AddImage(Image {
+        name: "web".into(),
+        manifest: BlobHash([9; 32]),
+        root: "/nix/store/x-web".into(),
+        store_dir: "/nix/store".into(),
+        nar_count: 1,
+        nar_size: 10,
+        holders: [NodeId(1)].into(),
+        pinned: false,
+        tenant: None,
+        created_at_ms: 3,
+    }))
+    .unwrap();
+    s
+}
+
+fn spec(name: &str, vcpus: u32, memory_mib: u64) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        tenant: "acme".into(),
+        image: "web".into(),
+        vcpus,
+        memory_mib,
+        labels: BTreeMap::new(),
+        constraints: BTreeMap::new(),
+        anti_affinity: None,
+        restart: RestartPolicy::Always,
+    }
+}
+
+fn create(s: &mut State, spec: VmSpec) -> Result<(), ApplyError> {
+    s.apply(&Command::CreateVm { spec, now_ms: 5 }).map(|_| ())
+}
+
+/// Runs the scheduler for `key` and applies its decision, as the leader would.
+fn schedule(s: &mut State, key: &str, config: &SchedulerConfig) -> Result<NodeId, String> {
+    let vm = s.vm(key).unwrap().clone();
+    let decision = place(s.members(), &vm.spec, &s.ledger(), config);
+    s.apply(&Command::PlaceVm {
+        key: key.into(),
+        generation: vm.generation,
+        node: decision.as_ref().ok().copied(),
+        reason: decision.as_ref().err().cloned(),
+        cpu_overcommit_pct: config.cpu_overcommit_pct,
+        memory_overcommit_pct: config.memory_overcommit_pct,
+        now_ms: 6,
+    })
+    .unwrap();
+    decision
+}
+
+#[test]
+fn fifty_creates_never_exceed_the_quota() {
+    let mut s = cluster(1);
+    s.apply(&Command::SetQuota {
+        tenant: "acme".into(),
+        quota: Quota {
+            max_vms: Some(10),
+            max_vcpus: Some(16),
+            max_memory_mib: Some(8192),
+        },
+    })
+    .unwrap();
+    // Fifty creates in whatever order the log holds them: apply sees them one by one.
+    let mut ok = 0;
+    let mut refused = Vec::new();
+    for i in 0..50 {
+        match create(&mut s, spec(&format!("vm{i}"), 1 + i % 2, 512)) {
+            Ok(()) => ok += 1,
+            Err(e) => refused.push(e),
+        }
+    }
+    let vms: Vec<_> = s.vms().collect();
+    assert_eq!(vms.len(), ok);
+    assert!(!vms.is_empty() && vms.len() <= 10);
+    assert!(vms.iter().map(|v| v.spec.vcpus).sum::<u32>() <= 16);
+    assert!(vms.iter().map(|v| v.spec.memory_mib).sum::<u64>() <= 8192);
+    assert!(refused
+        .iter()
+        .all(|e| matches!(e, ApplyError::QuotaExceeded { .. })));
+    assert!(refused[0].to_string().contains("quota of tenant acme"));
+}
+
+#[test]
+fn bad_creates_are_refused_with_the_reason() {
+    let mut s = cluster(1);
+    let cases = [
+        (spec("Bad Name", 1, 256), "names"),
+        (spec("zero", 0, 256), "vcpus"),
+        (spec("huge", 10_000, 256), "vcpus"),
+        (spec("tiny", 1, 1), "memory"),
+        (spec("absurd", 1, u64::MAX), "memory"),
+    ];
+    for (spec, word) in cases {
+        let e = create(&mut s, spec).unwrap_err();
+        assert!(e.to_string().contains(word), "{e}");
+    }
+    let mut unknown = spec("x", 1, 256);
+    unknown.image = "nope".into();
+    assert_eq!(
+        create(&mut s, unknown),
+        Err(ApplyError::UnknownImage("nope".into()))
+    );
+    let mut other = spec("x", 1, 256);
+    other.tenant = "globex".into();
+    assert_eq!(
+        create(&mut s, other),
+        Err(ApplyError::UnknownTenant("globex".into()))
+    );
+    create(&mut s, spec("web1", 1, 256)).unwrap();
+    assert_eq!(
+        create(&mut s, spec("web1", 1, 256)),
+        Err(ApplyError::VmExists("acme/web1".into()))
+    );
+    // The image a VM uses cannot be removed.
+    assert!(matches!(
+        s.apply(&Command::RemoveImage { name: "web".into() }),
+        Err(ApplyError::ImageInUse(..))
+    ));
+    s.apply(&Command::DeleteVm {
+        key: "acme/web1".into(),
+    })
+    .unwrap();
+    s.apply(&Command::RemoveImage { name: "web".into() })
+        .unwrap();
+}
+
+#[test]
+fn bin_pack_fills_hosts_and_spread_balances_them() {
+    let config = SchedulerConfig::default();
+    let mut s = cluster(3);
+    for i in 0..4 {
+        create(&mut s, spec(&format!("p{i}"), 1, 512)).unwrap();
+        schedule(&mut s, &format!("acme/p{i}"), &config).unwrap();
+    }
+    let hosts: BTreeSet<_> = s.vms().map(|v| v.node.unwrap()).collect();
+    assert_eq!(hosts.len(), 1, "bin-pack uses one host: {hosts:?}");
+
+    let spread = SchedulerConfig {
+        strategy: Strategy::Spread,
+        ..config
+    };
+    let mut s = cluster(3);
+    for i in 0..3 {
+        create(&mut s, spec(&format!("s{i}"), 1, 512)).unwrap();
+        schedule(&mut s, &format!("acme/s{i}"), &spread).unwrap();
+    }
+    let hosts: BTreeSet<_> = s.vms().map(|v| v.node.unwrap()).collect();
+    assert_eq!(hosts.len(), 3, "spread uses every host: {hosts:?}");
+}
+
+#[test]
+fn constraints_anti_affinity_drain_and_capacity_are_honoured() {
+    let config = SchedulerConfig::default();
+    let mut s = cluster(4);
+    // zone=b is nodes 2 and 4; a pool of 3 anti-affine VMs there cannot all fit.
+    for i in 0..3 {
+        let mut v = spec(&format!("b{i}"), 1, 256);
+        v.constraints.insert("zone".into(), "b".into());
+        v.anti_affinity = Some("pool".into());
+        create(&mut s, v).unwrap();
+    }
+    let a = schedule(&mut s, "acme/b0", &config).unwrap();
+    let b = schedule(&mut s, "acme/b1", &config).unwrap();
+    assert_ne!(a, b);
+    assert!([a, b].iter().all(|n| n.0 % 2 == 0), "zone b only");
+    let why = schedule(&mut s, "acme/b2", &config).unwrap_err();
+    assert!(
+        why.contains("2 hosts: already runs a VM of group pool"),
+        "{why}"
+    );
+    assert!(why.contains("lacks label zone=b"), "{why}");
+    let stuck = s.vm("acme/b2").unwrap();
+    assert_eq!(stuck.phase, Phase::Pending);
+    assert_eq!(stuck.reason.as_deref(), Some(why.as_str()));
+
+    // A drained host takes nothing new.
+    for n in 1..=3 {
+        s.apply(&Command::SetDrained {
+            node: NodeId(n),
+            drained: true,
+        })
+        .unwrap();
+    }
+    create(&mut s, spec("d", 1, 256)).unwrap();
+    assert_eq!(schedule(&mut s, "acme/d", &config), Ok(NodeId(4)));
+
+    // Capacity, and overcommit.
+    create(&mut s, spec("big", 4, 1024)).unwrap();
+    let why = schedule(&mut s, "acme/big", &config).unwrap_err();
+    assert!(why.contains("not enough vCPUs"), "{why}");
+    let generous = SchedulerConfig {
+        cpu_overcommit_pct: 200,
+        ..config
+    };
+    let vm = s.vm("acme/big").unwrap().clone();
+    assert_eq!(
+        place(s.members(), &vm.spec, &s.ledger(), &generous),
+        Ok(NodeId(4))
+    );
+}
+
+#[test]
+fn stale_or_impossible_placements_are_refused() {
+    let config = SchedulerConfig::default();
+    let mut s = cluster(2);
+    create(&mut s, spec("v", 3, 1024)).unwrap();
+    create(&mut s, spec("w", 3, 1024)).unwrap();
+    schedule(&mut s, "acme/v", &config).unwrap();
+    let placed = s.vm("acme/v").unwrap().node.unwrap();
+    let place_on = |s: &mut State, key: &str, generation: u64, node: NodeId| {
+        s.apply(&Command::PlaceVm {
+            key: key.into(),
+            generation,
+            node: Some(node),
+            reason: None,
+            cpu_overcommit_pct: 100,
+            memory_overcommit_pct: 100,
+            now_ms: 7,
+        })
+    };
+    // A decision made for an older generation is refused.
+    assert!(matches!(
+        place_on(&mut s, "acme/v", 0, placed),
+        Err(ApplyError::StalePlacement(_))
+    ));
+    // Two decisions made from the same view for the same host: the second no longer fits.
+    assert!(matches!(
+        place_on(&mut s, "acme/w", 0, placed),
+        Err(ApplyError::DoesNotFit { .. })
+    ));
+}
