@@ -10,12 +10,19 @@ if ! need cargo; then
   echo "test.sh: cargo is missing; install Rust (https://rustup.rs)" >&2
   exit 1
 fi
-if ! need nix-instantiate; then
+# Nix (image tests, Nix checks), QEMU + busybox + cpio (a real guest for the supervisor
+# tests; tests/fixtures/guest/build.sh fetches the Debian cloud kernel with apt-get).
+missing=()
+need nix-instantiate || missing+=(nix-bin)
+need qemu-system-x86_64 || missing+=(qemu-system-x86)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+need cpio || missing+=(cpio)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && need apt-get; then
-    echo "test.sh: installing Debian's nix-bin for the Nix checks"
-    apt-get update -qq && apt-get install -y -qq nix-bin >/dev/null
+    echo "test.sh: installing ${missing[*]}"
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "test.sh: nix-instantiate is missing; install Nix (Debian/Ubuntu: sudo apt-get install nix-bin)" >&2
+    echo "test.sh: missing ${missing[*]}; install them (Debian/Ubuntu: sudo apt-get install ${missing[*]})" >&2
     exit 1
   fi
 fi

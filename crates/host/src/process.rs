@@ -1,0 +1,307 @@
+//! Supervising VM runners as plain processes, for hosts without systemd (and the tests).
+//!
+//! Each runner runs in its own process group with its console appended to a file, so it
+//! outlives the daemon: restarting `blixard` never kills a VM, and the new daemon adopts
+//! it again from the `pid` file (pid plus the kernel's start time, so a reused pid is not
+//! mistaken for the VM).
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::{HostError, Runner};
+
+/// What the supervisor knows about a VM's process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmState {
+    Running {
+        pid: u32,
+    },
+    /// It ran and stopped; the exit code when this supervisor saw it.
+    Exited {
+        code: Option<i32>,
+    },
+    /// Never started here.
+    Absent,
+}
+
+/// Runs and watches VM runners; one per host.
+#[derive(Debug)]
+pub struct ProcessSupervisor {
+    root: PathBuf,
+    console_cap: u64,
+    /// Runners this supervisor started (so it can reap them and see their exit codes).
+    children: Mutex<HashMap<String, Child>>,
+}
+
+fn io<'a>(vm: &'a str, what: &'static str) -> impl FnOnce(std::io::Error) -> HostError + 'a {
+    move |source| HostError::Io {
+        vm: vm.to_string(),
+        what,
+        source,
+    }
+}
+
+/// The kernel's start time of `pid` (field 22 of /proc/PID/stat), if it runs.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); zombies are not running.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn signal_group(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, "--", &format!("-{pid}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl ProcessSupervisor {
+    /// State dirs live under `root` (one per VM); consoles are kept to about `console_cap`
+    /// bytes by [`ProcessSupervisor::trim_console`].
+    pub fn new(root: &Path, console_cap: u64) -> Result<Self, HostError> {
+        std::fs::create_dir_all(root).map_err(io("-", "creating the state root"))?;
+        Ok(Self {
+            root: root.to_owned(),
+            console_cap,
+            children: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn dir(&self, name: &str) -> Result<PathBuf, HostError> {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+        if ok {
+            Ok(self.root.join(name))
+        } else {
+            Err(HostError::BadName(name.to_string()))
+        }
+    }
+
+    pub fn console_path(&self, name: &str) -> Result<PathBuf, HostError> {
+        Ok(self.dir(name)?.join("console.log"))
+    }
+
+    /// Starts `runner` as VM `name`; if it already runs, returns its pid.
+    pub fn start(&self, name: &str, runner: &Runner) -> Result<u32, HostError> {
+        if let VmState::Running { pid } = self.state(name)? {
+            return Ok(pid);
+        }
+        let dir = self.dir(name)?;
+        std::fs::create_dir_all(&dir).map_err(io(name, "creating the state dir"))?;
+        relink(&dir.join("current"), &runner.dir).map_err(io(name, "linking current"))?;
+        let _ = std::fs::remove_file(dir.join("exit"));
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("console.log"))
+            .map_err(io(name, "opening the console log"))?;
+        let err = console
+            .try_clone()
+            .map_err(io(name, "opening the console log"))?;
+        let child = Command::new(runner.run())
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(err)
+            // Its own process group: signals to the daemon's group do not reach it, and
+            // stopping it reaches everything it started.
+            .process_group(0)
+            .spawn()
+            .map_err(io(name, "starting bin/microvm-run"))?;
+        let pid = child.id();
+        let started = start_time(pid).unwrap_or(0);
+        write_atomic(&dir.join("pid"), format!("{pid} {started}\n").as_bytes())
+            .map_err(io(name, "writing the pid file"))?;
+        relink(&dir.join("booted"), &runner.dir).map_err(io(name, "linking booted"))?;
+        if let Ok(mut c) = self.children.lock() {
+            c.insert(name.to_string(), child);
+        }
+        tracing::info!(vm = name, pid, runner = %runner.dir.display(), "started");
+        Ok(pid)
+    }
+
+    /// The VM's process state. Reaps a runner this supervisor started once it exits.
+    pub fn state(&self, name: &str) -> Result<VmState, HostError> {
+        let dir = self.dir(name)?;
+        if let Ok(mut children) = self.children.lock() {
+            if let Some(child) = children.get_mut(name) {
+                match child.try_wait() {
+                    Ok(None) => return Ok(VmState::Running { pid: child.id() }),
+                    Ok(Some(status)) => {
+                        let code = status.code();
+                        children.remove(name);
+                        let text = code.map(|c| c.to_string()).unwrap_or_default();
+                        let _ = write_atomic(&dir.join("exit"), text.as_bytes());
+                        let _ = std::fs::remove_file(dir.join("pid"));
+                        return Ok(VmState::Exited { code });
+                    }
+                    Err(e) => return Err(io(name, "waiting for the runner")(e)),
+                }
+            }
+        }
+        // Not our child: a runner from before a daemon restart, or none.
+        if let Some(pid) = self.adoptable(&dir) {
+            return Ok(VmState::Running { pid });
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("exit")) {
+            return Ok(VmState::Exited {
+                code: text.trim().parse().ok(),
+            });
+        }
+        if dir.join("pid").exists() {
+            // It ran under an earlier daemon and is gone; its exit code is unknown.
+            let _ = std::fs::remove_file(dir.join("pid"));
+            let _ = write_atomic(&dir.join("exit"), b"");
+            return Ok(VmState::Exited { code: None });
+        }
+        Ok(VmState::Absent)
+    }
+
+    /// The pid in `dir/pid` if that process still runs (same start time).
+    fn adoptable(&self, dir: &Path) -> Option<u32> {
+        let text = std::fs::read_to_string(dir.join("pid")).ok()?;
+        let mut parts = text.split_whitespace();
+        let pid: u32 = parts.next()?.parse().ok()?;
+        let started: u64 = parts.next()?.parse().ok()?;
+        (start_time(pid)? == started).then_some(pid)
+    }
+
+    /// The VMs whose runners still run (e.g. after a daemon restart), by name.
+    pub fn running(&self) -> Vec<(String, u32)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, u32)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                match self.state(&name) {
+                    Ok(VmState::Running { pid }) => Some((name, pid)),
+                    _ => None,
+                }
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Stops VM `name`: `bin/microvm-shutdown` when the runner has one, else SIGTERM to
+    /// its process group; SIGKILL if it still runs after `timeout`.
+    pub fn stop(&self, name: &str, timeout: Duration) -> Result<VmState, HostError> {
+        let VmState::Running { pid } = self.state(name)? else {
+            return Err(HostError::NotRunning(name.to_string()));
+        };
+        let dir = self.dir(name)?;
+        let shutdown = std::fs::read_link(dir.join("booted"))
+            .ok()
+            .and_then(|r| Runner::new(&r).ok())
+            .and_then(|r| r.shutdown());
+        match shutdown {
+            Some(cmd) => {
+                let _ = Command::new(cmd)
+                    .current_dir(&dir)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            None => signal_group(pid, "-TERM"),
+        }
+        if let Some(state) = self.wait_gone(name, timeout)? {
+            return Ok(state);
+        }
+        tracing::warn!(vm = name, pid, "did not stop in {timeout:?}; killing it");
+        signal_group(pid, "-KILL");
+        self.wait_gone(name, Duration::from_secs(10))?
+            .ok_or_else(|| io(name, "killing the runner")(std::io::ErrorKind::TimedOut.into()))
+    }
+
+    fn wait_gone(&self, name: &str, within: Duration) -> Result<Option<VmState>, HostError> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.state(name)? {
+                VmState::Running { .. } if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                VmState::Running { .. } => return Ok(None),
+                other => return Ok(Some(other)),
+            }
+        }
+    }
+
+    /// The last `lines` lines of the VM's console.
+    pub fn console_tail(&self, name: &str, lines: usize) -> Result<Vec<String>, HostError> {
+        let path = self.console_path(name)?;
+        let text = match std::fs::read(&path) {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(name, "reading the console log")(e)),
+        };
+        let all: Vec<&str> = text.lines().collect();
+        Ok(all[all.len().saturating_sub(lines)..]
+            .iter()
+            .map(|l| l.to_string())
+            .collect())
+    }
+
+    /// Keeps the console log near its cap: past it, only the newest half stays. The
+    /// runner appends, so it goes on writing at the new end.
+    pub fn trim_console(&self, name: &str) -> Result<(), HostError> {
+        let path = self.console_path(name)?;
+        let Ok(mut f) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        else {
+            return Ok(());
+        };
+        let len = f.metadata().map_err(io(name, "console size"))?.len();
+        if len <= self.console_cap {
+            return Ok(());
+        }
+        let keep = self.console_cap / 2;
+        let mut tail = Vec::with_capacity(keep as usize);
+        f.seek(SeekFrom::Start(len - keep))
+            .and_then(|_| f.take(keep).read_to_end(&mut tail))
+            .map_err(io(name, "reading the console log"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io(name, "trimming the console log"))?;
+        f.set_len(0)
+            .and_then(|_| f.seek(SeekFrom::Start(0)))
+            .and_then(|_| f.write_all(&tail))
+            .map_err(io(name, "trimming the console log"))?;
+        Ok(())
+    }
+}
+
+/// Points `link` at `target`, replacing what was there.
+fn relink(link: &Path, target: &Path) -> std::io::Result<()> {
+    let tmp = link.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    std::fs::rename(&tmp, link)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
