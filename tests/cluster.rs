@@ -182,3 +182,46 @@ fn a_remote_node_is_reachable_by_ticket_or_address() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("leader n1"));
 }
+
+/// Tenants, quotas and the host list through the CLI.
+#[test]
+fn tenants_quotas_and_the_node_list() {
+    let c = Cluster::start(2, &[]);
+    let n1 = &c.nodes[0];
+    n1.cli_ok(&["tenant", "create", "acme"]);
+    let out = n1.cli(&["tenant", "create", "acme"]);
+    assert_eq!(out.status.code(), Some(5), "a tenant is created once");
+    n1.cli_ok(&[
+        "quota",
+        "set",
+        "acme",
+        "--max-vms",
+        "10",
+        "--max-vcpus",
+        "16",
+        "--max-memory",
+        "8GiB",
+    ]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&c.nodes[1].cli_ok(&["--output", "json", "quota", "show", "acme"]))
+            .unwrap();
+    let q = &shown[0]["tenant"]["quota"];
+    assert_eq!(q["max_vms"], 10);
+    assert_eq!(q["max_vcpus"], 16);
+    assert_eq!(q["max_memory_mib"], 8192);
+    assert_eq!(shown[0]["used"]["vms"], 0);
+    let out = n1.cli(&["quota", "set", "acme", "--max-memory", "lots"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = n1.cli(&["quota", "set", "nobody", "--max-vms", "1"]);
+    assert_eq!(out.status.code(), Some(5));
+    let table = n1.cli_ok(&["tenant", "list"]);
+    assert!(table.contains("acme") && table.contains("0/10"), "{table}");
+
+    let nodes: serde_json::Value =
+        serde_json::from_str(&n1.cli_ok(&["--output", "json", "node", "list"])).unwrap();
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    assert_eq!(nodes.iter().filter(|n| n["leader"] == true).count(), 1);
+    assert!(nodes.iter().all(|n| n["drained"] == false));
+    assert!(nodes.iter().all(|n| n["allocated"]["vms"] == 0));
+}

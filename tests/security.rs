@@ -7,8 +7,9 @@ use std::time::Duration;
 use blixard_core::{EndpointKey, NodeId};
 use blixard_net::api::{
     ApiError, CacheKeyGet, ImageImport, ImageList, ImagePin, ImagePull, ImageRemove, ImageShow,
-    JoinCluster, LeaveCluster, MetaGet, MetaSet, PolicyGet, PolicySet, PolicyTest, Request,
-    RequestFrame, StatusRequest, TokenCreate, UserAdd, UserList, UserRemove,
+    JoinCluster, LeaveCluster, MetaGet, MetaSet, NodeList, PolicyGet, PolicySet, PolicyTest,
+    QuotaSet, QuotaShow, Request, RequestFrame, StatusRequest, TenantCreate, TenantList,
+    TokenCreate, UserAdd, UserList, UserRemove,
 };
 use blixard_net::client::{ApiClient, ClientError};
 use blixard_net::{endpoint, key_of, keys, member_addr, EndpointAddr, SecretKey};
@@ -120,6 +121,25 @@ fn every_request(who: &str) -> Vec<Request> {
         }
         .into(),
         CacheKeyGet {}.into(),
+        TenantCreate {
+            name: format!("matrix-{who}"),
+        }
+        .into(),
+        TenantList { stale: false }.into(),
+        QuotaSet {
+            tenant: "nothing".into(),
+            quota: blixard_core::Quota {
+                max_vms: Some(1),
+                ..Default::default()
+            },
+        }
+        .into(),
+        QuotaShow {
+            tenant: "acme".into(),
+            stale: false,
+        }
+        .into(),
+        NodeList { stale: false }.into(),
     ]
 }
 
@@ -170,13 +190,14 @@ async fn authorization_matrix_on_a_real_cluster() {
     let kinds: Vec<&str> = every_request("x").iter().map(|r| r.kind()).collect();
     //            Status MetaGet MetaSet Token Join Leave UAdd URm ULst PGet PSet PTest
     //            IImport IList IShow IPull IPin IRm CacheKey
-    let expect: [(&str, SecretKey, [bool; 19]); 7] = [
+    //            TCreate TList QSet QShow NList
+    let expect: [(&str, SecretKey, [bool; 24]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
             [
                 false, false, false, false, true, false, false, false, false, false, false, false,
-                false, false, false, false, false, false, false,
+                false, false, false, false, false, false, false, false, false, false, false, false,
             ],
         ),
         (
@@ -184,7 +205,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             removed.clone(),
             [
                 false, false, false, false, true, false, false, false, false, false, false, false,
-                false, false, false, false, false, false, false,
+                false, false, false, false, false, false, false, false, false, false, false, false,
             ],
         ),
         (
@@ -192,7 +213,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             viewer.clone(),
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
-                false, true, true, false, false, false, true,
+                false, true, true, false, false, false, true, false, true, false, true, true,
             ],
         ),
         (
@@ -200,7 +221,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             other_operator.clone(),
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
-                true, true, true, false, false, false, true,
+                true, true, true, false, false, false, true, false, true, false, false, true,
             ],
         ),
         (
@@ -208,7 +229,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             operator.clone(),
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
-                true, true, true, false, false, false, true,
+                true, true, true, false, false, false, true, false, true, false, true, true,
             ],
         ),
         (
@@ -216,7 +237,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             admin.clone(),
             [
                 true, true, true, true, true, true, true, true, true, true, true, true, true, true,
-                true, true, true, true, true,
+                true, true, true, true, true, true, true, true, true, true,
             ],
         ),
         (
@@ -224,7 +245,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             node_key,
             [
                 true, true, false, false, true, false, false, false, false, false, false, false,
-                false, true, true, false, false, false, true,
+                false, true, true, false, false, false, true, false, true, false, true, true,
             ],
         ),
     ];

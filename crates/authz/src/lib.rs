@@ -30,6 +30,8 @@ pub const ACTIONS: &[&str] = &[
     "image:read",
     "image:manage",
     "blob:fetch",
+    "tenant:read",
+    "tenant:manage",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,9 @@ pub enum Resource {
         name: String,
         tenant: Option<String>,
     },
+    Tenant {
+        name: String,
+    },
 }
 
 impl std::fmt::Display for Resource {
@@ -83,6 +88,7 @@ impl std::fmt::Display for Resource {
             Resource::Cluster => write!(f, "the cluster"),
             Resource::User { name, .. } => write!(f, "user {name}"),
             Resource::Image { name, .. } => write!(f, "image {name}"),
+            Resource::Tenant { name } => write!(f, "tenant {name}"),
         }
     }
 }
@@ -228,6 +234,18 @@ impl Authorizer {
                 }
                 u
             }
+            Resource::Tenant { name } => {
+                let u = uid("Tenant", name)?;
+                let attrs = HashMap::from([(
+                    "name".to_string(),
+                    RestrictedExpression::new_string(name.clone()),
+                )]);
+                entities.push(
+                    Entity::new(u.clone(), attrs, HashSet::new())
+                        .map_err(|e| AuthzError::Request(e.to_string()))?,
+                );
+                u
+            }
             Resource::Image { name, tenant } => {
                 let u = uid("Image", name)?;
                 let attrs = HashMap::from([(
@@ -328,9 +346,13 @@ mod tests {
             tenant: tenant.map(str::to_string),
         };
         for action in ACTIONS.iter().filter(|a| **a != "blob:fetch") {
+            let acme = Resource::Tenant {
+                name: "acme".into(),
+            };
             let r = match *action {
                 "user:read" => &someone,
                 "image:read" | "image:manage" => &web(None),
+                "tenant:read" | "tenant:manage" => &acme,
                 _ => &c,
             };
             assert!(
@@ -378,6 +400,18 @@ mod tests {
         ));
         assert!(!allowed(&a, &user(&["admin"], None), "blob:fetch", &c));
         assert!(!allowed(&a, &anon, "blob:fetch", &c));
+        // Tenants: members of a tenant read their own; only admins manage tenants.
+        let tenant = |name: &str| Resource::Tenant { name: name.into() };
+        assert!(allowed(&a, &op, "tenant:read", &tenant("acme")));
+        assert!(allowed(&a, &viewer, "tenant:read", &tenant("acme")));
+        assert!(!allowed(&a, &op, "tenant:read", &tenant("globex")));
+        assert!(!allowed(&a, &op, "tenant:manage", &tenant("acme")));
+        assert!(allowed(
+            &a,
+            &Subject::Node { id: 2 },
+            "tenant:read",
+            &tenant("acme")
+        ));
     }
 
     #[test]

@@ -10,6 +10,8 @@ mod image_cli;
 mod images;
 mod output;
 mod service;
+mod tenant_cli;
+mod tenants;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -71,6 +73,12 @@ enum Command {
     Audit(AuditCommand),
     #[command(subcommand)]
     Image(image_cli::ImageCommand),
+    /// Tenants: who owns images (and, later, VMs).
+    #[command(subcommand)]
+    Tenant(tenant_cli::TenantCommand),
+    /// A tenant's limits on VMs, vCPUs and memory.
+    #[command(subcommand)]
+    Quota(tenant_cli::QuotaCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,6 +143,11 @@ enum NodeCommand {
     /// Check a config file (TOML, or JSON when it ends in .json) and print it as the daemon
     /// reads it, with defaults filled in.
     CheckConfig { file: PathBuf },
+    /// List the hosts: capacity, what is allocated, VMs, status, labels.
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -290,6 +303,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cli::audit_tail(&ctx, lines, follow).await
         }
         Command::Image(cmd) => image_cli::run(&ctx, cmd).await,
+        Command::Tenant(cmd) => tenant_cli::tenant(&ctx, cmd).await,
+        Command::Quota(cmd) => tenant_cli::quota(&ctx, cmd).await,
+        Command::Node(NodeCommand::List { stale }) => tenant_cli::node_list(&ctx, stale).await,
     }
 }
 

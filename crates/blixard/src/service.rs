@@ -177,8 +177,11 @@ impl NodeService {
                 .map(user_resource)
                 .ok_or_else(|| ApiError::Rejected(format!("no user {name}"))),
             Some(("image", name)) => Ok(blixard_net::authz::image_resource(name, self)),
+            Some(("tenant", name)) => Ok(Resource::Tenant {
+                name: name.to_string(),
+            }),
             _ => Err(ApiError::BadRequest(format!(
-                "resource {spec:?}: expected cluster, user:NAME or image:NAME"
+                "resource {spec:?}: expected cluster, user:NAME, image:NAME or tenant:NAME"
             ))),
         }
     }
@@ -526,6 +529,11 @@ impl Service for NodeService {
             Request::ImagePin(r) => self.image_pin(&r.name, r.pinned).await,
             Request::ImageRemove(r) => self.image_remove(&r.name).await,
             Request::CacheKey(_) => self.cache_key(),
+            Request::TenantCreate(t) => self.tenant_create(&t.name).await,
+            Request::TenantList(t) => self.tenant_list(&principal, t.stale).await,
+            Request::QuotaSet(q) => self.quota_set(&q.tenant, q.quota).await,
+            Request::QuotaShow(q) => self.quota_show(&q.tenant, q.stale).await,
+            Request::NodeList(n) => self.node_list(n.stale).await,
         }
     }
 }

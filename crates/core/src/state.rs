@@ -727,6 +727,25 @@ impl State {
         self.tenants.get(&name.to_string())
     }
 
+    pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
+        self.tenants.values()
+    }
+
+    /// What a tenant's VMs use together.
+    pub fn tenant_usage(&self, tenant: &str) -> crate::vm::Allocated {
+        let mut used = crate::vm::Allocated::default();
+        for v in self.vms.values().filter(|v| v.spec.tenant == tenant) {
+            used.vms += 1;
+            used.vcpus += u64::from(v.spec.vcpus);
+            used.memory_mib += v.spec.memory_mib;
+        }
+        used
+    }
+
+    pub fn is_drained(&self, node: NodeId) -> bool {
+        self.drained.contains(&node)
+    }
+
     pub fn images(&self) -> impl Iterator<Item = &Image> {
         self.images.values()
     }

@@ -132,7 +132,7 @@ impl Default for SchedulerConfig {
 }
 
 /// What is promised on one host.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocated {
     pub vcpus: u64,
     pub memory_mib: u64,

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use blixard_core::{Capacity, ClusterId, EndpointKey, Image, Member, NodeId, User};
+use blixard_core::{
+    Allocated, Capacity, ClusterId, EndpointKey, Image, Member, NodeId, Quota, Tenant, User,
+};
 use blixard_raft::NodeStatus;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -73,6 +75,11 @@ rpcs! {
     ImagePin(ImagePin) -> ImageInfo;
     ImageRemove(ImageRemove) -> ImageRemoved;
     CacheKey(CacheKeyGet) -> CacheKeyInfo;
+    TenantCreate(TenantCreate) -> TenantInfo;
+    TenantList(TenantList) -> TenantEntries;
+    QuotaSet(QuotaSet) -> TenantInfo;
+    QuotaShow(QuotaShow) -> TenantInfo;
+    NodeList(NodeList) -> NodeEntries;
 }
 
 /// How long a long-running request (an image import or pull) may take.
@@ -459,4 +466,62 @@ pub struct CacheKeyInfo {
     pub public_key: Option<String>,
     /// `http://ADDR` of the answering node's binary cache, when it serves one.
     pub url: Option<String>,
+}
+
+/// Creates a tenant (no quota limits until `quota set`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantCreate {
+    pub name: String,
+}
+
+/// A tenant, its quota and what its VMs use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantInfo {
+    pub tenant: Tenant,
+    pub used: Allocated,
+}
+
+/// Lists the tenants the caller may see.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantList {
+    pub stale: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantEntries {
+    pub tenants: Vec<TenantInfo>,
+}
+
+/// Replaces a tenant's quota (`None` fields are unlimited).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaSet {
+    pub tenant: String,
+    pub quota: Quota,
+}
+
+/// One tenant's quota and usage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaShow {
+    pub tenant: String,
+    pub stale: bool,
+}
+
+/// Lists the hosts with what they offer and what is placed on them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeList {
+    pub stale: bool,
+}
+
+/// A host as `node list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub member: Member,
+    pub allocated: Allocated,
+    pub drained: bool,
+    pub leader: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntries {
+    pub nodes: Vec<NodeEntry>,
 }

@@ -159,6 +159,27 @@ pub fn action_of(
         Request::ImagePull(i) => ("image:manage", image_resource(&i.name, lookup)),
         Request::ImagePin(i) => ("image:manage", image_resource(&i.name, lookup)),
         Request::ImageRemove(i) => ("image:manage", image_resource(&i.name, lookup)),
+        Request::TenantCreate(t) => (
+            "tenant:manage",
+            Resource::Tenant {
+                name: t.name.clone(),
+            },
+        ),
+        Request::QuotaSet(q) => (
+            "tenant:manage",
+            Resource::Tenant {
+                name: q.tenant.clone(),
+            },
+        ),
+        Request::QuotaShow(q) => (
+            "tenant:read",
+            Resource::Tenant {
+                name: q.tenant.clone(),
+            },
+        ),
+        // Listing needs the right to read the cluster; the results are then filtered
+        // tenant by tenant with `tenant:read`.
+        Request::TenantList(_) | Request::NodeList(_) => ("cluster:read", Resource::Cluster),
     }
 }
 
@@ -184,6 +205,9 @@ pub fn is_mutating(request: &Request) -> bool {
             | Request::ImageList(_)
             | Request::ImageShow(_)
             | Request::CacheKey(_)
+            | Request::TenantList(_)
+            | Request::QuotaShow(_)
+            | Request::NodeList(_)
     )
 }
 

@@ -1,0 +1,178 @@
+//! `blixard tenant …`, `blixard quota …` and `blixard node list`.
+
+use blixard_core::Quota;
+use blixard_net::api::{NodeList, QuotaSet, QuotaShow, TenantCreate, TenantInfo, TenantList};
+use clap::Subcommand;
+
+use crate::cli::{client, Context};
+use crate::exit::{self, Failure};
+use crate::image_cli::human_bytes;
+use crate::output::{self, Format};
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCommand {
+    /// Create a tenant (no quota limits until `quota set`).
+    Create { name: String },
+    /// List the tenants you may see, with their quotas and usage.
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuotaCommand {
+    /// Set a tenant's quota; a limit left out is unlimited.
+    Set {
+        tenant: String,
+        #[arg(long)]
+        max_vms: Option<u32>,
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+        /// e.g. 8GiB, 512MiB, or plain MiB.
+        #[arg(long)]
+        max_memory: Option<String>,
+    },
+    /// Show a tenant's quota and what its VMs use.
+    Show {
+        tenant: String,
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+fn fail(e: impl std::fmt::Display) -> Failure {
+    Failure::new(exit::ERROR, e)
+}
+
+/// Parses 8GiB, 512MiB, 1TiB or plain MiB.
+pub fn parse_mib(s: &str) -> Result<u64, Failure> {
+    let bad = || {
+        Failure::new(
+            exit::USAGE,
+            format!("invalid size {s:?}: use e.g. 512MiB, 8GiB"),
+        )
+    };
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let factor = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mib" => 1,
+        "g" | "gib" => 1024,
+        "t" | "tib" => 1024 * 1024,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(factor).ok_or_else(bad)
+}
+
+fn limit<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn print_tenants(ctx: &Context, tenants: &[TenantInfo]) -> Result<(), Failure> {
+    if ctx.output == Format::Json {
+        return output::json(&tenants).map_err(fail);
+    }
+    let rows: Vec<Vec<String>> = tenants
+        .iter()
+        .map(|t| {
+            let q = t.tenant.quota;
+            vec![
+                t.tenant.name.clone(),
+                format!("{}/{}", t.used.vms, limit(q.max_vms)),
+                format!("{}/{}", t.used.vcpus, limit(q.max_vcpus)),
+                format!(
+                    "{}/{}",
+                    human_bytes(t.used.memory_mib << 20),
+                    q.max_memory_mib
+                        .map(|m| human_bytes(m << 20))
+                        .unwrap_or_else(|| "-".into())
+                ),
+            ]
+        })
+        .collect();
+    output::table(&["TENANT", "VMS", "VCPUS", "MEMORY"], &rows);
+    Ok(())
+}
+
+pub async fn tenant(ctx: &Context, cmd: TenantCommand) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let result = match cmd {
+        TenantCommand::Create { name } => client
+            .call(&to, TenantCreate { name })
+            .await
+            .map(|t| vec![t]),
+        TenantCommand::List { stale } => client
+            .call(&to, TenantList { stale })
+            .await
+            .map(|t| t.tenants),
+    };
+    client.endpoint().close().await;
+    print_tenants(ctx, &result?)
+}
+
+pub async fn quota(ctx: &Context, cmd: QuotaCommand) -> Result<(), Failure> {
+    let request = match cmd {
+        QuotaCommand::Set {
+            tenant,
+            max_vms,
+            max_vcpus,
+            max_memory,
+        } => {
+            let max_memory_mib = max_memory.as_deref().map(parse_mib).transpose()?;
+            Ok(QuotaSet {
+                tenant,
+                quota: Quota {
+                    max_vms,
+                    max_vcpus,
+                    max_memory_mib,
+                },
+            })
+        }
+        QuotaCommand::Show { tenant, stale } => Err(QuotaShow { tenant, stale }),
+    };
+    let (client, to) = client(ctx).await?;
+    let result = match request {
+        Ok(set) => client.call(&to, set).await,
+        Err(show) => client.call(&to, show).await,
+    };
+    client.endpoint().close().await;
+    print_tenants(ctx, &[result?])
+}
+
+pub async fn node_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client.call(&to, NodeList { stale }).await;
+    client.endpoint().close().await;
+    let nodes = r?.nodes;
+    if ctx.output == Format::Json {
+        return output::json(&nodes).map_err(fail);
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let m = &n.member;
+            vec![
+                format!("n{}{}", m.id, if n.leader { "*" } else { "" }),
+                m.name.clone(),
+                if n.drained { "drained" } else { "ready" }.to_string(),
+                format!("{}/{}", n.allocated.vcpus, m.capacity.vcpus),
+                format!(
+                    "{}/{}",
+                    human_bytes(n.allocated.memory_mib << 20),
+                    human_bytes(m.capacity.memory_mib << 20)
+                ),
+                n.allocated.vms.to_string(),
+                m.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    output::table(
+        &["ID", "NAME", "STATUS", "VCPUS", "MEMORY", "VMS", "LABELS"],
+        &rows,
+    );
+    Ok(())
+}
