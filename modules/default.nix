@@ -11,6 +11,7 @@ let
     inherit (cfg) listen name relayUrl labels requestTimeoutMs;
     capacity = { inherit (cfg.capacity) vcpus memoryMib; };
     raft = { inherit (cfg.raft) tickMs electionTicks heartbeatTicks snapshotThreshold; };
+    images = { inherit (cfg.images) storeDir cacheListen cacheSizeMib materialise nixStore importPaths; };
     settings = cfg.settings;
   };
   configFile = settingsFormat.generate "blixard.toml" daemonConfig;
@@ -98,6 +99,11 @@ in
       };
       users.groups.blixard = { };
 
+      # `materialise = "nix"`: the daemon copies signed closures from its own binary cache
+      # into the host's store, which the Nix daemon allows only to trusted users (the
+      # cluster's cache key is not known when the configuration is built).
+      nix.settings.trusted-users = lib.mkIf (cfg.images.materialise == "nix") [ "blixard" ];
+
       systemd.tmpfiles.settings."10-blixard" = lib.mkIf (!defaultDataDir) {
         ${cfg.dataDir}.d = { user = "blixard"; group = "blixard"; mode = "0700"; };
       };
@@ -112,6 +118,8 @@ in
         requires = lib.optional tp.enable "blixard-thinpool.service";
         restartTriggers = [ configFile ];
         environment.BLIXARD_LOG = lib.mkDefault "info";
+        # Importing store paths and `materialise = "nix"` run `nix`.
+        path = [ config.nix.package ];
         serviceConfig = {
           Type = "notify";
           NotifyAccess = "main";

@@ -128,6 +128,46 @@ in
       snapshotThreshold = mkOption { type = types.nullOr types.ints.positive; default = null; description = "Compact the log past this many entries (daemon default 10000). `raft.snapshot_threshold`."; };
     };
 
+    images = {
+      storeDir = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "Where closures are unpacked with `materialise = \"unpack\"` (daemon default /nix/store). `images.store_dir`.";
+      };
+      cacheListen = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1:7380";
+        description = "Where the node's Nix binary cache listens (daemon default 127.0.0.1:7380). `images.cache_listen`.";
+      };
+      cacheSizeMib = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "Evict unpinned images least-recently-used beyond this many MiB; null keeps all. `images.cache_size_mib`.";
+      };
+      materialise = mkOption {
+        type = types.enum [ "unpack" "nix" ];
+        default = "nix";
+        description = ''
+          How fetched images reach the host's store. On NixOS the store is Nix's, so the
+          default is `nix`: the daemon runs `nix copy --from` its own binary cache (the
+          module makes the `blixard` user a trusted Nix user for that). `unpack` writes
+          straight into `storeDir`, for hosts without a Nix daemon. `images.materialise`.
+        '';
+      };
+      nixStore = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "With `materialise = \"nix\"`: copy into this store instead of the host's. `images.nix_store`.";
+      };
+      importPaths = mkOption {
+        type = types.nullOr (types.listOf types.str);
+        default = null;
+        example = [ "/nix/store" "/srv/runners" ];
+        description = "Where callers other than this node's admin credential may import images from (daemon default: the Nix store). `images.import_paths`.";
+      };
+    };
+
     requestTimeoutMs = mkOption {
       type = types.nullOr types.ints.positive;
       default = null;

@@ -61,6 +61,7 @@ rec {
     let
       cap = cfg.capacity or { };
       raft = cfg.raft or { };
+      img = cfg.images or { };
       typed = dropNulls {
         listen = get cfg "listen";
         name = get cfg "name";
@@ -77,6 +78,14 @@ rec {
           snapshot_threshold = get raft "snapshotThreshold";
         };
         request_timeout_ms = get cfg "requestTimeoutMs";
+        images = {
+          store_dir = get img "storeDir";
+          cache_listen = get img "cacheListen";
+          cache_size_mib = get img "cacheSizeMib";
+          materialise = get img "materialise";
+          nix_store = get img "nixStore";
+          import_paths = get img "importPaths";
+        };
       };
     in
     recursiveMerge typed (dropNulls (cfg.settings or { }));

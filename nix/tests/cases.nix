@@ -13,6 +13,7 @@ let
     capacity = { vcpus = 16; memoryMib = 65536; };
     raft = { tickMs = 100; electionTicks = 10; heartbeatTicks = 2; snapshotThreshold = 10000; };
     requestTimeoutMs = 10000;
+    images = { storeDir = null; cacheListen = "127.0.0.1:7380"; cacheSizeMib = 20480; materialise = "nix"; nixStore = null; importPaths = [ "/nix/store" "/srv/runners" ]; };
     settings = { };
   };
 
