@@ -140,6 +140,11 @@ fn every_request(who: &str) -> Vec<Request> {
         }
         .into(),
         NodeList { stale: false }.into(),
+        blixard_net::api::UserSetKey {
+            name: "nobody".into(),
+            key: key_of(&SecretKey::generate().public()),
+        }
+        .into(),
     ]
 }
 
@@ -190,14 +195,15 @@ async fn authorization_matrix_on_a_real_cluster() {
     let kinds: Vec<&str> = every_request("x").iter().map(|r| r.kind()).collect();
     //            Status MetaGet MetaSet Token Join Leave UAdd URm ULst PGet PSet PTest
     //            IImport IList IShow IPull IPin IRm CacheKey
-    //            TCreate TList QSet QShow NList
-    let expect: [(&str, SecretKey, [bool; 24]); 7] = [
+    //            TCreate TList QSet QShow NList USetKey
+    let expect: [(&str, SecretKey, [bool; 25]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
             [
                 false, false, false, false, true, false, false, false, false, false, false, false,
                 false, false, false, false, false, false, false, false, false, false, false, false,
+                false,
             ],
         ),
         (
@@ -206,6 +212,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             [
                 false, false, false, false, true, false, false, false, false, false, false, false,
                 false, false, false, false, false, false, false, false, false, false, false, false,
+                false,
             ],
         ),
         (
@@ -214,6 +221,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
                 false, true, true, false, false, false, true, false, true, false, true, true,
+                false,
             ],
         ),
         (
@@ -222,6 +230,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
                 true, true, true, false, false, false, true, false, true, false, false, true,
+                false,
             ],
         ),
         (
@@ -229,7 +238,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             operator.clone(),
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
-                true, true, true, false, false, false, true, false, true, false, true, true,
+                true, true, true, false, false, false, true, false, true, false, true, true, false,
             ],
         ),
         (
@@ -237,7 +246,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             admin.clone(),
             [
                 true, true, true, true, true, true, true, true, true, true, true, true, true, true,
-                true, true, true, true, true, true, true, true, true, true,
+                true, true, true, true, true, true, true, true, true, true, true,
             ],
         ),
         (
@@ -246,6 +255,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             [
                 true, true, false, false, true, false, false, false, false, false, false, false,
                 false, true, true, false, false, false, true, false, true, false, true, true,
+                false,
             ],
         ),
     ];
@@ -422,6 +432,32 @@ async fn authorization_matrix_on_a_real_cluster() {
         "users fetch through the API, not blobs"
     );
     // (Members fetching through the gate is what every pull in tests/images.rs does.)
+
+    // Rotating a user's key in place: the old key is refused, the new one works.
+    let rotated = SecretKey::generate();
+    admin_node.cli_ok(&["user", "set-key", "vera", "--key", &key_hex(&rotated)]);
+    let status = || Request::from(StatusRequest { stale: false });
+    let old = client(viewer.clone()).await;
+    let new = client(rotated.clone()).await;
+    wait_for_allowed(&new, &to, status).await;
+    assert!(
+        !allowed(&old, &to, status()).await,
+        "the old key still works"
+    );
+    old.endpoint().close().await;
+    new.endpoint().close().await;
+}
+
+/// Waits until `client` is let through (the change may still be applying on `to`).
+async fn wait_for_allowed(client: &ApiClient, to: &EndpointAddr, request: impl Fn() -> Request) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !allowed(client, to, request()).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key was never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[test]

@@ -356,6 +356,24 @@ pub async fn user_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+pub async fn user_set_key(ctx: &Context, name: String, key: &str) -> Result<(), Failure> {
+    let key: EndpointKey = key.parse().map_err(|e| Failure::new(exit::USAGE, e))?;
+    let (client, to) = client(ctx).await?;
+    let r = client
+        .call(
+            &to,
+            blixard_net::api::UserSetKey {
+                name: name.clone(),
+                key,
+            },
+        )
+        .await;
+    client.endpoint().close().await;
+    r?;
+    eprintln!("user {name} now has key {key}; the old key is no longer accepted");
+    Ok(())
+}
+
 pub async fn user_rm(ctx: &Context, name: String) -> Result<(), Failure> {
     let (client, to) = client(ctx).await?;
     let r = client.call(&to, UserRemove { name: name.clone() }).await;

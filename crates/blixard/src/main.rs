@@ -100,6 +100,12 @@ enum UserCommand {
         #[arg(long)]
         stale: bool,
     },
+    /// Replace a user's key in place (key rotation); roles and tenant stay.
+    SetKey {
+        name: String,
+        #[arg(long = "key", value_name = "PUBLIC_KEY")]
+        public_key: String,
+    },
     /// Remove a user.
     Rm { name: String },
 }
@@ -292,6 +298,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }) => cli::user_add(&ctx, name, &public_key, roles, tenant).await,
         Command::User(UserCommand::List { stale }) => cli::user_list(&ctx, stale).await,
         Command::User(UserCommand::Rm { name }) => cli::user_rm(&ctx, name).await,
+        Command::User(UserCommand::SetKey { name, public_key }) => {
+            cli::user_set_key(&ctx, name, &public_key).await
+        }
         Command::Policy(PolicyCommand::Show) => cli::policy_show(&ctx).await,
         Command::Policy(PolicyCommand::Set { file }) => cli::policy_set(&ctx, &file).await,
         Command::Policy(PolicyCommand::Test {

@@ -437,6 +437,14 @@ impl Service for NodeService {
                 .await?;
                 Ok(Response::UserAdd(UserAdded {}))
             }
+            Request::UserSetKey(u) => {
+                self.propose(Command::SetUserKey {
+                    name: u.name.clone(),
+                    key: u.key,
+                })
+                .await?;
+                Ok(Response::UserSetKey(blixard_net::api::UserKeySet {}))
+            }
             Request::UserRemove(u) => {
                 self.propose(Command::RemoveUser {
                     name: u.name.clone(),

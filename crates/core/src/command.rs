@@ -135,6 +135,9 @@ pub enum Command {
     DeleteVm { key: String },
     /// Marks a host as drained (takes no new VMs) or not.
     SetDrained { node: NodeId, drained: bool },
+    /// Replaces a user's key (rotation); name, roles and tenant stay. The new key must be
+    /// unused, like a new user's.
+    SetUserKey { name: String, key: EndpointKey },
 }
 
 impl Command {
@@ -163,6 +166,7 @@ impl Command {
             Command::PlaceVm { .. } => "place_vm",
             Command::DeleteVm { .. } => "delete_vm",
             Command::SetDrained { .. } => "set_drained",
+            Command::SetUserKey { .. } => "set_user_key",
         }
     }
 }

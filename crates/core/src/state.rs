@@ -450,6 +450,17 @@ impl State {
                 }
                 Ok(CommandOutput::Done)
             }
+            Command::SetUserKey { name, key } => {
+                if !self.users.contains(name) {
+                    return Err(ApplyError::UnknownUser(name.clone()));
+                }
+                if let Some(holder) = self.key_holder(key) {
+                    return Err(ApplyError::KeyInUse(*key, holder));
+                }
+                let key = *key;
+                self.users.update(name, |u| u.key = key);
+                Ok(CommandOutput::Done)
+            }
             Command::SetCacheKey { secret } => {
                 if !self.cache_key.contains(&0) {
                     self.cache_key.insert(0, secret.clone());
@@ -1368,5 +1379,45 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(copy.digest(), s.digest());
+    }
+
+    #[test]
+    fn a_user_key_is_rotated_in_place_and_must_be_unused() {
+        let mut s = bootstrapped();
+        let user = |name: &str, key: u8| User {
+            name: name.into(),
+            key: EndpointKey([key; 32]),
+            roles: vec!["viewer".into()],
+            tenant: Some("acme".into()),
+            created_at_ms: 1,
+        };
+        s.apply(&Command::AddUser(user("alice", 40))).unwrap();
+        s.apply(&Command::AddUser(user("bob", 41))).unwrap();
+        s.apply(&Command::SetUserKey {
+            name: "alice".into(),
+            key: EndpointKey([42; 32]),
+        })
+        .unwrap();
+        let alice = s.user("alice").unwrap();
+        assert_eq!(alice.key, EndpointKey([42; 32]));
+        assert_eq!(alice.tenant.as_deref(), Some("acme"));
+        assert!(
+            s.user_by_key(&EndpointKey([40; 32])).is_none(),
+            "the old key is gone"
+        );
+        assert!(matches!(
+            s.apply(&Command::SetUserKey {
+                name: "alice".into(),
+                key: EndpointKey([41; 32]),
+            }),
+            Err(ApplyError::KeyInUse(..))
+        ));
+        assert!(matches!(
+            s.apply(&Command::SetUserKey {
+                name: "carol".into(),
+                key: EndpointKey([43; 32]),
+            }),
+            Err(ApplyError::UnknownUser(_))
+        ));
     }
 }

@@ -80,6 +80,7 @@ rpcs! {
     QuotaSet(QuotaSet) -> TenantInfo;
     QuotaShow(QuotaShow) -> TenantInfo;
     NodeList(NodeList) -> NodeEntries;
+    UserSetKey(UserSetKey) -> UserKeySet;
 }
 
 /// How long a long-running request (an image import or pull) may take.
@@ -525,3 +526,13 @@ pub struct NodeEntry {
 pub struct NodeEntries {
     pub nodes: Vec<NodeEntry>,
 }
+
+/// Replaces a user's key in place (rotation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSetKey {
+    pub name: String,
+    pub key: EndpointKey,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserKeySet {}

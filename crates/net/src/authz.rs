@@ -119,6 +119,13 @@ pub fn action_of(
                 tenant: u.tenant.clone(),
             },
         ),
+        Request::UserSetKey(r) => (
+            "user:manage",
+            match lookup.user(&r.name) {
+                Some(u) => user_resource(&u),
+                None => Resource::Cluster,
+            },
+        ),
         Request::UserRemove(r) => (
             "user:manage",
             match lookup.user(&r.name) {
