@@ -145,6 +145,11 @@ fn every_request(who: &str) -> Vec<Request> {
             key: key_of(&SecretKey::generate().public()),
         }
         .into(),
+        blixard_net::api::AdminSetKey {
+            node: NodeId(99),
+            key: key_of(&SecretKey::generate().public()),
+        }
+        .into(),
     ]
 }
 
@@ -195,15 +200,15 @@ async fn authorization_matrix_on_a_real_cluster() {
     let kinds: Vec<&str> = every_request("x").iter().map(|r| r.kind()).collect();
     //            Status MetaGet MetaSet Token Join Leave UAdd URm ULst PGet PSet PTest
     //            IImport IList IShow IPull IPin IRm CacheKey
-    //            TCreate TList QSet QShow NList USetKey
-    let expect: [(&str, SecretKey, [bool; 25]); 7] = [
+    //            TCreate TList QSet QShow NList USetKey ASetKey
+    let expect: [(&str, SecretKey, [bool; 26]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
             [
                 false, false, false, false, true, false, false, false, false, false, false, false,
                 false, false, false, false, false, false, false, false, false, false, false, false,
-                false,
+                false, false,
             ],
         ),
         (
@@ -212,7 +217,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             [
                 false, false, false, false, true, false, false, false, false, false, false, false,
                 false, false, false, false, false, false, false, false, false, false, false, false,
-                false,
+                false, false,
             ],
         ),
         (
@@ -221,7 +226,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
                 false, true, true, false, false, false, true, false, true, false, true, true,
-                false,
+                false, false,
             ],
         ),
         (
@@ -230,7 +235,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
                 true, true, true, false, false, false, true, false, true, false, false, true,
-                false,
+                false, false,
             ],
         ),
         (
@@ -239,6 +244,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             [
                 true, true, false, false, true, false, false, false, true, false, false, false,
                 true, true, true, false, false, false, true, false, true, false, true, true, false,
+                false,
             ],
         ),
         (
@@ -246,7 +252,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             admin.clone(),
             [
                 true, true, true, true, true, true, true, true, true, true, true, true, true, true,
-                true, true, true, true, true, true, true, true, true, true, true,
+                true, true, true, true, true, true, true, true, true, true, true, true,
             ],
         ),
         (
@@ -255,7 +261,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             [
                 true, true, false, false, true, false, false, false, false, false, false, false,
                 false, true, true, false, false, false, true, false, true, false, true, true,
-                false,
+                false, false,
             ],
         ),
     ];
@@ -446,6 +452,21 @@ async fn authorization_matrix_on_a_real_cluster() {
     );
     old.endpoint().close().await;
     new.endpoint().close().await;
+
+    // Rotating a node's admin credential: the CLI keeps working with the new file, and
+    // the old key is refused.
+    let before = keys::load(&admin_node.dir.join("admin.key")).unwrap();
+    admin_node.cli_ok(&["cluster", "rotate-admin-key"]);
+    let after = keys::load(&admin_node.dir.join("admin.key")).unwrap();
+    assert_ne!(before.public(), after.public());
+    assert!(!admin_node.dir.join("admin.key.new").exists());
+    let old = client(before).await;
+    assert!(
+        !allowed(&old, &to, status()).await,
+        "the old admin key still works"
+    );
+    old.endpoint().close().await;
+    admin_node.cli_ok(&["cluster", "meta", "set", "rotated", "yes"]);
 }
 
 /// Waits until `client` is let through (the change may still be applying on `to`).

@@ -278,6 +278,63 @@ pub async fn token_create(ctx: &Context, ttl: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Rotates the local node's admin credential: a new key is written beside the old one,
+/// the cluster switches to it, then it replaces `admin.key`. Interrupted, the old key
+/// file stays in place and `admin.key.new` says what the cluster may already expect.
+pub async fn rotate_admin_key(ctx: &Context) -> Result<(), Failure> {
+    if ctx.node.is_some() || ctx.key.is_some() {
+        return Err(Failure::new(
+            exit::USAGE,
+            "rotate-admin-key rotates the local node's admin.key; run it without --node/--credential on that node's host",
+        ));
+    }
+    let info_path = datadir::node_info(&ctx.data_dir);
+    let info: NodeInfo = std::fs::read_to_string(&info_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .ok_or_else(|| {
+            Failure::new(
+                exit::UNREACHABLE,
+                format!("no running node found in {}", ctx.data_dir.display()),
+            )
+        })?;
+    let current = datadir::admin_key(&ctx.data_dir);
+    let fresh = current.with_extension("key.new");
+    let _ = std::fs::remove_file(&fresh);
+    let key = keys::create(&fresh).map_err(|e| Failure::new(exit::DATA_DIR, e))?;
+    let new_key = blixard_net::key_of(&key.public());
+    let (client, to) = client(ctx).await?;
+    let r = client
+        .call(
+            &to,
+            blixard_net::api::AdminSetKey {
+                node: info.node_id,
+                key: new_key,
+            },
+        )
+        .await;
+    client.endpoint().close().await;
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&fresh);
+        return Err(e.into());
+    }
+    std::fs::rename(&fresh, &current).map_err(|e| {
+        Failure::new(
+            exit::DATA_DIR,
+            format!(
+                "the cluster now expects the key in {}, but it could not replace {}: {e}",
+                fresh.display(),
+                current.display()
+            ),
+        )
+    })?;
+    eprintln!(
+        "admin credential of node n{} rotated to {new_key}",
+        info.node_id
+    );
+    Ok(())
+}
+
 pub async fn leave(ctx: &Context, node: &str) -> Result<(), Failure> {
     let node: NodeId = node.parse().map_err(|e| Failure::new(exit::USAGE, e))?;
     let (client, to) = client(ctx).await?;

@@ -163,6 +163,8 @@ enum ClusterCommand {
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Replace this node's admin credential (DATA_DIR/admin.key) with a new key.
+    RotateAdminKey,
     /// Remove a node from the cluster.
     Leave {
         /// The node id (e.g. 3 or n3).
@@ -281,6 +283,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 cli::token_create(&ctx, &ttl).await
             }
             ClusterCommand::Leave { id } => cli::leave(&ctx, &id).await,
+            ClusterCommand::RotateAdminKey => cli::rotate_admin_key(&ctx).await,
             ClusterCommand::Meta(MetaCommand::Set { name, value }) => {
                 cli::meta_set(&ctx, name, Some(value)).await
             }

@@ -437,6 +437,15 @@ impl Service for NodeService {
                 .await?;
                 Ok(Response::UserAdd(UserAdded {}))
             }
+            Request::AdminSetKey(a) => {
+                self.propose(Command::SetAdminKey {
+                    node: a.node,
+                    key: a.key,
+                    now_ms: now_ms(),
+                })
+                .await?;
+                Ok(Response::AdminSetKey(blixard_net::api::AdminKeySet {}))
+            }
             Request::UserSetKey(u) => {
                 self.propose(Command::SetUserKey {
                     name: u.name.clone(),

@@ -138,6 +138,13 @@ pub enum Command {
     /// Replaces a user's key (rotation); name, roles and tenant stay. The new key must be
     /// unused, like a new user's.
     SetUserKey { name: String, key: EndpointKey },
+    /// Replaces a node's admin credential (rotation): the node's old credentials go, the
+    /// new key (unused by anyone) takes their place.
+    SetAdminKey {
+        node: NodeId,
+        key: EndpointKey,
+        now_ms: u64,
+    },
 }
 
 impl Command {
@@ -167,6 +174,7 @@ impl Command {
             Command::DeleteVm { .. } => "delete_vm",
             Command::SetDrained { .. } => "set_drained",
             Command::SetUserKey { .. } => "set_user_key",
+            Command::SetAdminKey { .. } => "set_admin_key",
         }
     }
 }

@@ -461,6 +461,32 @@ impl State {
                 self.users.update(name, |u| u.key = key);
                 Ok(CommandOutput::Done)
             }
+            Command::SetAdminKey { node, key, now_ms } => {
+                self.check_not_removed(*node)?;
+                if self.members.get(node).is_none() {
+                    return Err(ApplyError::UnknownMember(*node));
+                }
+                if let Some(holder) = self.key_holder(key) {
+                    return Err(ApplyError::KeyInUse(*key, holder));
+                }
+                let old: Vec<EndpointKey> = self
+                    .admins
+                    .iter()
+                    .filter(|(_, c)| c.node == *node)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in old {
+                    self.admins.remove(&k);
+                }
+                self.admins.insert(
+                    *key,
+                    AdminCredential {
+                        node: *node,
+                        created_at_ms: *now_ms,
+                    },
+                );
+                Ok(CommandOutput::Done)
+            }
             Command::SetCacheKey { secret } => {
                 if !self.cache_key.contains(&0) {
                     self.cache_key.insert(0, secret.clone());
@@ -1418,6 +1444,38 @@ mod tests {
                 key: EndpointKey([43; 32]),
             }),
             Err(ApplyError::UnknownUser(_))
+        ));
+    }
+
+    #[test]
+    fn an_admin_credential_is_rotated_in_place() {
+        let mut s = bootstrapped();
+        let old = EndpointKey([100; 32]);
+        assert!(s.admin(&old).is_some());
+        s.apply(&Command::SetAdminKey {
+            node: NodeId(1),
+            key: EndpointKey([101; 32]),
+            now_ms: 5,
+        })
+        .unwrap();
+        assert!(s.admin(&old).is_none(), "the old credential is gone");
+        assert_eq!(s.admin(&EndpointKey([101; 32])).unwrap().node, NodeId(1));
+        // A key someone holds (here: node 1's own endpoint key) is refused.
+        assert!(matches!(
+            s.apply(&Command::SetAdminKey {
+                node: NodeId(1),
+                key: EndpointKey([1; 32]),
+                now_ms: 6,
+            }),
+            Err(ApplyError::KeyInUse(..))
+        ));
+        assert!(matches!(
+            s.apply(&Command::SetAdminKey {
+                node: NodeId(9),
+                key: EndpointKey([102; 32]),
+                now_ms: 6,
+            }),
+            Err(ApplyError::UnknownMember(_))
         ));
     }
 }

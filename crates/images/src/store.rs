@@ -38,7 +38,7 @@ pub struct ImageStore {
     /// Scratch space for NARs being written or read (same file system as the blob store).
     stage: PathBuf,
     /// Store paths of complete local images by hash part: what the binary cache serves.
-    index: Arc<RwLock<HashMap<String, CachedPath>>>,
+    index: Arc<RwLock<Index>>,
 }
 
 fn blob_err(what: &str) -> impl Fn(String) -> ImageError + '_ {
@@ -78,7 +78,7 @@ impl ImageStore {
             blobs,
             store_dir,
             stage,
-            index: Arc::new(RwLock::new(HashMap::new())),
+            index: Arc::new(RwLock::new(Index::default())),
         };
         store.reindex().await?;
         Ok(store)
@@ -118,7 +118,7 @@ impl ImageStore {
 
     /// Rebuilds the binary-cache index from the complete local images.
     pub async fn reindex(&self) -> Result<(), ImageError> {
-        let mut index = HashMap::new();
+        let mut index = Index::default();
         for hash in self.held().await? {
             if !self.is_complete(hash).await? {
                 continue;
@@ -136,17 +136,14 @@ impl ImageStore {
 
     /// Looks up a store path by its hash part, for the binary cache.
     pub fn cached(&self, hash_part: &str) -> Option<CachedPath> {
-        self.index.read().ok()?.get(hash_part).cloned()
+        self.index.read().ok()?.by_hash_part.get(hash_part).cloned()
     }
 
-    /// Every store path the binary cache serves, by hash part.
+    /// Looks up a store path by its NAR's blob, for the binary cache.
     pub fn cached_by_blob(&self, blob: &Hash) -> Option<CachedPath> {
-        self.index
-            .read()
-            .ok()?
-            .values()
-            .find(|c| c.entry.blob == *blob)
-            .cloned()
+        let index = self.index.read().ok()?;
+        let hash_part = index.by_blob.get(blob)?;
+        index.by_hash_part.get(hash_part).cloned()
     }
 
     /// Whether the image's hash sequence and every blob it lists are here.
@@ -455,14 +452,20 @@ impl<W: std::io::Write> std::io::Write for Counting<W> {
     }
 }
 
-fn add_to_index(
-    index: &mut HashMap<String, CachedPath>,
-    manifest: &Manifest,
-) -> Result<(), ImageError> {
+/// The store paths of the complete local images: what the binary cache serves.
+#[derive(Debug, Default)]
+struct Index {
+    by_hash_part: HashMap<String, CachedPath>,
+    by_blob: HashMap<Hash, String>,
+}
+
+fn add_to_index(index: &mut Index, manifest: &Manifest) -> Result<(), ImageError> {
     let store_dir = manifest.store_dir()?;
     for entry in manifest.check()? {
-        index.insert(
-            entry.path.hash_part(),
+        let hash_part = entry.path.hash_part();
+        index.by_blob.insert(entry.blob, hash_part.clone());
+        index.by_hash_part.insert(
+            hash_part,
             CachedPath {
                 entry,
                 store_dir: store_dir.clone(),

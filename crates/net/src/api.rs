@@ -81,6 +81,7 @@ rpcs! {
     QuotaShow(QuotaShow) -> TenantInfo;
     NodeList(NodeList) -> NodeEntries;
     UserSetKey(UserSetKey) -> UserKeySet;
+    AdminSetKey(AdminSetKey) -> AdminKeySet;
 }
 
 /// How long a long-running request (an image import or pull) may take.
@@ -536,3 +537,13 @@ pub struct UserSetKey {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserKeySet {}
+
+/// Replaces a node's admin credential (rotation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminSetKey {
+    pub node: NodeId,
+    pub key: EndpointKey,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminKeySet {}

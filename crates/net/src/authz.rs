@@ -107,9 +107,10 @@ pub fn action_of(
     }
     match request {
         Request::Status(_) | Request::MetaGet(_) => ("cluster:read", Resource::Cluster),
-        Request::TokenCreate(_) | Request::Leave(_) | Request::MetaSet(_) => {
-            ("cluster:manage", Resource::Cluster)
-        }
+        Request::TokenCreate(_)
+        | Request::Leave(_)
+        | Request::MetaSet(_)
+        | Request::AdminSetKey(_) => ("cluster:manage", Resource::Cluster),
         Request::Join(_) => ("cluster:join", Resource::Cluster),
         Request::UserAdd(u) => (
             "user:manage",
