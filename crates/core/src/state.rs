@@ -276,15 +276,7 @@ impl State {
                 }
                 self.members.remove(node);
                 self.removed.insert(*node, *now_ms);
-                let creds: Vec<EndpointKey> = self
-                    .admins
-                    .iter()
-                    .filter(|(_, c)| c.node == *node)
-                    .map(|(k, _)| *k)
-                    .collect();
-                for key in creds {
-                    self.admins.remove(&key);
-                }
+                self.remove_admins_of(*node);
                 let held: Vec<String> = self
                     .images
                     .iter()
@@ -469,15 +461,7 @@ impl State {
                 if let Some(holder) = self.key_holder(key) {
                     return Err(ApplyError::KeyInUse(*key, holder));
                 }
-                let old: Vec<EndpointKey> = self
-                    .admins
-                    .iter()
-                    .filter(|(_, c)| c.node == *node)
-                    .map(|(k, _)| *k)
-                    .collect();
-                for k in old {
-                    self.admins.remove(&k);
-                }
+                self.remove_admins_of(*node);
                 self.admins.insert(
                     *key,
                     AdminCredential {
@@ -673,6 +657,19 @@ impl State {
                 self.images.insert(image.name.clone(), image.clone());
                 Ok(CommandOutput::Done)
             }
+        }
+    }
+
+    /// Drops every admin credential of `node`.
+    fn remove_admins_of(&mut self, node: NodeId) {
+        let creds: Vec<EndpointKey> = self
+            .admins
+            .iter()
+            .filter(|(_, c)| c.node == node)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in creds {
+            self.admins.remove(&key);
         }
     }
 
