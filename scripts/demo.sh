@@ -24,13 +24,17 @@ wait_ready() {
 }
 
 echo "== starting n1 (new cluster) in $dir"
-"$bin" node run --data-dir "$dir/n1" --listen 127.0.0.1:17001 --name n1 --init >"$dir/n1.log" 2>&1 &
+# Each node gets its own binary cache port and store dir (they share one host here).
+node_args() { echo "--cache-listen 127.0.0.1:1738$1 --store-dir $dir/n$1.store"; }
+# shellcheck disable=SC2046
+"$bin" node run --data-dir "$dir/n1" --listen 127.0.0.1:17001 --name n1 $(node_args 1) --init >"$dir/n1.log" 2>&1 &
 pids+=($!)
 wait_ready "$dir/n1"
 for i in 2 3; do
   ticket=$("$bin" --data-dir "$dir/n1" cluster token create --ttl 10m)
   echo "== n$i joins with a one-time ticket"
-  "$bin" node run --data-dir "$dir/n$i" --listen 127.0.0.1:1700$i --name "n$i" --join "$ticket" >"$dir/n$i.log" 2>&1 &
+  # shellcheck disable=SC2046
+  "$bin" node run --data-dir "$dir/n$i" --listen 127.0.0.1:1700$i --name "n$i" $(node_args "$i") --join "$ticket" >"$dir/n$i.log" 2>&1 &
   pids+=($!)
   wait_ready "$dir/n$i"
 done
@@ -45,6 +49,13 @@ echo "== blixard --data-dir $dir/n2 cluster status"
 "$bin" --data-dir "$dir/n2" cluster status
 echo "== blixard --data-dir $dir/n1 cluster meta get"
 "$bin" --data-dir "$dir/n1" cluster meta get
+echo "== an image: a plain directory imported on n1, pulled by n3 over Iroh"
+mkdir -p "$dir/runner/bin"
+printf '#!/bin/sh\necho hello from a runner\n' >"$dir/runner/bin/microvm-run"
+chmod +x "$dir/runner/bin/microvm-run"
+"$bin" --data-dir "$dir/n1" image import "$dir/runner" --name demo
+"$bin" --data-dir "$dir/n3" image pull demo
+"$bin" --data-dir "$dir/n1" image list
 if $keep; then
   echo "== cluster left running (pids ${pids[*]}); data dirs and logs in $dir"
 fi

@@ -49,6 +49,8 @@ pub struct ProgressView {
     tty: bool,
     started: std::time::Instant,
     last_line: Option<std::time::Instant>,
+    /// The last update shown, so repeats are not printed again.
+    shown: Option<(String, u64)>,
     drawn: bool,
 }
 
@@ -59,12 +61,19 @@ impl ProgressView {
             tty: std::io::stderr().is_terminal(),
             started: std::time::Instant::now(),
             last_line: None,
+            shown: None,
             drawn: false,
         }
     }
 
     pub fn update(&mut self, phase: &str, done: u64, total: u64) {
+        // Without a known total (e.g. a plain directory being imported), show bytes only.
+        let total = if total == 0 { done } else { total };
         let done = done.min(total);
+        if self.shown.as_ref() == Some(&(phase.to_string(), done)) {
+            return;
+        }
+        self.shown = Some((phase.to_string(), done));
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = done as f64 / secs;
         let eta = if rate > 0.0 && total > done {

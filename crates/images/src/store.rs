@@ -210,7 +210,15 @@ impl ImageStore {
         };
         let mut temp_tags: Vec<TempTag> = Vec::new();
         let mut entries = Vec::new();
-        let total: u64 = infos.iter().map(|i| i.nar_size).sum();
+        let total: u64 = if infos.is_empty() {
+            // A plain directory: its file sizes, close to (a little under) its NAR size.
+            let p = path.to_owned();
+            tokio::task::spawn_blocking(move || tree_size(&p))
+                .await
+                .unwrap_or(0)
+        } else {
+            infos.iter().map(|i| i.nar_size).sum()
+        };
         progress.start("importing", total);
         if infos.is_empty() {
             // A plain directory: one source path, named the way `nix-store --add` would.
@@ -473,6 +481,22 @@ fn add_to_index(index: &mut Index, manifest: &Manifest) -> Result<(), ImageError
         );
     }
     Ok(())
+}
+
+/// The bytes of the regular files under `path` (not following symlinks).
+fn tree_size(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if meta.is_dir() {
+        std::fs::read_dir(path)
+            .map(|entries| entries.flatten().map(|e| tree_size(&e.path())).sum())
+            .unwrap_or(0)
+    } else if meta.is_file() {
+        meta.len()
+    } else {
+        0
+    }
 }
 
 /// Removes a tree that may contain read-only directories.
