@@ -353,6 +353,22 @@ fn pinned_images_stay_and_removed_images_go() {
     assert_eq!(out.status.code(), Some(5));
 }
 
+/// A two-node cluster in `root` whose second node runs with `n2_config` as its
+/// `blixard.toml`.
+fn two_nodes(root: &Path, n2_config: &str) -> (Node, Node) {
+    let mut n1 = Node::new(root, "n1");
+    let mut n2 = Node::new(root, "n2");
+    std::fs::create_dir_all(&n2.dir).unwrap();
+    std::fs::write(n2.dir.join("blixard.toml"), n2_config).unwrap();
+    n1.start(&["--init"]);
+    let ticket = n1
+        .cli_ok(&["cluster", "token", "create"])
+        .trim()
+        .to_string();
+    n2.start(&["--join", &ticket]);
+    (n1, n2)
+}
+
 /// Writes `mib` MiB of incompressible bytes (different per `seed`).
 fn random_file(path: &Path, mib: usize, seed: u64) {
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -375,20 +391,7 @@ fn images_beyond_the_cache_size_are_evicted_least_recently_used() {
         .prefix("blixard-test")
         .tempdir()
         .unwrap();
-    let mut n1 = Node::new(root.path(), "n1");
-    let mut n2 = Node::new(root.path(), "n2");
-    std::fs::create_dir_all(&n2.dir).unwrap();
-    std::fs::write(
-        n2.dir.join("blixard.toml"),
-        "[images]\ncache_size_mib = 5\n",
-    )
-    .unwrap();
-    n1.start(&["--init"]);
-    let ticket = n1
-        .cli_ok(&["cluster", "token", "create"])
-        .trim()
-        .to_string();
-    n2.start(&["--join", &ticket]);
+    let (n1, n2) = two_nodes(root.path(), "[images]\ncache_size_mib = 5\n");
     for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
         let dir = root.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -439,23 +442,13 @@ fn a_nix_host_gets_images_through_its_own_binary_cache() {
         .tempdir()
         .unwrap();
     let store = root.path().join("n2-nix");
-    let mut n1 = Node::new(root.path(), "n1");
-    let mut n2 = Node::new(root.path(), "n2");
-    std::fs::create_dir_all(&n2.dir).unwrap();
-    std::fs::write(
-        n2.dir.join("blixard.toml"),
-        format!(
+    let (n1, n2) = two_nodes(
+        root.path(),
+        &format!(
             "[images]\nmaterialise = \"nix\"\nnix_store = \"{}\"\n",
             store.display()
         ),
-    )
-    .unwrap();
-    n1.start(&["--init"]);
-    let ticket = n1
-        .cli_ok(&["cluster", "token", "create"])
-        .trim()
-        .to_string();
-    n2.start(&["--join", &ticket]);
+    );
     n1.cli_ok(&["image", "import", &path, "--name", "web"]);
     let pulled = json(&n2, &["image", "pull", "web"]);
     assert_eq!(pulled["materialised"][0], path.as_str(), "{pulled}");

@@ -100,6 +100,19 @@ pub struct RequestContext {
     pub source: String,
 }
 
+impl RequestContext {
+    /// A request arriving now from `source` (the caller's key, hex).
+    pub fn now(source: impl Into<String>) -> Self {
+        Self {
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            source: source.into(),
+        }
+    }
+}
+
 /// The outcome, with the ids of the policies that decided it (or the evaluation errors).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {

@@ -239,6 +239,18 @@ pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Parses a number with an optional unit suffix; `factor` gives each unit's multiplier
+/// (`None` for an unknown unit, which is refused like an overflow, with `bad`).
+pub fn parse_scaled(
+    s: &str,
+    bad: impl Fn() -> Failure,
+    factor: impl Fn(&str) -> Option<u64>,
+) -> Result<u64, Failure> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    factor(unit).and_then(|f| n.checked_mul(f)).ok_or_else(bad)
+}
+
 /// Parses 30s, 10m, 2h, 1d or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, Failure> {
     let bad = || {
@@ -247,15 +259,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, Failure> {
             format!("invalid duration {s:?}: use e.g. 30s, 10m, 2h"),
         )
     };
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(bad()),
-    };
+    let secs = parse_scaled(s, bad, |unit| match unit {
+        "" | "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(3600),
+        "d" => Some(86400),
+        _ => None,
+    })?;
     Ok(Duration::from_secs(secs))
 }
 

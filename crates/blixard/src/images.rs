@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use blixard_authz::RequestContext;
 use blixard_core::{BlobHash, Command, Image, NodeId};
 use blixard_images::nix::SigningKey;
 use blixard_images::{fetch, fetch_manifest, Holder, ImageStore, Progress};
@@ -15,14 +14,12 @@ use blixard_net::api::{
     ImagePath, ImagePull, ImagePulled, ImageRemoved, ProgressSink, RequestFrame, Response,
     ResponseFrame,
 };
-use blixard_net::authz::Principal;
-use blixard_net::member_addr;
-use blixard_net::server::Service;
+use blixard_net::authz::{image_entity, Principal};
 use blixard_raft::RaftNode;
 use iroh_blobs::Hash;
 use rand::seq::SliceRandom;
 
-use crate::service::{now_ms, NodeService};
+use crate::service::{member_addr_of, now_ms, NodeService};
 
 /// How long one raft step (a proposal, a read barrier) may take inside a long request.
 const RAFT_STEP: Duration = Duration::from_secs(15);
@@ -80,11 +77,16 @@ pub struct StateKeys(pub RaftNode);
 
 impl blixard_images::cache::KeySource for StateKeys {
     fn signing_key(&self) -> Option<SigningKey> {
-        let secret = self.0.state().cache_key().cloned()?;
-        SigningKey::from_nix_secret(&secret)
-            .map_err(|e| tracing::error!("the cluster's cache key is unreadable: {e}"))
-            .ok()
+        cluster_signing_key(&self.0)
     }
+}
+
+/// The cluster's cache signing key, once the first import has set it.
+fn cluster_signing_key(node: &RaftNode) -> Option<SigningKey> {
+    let secret = node.state().cache_key().cloned()?;
+    SigningKey::from_nix_secret(&secret)
+        .map_err(|e| tracing::error!("the cluster's cache key is unreadable: {e}"))
+        .ok()
 }
 
 impl NodeService {
@@ -96,12 +98,11 @@ impl NodeService {
             .iter()
             .filter(|n| **n != me)
             .filter_map(|n| {
-                let m = state.member(*n)?;
                 Some((
                     *n,
                     Holder {
                         label: format!("n{n}"),
-                        addr: member_addr(&m.endpoint, &m.addrs)?,
+                        addr: member_addr_of(&state, *n)?,
                     },
                 ))
             })
@@ -245,25 +246,12 @@ impl NodeService {
 
     pub(crate) async fn image_list(&self, principal: &Principal, stale: bool) -> ResponseFrame {
         self.barrier(stale).await?;
-        let authorizer = self.authorizer();
-        let subject = principal.subject();
-        let context = RequestContext {
-            time_ms: now_ms(),
-            source: principal.key().to_string(),
-        };
+        let may = self.may(principal);
         let images = self
             .node
             .state()
             .images()
-            .filter(|i| {
-                let resource = blixard_authz::Resource::Image {
-                    name: i.name.clone(),
-                    tenant: i.tenant.clone(),
-                };
-                authorizer
-                    .authorize(&subject, "image:read", &resource, &context)
-                    .is_ok_and(|v| v.allowed)
-            })
+            .filter(|i| may("image:read", &image_entity(i)))
             .cloned()
             .collect();
         Ok(Response::ImageList(ImageEntries { images }))
@@ -312,13 +300,8 @@ impl NodeService {
                     "a forwarded pull must be for the node it reached".into(),
                 ));
             }
-            let addr = {
-                let state = self.node.state();
-                state
-                    .member(target)
-                    .and_then(|m| member_addr(&m.endpoint, &m.addrs))
-            }
-            .ok_or_else(|| ApiError::Rejected(format!("node {target} is not a member")))?;
+            let addr = member_addr_of(&self.node.state(), target)
+                .ok_or_else(|| ApiError::Rejected(format!("node {target} is not a member")))?;
             return match self
                 .client
                 .forward(&addr, frame.request.clone(), &sink)
@@ -435,11 +418,7 @@ impl NodeService {
                 "materialise = nix needs the binary cache (images.cache_listen)".into(),
             )
         })?;
-        let key = self
-            .node
-            .state()
-            .cache_key()
-            .and_then(|s| SigningKey::from_nix_secret(s).ok())
+        let key = cluster_signing_key(&self.node)
             .map(|k| k.public_key().to_string())
             .ok_or_else(|| ApiError::Rejected("the cluster has no cache key".into()))?;
         let mut cmd = tokio::process::Command::new("nix");
@@ -496,12 +475,7 @@ impl NodeService {
     }
 
     pub(crate) fn cache_key(&self) -> ResponseFrame {
-        let public_key = self
-            .node
-            .state()
-            .cache_key()
-            .and_then(|s| SigningKey::from_nix_secret(s).ok())
-            .map(|k| k.public_key().to_string());
+        let public_key = cluster_signing_key(&self.node).map(|k| k.public_key().to_string());
         Ok(Response::CacheKey(CacheKeyInfo {
             public_key,
             url: self.images.cache_url.clone(),

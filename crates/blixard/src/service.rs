@@ -30,6 +30,13 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where member `node` can be reached, according to `state`.
+pub(crate) fn member_addr_of(state: &State, node: NodeId) -> Option<EndpointAddr> {
+    state
+        .member(node)
+        .and_then(|m| member_addr(&m.endpoint, &m.addrs))
+}
+
 /// Members known before this node has the cluster state (from the join answer).
 pub type Seeds = Vec<(NodeId, EndpointKey, Vec<SocketAddr>)>;
 
@@ -52,10 +59,7 @@ impl Book {
 
 impl PeerBook for Book {
     fn addr_of(&self, node: NodeId) -> Option<EndpointAddr> {
-        let from_state = self.with_state(|s| {
-            s.member(node)
-                .and_then(|m| member_addr(&m.endpoint, &m.addrs))
-        });
+        let from_state = self.with_state(|s| member_addr_of(s, node));
         from_state.or_else(|| {
             self.seeds
                 .iter()
@@ -187,6 +191,19 @@ impl NodeService {
     }
 }
 
+impl NodeService {
+    /// What list results are filtered by: whether `principal` may do an action on a
+    /// resource, under the policies in force now.
+    pub(crate) fn may(&self, principal: &Principal) -> impl Fn(&'static str, &Resource) -> bool {
+        let authorizer = self.authorizer();
+        let context = RequestContext::now(principal.key().to_string());
+        let principal = principal.clone();
+        move |action, resource| {
+            blixard_net::authz::allows(&authorizer, &principal, action, resource, &context)
+        }
+    }
+}
+
 impl Lookup for NodeService {
     fn user(&self, name: &str) -> Option<User> {
         self.node.state().user(name).cloned()
@@ -239,12 +256,7 @@ impl NodeService {
             Err(ProposeError::NotLeader {
                 leader: Some(leader),
             }) if !frame.forwarded => {
-                let addr = {
-                    let state = self.node.state();
-                    state
-                        .member(NodeId(leader))
-                        .and_then(|m| member_addr(&m.endpoint, &m.addrs))
-                };
+                let addr = member_addr_of(&self.node.state(), NodeId(leader));
                 let Some(addr) = addr else {
                     return Ok(Err(ApiError::NoLeader));
                 };
@@ -463,22 +475,13 @@ impl Service for NodeService {
             }
             Request::UserList(l) => {
                 self.barrier(l.stale).await?;
-                let authorizer = self.authorizer();
-                let subject = principal.subject();
-                let context = RequestContext {
-                    time_ms: now_ms(),
-                    source: principal.key().to_string(),
-                };
                 // Filtered by authorization: the caller sees the users it may read.
+                let may = self.may(&principal);
                 let users = self
                     .node
                     .state()
                     .users()
-                    .filter(|u| {
-                        authorizer
-                            .authorize(&subject, "user:read", &user_resource(u), &context)
-                            .is_ok_and(|v| v.allowed)
-                    })
+                    .filter(|u| may("user:read", &user_resource(u)))
                     .cloned()
                     .collect();
                 Ok(Response::UserList(UserEntries { users }))
@@ -509,10 +512,7 @@ impl Service for NodeService {
                         blixard_authz::ACTIONS.join(", ")
                     )));
                 }
-                let context = RequestContext {
-                    time_ms: now_ms(),
-                    source: who.key().to_string(),
-                };
+                let context = RequestContext::now(who.key().to_string());
                 let v = self
                     .authorizer()
                     .authorize(&who.subject(), &t.action, &resource, &context)

@@ -4,7 +4,7 @@ use blixard_core::Quota;
 use blixard_net::api::{NodeList, QuotaSet, QuotaShow, TenantCreate, TenantInfo, TenantList};
 use clap::Subcommand;
 
-use crate::cli::{client, Context};
+use crate::cli::{client, parse_scaled, Context};
 use crate::exit::{self, Failure};
 use crate::image_cli::human_bytes;
 use crate::output::{self, Format};
@@ -53,15 +53,12 @@ pub fn parse_mib(s: &str) -> Result<u64, Failure> {
             format!("invalid size {s:?}: use e.g. 512MiB, 8GiB"),
         )
     };
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let factor = match unit.to_ascii_lowercase().as_str() {
-        "" | "m" | "mib" => 1,
-        "g" | "gib" => 1024,
-        "t" | "tib" => 1024 * 1024,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(factor).ok_or_else(bad)
+    parse_scaled(s, bad, |unit| match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mib" => Some(1),
+        "g" | "gib" => Some(1024),
+        "t" | "tib" => Some(1024 * 1024),
+        _ => None,
+    })
 }
 
 fn limit<T: std::fmt::Display>(v: Option<T>) -> String {

@@ -1,12 +1,11 @@
 //! Tenants, quotas and the host list: the API handlers.
 
-use blixard_authz::{RequestContext, Resource};
+use blixard_authz::Resource;
 use blixard_core::{Command, Quota, Tenant};
 use blixard_net::api::{
     ApiError, NodeEntries, NodeEntry, Response, ResponseFrame, TenantEntries, TenantInfo,
 };
 use blixard_net::authz::Principal;
-use blixard_net::server::Service;
 
 use crate::service::{now_ms, NodeService};
 
@@ -59,22 +58,17 @@ impl NodeService {
 
     pub(crate) async fn tenant_list(&self, principal: &Principal, stale: bool) -> ResponseFrame {
         self.barrier(stale).await?;
-        let authorizer = self.authorizer();
-        let subject = principal.subject();
-        let context = RequestContext {
-            time_ms: now_ms(),
-            source: principal.key().to_string(),
-        };
+        let may = self.may(principal);
         let tenants: Vec<Tenant> = self.node.state().tenants().cloned().collect();
         let tenants = tenants
             .iter()
             .filter(|t| {
-                let resource = Resource::Tenant {
-                    name: t.name.clone(),
-                };
-                authorizer
-                    .authorize(&subject, "tenant:read", &resource, &context)
-                    .is_ok_and(|v| v.allowed)
+                may(
+                    "tenant:read",
+                    &Resource::Tenant {
+                        name: t.name.clone(),
+                    },
+                )
             })
             .map(|t| self.tenant_info(t))
             .collect();

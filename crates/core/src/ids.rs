@@ -63,28 +63,35 @@ fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EndpointKey(pub [u8; 32]);
 
-impl fmt::Display for EndpointKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, &self.0)
-    }
-}
+/// 32-byte ids shown as lowercase hex (`Debug` shows the first 5 bytes) and parsed from it.
+macro_rules! hex32 {
+    ($t:ident, $err:ident) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_hex(f, &self.0)
+            }
+        }
 
-impl fmt::Debug for EndpointKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EndpointKey(")?;
-        write_hex(f, &self.0[..5])?;
-        write!(f, ")")
-    }
-}
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($t), "("))?;
+                write_hex(f, &self.0[..5])?;
+                write!(f, ")")
+            }
+        }
 
-impl FromStr for EndpointKey {
-    type Err = ParseIdError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        decode_hex::<32>(s)
-            .map(EndpointKey)
-            .ok_or_else(|| ParseIdError::Key(s.to_string()))
-    }
+        impl FromStr for $t {
+            type Err = ParseIdError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                decode_hex::<32>(s)
+                    .map($t)
+                    .ok_or_else(|| ParseIdError::$err(s.to_string()))
+            }
+        }
+    };
 }
+hex32!(EndpointKey, Key);
+hex32!(BlobHash, Blob);
 
 /// A cluster's identity: chosen at random by `--init`, carried in join tickets and in every
 /// node's data dir so that a node never talks to (or joins) the wrong cluster.
@@ -110,29 +117,6 @@ impl FromStr for ClusterId {
 /// Displayed as lowercase hex.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BlobHash(pub [u8; 32]);
-
-impl fmt::Display for BlobHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, &self.0)
-    }
-}
-
-impl fmt::Debug for BlobHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BlobHash(")?;
-        write_hex(f, &self.0[..5])?;
-        write!(f, ")")
-    }
-}
-
-impl FromStr for BlobHash {
-    type Err = ParseIdError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        decode_hex::<32>(s)
-            .map(BlobHash)
-            .ok_or_else(|| ParseIdError::Blob(s.to_string()))
-    }
-}
 
 /// Hex text in human-readable formats (JSON), raw bytes in binary ones (postcard).
 macro_rules! hex_serde {

@@ -152,6 +152,8 @@ pub enum ApplyError {
     TenantExists(String),
     #[error("no tenant {0}")]
     UnknownTenant(String),
+    #[error("invalid tenant: {0}")]
+    InvalidTenant(String),
     #[error("VM {0} already exists")]
     VmExists(String),
     #[error("no VM {0}")]
@@ -340,24 +342,18 @@ impl State {
             Command::RemoveImage { name } => match self.images.get(name) {
                 None => Err(ApplyError::UnknownImage(name.clone())),
                 Some(i) if i.pinned => Err(ApplyError::ImagePinned(name.clone())),
-                Some(_) if self.vms.values().any(|v| &v.spec.image == name) => {
-                    let user = self
-                        .vms
-                        .iter()
-                        .find(|(_, v)| &v.spec.image == name)
-                        .map(|(k, _)| k.clone())
-                        .unwrap_or_default();
-                    Err(ApplyError::ImageInUse(name.clone(), user))
-                }
                 Some(_) => {
+                    if let Some((vm, _)) = self.vms.iter().find(|(_, v)| &v.spec.image == name) {
+                        return Err(ApplyError::ImageInUse(name.clone(), vm.clone()));
+                    }
                     self.images.remove(name);
                     Ok(CommandOutput::Done)
                 }
             },
             Command::CreateTenant { name, now_ms } => {
                 if !valid_name(name) {
-                    return Err(ApplyError::InvalidVm(format!(
-                        "tenant {name:?}: names are 1 to 64 of a-z 0-9 . _ -"
+                    return Err(ApplyError::InvalidTenant(format!(
+                        "{name:?}: names are 1 to 64 of a-z 0-9 . _ -"
                     )));
                 }
                 if self.tenants.contains(name) {
@@ -1281,14 +1277,7 @@ mod tests {
     fn images_register_gain_holders_pin_and_go() {
         let mut s = bootstrapped();
         let t = token(&mut s, 9, 10_000);
-        s.apply(&Command::Join(JoinRequest {
-            node: NodeId(2),
-            token_hash: t,
-            now_ms: 2_000,
-            member: new_member(2),
-            admin: EndpointKey([102; 32]),
-        }))
-        .unwrap();
+        join(&mut s, t, 2, 2_000).unwrap();
         s.apply(&Command::AddImage(image("web", 1, 1))).unwrap();
         // The same closure again from another node adds a holder; another closure under the
         // same name is refused.
@@ -1369,14 +1358,7 @@ mod tests {
     fn removed_members_stop_holding_images_and_the_cache_key_is_set_once() {
         let mut s = bootstrapped();
         let t = token(&mut s, 9, 10_000);
-        s.apply(&Command::Join(JoinRequest {
-            node: NodeId(2),
-            token_hash: t,
-            now_ms: 2_000,
-            member: new_member(2),
-            admin: EndpointKey([102; 32]),
-        }))
-        .unwrap();
+        join(&mut s, t, 2, 2_000).unwrap();
         s.apply(&Command::AddImage(image("web", 1, 2))).unwrap();
         s.apply(&Command::RemoveMember {
             node: NodeId(2),

@@ -122,13 +122,7 @@ pub async fn fetch(
     holders: Vec<Holder>,
     progress: &Progress,
 ) -> Result<FetchReport, ImageError> {
-    let mut stats: Vec<HolderStats> = holders
-        .iter()
-        .map(|h| HolderStats {
-            label: h.label.clone(),
-            ..HolderStats::default()
-        })
-        .collect();
+    let mut stats = fresh_stats(&holders);
     // Keep what arrives from garbage collection until the image is tagged.
     let _guard = store
         .blobs()
@@ -260,6 +254,17 @@ pub async fn fetch(
     })
 }
 
+/// One empty report per holder, in the holders' order.
+fn fresh_stats(holders: &[Holder]) -> Vec<HolderStats> {
+    holders
+        .iter()
+        .map(|h| HolderStats {
+            label: h.label.clone(),
+            ..HolderStats::default()
+        })
+        .collect()
+}
+
 fn failure_summary(what: &str, stats: &[HolderStats]) -> String {
     let reasons: Vec<String> = stats
         .iter()
@@ -346,13 +351,7 @@ pub async fn fetch_manifest(
     if let Ok(m) = store.manifest(manifest_hash).await {
         return Ok(m);
     }
-    let mut stats: Vec<HolderStats> = holders
-        .iter()
-        .map(|h| HolderStats {
-            label: h.label.clone(),
-            ..HolderStats::default()
-        })
-        .collect();
+    let mut stats = fresh_stats(holders);
     head(store, endpoint, manifest_hash, holders, &mut stats).await
 }
 

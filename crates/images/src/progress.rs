@@ -65,10 +65,6 @@ impl Progress {
         self.report();
     }
 
-    pub fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
-    }
-
     fn report(&self) {
         if let Some(sink) = &self.sink {
             let phase = self.phase.lock().map(|p| *p).unwrap_or("working");

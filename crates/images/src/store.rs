@@ -148,10 +148,19 @@ impl ImageStore {
 
     /// Whether the image's hash sequence and every blob it lists are here.
     pub async fn is_complete(&self, manifest: Hash) -> Result<bool, ImageError> {
+        self.local_complete(HashAndFormat::hash_seq(manifest)).await
+    }
+
+    /// Whether a blob is here completely.
+    pub async fn has_blob(&self, hash: Hash) -> Result<bool, ImageError> {
+        self.local_complete(HashAndFormat::raw(hash)).await
+    }
+
+    async fn local_complete(&self, content: HashAndFormat) -> Result<bool, ImageError> {
         let info = self
             .blobs
             .remote()
-            .local(HashAndFormat::hash_seq(manifest))
+            .local(content)
             .await
             .map_err(|e| blob_err("checking local blobs")(e.to_string()))?;
         Ok(info.is_complete())
@@ -369,17 +378,6 @@ impl ImageStore {
         let _ = std::fs::remove_file(&tmp);
         let tag = added.map_err(|e| blob_err("adding a NAR")(e.to_string()))?;
         Ok((tag.hash(), summary, tag))
-    }
-
-    /// Whether a blob is here completely.
-    pub async fn has_blob(&self, hash: Hash) -> Result<bool, ImageError> {
-        let info = self
-            .blobs
-            .remote()
-            .local(HashAndFormat::raw(hash))
-            .await
-            .map_err(|e| blob_err("checking a blob")(e.to_string()))?;
-        Ok(info.is_complete())
     }
 
     /// Unpacks every store path of `manifest` that is not yet in the store dir, each

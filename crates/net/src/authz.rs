@@ -65,12 +65,28 @@ pub trait Lookup {
     fn image(&self, name: &str) -> Option<Image>;
 }
 
-/// The Cedar form of an image (an unknown name is treated as a shared image, so the
-/// refusal or "no such image" reveals nothing about other tenants).
+/// The Cedar form of the user named `name`, or the cluster when there is no such user.
+fn known_user(name: &str, lookup: &dyn Lookup) -> Resource {
+    lookup
+        .user(name)
+        .map(|u| user_resource(&u))
+        .unwrap_or(Resource::Cluster)
+}
+
+/// The Cedar form of the image named `name` (an unknown name is treated as a shared
+/// image, so the refusal or "no such image" reveals nothing about other tenants).
 pub fn image_resource(name: &str, lookup: &dyn Lookup) -> Resource {
     Resource::Image {
         name: name.to_string(),
         tenant: lookup.image(name).and_then(|i| i.tenant),
+    }
+}
+
+/// The Cedar form of an image.
+pub fn image_entity(i: &Image) -> Resource {
+    Resource::Image {
+        name: i.name.clone(),
+        tenant: i.tenant.clone(),
     }
 }
 
@@ -120,20 +136,9 @@ pub fn action_of(
                 tenant: u.tenant.clone(),
             },
         ),
-        Request::UserSetKey(r) => (
-            "user:manage",
-            match lookup.user(&r.name) {
-                Some(u) => user_resource(&u),
-                None => Resource::Cluster,
-            },
-        ),
-        Request::UserRemove(r) => (
-            "user:manage",
-            match lookup.user(&r.name) {
-                Some(u) => user_resource(&u),
-                None => Resource::Cluster,
-            },
-        ),
+        // A user that does not exist is the cluster, so a refusal names no one.
+        Request::UserSetKey(r) => ("user:manage", known_user(&r.name, lookup)),
+        Request::UserRemove(r) => ("user:manage", known_user(&r.name, lookup)),
         // Listing needs the right to see oneself; the results are then filtered user by
         // user with the same action.
         Request::UserList(_) => (
@@ -230,24 +235,7 @@ pub fn authorize(
     lookup: &dyn Lookup,
 ) -> Result<Decision, ApiError> {
     let (action, resource) = action_of(principal, request, forwarded, lookup);
-    let verdict = match authorizer.authorize(&principal.subject(), action, &resource, context) {
-        Ok(v) => v,
-        // A request Cedar cannot even form (e.g. a resource type the action does not apply
-        // to) is a refusal, never an allowance.
-        Err(e) => Verdict {
-            allowed: false,
-            reasons: Vec::new(),
-            errors: vec![e.to_string()],
-        },
-    };
-    let decision = Decision {
-        action,
-        resource: resource.to_string(),
-        allowed: verdict.allowed,
-        reasons: verdict.reasons,
-        errors: verdict.errors,
-    };
-    Ok(decision)
+    Ok(decide(authorizer, principal, action, &resource, context))
 }
 
 /// Decides whether `principal` may open a connection for `action` (on the cluster), e.g.
@@ -258,16 +246,32 @@ pub fn authorize_connection(
     action: &'static str,
     caller: &EndpointKey,
 ) -> Decision {
-    let context = RequestContext {
-        time_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        source: caller.to_string(),
-    };
-    let resource = Resource::Cluster;
+    let context = RequestContext::now(caller.to_string());
+    decide(authorizer, principal, action, &Resource::Cluster, &context)
+}
+
+/// Whether `principal` may do `action` on `resource`: what list results are filtered by.
+pub fn allows(
+    authorizer: &Authorizer,
+    principal: &Principal,
+    action: &'static str,
+    resource: &Resource,
+    context: &RequestContext,
+) -> bool {
+    decide(authorizer, principal, action, resource, context).allowed
+}
+
+/// Asks Cedar. A request Cedar cannot even form (e.g. a resource type the action does not
+/// apply to) is a refusal, never an allowance.
+fn decide(
+    authorizer: &Authorizer,
+    principal: &Principal,
+    action: &'static str,
+    resource: &Resource,
+    context: &RequestContext,
+) -> Decision {
     let verdict = authorizer
-        .authorize(&principal.subject(), action, &resource, &context)
+        .authorize(&principal.subject(), action, resource, context)
         .unwrap_or_else(|e| Verdict {
             allowed: false,
             reasons: Vec::new(),

@@ -171,13 +171,7 @@ async fn dispatch<S: Service>(
         }
     }
     let principal = service.principal(&caller);
-    let context = blixard_authz::RequestContext {
-        time_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        source: caller.to_string(),
-    };
+    let context = blixard_authz::RequestContext::now(caller.to_string());
     let authorizer = service.authorizer();
     let decision = authorize(
         &authorizer,
