@@ -122,6 +122,10 @@ async fn serve_stream<S: Service>(
         Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
         Ok(Err(FrameError::Closed)) => return,
         Ok(Err(e)) => Err(ApiError::BadRequest(e.to_string())),
+        // Short requests report no progress: no channel, no second task on the hot path.
+        Ok(Ok(frame)) if !frame.request.is_long_running() => {
+            dispatch(&*service, caller, frame, timeout, ProgressSink::none()).await
+        }
         Ok(Ok(frame)) => {
             // Progress updates go out while the request runs.
             let (tx, mut rx) = tokio::sync::mpsc::channel(16);
