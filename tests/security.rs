@@ -150,7 +150,60 @@ fn every_request(who: &str) -> Vec<Request> {
             key: key_of(&SecretKey::generate().public()),
         }
         .into(),
+        // VMs: a create in the caller's own tenant (of an image that does not exist), the
+        // rest on a VM of tenant acme that does not exist.
+        blixard_net::api::VmCreate {
+            spec: Box::new(blixard_core::VmSpec {
+                name: format!("matrix-{who}"),
+                tenant: String::new(),
+                image: "nothing".into(),
+                vcpus: 1,
+                memory_mib: 64,
+                labels: Default::default(),
+                constraints: Default::default(),
+                anti_affinity: None,
+                restart: blixard_core::RestartPolicy::Never,
+                ready_marker: None,
+            }),
+            start: false,
+        }
+        .into(),
+        blixard_net::api::VmList {
+            tenant: None,
+            node: None,
+            stale: false,
+        }
+        .into(),
+        blixard_net::api::VmShow {
+            vm: acme_vm(),
+            stale: false,
+        }
+        .into(),
+        blixard_net::api::VmControl {
+            vm: acme_vm(),
+            op: blixard_net::api::VmOp::Stop,
+        }
+        .into(),
+        blixard_net::api::VmDelete { vm: acme_vm() }.into(),
+        blixard_net::api::VmLogs {
+            vm: acme_vm(),
+            lines: 10,
+            from: None,
+        }
+        .into(),
+        blixard_net::api::NodeDrain {
+            node: NodeId(99),
+            drained: false,
+        }
+        .into(),
     ]
+}
+
+fn acme_vm() -> blixard_net::api::VmRef {
+    blixard_net::api::VmRef {
+        name: "nothing".into(),
+        tenant: Some("acme".into()),
+    }
 }
 
 /// Sends `request` and says whether the choke point let it through (a request that was
@@ -201,67 +254,77 @@ async fn authorization_matrix_on_a_real_cluster() {
     //            Status MetaGet MetaSet Token Join Leave UAdd URm ULst PGet PSet PTest
     //            IImport IList IShow IPull IPin IRm CacheKey
     //            TCreate TList QSet QShow NList USetKey ASetKey
-    let expect: [(&str, SecretKey, [bool; 26]); 7] = [
+    //            VCreate VList VShow VControl VDelete VLogs NDrain
+    let (t, f) = (true, false);
+    let expect: [(&str, SecretKey, [bool; 33]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
             [
-                false, false, false, false, true, false, false, false, false, false, false, false,
-                false, false, false, false, false, false, false, false, false, false, false, false,
-                false, false,
+                f, f, f, f, t, f, f, f, f, f, f, f, //
+                f, f, f, f, f, f, f, //
+                f, f, f, f, f, f, f, //
+                f, f, f, f, f, f, f,
             ],
         ),
         (
             "unknown key",
             removed.clone(),
             [
-                false, false, false, false, true, false, false, false, false, false, false, false,
-                false, false, false, false, false, false, false, false, false, false, false, false,
-                false, false,
+                f, f, f, f, t, f, f, f, f, f, f, f, //
+                f, f, f, f, f, f, f, //
+                f, f, f, f, f, f, f, //
+                f, f, f, f, f, f, f,
             ],
         ),
         (
             "viewer",
             viewer.clone(),
             [
-                true, true, false, false, true, false, false, false, true, false, false, false,
-                false, true, true, false, false, false, true, false, true, false, true, true,
-                false, false,
+                t, t, f, f, t, f, f, f, t, f, f, f, //
+                f, t, t, f, f, f, t, //
+                f, t, f, t, t, f, f, //
+                f, t, t, f, f, t, f,
             ],
         ),
         (
             "operator of another tenant",
             other_operator.clone(),
             [
-                true, true, false, false, true, false, false, false, true, false, false, false,
-                true, true, true, false, false, false, true, false, true, false, false, true,
-                false, false,
+                t, t, f, f, t, f, f, f, t, f, f, f, //
+                t, t, t, f, f, f, t, //
+                f, t, f, f, t, f, f, //
+                t, t, f, f, f, f, f,
             ],
         ),
         (
             "operator",
             operator.clone(),
             [
-                true, true, false, false, true, false, false, false, true, false, false, false,
-                true, true, true, false, false, false, true, false, true, false, true, true, false,
-                false,
+                t, t, f, f, t, f, f, f, t, f, f, f, //
+                t, t, t, f, f, f, t, //
+                f, t, f, t, t, f, f, //
+                t, t, t, t, t, t, f,
             ],
         ),
         (
             "admin",
             admin.clone(),
             [
-                true, true, true, true, true, true, true, true, true, true, true, true, true, true,
-                true, true, true, true, true, true, true, true, true, true, true, true,
+                t, t, t, t, t, t, t, t, t, t, t, t, //
+                t, t, t, t, t, t, t, //
+                t, t, t, t, t, t, t, //
+                t, t, t, t, t, t, t,
             ],
         ),
         (
             "member node",
             node_key,
             [
-                true, true, false, false, true, false, false, false, false, false, false, false,
-                false, true, true, false, false, false, true, false, true, false, true, true,
-                false, false,
+                t, t, f, f, t, f, f, f, f, f, f, f, //
+                f, t, t, f, f, f, t, //
+                f, t, f, t, t, f, f, //
+                f, t, t, f, f, t, f,
             ],
         ),
     ];

@@ -32,6 +32,9 @@ pub const ACTIONS: &[&str] = &[
     "blob:fetch",
     "tenant:read",
     "tenant:manage",
+    "vm:read",
+    "vm:manage",
+    "node:manage",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,11 @@ pub enum Resource {
     Tenant {
         name: String,
     },
+    /// A VM, named `tenant/name`.
+    Vm {
+        name: String,
+        tenant: String,
+    },
 }
 
 impl std::fmt::Display for Resource {
@@ -89,6 +97,7 @@ impl std::fmt::Display for Resource {
             Resource::User { name, .. } => write!(f, "user {name}"),
             Resource::Image { name, .. } => write!(f, "image {name}"),
             Resource::Tenant { name } => write!(f, "tenant {name}"),
+            Resource::Vm { name, tenant } => write!(f, "VM {tenant}/{name}"),
         }
     }
 }
@@ -165,6 +174,25 @@ fn user_entity(name: &str, roles: &[String], tenant: Option<&str>) -> Result<Ent
     ]);
     Entity::new(uid("User", name)?, attrs, HashSet::new())
         .map_err(|e| AuthzError::Request(e.to_string()))
+}
+
+/// An entity of type `ty` with only a `tenant` attribute (images, VMs).
+fn tenant_owned(
+    ty: &str,
+    id: &str,
+    tenant: &str,
+    entities: &mut Vec<Entity>,
+) -> Result<EntityUid, AuthzError> {
+    let u = uid(ty, id)?;
+    let attrs = HashMap::from([(
+        "tenant".to_string(),
+        RestrictedExpression::new_string(tenant.to_string()),
+    )]);
+    entities.push(
+        Entity::new(u.clone(), attrs, HashSet::new())
+            .map_err(|e| AuthzError::Request(e.to_string()))?,
+    );
+    Ok(u)
 }
 
 impl Authorizer {
@@ -259,17 +287,14 @@ impl Authorizer {
                 );
                 u
             }
-            Resource::Image { name, tenant } => {
-                let u = uid("Image", name)?;
-                let attrs = HashMap::from([(
-                    "tenant".to_string(),
-                    RestrictedExpression::new_string(tenant.clone().unwrap_or_default()),
-                )]);
-                entities.push(
-                    Entity::new(u.clone(), attrs, HashSet::new())
-                        .map_err(|e| AuthzError::Request(e.to_string()))?,
-                );
-                u
+            Resource::Image { name, tenant } => tenant_owned(
+                "Image",
+                name,
+                tenant.as_deref().unwrap_or_default(),
+                &mut entities,
+            )?,
+            Resource::Vm { name, tenant } => {
+                tenant_owned("Vm", &format!("{tenant}/{name}"), tenant, &mut entities)?
             }
         };
         let action_uid = uid("Action", action)?;
@@ -358,6 +383,10 @@ mod tests {
             name: "web".into(),
             tenant: tenant.map(str::to_string),
         };
+        let vm = |tenant: &str| Resource::Vm {
+            name: "web".into(),
+            tenant: tenant.into(),
+        };
         for action in ACTIONS.iter().filter(|a| **a != "blob:fetch") {
             let acme = Resource::Tenant {
                 name: "acme".into(),
@@ -366,6 +395,7 @@ mod tests {
                 "user:read" => &someone,
                 "image:read" | "image:manage" => &web(None),
                 "tenant:read" | "tenant:manage" => &acme,
+                "vm:read" | "vm:manage" => &vm("acme"),
                 _ => &c,
             };
             assert!(
@@ -425,6 +455,38 @@ mod tests {
             "tenant:read",
             &tenant("acme")
         ));
+        // VMs: operators manage their tenant's; viewers read theirs, or all when bound
+        // to no tenant; hosts read them; only admins drain hosts.
+        assert!(allowed(&a, &op, "vm:manage", &vm("acme")));
+        assert!(!allowed(&a, &op, "vm:manage", &vm("globex")));
+        assert!(!allowed(&a, &op, "vm:read", &vm("globex")));
+        assert!(allowed(&a, &viewer, "vm:read", &vm("acme")));
+        assert!(!allowed(&a, &viewer, "vm:manage", &vm("acme")));
+        assert!(allowed(
+            &a,
+            &user(&["viewer"], None),
+            "vm:read",
+            &vm("globex")
+        ));
+        assert!(!allowed(
+            &a,
+            &user(&["operator"], None),
+            "vm:manage",
+            &vm("default")
+        ));
+        assert!(allowed(
+            &a,
+            &Subject::Node { id: 2 },
+            "vm:read",
+            &vm("acme")
+        ));
+        assert!(!allowed(
+            &a,
+            &Subject::Node { id: 2 },
+            "vm:manage",
+            &vm("acme")
+        ));
+        assert!(!allowed(&a, &op, "node:manage", &c));
     }
 
     #[test]

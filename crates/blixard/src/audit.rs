@@ -27,6 +27,17 @@ struct Line<'a> {
     allowed: bool,
 }
 
+#[derive(Serialize)]
+struct VmLine<'a> {
+    time: String,
+    time_ms: u64,
+    node: NodeId,
+    vm: &'a str,
+    lifecycle: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
 /// Appends audit lines; write failures are logged, never fatal for the request.
 pub struct AuditLog {
     path: PathBuf,
@@ -80,7 +91,27 @@ impl AuditLog {
             event,
             allowed: event.decision.allowed,
         };
-        let Ok(mut text) = serde_json::to_string(&line) else {
+        self.write(&line);
+    }
+
+    /// Records a VM lifecycle event (a hook point, or a phase this host reported).
+    pub fn record_vm(&self, vm: &str, event: &str, reason: Option<&str>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let line = VmLine {
+            time: rfc3339(now.as_secs()),
+            time_ms: now.as_millis() as u64,
+            node: self.node,
+            vm,
+            lifecycle: event,
+            reason,
+        };
+        self.write(&line);
+    }
+
+    fn write(&self, line: &impl Serialize) {
+        let Ok(mut text) = serde_json::to_string(line) else {
             return;
         };
         text.push('\n');

@@ -25,6 +25,60 @@ pub struct Config {
     /// How long an API request may take, in milliseconds.
     pub request_timeout_ms: Option<u64>,
     pub images: ImagesConfig,
+    pub vms: VmsConfig,
+}
+
+/// How this node runs VMs, and (when it leads) places them and watches hosts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmsConfig {
+    /// Per-VM state dirs (console log, pid, `current`/`booted` links); default
+    /// DATA_DIR/vms.
+    pub state_dir: Option<String>,
+    /// Keep each VM's console log near this size.
+    pub console_max_mib: u64,
+    /// The leader marks a host down after this long without contact, and moves its VMs.
+    pub down_timeout_ms: u64,
+    /// A host with no leader for this long stops its VMs. Must be shorter than
+    /// `down_timeout_ms` by more than `stop_timeout_ms` plus an election timeout, so the
+    /// old copy is gone before the leader starts a new one.
+    pub fence_timeout_ms: u64,
+    /// How long a runner gets to shut down before it is killed.
+    pub stop_timeout_ms: u64,
+    /// `bin-pack` (default) or `spread`.
+    pub strategy: StrategyConfig,
+    /// How much of a host's vCPUs / memory may be promised to VMs, in percent.
+    pub cpu_overcommit_pct: u32,
+    pub memory_overcommit_pct: u32,
+    /// Operator hooks: executables run before a create, after a start and before a
+    /// delete, with the VM as JSON on stdin; a non-zero exit vetoes with its stderr.
+    pub hooks: Vec<String>,
+    pub hook_timeout_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyConfig {
+    #[default]
+    BinPack,
+    Spread,
+}
+
+impl Default for VmsConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: None,
+            console_max_mib: 8,
+            down_timeout_ms: 30_000,
+            fence_timeout_ms: 15_000,
+            stop_timeout_ms: 10_000,
+            strategy: StrategyConfig::BinPack,
+            cpu_overcommit_pct: 100,
+            memory_overcommit_pct: 100,
+            hooks: Vec::new(),
+            hook_timeout_ms: 5_000,
+        }
+    }
 }
 
 /// Where images go on this host, and the binary cache.
@@ -173,6 +227,22 @@ impl Config {
             return Err(
                 "images.materialise = \"nix\" copies from this node's binary cache; set images.cache_listen".into(),
             );
+        }
+        let v = &self.vms;
+        let election_ms = r.tick_ms.saturating_mul(r.election_ticks as u64);
+        if v.fence_timeout_ms + v.stop_timeout_ms + election_ms >= v.down_timeout_ms {
+            return Err(format!(
+                "vms.fence_timeout_ms ({}) + vms.stop_timeout_ms ({}) + the election timeout ({election_ms}) must be less than vms.down_timeout_ms ({}): a partitioned host must have stopped its VMs before the leader starts them elsewhere",
+                v.fence_timeout_ms, v.stop_timeout_ms, v.down_timeout_ms
+            ));
+        }
+        if v.cpu_overcommit_pct == 0 || v.memory_overcommit_pct == 0 {
+            return Err(
+                "vms.cpu_overcommit_pct and vms.memory_overcommit_pct must be at least 1".into(),
+            );
+        }
+        if let Some(h) = v.hooks.iter().find(|p| !p.starts_with('/')) {
+            return Err(format!("vms.hooks: {h:?} is not an absolute path"));
         }
         if let Some(url) = &self.relay_url {
             url.parse::<iroh::RelayUrl>()

@@ -430,13 +430,16 @@ async fn serve(
             .map(std::path::PathBuf::from)
             .collect(),
     );
+    let audit = Arc::new(crate::audit::AuditLog::new(data_dir, me));
+    let vms = vms_of(data_dir, config, &node, &audit)?;
     let service = Arc::new(
         NodeService::new(
             node.clone(),
             cluster_id,
             ApiClient::new(ep.clone(), Some(cluster_id), timeout),
-            crate::audit::AuditLog::new(data_dir, me),
+            audit,
             images,
+            vms,
         )
         .map_err(|e| Failure::new(exit::ERROR, e))?,
     );
@@ -453,6 +456,8 @@ async fn serve(
         )
         .spawn();
     let janitor = tokio::spawn(crate::images::janitor(service.clone()));
+    let scheduler = tokio::spawn(crate::agent::scheduler(service.clone()));
+    let reconciler = tokio::spawn(crate::agent::reconciler(service.clone()));
 
     let info = NodeInfo {
         node_id: me,
@@ -488,6 +493,9 @@ async fn serve(
     };
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     janitor.abort();
+    // The VMs keep running: a restarted daemon adopts them.
+    scheduler.abort();
+    reconciler.abort();
     if let Some((_, task)) = cache {
         task.abort();
     }
@@ -512,6 +520,51 @@ async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The node's VM machinery, from the `[vms]` config.
+fn vms_of(
+    data_dir: &Path,
+    config: &Config,
+    node: &RaftNode,
+    audit: &Arc<crate::audit::AuditLog>,
+) -> Result<crate::vms::Vms, Failure> {
+    let v = &config.vms;
+    let root = v
+        .state_dir
+        .as_ref()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| data_dir.join("vms"));
+    let supervisor = blixard_host::ProcessSupervisor::new(&root, v.console_max_mib << 20)
+        .map_err(|e| data_err(format!("vms.state_dir: {e}")))?;
+    let mut hooks = blixard_host::HookChain::new();
+    hooks.push(Arc::new(crate::vms::QuotaAdmission(node.clone())));
+    for h in &v.hooks {
+        hooks.push(Arc::new(blixard_host::ExecHook::new(
+            h.into(),
+            Duration::from_millis(v.hook_timeout_ms),
+        )));
+    }
+    hooks.push(Arc::new(crate::vms::AuditHook(audit.clone())));
+    Ok(crate::vms::Vms {
+        supervisor: Arc::new(supervisor),
+        root,
+        runner_store: config.images.store_dir.clone().into(),
+        hooks,
+        scheduler: blixard_core::SchedulerConfig {
+            strategy: match v.strategy {
+                crate::config::StrategyConfig::BinPack => blixard_core::Strategy::BinPack,
+                crate::config::StrategyConfig::Spread => blixard_core::Strategy::Spread,
+            },
+            cpu_overcommit_pct: v.cpu_overcommit_pct,
+            memory_overcommit_pct: v.memory_overcommit_pct,
+        },
+        down_after: Duration::from_millis(v.down_timeout_ms),
+        fence_after: Duration::from_millis(v.fence_timeout_ms),
+        stop_timeout: Duration::from_millis(v.stop_timeout_ms),
+        fetching: Default::default(),
+        wake: tokio::sync::Notify::new(),
+    })
 }
 
 /// Tries each member in the ticket until one admits us.

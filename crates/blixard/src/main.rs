@@ -1,5 +1,6 @@
 //! `blixard`: the node daemon (`blixard node run`) and the CLI that talks to it.
 
+mod agent;
 mod audit;
 mod cli;
 mod config;
@@ -12,6 +13,8 @@ mod output;
 mod service;
 mod tenant_cli;
 mod tenants;
+mod vm_cli;
+mod vms;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -73,7 +76,10 @@ enum Command {
     Audit(AuditCommand),
     #[command(subcommand)]
     Image(image_cli::ImageCommand),
-    /// Tenants: who owns images (and, later, VMs).
+    /// VMs: create, inspect, start, stop, restart, delete, and read their consoles.
+    #[command(subcommand)]
+    Vm(vm_cli::VmCommand),
+    /// Tenants: who owns images and VMs.
     #[command(subcommand)]
     Tenant(tenant_cli::TenantCommand),
     /// A tenant's limits on VMs, vCPUs and memory.
@@ -153,6 +159,23 @@ enum NodeCommand {
     List {
         #[arg(long)]
         stale: bool,
+    },
+    /// Move every VM off a host and keep new ones away.
+    Drain {
+        /// The node id (e.g. n2).
+        #[arg(value_name = "NODE_ID")]
+        id: blixard_core::NodeId,
+        /// Wait until the moved VMs run elsewhere (or cannot be placed).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
+    },
+    /// Let a drained host take VMs again.
+    Undrain {
+        #[arg(value_name = "NODE_ID")]
+        id: blixard_core::NodeId,
     },
 }
 
@@ -318,6 +341,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tenant(cmd) => tenant_cli::tenant(&ctx, cmd).await,
         Command::Quota(cmd) => tenant_cli::quota(&ctx, cmd).await,
         Command::Node(NodeCommand::List { stale }) => tenant_cli::node_list(&ctx, stale).await,
+        Command::Node(NodeCommand::Drain {
+            id,
+            wait,
+            wait_timeout,
+        }) => {
+            let wait = wait.then(|| std::time::Duration::from_secs(wait_timeout));
+            vm_cli::drain(&ctx, id, true, wait).await
+        }
+        Command::Node(NodeCommand::Undrain { id }) => vm_cli::drain(&ctx, id, false, None).await,
+        Command::Vm(cmd) => vm_cli::run(&ctx, cmd).await,
     }
 }
 

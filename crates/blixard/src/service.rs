@@ -103,10 +103,11 @@ pub struct NodeService {
     pub node: RaftNode,
     pub cluster_id: ClusterId,
     pub client: ApiClient,
-    pub audit: crate::audit::AuditLog,
+    pub audit: Arc<crate::audit::AuditLog>,
     /// The authorizer for the policy text it was built from (`None` = the defaults).
     pub policies: Mutex<(Option<String>, Arc<Authorizer>)>,
     pub images: crate::images::Images,
+    pub vms: crate::vms::Vms,
 }
 
 impl NodeService {
@@ -114,8 +115,9 @@ impl NodeService {
         node: RaftNode,
         cluster_id: ClusterId,
         client: ApiClient,
-        audit: crate::audit::AuditLog,
+        audit: Arc<crate::audit::AuditLog>,
         images: crate::images::Images,
+        vms: crate::vms::Vms,
     ) -> Result<Self, String> {
         let defaults = Authorizer::with_defaults().map_err(|e| e.to_string())?;
         Ok(Self {
@@ -125,6 +127,7 @@ impl NodeService {
             audit,
             policies: Mutex::new((None, Arc::new(defaults))),
             images,
+            vms,
         })
     }
 
@@ -551,6 +554,13 @@ impl Service for NodeService {
             Request::QuotaSet(q) => self.quota_set(&q.tenant, q.quota).await,
             Request::QuotaShow(q) => self.quota_show(&q.tenant, q.stale).await,
             Request::NodeList(n) => self.node_list(n.stale).await,
+            Request::VmCreate(r) => self.vm_create(&principal, r).await,
+            Request::VmList(r) => self.vm_list(&principal, r).await,
+            Request::VmShow(r) => self.vm_show(&principal, &r.vm, r.stale).await,
+            Request::VmControl(r) => self.vm_control(&principal, r).await,
+            Request::VmDelete(r) => self.vm_delete(&principal, &r.vm).await,
+            Request::VmLogs(r) => self.vm_logs(&principal, &frame, r).await,
+            Request::NodeDrain(r) => self.node_drain(r).await,
         }
     }
 }

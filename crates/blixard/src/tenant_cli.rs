@@ -151,7 +151,14 @@ pub async fn node_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
             vec![
                 format!("n{}{}", m.id, if n.leader { "*" } else { "" }),
                 m.name.clone(),
-                if n.drained { "drained" } else { "ready" }.to_string(),
+                if n.down_since_ms.is_some() {
+                    "down"
+                } else if n.drained {
+                    "drained"
+                } else {
+                    "ready"
+                }
+                .to_string(),
                 format!("{}/{}", n.allocated.vcpus, m.capacity.vcpus),
                 format!(
                     "{}/{}",

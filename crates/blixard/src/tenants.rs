@@ -87,6 +87,7 @@ impl NodeService {
                 allocated: ledger.allocated.get(&m.id).copied().unwrap_or_default(),
                 drained: state.is_drained(m.id),
                 leader: leader == Some(m.id.0),
+                down_since_ms: state.down_since(m.id),
             })
             .collect();
         Ok(Response::NodeList(NodeEntries { nodes }))

@@ -51,6 +51,7 @@ fn vm(i: u64) -> VmSpec {
         constraints,
         anti_affinity: i.is_multiple_of(7).then(|| format!("group{}", i % 50)),
         restart: RestartPolicy::Always,
+        ready_marker: None,
     }
 }
 

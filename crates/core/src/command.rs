@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
 use crate::image::Image;
 use crate::state::{Capacity, User};
-use crate::vm::{Quota, VmSpec};
+use crate::vm::{Desired, Phase, Quota, VmSpec};
 
 /// A command as it travels through the raft log: who proposed it, so that the proposing
 /// node can hand the result of `apply` back to its caller.
@@ -117,9 +117,14 @@ pub enum Command {
     CreateTenant { name: String, now_ms: u64 },
     /// Replaces a tenant's quota. Existing VMs stay even if they now exceed it.
     SetQuota { tenant: String, quota: Quota },
-    /// Creates a VM, pending placement. Refused when the tenant's quota would be
-    /// exceeded: checked here, in log order, so concurrent creates cannot overshoot.
-    CreateVm { spec: VmSpec, now_ms: u64 },
+    /// Creates a VM, pending placement (desired running when `start`, else stopped).
+    /// Refused when the tenant's quota would be exceeded: checked here, in log order, so
+    /// concurrent creates cannot overshoot.
+    CreateVm {
+        spec: VmSpec,
+        start: bool,
+        now_ms: u64,
+    },
     /// The scheduler's decision for a pending VM: a host, or why there is none. Legal only
     /// for the generation it was made for; the host must still fit the VM.
     PlaceVm {
@@ -133,8 +138,12 @@ pub enum Command {
     },
     /// Deletes a VM.
     DeleteVm { key: String },
-    /// Marks a host as drained (takes no new VMs) or not.
-    SetDrained { node: NodeId, drained: bool },
+    /// Marks a host as drained (takes no new VMs, and its VMs move elsewhere) or not.
+    SetDrained {
+        node: NodeId,
+        drained: bool,
+        now_ms: u64,
+    },
     /// Replaces a user's key (rotation); name, roles and tenant stay. The new key must be
     /// unused, like a new user's.
     SetUserKey { name: String, key: EndpointKey },
@@ -143,6 +152,32 @@ pub enum Command {
     SetAdminKey {
         node: NodeId,
         key: EndpointKey,
+        now_ms: u64,
+    },
+    /// The leader marks a host down (no contact for the down timeout) or up again. Its
+    /// VMs with a restart policy are taken off it, to be placed elsewhere; the others
+    /// are marked failed and wait for it.
+    SetNodeDown {
+        node: NodeId,
+        down: bool,
+        now_ms: u64,
+    },
+    /// `vm start` / `vm stop` / `vm restart`: the desired state, and for a restart one
+    /// more restart request.
+    SetVmDesired {
+        key: String,
+        desired: Desired,
+        restart: bool,
+        now_ms: u64,
+    },
+    /// A host reports what its VM is doing. Legal only from the VM's host, for its
+    /// current placement.
+    ReportVm {
+        key: String,
+        node: NodeId,
+        generation: u64,
+        phase: Phase,
+        reason: Option<String>,
         now_ms: u64,
     },
 }
@@ -175,6 +210,9 @@ impl Command {
             Command::SetDrained { .. } => "set_drained",
             Command::SetUserKey { .. } => "set_user_key",
             Command::SetAdminKey { .. } => "set_admin_key",
+            Command::SetNodeDown { .. } => "set_node_down",
+            Command::SetVmDesired { .. } => "set_vm_desired",
+            Command::ReportVm { .. } => "report_vm",
         }
     }
 }

@@ -26,5 +26,6 @@ pub use state::{
 pub use table::{Row, Table};
 pub use vm::{
     fits, place, Allocated, Desired, Ledger, Phase, Quota, RestartPolicy, SchedulerConfig,
-    Strategy, Tenant, Vm, VmSpec, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
+    Strategy, Tenant, Transition, Vm, VmSpec, DEFAULT_TENANT, HISTORY, MAX_MEMORY_MIB, MAX_VCPUS,
+    MIN_MEMORY_MIB,
 };

@@ -11,8 +11,8 @@ use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
 use crate::image::{Image, MAX_IMAGE_BYTES, MAX_IMAGE_NARS};
 use crate::table::{Row, Table};
 use crate::vm::{
-    fits, Desired, Ledger, Phase, Quota, SchedulerConfig, Tenant, Vm, VmSpec, MAX_MEMORY_MIB,
-    MAX_VCPUS, MIN_MEMORY_MIB,
+    fits, Desired, Ledger, Phase, Quota, RestartPolicy, SchedulerConfig, Tenant, Vm, VmSpec,
+    DEFAULT_TENANT, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
 };
 
 /// The longest metadata key and value accepted.
@@ -164,6 +164,8 @@ pub enum ApplyError {
     QuotaExceeded { tenant: String, what: String },
     #[error("stale placement for VM {0} (it changed since the decision)")]
     StalePlacement(String),
+    #[error("stale report for VM {0} (it was placed again since)")]
+    StaleReport(String),
     #[error("VM {vm} does not fit on node {node}: {why}")]
     DoesNotFit {
         vm: String,
@@ -188,6 +190,8 @@ pub struct State {
     tenants: Table<String, Tenant>,
     vms: Table<String, Vm>,
     drained: Table<NodeId, bool>,
+    /// Hosts marked down by the leader, and since when.
+    down: Table<NodeId, u64>,
 }
 
 impl Default for State {
@@ -212,6 +216,7 @@ impl State {
             tenants: Table::new("tenants"),
             vms: Table::new("vms"),
             drained: Table::new("drained"),
+            down: Table::new("down"),
         }
     }
 
@@ -290,6 +295,14 @@ impl State {
                         i.holders.remove(node);
                     });
                 }
+                self.drained.remove(node);
+                self.down.remove(node);
+                self.unplace_from(
+                    *node,
+                    &format!("node {node} left the cluster"),
+                    *now_ms,
+                    |_| true,
+                );
                 Ok(CommandOutput::Done)
             }
             Command::AddUser(user) => self.add_user(user),
@@ -377,7 +390,11 @@ impl State {
                     Err(ApplyError::UnknownTenant(tenant.clone()))
                 }
             }
-            Command::CreateVm { spec, now_ms } => self.create_vm(spec, *now_ms),
+            Command::CreateVm {
+                spec,
+                start,
+                now_ms,
+            } => self.create_vm(spec, start, *now_ms),
             Command::PlaceVm {
                 key,
                 generation,
@@ -411,15 +428,15 @@ impl State {
                 }
                 let (node, reason, now) = (*node, reason.clone(), *now_ms);
                 self.vms.update(key, |v| {
-                    v.node = node;
-                    v.generation += 1;
-                    v.phase = if node.is_some() {
-                        Phase::Scheduled
+                    // A refused placement keeps the generation: the next decision is for
+                    // the same pending VM.
+                    if node.is_some() {
+                        v.node = node;
+                        v.generation += 1;
+                        v.transition(Phase::Scheduled, reason, now);
                     } else {
-                        Phase::Pending
-                    };
-                    v.reason = reason;
-                    v.updated_at_ms = now;
+                        v.transition(Phase::Pending, reason, now);
+                    }
                 });
                 Ok(CommandOutput::Done)
             }
@@ -427,15 +444,94 @@ impl State {
                 Some(_) => Ok(CommandOutput::Done),
                 None => Err(ApplyError::UnknownVm(key.clone())),
             },
-            Command::SetDrained { node, drained } => {
+            Command::SetDrained {
+                node,
+                drained,
+                now_ms,
+            } => {
                 if self.members.get(node).is_none() {
                     return Err(ApplyError::UnknownMember(*node));
                 }
                 if *drained {
                     self.drained.insert(*node, true);
+                    // Every VM moves: stopped here, placed and started elsewhere.
+                    self.unplace_from(
+                        *node,
+                        &format!("moved off drained node {node}"),
+                        *now_ms,
+                        |_| true,
+                    );
                 } else {
                     self.drained.remove(node);
                 }
+                Ok(CommandOutput::Done)
+            }
+            Command::SetNodeDown { node, down, now_ms } => {
+                if self.members.get(node).is_none() {
+                    return Err(ApplyError::UnknownMember(*node));
+                }
+                if !*down {
+                    self.down.remove(node);
+                    return Ok(CommandOutput::Done);
+                }
+                if self.down.contains(node) {
+                    return Ok(CommandOutput::Done);
+                }
+                self.down.insert(*node, *now_ms);
+                // VMs that should come back run elsewhere; the rest wait for their host.
+                let why = format!("node {node} is down");
+                self.unplace_from(*node, &why, *now_ms, |v| {
+                    v.spec.restart != RestartPolicy::Never
+                });
+                let stuck: Vec<String> = self
+                    .vms
+                    .iter()
+                    .filter(|(_, v)| v.node == Some(*node))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in stuck {
+                    let why = why.clone();
+                    self.vms
+                        .update(&key, |v| v.transition(Phase::Failed, Some(why), *now_ms));
+                }
+                Ok(CommandOutput::Done)
+            }
+            Command::SetVmDesired {
+                key,
+                desired,
+                restart,
+                now_ms,
+            } => {
+                let (desired, restart, now) = (*desired, *restart, *now_ms);
+                if self.vms.update(key, |v| {
+                    v.desired = desired;
+                    if restart {
+                        v.restarts += 1;
+                    }
+                    v.updated_at_ms = now;
+                }) {
+                    Ok(CommandOutput::Done)
+                } else {
+                    Err(ApplyError::UnknownVm(key.clone()))
+                }
+            }
+            Command::ReportVm {
+                key,
+                node,
+                generation,
+                phase,
+                reason,
+                now_ms,
+            } => {
+                let vm = self
+                    .vms
+                    .get(key)
+                    .ok_or_else(|| ApplyError::UnknownVm(key.clone()))?;
+                if vm.node != Some(*node) || vm.generation != *generation {
+                    return Err(ApplyError::StaleReport(key.clone()));
+                }
+                let (phase, reason, now) = (*phase, reason.clone(), *now_ms);
+                self.vms.update(key, |v| v.transition(phase, reason, now));
                 Ok(CommandOutput::Done)
             }
             Command::SetUserKey { name, key } => {
@@ -669,7 +765,12 @@ impl State {
         }
     }
 
-    fn create_vm(&mut self, spec: &VmSpec, now_ms: u64) -> Result<CommandOutput, ApplyError> {
+    fn create_vm(
+        &mut self,
+        spec: &VmSpec,
+        start: &bool,
+        now_ms: u64,
+    ) -> Result<CommandOutput, ApplyError> {
         let invalid = |m: String| Err(ApplyError::InvalidVm(m));
         if !valid_name(&spec.name) {
             return invalid(format!(
@@ -684,6 +785,16 @@ impl State {
             return invalid(format!(
                 "memory must be {MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB"
             ));
+        }
+        if spec.tenant == DEFAULT_TENANT && !self.tenants.contains(&spec.tenant) {
+            self.tenants.insert(
+                spec.tenant.clone(),
+                Tenant {
+                    name: spec.tenant.clone(),
+                    quota: Quota::default(),
+                    created_at_ms: now_ms,
+                },
+            );
         }
         let tenant = self
             .tenants
@@ -720,28 +831,52 @@ impl State {
         if let Some(max) = q.max_memory_mib.filter(|m| memory > *m) {
             return over(format!("{memory} MiB > {max} MiB"));
         }
-        let manifest = image.manifest;
-        self.vms.insert(
-            key,
-            Vm {
-                spec: spec.clone(),
-                manifest,
-                desired: Desired::Running,
-                node: None,
-                generation: 0,
-                phase: Phase::Pending,
-                reason: None,
-                created_at_ms: now_ms,
-                updated_at_ms: now_ms,
+        if let Some(m) = &spec.ready_marker {
+            if m.is_empty() || m.len() > 256 || m.contains('\n') {
+                return invalid("a ready marker is one line of 1 to 256 bytes".into());
+            }
+        }
+        let mut vm = Vm {
+            spec: spec.clone(),
+            manifest: image.manifest,
+            desired: if *start {
+                Desired::Running
+            } else {
+                Desired::Stopped
             },
-        );
+            node: None,
+            generation: 0,
+            phase: Phase::Pending,
+            reason: None,
+            restarts: 0,
+            history: Vec::new(),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+        };
+        vm.transition(Phase::Pending, None, now_ms);
+        self.vms.insert(key, vm);
         Ok(CommandOutput::Done)
+    }
+
+    /// Unplaces the VMs on `node` that `which` selects.
+    fn unplace_from(&mut self, node: NodeId, why: &str, now_ms: u64, which: impl Fn(&Vm) -> bool) {
+        let keys: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.node == Some(node) && which(v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.vms
+                .update(&key, |v| v.unplace(why.to_string(), now_ms));
+        }
     }
 
     /// What is placed where, for the scheduler.
     pub fn ledger(&self) -> Ledger {
         let mut ledger = Ledger::from_vms(self.vms.values());
         ledger.drained = self.drained.iter().map(|(n, _)| *n).collect();
+        ledger.down = self.down.iter().map(|(n, _)| *n).collect();
         ledger
     }
 
@@ -774,6 +909,11 @@ impl State {
 
     pub fn is_drained(&self, node: NodeId) -> bool {
         self.drained.contains(&node)
+    }
+
+    /// Since when the leader has had `node` marked down, if it is.
+    pub fn down_since(&self, node: NodeId) -> Option<u64> {
+        self.down.get(&node).copied()
     }
 
     pub fn images(&self) -> impl Iterator<Item = &Image> {
@@ -889,6 +1029,7 @@ impl State {
         self.tenants.drain_changes(&mut out);
         self.vms.drain_changes(&mut out);
         self.drained.drain_changes(&mut out);
+        self.down.drain_changes(&mut out);
         out
     }
 
@@ -908,6 +1049,7 @@ impl State {
         self.tenants.all_rows(&mut out);
         self.vms.all_rows(&mut out);
         self.drained.all_rows(&mut out);
+        self.down.all_rows(&mut out);
         out
     }
 
@@ -932,6 +1074,7 @@ impl State {
                 "tenants" => state.tenants.load(key, value),
                 "vms" => state.vms.load(key, value),
                 "drained" => state.drained.load(key, value),
+                "down" => state.down.load(key, value),
                 other => return Err(LoadError::UnknownTable(other.to_string())),
             };
             result.map_err(|source| LoadError::Row {

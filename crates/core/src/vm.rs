@@ -26,6 +26,7 @@ pub struct Quota {
 
 /// What the host does when a VM's runner exits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     Always,
     OnFailure,
@@ -34,6 +35,7 @@ pub enum RestartPolicy {
 
 /// What the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Desired {
     Running,
     Stopped,
@@ -41,6 +43,7 @@ pub enum Desired {
 
 /// What the VM's host last reported (or the scheduler decided).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Phase {
     Pending,
     Scheduled,
@@ -69,6 +72,9 @@ pub struct VmSpec {
     /// VMs of the same group never share a host.
     pub anti_affinity: Option<String>,
     pub restart: RestartPolicy,
+    /// A line the guest prints on its console once it is ready; without one, a running
+    /// VM is as ready as Blixard can tell.
+    pub ready_marker: Option<String>,
 }
 
 /// A VM in cluster state.
@@ -85,16 +91,94 @@ pub struct Vm {
     pub phase: Phase,
     /// Why it is in its phase (e.g. why it cannot be placed).
     pub reason: Option<String>,
+    /// Bumped by every `vm restart`, so the host restarts a running VM once per request.
+    pub restarts: u64,
+    /// The latest transitions, oldest first (at most [`HISTORY`]).
+    pub history: Vec<Transition>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
 }
+
+/// One step in a VM's life, as `vm show` lists them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub at_ms: u64,
+    pub phase: Phase,
+    pub node: Option<NodeId>,
+    pub reason: Option<String>,
+}
+
+/// How many transitions a VM keeps.
+pub const HISTORY: usize = 16;
 
 impl Vm {
     /// The key of a VM in its table: `tenant/name`.
     pub fn key(tenant: &str, name: &str) -> String {
         format!("{tenant}/{name}")
     }
+
+    /// The VM's key in its table.
+    pub fn id(&self) -> String {
+        Self::key(&self.spec.tenant, &self.spec.name)
+    }
+
+    /// Moves to `phase` (recording the step when phase, node or reason changed).
+    pub fn transition(&mut self, phase: Phase, reason: Option<String>, now_ms: u64) {
+        let same = self
+            .history
+            .last()
+            .is_some_and(|t| t.phase == phase && t.node == self.node && t.reason == reason);
+        self.phase = phase;
+        self.reason = reason.clone();
+        self.updated_at_ms = now_ms;
+        if !same {
+            if self.history.len() >= HISTORY {
+                self.history.remove(0);
+            }
+            self.history.push(Transition {
+                at_ms: now_ms,
+                phase,
+                node: self.node,
+                reason,
+            });
+        }
+    }
+
+    /// Takes the VM off its host, pending a new placement.
+    pub fn unplace(&mut self, reason: String, now_ms: u64) {
+        self.node = None;
+        self.generation += 1;
+        self.transition(Phase::Pending, Some(reason), now_ms);
+    }
 }
+
+impl Phase {
+    /// Whether the host has the VM's runner going.
+    pub fn is_up(self) -> bool {
+        matches!(self, Phase::Running | Phase::Ready)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Phase::Pending => "pending",
+            Phase::Scheduled => "scheduled",
+            Phase::Fetching => "fetching",
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Ready => "ready",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+            Phase::Failed => "failed",
+        };
+        f.write_str(s)
+    }
+}
+
+/// The default tenant: VMs created without one belong to it. It exists implicitly, with
+/// no quota, until someone sets one.
+pub const DEFAULT_TENANT: &str = "default";
 
 /// The most vCPUs and memory one VM may ask for.
 pub const MAX_VCPUS: u32 = 256;
@@ -148,6 +232,8 @@ pub struct Ledger {
     pub groups: BTreeMap<String, std::collections::BTreeSet<NodeId>>,
     /// Hosts being drained: they take no new VMs.
     pub drained: std::collections::BTreeSet<NodeId>,
+    /// Hosts the leader has marked down.
+    pub down: std::collections::BTreeSet<NodeId>,
 }
 
 impl Ledger {
@@ -211,6 +297,9 @@ fn check(
     }
     if ledger.drained.contains(&member.id) {
         return Err("drained".into());
+    }
+    if ledger.down.contains(&member.id) {
+        return Err("down".into());
     }
     for (k, v) in &vm.constraints {
         if member.labels.get(k) != Some(v) {

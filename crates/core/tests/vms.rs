@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use blixard_core::{
-    place, ApplyError, BlobHash, Capacity, ClusterId, Command, EndpointKey, Image, JoinRequest,
-    NewMember, NodeId, Phase, Quota, RestartPolicy, SchedulerConfig, State, Strategy, VmSpec,
+    place, ApplyError, BlobHash, Capacity, ClusterId, Command, Desired, EndpointKey, Image,
+    JoinRequest, NewMember, NodeId, Phase, Quota, RestartPolicy, SchedulerConfig, State, Strategy,
+    VmSpec,
 };
 
 fn member(n: u8, vcpus: u32, memory_mib: u64, labels: &[(&str, &str)]) -> NewMember {
@@ -91,11 +92,17 @@ fn spec(name: &str, vcpus: u32, memory_mib: u64) -> VmSpec {
         constraints: BTreeMap::new(),
         anti_affinity: None,
         restart: RestartPolicy::Always,
+        ready_marker: None,
     }
 }
 
 fn create(s: &mut State, spec: VmSpec) -> Result<(), ApplyError> {
-    s.apply(&Command::CreateVm { spec, now_ms: 5 }).map(|_| ())
+    s.apply(&Command::CreateVm {
+        spec,
+        start: true,
+        now_ms: 5,
+    })
+    .map(|_| ())
 }
 
 /// Runs the scheduler for `key` and applies its decision, as the leader would.
@@ -245,6 +252,7 @@ fn constraints_anti_affinity_drain_and_capacity_are_honoured() {
         s.apply(&Command::SetDrained {
             node: NodeId(n),
             drained: true,
+            now_ms: 6,
         })
         .unwrap();
     }
@@ -294,5 +302,130 @@ fn stale_or_impossible_placements_are_refused() {
     assert!(matches!(
         place_on(&mut s, "acme/w", 0, placed),
         Err(ApplyError::DoesNotFit { .. })
+    ));
+}
+
+fn report(s: &mut State, key: &str, node: NodeId, phase: Phase) -> Result<(), ApplyError> {
+    let generation = s.vm(key).unwrap().generation;
+    s.apply(&Command::ReportVm {
+        key: key.into(),
+        node,
+        generation,
+        phase,
+        reason: None,
+        now_ms: 7,
+    })
+    .map(|_| ())
+}
+
+#[test]
+fn hosts_report_their_own_vms_and_lost_hosts_give_them_up() {
+    let config = SchedulerConfig::default();
+    let mut s = cluster(3);
+    let mut never = spec("pet", 1, 256);
+    never.restart = RestartPolicy::Never;
+    create(&mut s, spec("cattle", 1, 256)).unwrap();
+    create(&mut s, never).unwrap();
+    let host = schedule(&mut s, "acme/cattle", &config).unwrap();
+    assert_eq!(
+        schedule(&mut s, "acme/pet", &config),
+        Ok(host),
+        "bin-packed"
+    );
+    let other = NodeId(if host.0 == 1 { 2 } else { 1 });
+
+    // Only the VM's host reports, and only for the current placement.
+    report(&mut s, "acme/cattle", host, Phase::Running).unwrap();
+    assert!(matches!(
+        report(&mut s, "acme/cattle", other, Phase::Running),
+        Err(ApplyError::StaleReport(_))
+    ));
+    let stale = s.vm("acme/cattle").unwrap().generation - 1;
+    assert!(matches!(
+        s.apply(&Command::ReportVm {
+            key: "acme/cattle".into(),
+            node: host,
+            generation: stale,
+            phase: Phase::Failed,
+            reason: None,
+            now_ms: 8,
+        }),
+        Err(ApplyError::StaleReport(_))
+    ));
+    let phases: Vec<Phase> = s
+        .vm("acme/cattle")
+        .unwrap()
+        .history
+        .iter()
+        .map(|t| t.phase)
+        .collect();
+    assert_eq!(phases, [Phase::Pending, Phase::Scheduled, Phase::Running]);
+
+    // Restart requests count; stop and start set the desired state.
+    for (desired, restart) in [(Desired::Running, true), (Desired::Stopped, false)] {
+        s.apply(&Command::SetVmDesired {
+            key: "acme/cattle".into(),
+            desired,
+            restart,
+            now_ms: 9,
+        })
+        .unwrap();
+    }
+    let vm = s.vm("acme/cattle").unwrap();
+    assert_eq!((vm.restarts, vm.desired), (1, Desired::Stopped));
+
+    // The host goes down: the VM that restarts moves, the one that never does waits.
+    s.apply(&Command::SetNodeDown {
+        node: host,
+        down: true,
+        now_ms: 10,
+    })
+    .unwrap();
+    let cattle = s.vm("acme/cattle").unwrap();
+    assert_eq!((cattle.node, cattle.phase), (None, Phase::Pending));
+    assert_eq!(
+        cattle.reason.as_deref(),
+        Some(format!("node {host} is down").as_str())
+    );
+    let pet = s.vm("acme/pet").unwrap();
+    assert_eq!((pet.node, pet.phase), (Some(host), Phase::Failed));
+    let moved = schedule(&mut s, "acme/cattle", &config).unwrap();
+    assert_ne!(moved, host, "a down host takes nothing");
+    // Its old report no longer counts.
+    assert!(report(&mut s, "acme/cattle", host, Phase::Running).is_err());
+
+    // Draining moves everything, whatever the policy.
+    s.apply(&Command::SetNodeDown {
+        node: host,
+        down: false,
+        now_ms: 11,
+    })
+    .unwrap();
+    s.apply(&Command::SetDrained {
+        node: host,
+        drained: true,
+        now_ms: 12,
+    })
+    .unwrap();
+    assert_eq!(s.vm("acme/pet").unwrap().node, None);
+    assert_eq!(
+        s.ledger().allocated.get(&host).map(|a| a.vms).unwrap_or(0),
+        0
+    );
+}
+
+#[test]
+fn the_default_tenant_exists_once_used() {
+    let mut s = cluster(1);
+    let mut v = spec("v", 1, 256);
+    v.tenant = blixard_core::DEFAULT_TENANT.into();
+    create(&mut s, v.clone()).unwrap();
+    assert!(s.tenant("default").is_some());
+    assert!(matches!(create(&mut s, v), Err(ApplyError::VmExists(_))));
+    let mut other = spec("w", 1, 256);
+    other.tenant = "nope".into();
+    assert!(matches!(
+        create(&mut s, other),
+        Err(ApplyError::UnknownTenant(_))
     ));
 }

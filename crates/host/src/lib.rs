@@ -7,7 +7,14 @@
 //! |---|---|
 //! | `bin/microvm-run` | runs it (required) in the VM's state dir, in its own process group, console to `console.log` |
 //! | `bin/microvm-shutdown` | runs it to stop the VM; without it: SIGTERM, then SIGKILL after a timeout |
-//! | `share/microvm/tap-interfaces` | (not yet) creates the listed tap interfaces before start |
+//! | `share/microvm/tap-interfaces` | before start: checks the names (1–15 bytes, no `/`, `:`, `%` or whitespace; a bad one refuses the start), makes each missing tap with `ip tuntap add name X mode tap` (a tap of that name is reused) and sets it up; after `stop`, deletes them |
+//! | `share/microvm/tap-flags` | `vnet_hdr` / `multi_queue` are passed to `ip tuntap add`; an existing tap must match the queue mode |
+//!
+//! A VM started with `Limits` (`ProcessSupervisor::start_with`) runs, where cgroup v2 allows,
+//! in the cgroup `<parent>/vm-<name>` (parent by default `/sys/fs/cgroup/blixard.slice`) with
+//! `memory.max` = guest RAM + 25 % + 64 MiB and `cpu.max` = one CPU per vCPU; the state
+//! dir's `cgroup` file names it, and it is removed after `stop`. Where cgroup v2 or one of its
+//! memory and cpu controllers is missing, the VM runs without that limit and a warning says why.
 //!
 //! Per VM the supervisor keeps a state dir, as microvm.nix's host module does: `current`
 //! (a link to the runner it should run), `booted` (the runner it started), `pid` (the
@@ -15,9 +22,15 @@
 //!
 //! **Boundary:** knows nothing of Raft, the API or images; callers say which runner to run.
 
+mod cgroup;
+mod hooks;
 mod process;
+pub mod reconcile;
 mod runner;
+mod taps;
 
+pub use cgroup::Limits;
+pub use hooks::{ExecHook, HookChain, HookEvent, HookFuture, HookVm, Veto, VmLifecycleHook};
 pub use process::{ProcessSupervisor, VmState};
 pub use runner::Runner;
 

@@ -4,6 +4,10 @@
 //! outlives the daemon: restarting `blixard` never kills a VM, and the new daemon adopts
 //! it again from the `pid` file (pid plus the kernel's start time, so a reused pid is not
 //! mistaken for the VM).
+//!
+//! Before a runner starts, the supervisor makes the tap interfaces it lists (see `taps`)
+//! and, when the VM has [`Limits`], puts it in a cgroup of its own (see `cgroup`); both are
+//! given back after [`ProcessSupervisor::stop`].
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -13,7 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::{HostError, Runner};
+use crate::cgroup::{self, Limits};
+use crate::{taps, HostError, Runner};
 
 /// What the supervisor knows about a VM's process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +39,8 @@ pub enum VmState {
 pub struct ProcessSupervisor {
     root: PathBuf,
     console_cap: u64,
+    /// Where VM cgroups are made; `None`: no cgroups.
+    cgroup_parent: Option<PathBuf>,
     /// Runners this supervisor started (so it can reap them and see their exit codes).
     children: Mutex<HashMap<String, Child>>,
 }
@@ -75,11 +82,20 @@ impl ProcessSupervisor {
         Ok(Self {
             root: root.to_owned(),
             console_cap,
+            cgroup_parent: Some(PathBuf::from(cgroup::DEFAULT_PARENT)),
             children: Mutex::new(HashMap::new()),
         })
     }
 
-    fn dir(&self, name: &str) -> Result<PathBuf, HostError> {
+    /// Where VMs with [`Limits`] get their cgroups (`<parent>/vm-<name>`); by default
+    /// `/sys/fs/cgroup/blixard.slice`. `None` turns cgroups off: limits are not enforced.
+    pub fn with_cgroup_parent(mut self, parent: Option<PathBuf>) -> Self {
+        self.cgroup_parent = parent;
+        self
+    }
+
+    /// The VM's state dir (`<root>/<name>`); the name is checked.
+    pub fn state_dir(&self, name: &str) -> Result<PathBuf, HostError> {
         let ok = !name.is_empty()
             && name.len() <= 128
             && !name.starts_with('.')
@@ -94,18 +110,48 @@ impl ProcessSupervisor {
     }
 
     pub fn console_path(&self, name: &str) -> Result<PathBuf, HostError> {
-        Ok(self.dir(name)?.join("console.log"))
+        Ok(self.state_dir(name)?.join("console.log"))
     }
 
-    /// Starts `runner` as VM `name`; if it already runs, returns its pid.
+    /// Starts `runner` as VM `name` without limits; if it already runs, returns its pid.
     pub fn start(&self, name: &str, runner: &Runner) -> Result<u32, HostError> {
+        self.start_with(name, runner, None)
+    }
+
+    /// Starts `runner` as VM `name`; if it already runs, returns its pid (and changes
+    /// nothing, limits included).
+    ///
+    /// First the tap interfaces the runner lists are made (an existing tap is reused); a
+    /// bad list, or a tap that cannot be made, fails the start before anything runs. With
+    /// `limits`, the runner then goes into its cgroup where cgroup v2 allows (see
+    /// [`ProcessSupervisor::with_cgroup_parent`]); where it does not, the VM runs without
+    /// them and a warning says why. The state dir's `cgroup` file names the cgroup used.
+    ///
+    /// The runner is moved into its cgroup by the supervisor right after it is spawned
+    /// (moving it from inside the child before `exec` would need `unsafe`, which the
+    /// workspace forbids). A process the runner script forks in the short window between
+    /// spawn and that write stays outside the cgroup; the hypervisor the script `exec`s is
+    /// the runner's own process, and so is inside.
+    pub fn start_with(
+        &self,
+        name: &str,
+        runner: &Runner,
+        limits: Option<&Limits>,
+    ) -> Result<u32, HostError> {
         if let VmState::Running { pid } = self.state(name)? {
             return Ok(pid);
         }
-        let dir = self.dir(name)?;
+        let dir = self.state_dir(name)?;
+        let tap_names = runner.tap_interfaces()?;
+        let tap_flags = if tap_names.is_empty() {
+            Vec::new()
+        } else {
+            taps::flags(runner)?
+        };
         std::fs::create_dir_all(&dir).map_err(io(name, "creating the state dir"))?;
         relink(&dir.join("current"), &runner.dir).map_err(io(name, "linking current"))?;
         let _ = std::fs::remove_file(dir.join("exit"));
+        self.release_cgroup(name, &dir);
         let console = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -114,7 +160,9 @@ impl ProcessSupervisor {
         let err = console
             .try_clone()
             .map_err(io(name, "opening the console log"))?;
-        let child = Command::new(runner.run())
+        let made = taps::create(name, &tap_names, &tap_flags)?;
+        let cgroup = limits.and_then(|l| self.cgroup_for(name, l));
+        let spawned = Command::new(runner.run())
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(console)
@@ -122,9 +170,36 @@ impl ProcessSupervisor {
             // Its own process group: signals to the daemon's group do not reach it, and
             // stopping it reaches everything it started.
             .process_group(0)
-            .spawn()
-            .map_err(io(name, "starting bin/microvm-run"))?;
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                taps::delete(name, &made);
+                if let Some(cg) = &cgroup {
+                    cgroup::remove(name, cg);
+                }
+                return Err(io(name, "starting bin/microvm-run")(e));
+            }
+        };
         let pid = child.id();
+        if let Some(cg) = cgroup {
+            match cgroup::attach(&cg, pid) {
+                Ok(()) => {
+                    let text = format!("{}\n", cg.display());
+                    if let Err(e) = write_atomic(&dir.join("cgroup"), text.as_bytes()) {
+                        tracing::warn!(vm = name, "could not record the cgroup: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        vm = name,
+                        cgroup = %cg.display(),
+                        "limits not enforced: could not move the runner into its cgroup: {e}"
+                    );
+                    cgroup::remove(name, &cg);
+                }
+            }
+        }
         let started = start_time(pid).unwrap_or(0);
         write_atomic(&dir.join("pid"), format!("{pid} {started}\n").as_bytes())
             .map_err(io(name, "writing the pid file"))?;
@@ -136,9 +211,50 @@ impl ProcessSupervisor {
         Ok(pid)
     }
 
+    /// The VM's cgroup for `limits`, or `None` (with the warning saying why) when there is
+    /// none to be had.
+    fn cgroup_for(&self, name: &str, limits: &Limits) -> Option<PathBuf> {
+        let Some(parent) = &self.cgroup_parent else {
+            tracing::info!(vm = name, "cgroups are turned off; limits not enforced");
+            return None;
+        };
+        match cgroup::setup(parent, name, limits) {
+            Ok(setup) => {
+                if !setup.unenforced.is_empty() {
+                    tracing::warn!(
+                        vm = name,
+                        cgroup = %setup.path.display(),
+                        "some limits not enforced: {}",
+                        setup.unenforced.join("; ")
+                    );
+                }
+                Some(setup.path)
+            }
+            Err(why) => {
+                tracing::warn!(
+                    vm = name,
+                    "limits not enforced: no cgroup for the VM: {why}"
+                );
+                None
+            }
+        }
+    }
+
+    /// Removes the cgroup named in the state dir's `cgroup` file, if any, and the file.
+    fn release_cgroup(&self, name: &str, dir: &Path) {
+        let file = dir.join("cgroup");
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            return;
+        };
+        let cg = PathBuf::from(text.trim());
+        if text.trim().is_empty() || cgroup::remove(name, &cg) {
+            let _ = std::fs::remove_file(&file);
+        }
+    }
+
     /// The VM's process state. Reaps a runner this supervisor started once it exits.
     pub fn state(&self, name: &str) -> Result<VmState, HostError> {
-        let dir = self.dir(name)?;
+        let dir = self.state_dir(name)?;
         if let Ok(mut children) = self.children.lock() {
             if let Some(child) = children.get_mut(name) {
                 match child.try_wait() {
@@ -202,16 +318,17 @@ impl ProcessSupervisor {
     }
 
     /// Stops VM `name`: `bin/microvm-shutdown` when the runner has one, else SIGTERM to
-    /// its process group; SIGKILL if it still runs after `timeout`.
+    /// its process group; SIGKILL if it still runs after `timeout`. Once it is gone, the
+    /// tap interfaces its runner lists are deleted and its cgroup is removed.
     pub fn stop(&self, name: &str, timeout: Duration) -> Result<VmState, HostError> {
         let VmState::Running { pid } = self.state(name)? else {
             return Err(HostError::NotRunning(name.to_string()));
         };
-        let dir = self.dir(name)?;
-        let shutdown = std::fs::read_link(dir.join("booted"))
+        let dir = self.state_dir(name)?;
+        let booted = std::fs::read_link(dir.join("booted"))
             .ok()
-            .and_then(|r| Runner::new(&r).ok())
-            .and_then(|r| r.shutdown());
+            .and_then(|r| Runner::new(&r).ok());
+        let shutdown = booted.as_ref().and_then(|r| r.shutdown());
         match shutdown {
             Some(cmd) => {
                 let _ = Command::new(cmd)
@@ -223,13 +340,24 @@ impl ProcessSupervisor {
             }
             None => signal_group(pid, "-TERM"),
         }
-        if let Some(state) = self.wait_gone(name, timeout)? {
-            return Ok(state);
+        let state = match self.wait_gone(name, timeout)? {
+            Some(state) => state,
+            None => {
+                tracing::warn!(vm = name, pid, "did not stop in {timeout:?}; killing it");
+                signal_group(pid, "-KILL");
+                self.wait_gone(name, Duration::from_secs(10))?
+                    .ok_or_else(|| {
+                        io(name, "killing the runner")(std::io::ErrorKind::TimedOut.into())
+                    })?
+            }
+        };
+        match booted.map(|r| r.tap_interfaces()) {
+            Some(Ok(names)) => taps::delete(name, &names),
+            Some(Err(e)) => tracing::warn!(vm = name, "not deleting tap interfaces: {e}"),
+            None => {}
         }
-        tracing::warn!(vm = name, pid, "did not stop in {timeout:?}; killing it");
-        signal_group(pid, "-KILL");
-        self.wait_gone(name, Duration::from_secs(10))?
-            .ok_or_else(|| io(name, "killing the runner")(std::io::ErrorKind::TimedOut.into()))
+        self.release_cgroup(name, &dir);
+        Ok(state)
     }
 
     fn wait_gone(&self, name: &str, within: Duration) -> Result<Option<VmState>, HostError> {

@@ -41,4 +41,21 @@ impl Runner {
         let p = self.dir.join("bin/microvm-shutdown");
         p.is_file().then_some(p)
     }
+
+    /// The tap interfaces the VM needs, from `share/microvm/tap-interfaces` (one name a
+    /// line, as microvm.nix writes it); none when the runner has no such file. A name the
+    /// kernel would not take (see the crate docs) is an error naming it.
+    pub fn tap_interfaces(&self) -> Result<Vec<String>, HostError> {
+        let bad = |e: String| {
+            HostError::Runner(
+                self.dir.clone(),
+                format!("share/microvm/tap-interfaces: {e}"),
+            )
+        };
+        match std::fs::read_to_string(self.dir.join("share/microvm/tap-interfaces")) {
+            Ok(text) => crate::taps::parse_list(&text).map_err(bad),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(bad(e.to_string())),
+        }
+    }
 }

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use blixard_core::{
-    Allocated, Capacity, ClusterId, EndpointKey, Image, Member, NodeId, Quota, Tenant, User,
+    Allocated, Capacity, ClusterId, EndpointKey, Image, Member, NodeId, Quota, Tenant, User, Vm,
+    VmSpec,
 };
 use blixard_raft::NodeStatus;
 use serde::de::DeserializeOwned;
@@ -82,6 +83,13 @@ rpcs! {
     NodeList(NodeList) -> NodeEntries;
     UserSetKey(UserSetKey) -> UserKeySet;
     AdminSetKey(AdminSetKey) -> AdminKeySet;
+    VmCreate(VmCreate) -> VmInfo;
+    VmList(VmList) -> VmEntries;
+    VmShow(VmShow) -> VmInfo;
+    VmControl(VmControl) -> VmInfo;
+    VmDelete(VmDelete) -> VmDeleted;
+    VmLogs(VmLogs) -> VmConsole;
+    NodeDrain(NodeDrain) -> NodeDrained;
 }
 
 /// How long a long-running request (an image import or pull) may take.
@@ -521,6 +529,8 @@ pub struct NodeEntry {
     pub allocated: Allocated,
     pub drained: bool,
     pub leader: bool,
+    /// Since when the leader has the host marked down, if it does.
+    pub down_since_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -547,3 +557,97 @@ pub struct AdminSetKey {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminKeySet {}
+
+/// Which VM a request means: `tenant` defaults to the caller's tenant, else `default`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRef {
+    pub name: String,
+    pub tenant: Option<String>,
+}
+
+/// Creates a VM (`spec.tenant` empty = the caller's tenant, else `default`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCreate {
+    pub spec: Box<VmSpec>,
+    /// Start it once placed (`--no-start` clears this).
+    pub start: bool,
+}
+
+/// A VM as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub vm: Box<Vm>,
+}
+
+/// Lists the VMs the caller may see, optionally of one tenant or on one host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmList {
+    pub tenant: Option<String>,
+    pub node: Option<NodeId>,
+    pub stale: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEntries {
+    pub vms: Vec<Vm>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmShow {
+    pub vm: VmRef,
+    pub stale: bool,
+}
+
+/// What `vm start|stop|restart` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmOp {
+    Start,
+    Stop,
+    Restart,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmControl {
+    pub vm: VmRef,
+    pub op: VmOp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDelete {
+    pub vm: VmRef,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDeleted {}
+
+/// The guest's console, read on the VM's host (any node forwards the request there).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmLogs {
+    pub vm: VmRef,
+    /// Without `from`: the last this many lines.
+    pub lines: u32,
+    /// Continue from this byte offset of the console log (what the last answer's `next`
+    /// said), for `--follow`.
+    pub from: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConsole {
+    pub node: NodeId,
+    pub text: String,
+    /// The offset to ask from next time.
+    pub next: u64,
+}
+
+/// Drains a host (its VMs move elsewhere, it takes no new ones) or undrains it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDrain {
+    pub node: NodeId,
+    pub drained: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDrained {
+    /// The VMs that were on the host and are now being placed elsewhere.
+    pub moved: Vec<String>,
+}

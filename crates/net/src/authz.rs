@@ -100,6 +100,33 @@ impl Principal {
     }
 }
 
+/// The tenant a VM request means: the one named, else the caller's, else `default`.
+pub fn vm_tenant(principal: &Principal, tenant: Option<&String>) -> String {
+    tenant
+        .cloned()
+        .or_else(|| principal.tenant().map(str::to_string))
+        .unwrap_or_else(|| blixard_core::DEFAULT_TENANT.to_string())
+}
+
+fn vm_resource(principal: &Principal, name: &str, tenant: Option<&String>) -> Resource {
+    Resource::Vm {
+        name: name.to_string(),
+        tenant: vm_tenant(principal, tenant),
+    }
+}
+
+fn vm_ref_resource(principal: &Principal, r: &crate::api::VmRef) -> Resource {
+    vm_resource(principal, &r.name, r.tenant.as_ref())
+}
+
+/// The Cedar form of a VM.
+pub fn vm_entity(vm: &blixard_core::Vm) -> Resource {
+    Resource::Vm {
+        name: vm.spec.name.clone(),
+        tenant: vm.spec.tenant.clone(),
+    }
+}
+
 /// The Cedar form of a user resource.
 pub fn user_resource(u: &User) -> Resource {
     Resource::User {
@@ -192,7 +219,22 @@ pub fn action_of(
         ),
         // Listing needs the right to read the cluster; the results are then filtered
         // tenant by tenant with `tenant:read`.
-        Request::TenantList(_) | Request::NodeList(_) => ("cluster:read", Resource::Cluster),
+        Request::TenantList(_) | Request::NodeList(_) | Request::VmList(_) => {
+            ("cluster:read", Resource::Cluster)
+        }
+        Request::VmCreate(c) => (
+            "vm:manage",
+            vm_resource(
+                principal,
+                &c.spec.name,
+                Some(&c.spec.tenant).filter(|t| !t.is_empty()),
+            ),
+        ),
+        Request::VmShow(r) => ("vm:read", vm_ref_resource(principal, &r.vm)),
+        Request::VmLogs(r) => ("vm:read", vm_ref_resource(principal, &r.vm)),
+        Request::VmControl(r) => ("vm:manage", vm_ref_resource(principal, &r.vm)),
+        Request::VmDelete(r) => ("vm:manage", vm_ref_resource(principal, &r.vm)),
+        Request::NodeDrain(_) => ("node:manage", Resource::Cluster),
     }
 }
 
@@ -221,6 +263,9 @@ pub fn is_mutating(request: &Request) -> bool {
             | Request::TenantList(_)
             | Request::QuotaShow(_)
             | Request::NodeList(_)
+            | Request::VmList(_)
+            | Request::VmShow(_)
+            | Request::VmLogs(_)
     )
 }
 

@@ -1,0 +1,593 @@
+//! `blixard vm …` and `blixard node drain|undrain`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use blixard_core::{NodeId, Phase, RestartPolicy, Vm, VmSpec};
+use blixard_net::api::{
+    NodeDrain, VmControl, VmCreate, VmDelete, VmList, VmLogs, VmOp, VmRef, VmShow,
+};
+use blixard_net::client::ApiClient;
+use blixard_net::EndpointAddr;
+use clap::{Subcommand, ValueEnum};
+
+use crate::cli::{client, Context};
+use crate::exit::{self, Failure};
+use crate::output::{self, Format};
+use crate::tenant_cli::parse_mib;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RestartArg {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WaitFor {
+    /// The runner is up.
+    Running,
+    /// The guest printed the VM's ready marker (without one: the runner is up).
+    Ready,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Create a VM from an image; it is placed on a host and started there.
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// e.g. 256 (MiB), 512MiB, 2GiB.
+        #[arg(long, default_value = "256")]
+        memory: String,
+        /// The tenant (default: yours, else `default`).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// A label on the VM, KEY=VALUE; repeatable.
+        #[arg(long = "label", value_parser = parse_pair)]
+        labels: Vec<(String, String)>,
+        /// Only hosts with this label, KEY=VALUE; repeatable.
+        #[arg(long = "constraint", value_parser = parse_pair)]
+        constraints: Vec<(String, String)>,
+        /// VMs of the same group never share a host.
+        #[arg(long)]
+        anti_affinity: Option<String>,
+        /// What the host does when the runner exits.
+        #[arg(long, value_enum, default_value_t = RestartArg::Always)]
+        restart: RestartArg,
+        /// A line the guest prints on its console once ready (for `--wait ready`).
+        #[arg(long)]
+        ready_marker: Option<String>,
+        /// Create it stopped.
+        #[arg(long)]
+        no_start: bool,
+        /// Wait until the VM is running (or ready); fail if it fails.
+        #[arg(long, value_enum)]
+        wait: Option<WaitFor>,
+        /// How long `--wait` waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
+    },
+    /// List the VMs you may see.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only the VMs on this host (e.g. n2). (`--node` is taken: it picks the node
+        /// the CLI talks to.)
+        #[arg(long)]
+        host: Option<NodeId>,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// A VM's spec, placement, status and history.
+    Show {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Start a stopped VM.
+    Start(VmArgs),
+    /// Stop a VM (it stays placed, resources reserved).
+    Stop(VmArgs),
+    /// Restart a VM's runner.
+    Restart(VmArgs),
+    /// Delete a VM (its host stops it).
+    Delete(VmArgs),
+    /// The guest's console, read on the VM's host (from any node).
+    Logs {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Keep printing what the guest writes.
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: u32,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VmArgs {
+    name: String,
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Return once the request is recorded, without waiting for the host to act.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for the host, in seconds.
+    #[arg(long, default_value_t = 120)]
+    wait_timeout: u64,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> Failure {
+    Failure::new(exit::ERROR, e)
+}
+
+fn age(ms: u64) -> String {
+    let now = crate::service::now_ms();
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn desired(vm: &Vm) -> &'static str {
+    match vm.desired {
+        blixard_core::Desired::Running => "running",
+        blixard_core::Desired::Stopped => "stopped",
+    }
+}
+
+fn print_vms(ctx: &Context, vms: &[Vm]) -> Result<(), Failure> {
+    if ctx.output == Format::Json {
+        return output::json(&vms).map_err(fail);
+    }
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.spec.name.clone(),
+                v.spec.tenant.clone(),
+                v.node
+                    .map(|n| format!("n{n}"))
+                    .unwrap_or_else(|| "-".into()),
+                desired(v).into(),
+                v.phase.to_string(),
+                format!("{}/{}MiB", v.spec.vcpus, v.spec.memory_mib),
+                age(v.created_at_ms),
+                v.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "NAME", "TENANT", "NODE", "DESIRED", "OBSERVED", "SIZE", "AGE", "REASON",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+fn print_vm(ctx: &Context, vm: &Vm) -> Result<(), Failure> {
+    if ctx.output == Format::Json {
+        return output::json(vm).map_err(fail);
+    }
+    let s = &vm.spec;
+    let pairs = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    println!("name:        {}", s.name);
+    println!("tenant:      {}", s.tenant);
+    println!("image:       {} ({})", s.image, vm.manifest);
+    println!("size:        {} vCPUs, {} MiB", s.vcpus, s.memory_mib);
+    println!("restart:     {:?}", s.restart);
+    if !s.labels.is_empty() {
+        println!("labels:      {}", pairs(&s.labels));
+    }
+    if !s.constraints.is_empty() {
+        println!("constraints: {}", pairs(&s.constraints));
+    }
+    if let Some(g) = &s.anti_affinity {
+        println!("anti-affinity: {g}");
+    }
+    println!(
+        "node:        {}",
+        vm.node
+            .map(|n| format!("n{n}"))
+            .unwrap_or_else(|| "-".into())
+    );
+    println!("desired:     {}", desired(vm));
+    println!("observed:    {}", vm.phase);
+    if let Some(r) = &vm.reason {
+        println!("reason:      {r}");
+    }
+    println!("history:");
+    for t in &vm.history {
+        println!(
+            "  {:>6} ago  {:<9} {:<4} {}",
+            age(t.at_ms),
+            t.phase.to_string(),
+            t.node
+                .map(|n| format!("n{n}"))
+                .unwrap_or_else(|| "-".into()),
+            t.reason.clone().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn vm_ref(name: String, tenant: Option<String>) -> VmRef {
+    VmRef { name, tenant }
+}
+
+/// Polls the VM until it is running (or ready); its failure is the command's failure.
+async fn wait_for(
+    client: &ApiClient,
+    to: &EndpointAddr,
+    vm: VmRef,
+    what: WaitFor,
+    within: Duration,
+) -> Result<Vm, Failure> {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = client
+            .call(
+                to,
+                VmShow {
+                    vm: vm.clone(),
+                    stale: true,
+                },
+            )
+            .await?
+            .vm;
+        let done = match what {
+            WaitFor::Running => v.phase.is_up(),
+            WaitFor::Ready if v.spec.ready_marker.is_none() => v.phase.is_up(),
+            WaitFor::Ready => v.phase == Phase::Ready,
+        };
+        if done {
+            return Ok(*v);
+        }
+        if v.phase == Phase::Failed {
+            return Err(Failure::new(
+                exit::REFUSED,
+                format!(
+                    "VM {} failed: {}",
+                    v.id(),
+                    v.reason.unwrap_or_else(|| "no reason given".into())
+                ),
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "VM {} is still {} after {}s{}",
+                    v.id(),
+                    v.phase,
+                    within.as_secs(),
+                    v.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let result = run_with(ctx, &client, &to, cmd).await;
+    client.endpoint().close().await;
+    result
+}
+
+async fn run_with(
+    ctx: &Context,
+    client: &ApiClient,
+    to: &EndpointAddr,
+    cmd: VmCommand,
+) -> Result<(), Failure> {
+    match cmd {
+        VmCommand::Create {
+            name,
+            image,
+            vcpus,
+            memory,
+            tenant,
+            labels,
+            constraints,
+            anti_affinity,
+            restart,
+            ready_marker,
+            no_start,
+            wait,
+            wait_timeout,
+        } => {
+            if no_start && wait.is_some() {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    "--wait needs the VM to start; drop --no-start",
+                ));
+            }
+            let spec = VmSpec {
+                name: name.clone(),
+                tenant: tenant.clone().unwrap_or_default(),
+                image,
+                vcpus,
+                memory_mib: parse_mib(&memory)?,
+                labels: labels.into_iter().collect(),
+                constraints: constraints.into_iter().collect(),
+                anti_affinity,
+                restart: match restart {
+                    RestartArg::Always => RestartPolicy::Always,
+                    RestartArg::OnFailure => RestartPolicy::OnFailure,
+                    RestartArg::Never => RestartPolicy::Never,
+                },
+                ready_marker,
+            };
+            let created = client
+                .call(
+                    to,
+                    VmCreate {
+                        spec: Box::new(spec),
+                        start: !no_start,
+                    },
+                )
+                .await?
+                .vm;
+            let vm = match wait {
+                Some(what) => {
+                    let r = vm_ref(name, Some(created.spec.tenant.clone()));
+                    wait_for(client, to, r, what, Duration::from_secs(wait_timeout)).await?
+                }
+                None => *created,
+            };
+            print_vm(ctx, &vm)
+        }
+        VmCommand::List {
+            tenant,
+            host,
+            stale,
+        } => {
+            let vms = client
+                .call(
+                    to,
+                    VmList {
+                        tenant,
+                        node: host,
+                        stale,
+                    },
+                )
+                .await?
+                .vms;
+            print_vms(ctx, &vms)
+        }
+        VmCommand::Show {
+            name,
+            tenant,
+            stale,
+        } => {
+            let vm = client
+                .call(
+                    to,
+                    VmShow {
+                        vm: vm_ref(name, tenant),
+                        stale,
+                    },
+                )
+                .await?
+                .vm;
+            print_vm(ctx, &vm)
+        }
+        VmCommand::Start(a) => control(ctx, client, to, a, VmOp::Start).await,
+        VmCommand::Stop(a) => control(ctx, client, to, a, VmOp::Stop).await,
+        VmCommand::Restart(a) => control(ctx, client, to, a, VmOp::Restart).await,
+        VmCommand::Delete(a) => {
+            client
+                .call(
+                    to,
+                    VmDelete {
+                        vm: vm_ref(a.name.clone(), a.tenant),
+                    },
+                )
+                .await?;
+            println!("deleted VM {}", a.name);
+            Ok(())
+        }
+        VmCommand::Logs {
+            name,
+            tenant,
+            follow,
+            lines,
+        } => {
+            let vm = vm_ref(name, tenant);
+            let mut from = None;
+            loop {
+                let c = client
+                    .call(
+                        to,
+                        VmLogs {
+                            vm: vm.clone(),
+                            lines,
+                            from,
+                        },
+                    )
+                    .await?;
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(c.text.as_bytes());
+                let _ = out.flush();
+                if !follow {
+                    return Ok(());
+                }
+                from = Some(c.next);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// `vm start|stop|restart`: records the request, then (unless `--no-wait`) waits until
+/// the host has carried it out.
+async fn control(
+    ctx: &Context,
+    client: &ApiClient,
+    to: &EndpointAddr,
+    a: VmArgs,
+    op: VmOp,
+) -> Result<(), Failure> {
+    let r = vm_ref(a.name, a.tenant);
+    let asked = client.call(to, VmControl { vm: r.clone(), op }).await?.vm;
+    if a.no_wait || asked.node.is_none() {
+        // Not placed: nothing to wait for until a host has room.
+        return print_vm(ctx, &asked);
+    }
+    let r = vm_ref(r.name, Some(asked.spec.tenant.clone()));
+    let deadline = Instant::now() + Duration::from_secs(a.wait_timeout);
+    let since = asked.updated_at_ms;
+    loop {
+        let v = client
+            .call(
+                to,
+                VmShow {
+                    vm: r.clone(),
+                    stale: true,
+                },
+            )
+            .await?
+            .vm;
+        // A restart has happened once the host stopped the old run after the request.
+        let restarted = || {
+            v.history
+                .iter()
+                .any(|t| t.at_ms >= since && t.phase == Phase::Starting)
+        };
+        let done = match op {
+            VmOp::Stop => matches!(v.phase, Phase::Stopped | Phase::Failed),
+            VmOp::Start => v.phase.is_up(),
+            VmOp::Restart => v.phase.is_up() && restarted(),
+        };
+        if done || (op != VmOp::Stop && v.phase == Phase::Failed && restarted()) {
+            print_vm(ctx, &v)?;
+            if v.phase == Phase::Failed && op != VmOp::Stop {
+                return Err(Failure::new(
+                    exit::REFUSED,
+                    format!(
+                        "VM {} failed: {}",
+                        v.id(),
+                        v.reason.clone().unwrap_or_default()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "VM {} is still {} after {}s",
+                    v.id(),
+                    v.phase,
+                    a.wait_timeout
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `node drain` / `node undrain`; with `wait`, until the moved VMs run elsewhere (or
+/// cannot be placed).
+pub async fn drain(
+    ctx: &Context,
+    node: NodeId,
+    drained: bool,
+    wait: Option<Duration>,
+) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let result = async {
+        let moved = client.call(&to, NodeDrain { node, drained }).await?.moved;
+        if !drained {
+            println!("node {node} takes VMs again");
+            return Ok(());
+        }
+        println!("node {node} drained; moving {} VMs", moved.len());
+        let Some(within) = wait else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            let vms = client
+                .call(
+                    &to,
+                    VmList {
+                        tenant: None,
+                        node: None,
+                        stale: true,
+                    },
+                )
+                .await?
+                .vms;
+            let waiting: Vec<&Vm> = vms
+                .iter()
+                .filter(|v| moved.contains(&v.id()))
+                .filter(|v| {
+                    v.desired == blixard_core::Desired::Running
+                        && !v.phase.is_up()
+                        && !(v.phase == Phase::Pending
+                            && v.reason.is_some()
+                            && v.node.is_none()
+                            && v.reason
+                                .as_deref()
+                                .is_some_and(|r| r.starts_with("unschedulable")))
+                })
+                .collect();
+            if waiting.is_empty() {
+                print_vms(
+                    ctx,
+                    &vms.iter()
+                        .filter(|v| moved.contains(&v.id()))
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                )?;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let names: Vec<String> = waiting
+                    .iter()
+                    .map(|v| format!("{} ({})", v.id(), v.phase))
+                    .collect();
+                return Err(Failure::new(
+                    exit::UNAVAILABLE,
+                    format!(
+                        "still moving after {}s: {}",
+                        within.as_secs(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    .await;
+    client.endpoint().close().await;
+    result
+}

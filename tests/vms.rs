@@ -1,0 +1,739 @@
+//! Process tests for VMs: real daemons place, fetch, start, watch, move and stop real
+//! runners — a QEMU guest (TCG here) booting the Debian cloud kernel and a busybox
+//! initramfs, and runners that only sleep where the guest would add nothing but time.
+//!
+//! Needs qemu-system-x86, busybox-static, cpio and the kernel that
+//! `tests/fixtures/guest/build.sh` fetches (`scripts/test.sh` installs the rest).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use blixard_tests::{wait_for, Cluster, Node};
+use serde_json::Value;
+
+/// One VM test at a time (under `cargo test`; nextest runs them in one test group).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Short liveness timings, so failover takes seconds: fence + stop + election < down.
+const FAST: &str = "[capacity]\nvcpus = 4\nmemory_mib = 4096\n\
+[vms]\ndown_timeout_ms = 5000\nfence_timeout_ms = 2000\nstop_timeout_ms = 1500\n";
+
+/// Starts `labels.len()` nodes with `config` (written to a file) and the given labels.
+fn cluster(config: &str, labels: &[&[&str]]) -> Cluster {
+    let root = tempfile::Builder::new()
+        .prefix("blixard-vms")
+        .tempdir()
+        .unwrap();
+    let cfg = root.path().join("node.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let mut nodes: Vec<Node> = (1..=labels.len())
+        .map(|i| Node::new(root.path(), &format!("n{i}")))
+        .collect();
+    for (node, labels) in nodes.iter_mut().zip(labels) {
+        node.extra = vec!["--config".into(), cfg.display().to_string()];
+        for l in *labels {
+            node.extra.extend(["--label".to_string(), l.to_string()]);
+        }
+    }
+    nodes[0].start(&["--init"]);
+    let mut c = Cluster { root, nodes };
+    for i in 1..c.nodes.len() {
+        let ticket = c.token();
+        c.nodes[i].start(&["--join", &ticket]);
+    }
+    c.wait_voters(c.nodes.len());
+    c
+}
+
+/// Kills every runner the cluster's nodes started (they outlive their daemons by
+/// design), so a failing test leaves no guest behind.
+struct Runners(PathBuf);
+
+impl Drop for Runners {
+    fn drop(&mut self) {
+        for pid in runner_pids(&self.0) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
+}
+
+/// The pids in every VM state dir under `root` that still run.
+fn runner_pids(root: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    for node in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        for vm in std::fs::read_dir(node.path().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(pid) = pid_in(&vm.path()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn pid_in(dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(dir.join("pid")).ok()?;
+    let pid: u32 = text.split_whitespace().next()?.parse().ok()?;
+    alive(pid).then_some(pid)
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+fn write_runner(dir: &Path, script: &str) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    let run = dir.join("bin/microvm-run");
+    std::fs::write(&run, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A runner the way microvm.nix writes one for QEMU, carrying its kernel and initrd (a
+/// plain directory image, self-contained). The accelerator comes from
+/// BLIXARD_TEST_ACCEL: tcg here, where KVM guests hang; kvm:tcg on real hosts.
+fn guest_runner(dir: &Path) {
+    let guest = std::env::var("BLIXARD_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir().join("blixard-guest"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/guest/build.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&guest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the test guest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::create_dir_all(dir.join("share")).unwrap();
+    for f in ["vmlinuz", "initrd"] {
+        std::fs::copy(guest.join(f), dir.join("share").join(f)).unwrap();
+    }
+    write_runner(
+        dir,
+        "d=$(dirname \"$0\")/../share\n\
+         exec qemu-system-x86_64 -machine pc,accel=${BLIXARD_TEST_ACCEL:-kvm:tcg} -m 128 \
+         -display none -nodefaults -serial stdio -no-reboot \
+         -kernel \"$d/vmlinuz\" -initrd \"$d/initrd\" -append 'console=ttyS0 quiet panic=-1'",
+    );
+}
+
+fn json(node: &Node, args: &[&str]) -> Result<Value, String> {
+    let mut a = args.to_vec();
+    a.extend(["--output", "json"]);
+    serde_json::from_str(&node.try_cli(&a)?).map_err(|e| e.to_string())
+}
+
+fn show(node: &Node, name: &str) -> Value {
+    json(node, &["vm", "show", name]).unwrap()
+}
+
+/// Waits until VM `name` (as `node` sees it) is in `phase`; returns it.
+fn wait_phase(node: &Node, name: &str, phase: &str, within: Duration) -> Value {
+    wait_for(&format!("{name} {phase}"), within, || {
+        let v = json(node, &["vm", "show", name, "--stale"])?;
+        if v["phase"] == phase {
+            Ok(v)
+        } else {
+            Err(format!("{} ({})", v["phase"], v["reason"]))
+        }
+    })
+}
+
+fn node_of(vm: &Value) -> usize {
+    vm["node"].as_u64().expect("placed") as usize - 1
+}
+
+/// The pid of VM `tenant@name` on node `i`, if it runs there.
+fn pid_on(c: &Cluster, i: usize, key: &str) -> Option<u32> {
+    pid_in(&c.nodes[i].dir.join("vms").join(key))
+}
+
+#[test]
+fn a_real_guest_boots_where_the_scheduler_put_it_and_stops() {
+    let _one = serial();
+    std::env::set_var("BLIXARD_TEST_ACCEL", "tcg");
+    let c = cluster(FAST, &[&[], &[], &[]]);
+    let _runners = Runners(c.root.path().to_owned());
+    let image = c.root.path().join("guest-image");
+    guest_runner(&image);
+    c.nodes[0].cli_ok(&[
+        "image",
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "guest",
+    ]);
+
+    // Created through node 2, watched from node 3.
+    let out = c.nodes[1].cli_ok(&[
+        "vm",
+        "create",
+        "g1",
+        "--image",
+        "guest",
+        "--memory",
+        "128",
+        "--ready-marker",
+        "BLIXARD-GUEST-UP",
+        "--wait",
+        "ready",
+        "--wait-timeout",
+        "240",
+    ]);
+    assert!(out.contains("observed:    ready"), "{out}");
+    let vm = show(&c.nodes[2], "g1");
+    let host = node_of(&vm);
+    let pid = pid_on(&c, host, "default@g1").expect("the guest runs on its host");
+    for other in (0..3).filter(|i| *i != host) {
+        assert_eq!(pid_on(&c, other, "default@g1"), None, "only on its host");
+    }
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(cmdline.contains("qemu-system-x86_64"), "{cmdline}");
+    let logs = c.nodes[2].cli_ok(&["vm", "logs", "g1", "--lines", "50"]);
+    assert!(logs.contains("BLIXARD-GUEST-UP"), "{logs}");
+    let listed = c.nodes[2].cli_ok(&["vm", "list"]);
+    assert!(
+        listed.contains("g1") && listed.contains("ready"),
+        "{listed}"
+    );
+
+    c.nodes[2].cli_ok(&["vm", "stop", "g1"]);
+    wait_phase(&c.nodes[0], "g1", "stopped", Duration::from_secs(30));
+    wait_for("the guest to exit", Duration::from_secs(30), || {
+        if alive(pid) {
+            Err("still running".into())
+        } else {
+            Ok(())
+        }
+    });
+    // The image the VM uses cannot go while the VM exists.
+    let (code, err) = match c.nodes[0].try_cli(&["image", "rm", "guest"]) {
+        Ok(o) => (0, o),
+        Err(e) => (1, e),
+    };
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("used by VM default/g1"), "{err}");
+    c.nodes[0].cli_ok(&["vm", "delete", "g1"]);
+    wait_for("the state dir to go", Duration::from_secs(20), || {
+        if c.nodes[host].dir.join("vms/default@g1").exists() {
+            Err("still there".into())
+        } else {
+            Ok(())
+        }
+    });
+}
+
+#[test]
+fn a_dead_hosts_vm_boots_on_a_survivor_and_never_twice() {
+    let _one = serial();
+    std::env::set_var("BLIXARD_TEST_ACCEL", "tcg");
+    let mut c = cluster(FAST, &[&[], &[], &[]]);
+    let _runners = Runners(c.root.path().to_owned());
+    let image = c.root.path().join("guest-image");
+    guest_runner(&image);
+    c.nodes[0].cli_ok(&[
+        "image",
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "guest",
+    ]);
+    // Whichever host dies, the image is still held elsewhere.
+    for n in ["n2", "n3"] {
+        c.nodes[0].cli_ok(&["--node", n, "image", "pull", "guest"]);
+    }
+    c.nodes[0].cli_ok(&[
+        "vm",
+        "create",
+        "web",
+        "--image",
+        "guest",
+        "--memory",
+        "128",
+        "--restart",
+        "always",
+        "--ready-marker",
+        "BLIXARD-GUEST-UP",
+        "--wait",
+        "ready",
+        "--wait-timeout",
+        "240",
+    ]);
+    let first = node_of(&show(&c.nodes[0], "web"));
+    let old_pid = pid_on(&c, first, "default@web").unwrap();
+    let watcher = (0..3).find(|i| *i != first).unwrap();
+
+    c.nodes[first].kill9();
+    // Marked down, moved, and booted on a survivor.
+    let moved = wait_for("the VM on a survivor", Duration::from_secs(240), || {
+        let v = json(&c.nodes[watcher], &["vm", "show", "web", "--stale"])?;
+        match v["node"].as_u64() {
+            Some(n) if n as usize - 1 != first && v["phase"] == "ready" => Ok(v),
+            _ => Err(format!("{} on {} ({})", v["phase"], v["node"], v["reason"])),
+        }
+    });
+    let second = node_of(&moved);
+    let history = moved["history"].to_string();
+    assert!(
+        history.contains(&format!("node {} is down", first + 1)),
+        "{history}"
+    );
+    let nodes = c.nodes[watcher].cli_ok(&["node", "list"]);
+    assert!(nodes.contains("down"), "{nodes}");
+    let logs = c.nodes[watcher].cli_ok(&["vm", "logs", "web"]);
+    assert!(logs.contains("BLIXARD-GUEST-UP"), "{logs}");
+
+    // The old host comes back: its orphaned guest (the daemon died, not the machine)
+    // is stopped, not resumed; the VM runs once, on the survivor.
+    c.nodes[first].start(&[]);
+    wait_for("the old copy to stop", Duration::from_secs(60), || {
+        if alive(old_pid) {
+            Err("the old guest still runs".into())
+        } else {
+            Ok(())
+        }
+    });
+    wait_for(
+        "the old host to be up again",
+        Duration::from_secs(60),
+        || {
+            let n = c.nodes[watcher].try_cli(&["node", "list"])?;
+            if n.contains("down") {
+                Err(n)
+            } else {
+                Ok(())
+            }
+        },
+    );
+    let v = show(&c.nodes[first], "web");
+    assert_eq!(node_of(&v), second);
+    assert!(pid_on(&c, second, "default@web").is_some());
+    assert_eq!(pid_on(&c, first, "default@web"), None);
+}
+
+#[test]
+fn a_restarted_daemon_adopts_its_running_vm() {
+    let _one = serial();
+    let mut c = cluster(FAST, &[&[]]);
+    let _runners = Runners(c.root.path().to_owned());
+    let image = c.root.path().join("sleeper");
+    write_runner(&image, "echo sleeper up\nexec sleep 600");
+    c.nodes[0].cli_ok(&[
+        "image",
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "sleeper",
+    ]);
+    c.nodes[0].cli_ok(&[
+        "vm", "create", "s", "--image", "sleeper", "--wait", "running",
+    ]);
+    let pid = pid_on(&c, 0, "default@s").unwrap();
+
+    assert_eq!(c.nodes[0].stop(), 0);
+    assert!(alive(pid), "stopping the daemon leaves the VM running");
+    c.nodes[0].start(&[]);
+    let v = wait_phase(&c.nodes[0], "s", "running", Duration::from_secs(30));
+    assert_eq!(
+        pid_on(&c, 0, "default@s"),
+        Some(pid),
+        "adopted, not restarted"
+    );
+    assert_eq!(v["restarts"], 0);
+    // The adopted process is under control: a restart replaces it, a stop ends it.
+    c.nodes[0].cli_ok(&["vm", "restart", "s"]);
+    let new_pid = wait_for("a new runner", Duration::from_secs(30), || {
+        match pid_on(&c, 0, "default@s") {
+            Some(p) if p != pid => Ok(p),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(!alive(pid));
+    c.nodes[0].cli_ok(&["vm", "stop", "s"]);
+    wait_phase(&c.nodes[0], "s", "stopped", Duration::from_secs(30));
+    assert!(!alive(new_pid));
+}
+
+/// Runs `n` CLI commands at once; returns how many succeeded.
+fn concurrently(node: &Node, n: usize, args: impl Fn(usize) -> Vec<String>) -> usize {
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            std::process::Command::new(blixard_tests::binary())
+                .arg("--data-dir")
+                .arg(&node.dir)
+                .args(args(i))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .filter(|o| o.status.success())
+        .count()
+}
+
+#[test]
+fn quotas_constraints_anti_affinity_and_drain() {
+    let _one = serial();
+    let c = cluster(FAST, &[&["zone=a"], &["zone=b"], &["zone=b"]]);
+    let _runners = Runners(c.root.path().to_owned());
+    let n1 = &c.nodes[0];
+    let image = c.root.path().join("sleeper");
+    write_runner(&image, "exec sleep 600");
+    n1.cli_ok(&[
+        "image",
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "sleeper",
+    ]);
+    n1.cli_ok(&["tenant", "create", "acme"]);
+    n1.cli_ok(&[
+        "quota",
+        "set",
+        "acme",
+        "--max-vms",
+        "10",
+        "--max-memory",
+        "2GiB",
+    ]);
+
+    // 50 creates at once against a quota of 10: exactly 10 exist.
+    let ok = concurrently(n1, 50, |i| {
+        [
+            "vm",
+            "create",
+            &format!("q{i}"),
+            "--image",
+            "sleeper",
+            "--tenant",
+            "acme",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--memory".into(), "64".into(), "--no-start".into()])
+        .collect()
+    });
+    assert_eq!(ok, 10);
+    let vms = json(n1, &["vm", "list", "--tenant", "acme"]).unwrap();
+    assert_eq!(vms.as_array().unwrap().len(), 10);
+    let quota = n1.cli_ok(&["quota", "show", "acme"]);
+    assert!(quota.contains("10/10"), "{quota}");
+    for i in 0..50 {
+        let _ = n1.try_cli(&["vm", "delete", &format!("q{i}"), "--tenant", "acme"]);
+    }
+
+    // Constraints: zone b only.
+    for name in ["b1", "b2"] {
+        n1.cli_ok(&[
+            "vm",
+            "create",
+            name,
+            "--image",
+            "sleeper",
+            "--memory",
+            "64",
+            "--constraint",
+            "zone=b",
+            "--wait",
+            "running",
+        ]);
+        let host = node_of(&show(n1, name));
+        assert!(host == 1 || host == 2, "{name} on n{}", host + 1);
+    }
+    // Anti-affinity: one per host, the fourth cannot be placed and says why.
+    for i in 0..3 {
+        n1.cli_ok(&[
+            "vm",
+            "create",
+            &format!("p{i}"),
+            "--image",
+            "sleeper",
+            "--memory",
+            "64",
+            "--anti-affinity",
+            "pool",
+            "--wait",
+            "running",
+        ]);
+    }
+    let hosts: std::collections::BTreeSet<usize> = (0..3)
+        .map(|i| node_of(&show(n1, &format!("p{i}"))))
+        .collect();
+    assert_eq!(hosts.len(), 3);
+    n1.cli_ok(&[
+        "vm",
+        "create",
+        "p3",
+        "--image",
+        "sleeper",
+        "--memory",
+        "64",
+        "--anti-affinity",
+        "pool",
+    ]);
+    let stuck = wait_for("p3's reason", Duration::from_secs(20), || {
+        let v = show(n1, "p3");
+        match v["reason"].as_str() {
+            Some(r) if r.starts_with("unschedulable") => Ok(r.to_string()),
+            _ => Err(v.to_string()),
+        }
+    });
+    assert!(
+        stuck.contains("3 hosts: already runs a VM of group pool"),
+        "{stuck}"
+    );
+    assert_eq!(show(n1, "p3")["phase"], "pending");
+    // Too big for any host.
+    n1.cli_ok(&[
+        "vm", "create", "huge", "--image", "sleeper", "--memory", "8GiB",
+    ]);
+    let why = wait_for("huge's reason", Duration::from_secs(20), || {
+        show(n1, "huge")["reason"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| "none yet".to_string())
+    });
+    assert!(why.contains("3 hosts: not enough memory"), "{why}");
+    n1.cli_ok(&["vm", "delete", "huge"]);
+
+    // Drain n2: everything moves off it (b-zone VMs to n3), and n2 takes nothing new.
+    let on_n2: Vec<String> = json(n1, &["vm", "list", "--host", "n2"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["spec"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!on_n2.is_empty());
+    n1.cli_ok(&["node", "drain", "n2", "--wait", "--wait-timeout", "60"]);
+    wait_for("n2 to be empty", Duration::from_secs(30), || {
+        let on = json(n1, &["vm", "list", "--host", "n2"])?;
+        let pids = std::fs::read_dir(c.nodes[1].dir.join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|d| pid_in(&d.path()))
+            .count();
+        if on.as_array().is_some_and(|a| a.is_empty()) && pids == 0 {
+            Ok(())
+        } else {
+            Err(format!("{on} and {pids} runners on n2"))
+        }
+    });
+    for name in &on_n2 {
+        let v = show(n1, name);
+        assert_ne!(v["node"], 2, "{name} moved off n2");
+    }
+    let nodes = n1.cli_ok(&["node", "list"]);
+    assert!(nodes.contains("drained"), "{nodes}");
+    n1.cli_ok(&["node", "undrain", "n2"]);
+}
+
+#[test]
+fn operator_hooks_veto_creates_and_time_out() {
+    let _one = serial();
+    let root = tempfile::tempdir().unwrap();
+    let hook = root.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\n\
+         vm=$(cat)\n\
+         case \"$1:$vm\" in\n\
+           before_vm_create:*'\"name\":\"deny'*) echo \"rack 7 is full\" >&2; exit 1;;\n\
+           before_vm_create:*'\"name\":\"slow'*) sleep 30;;\n\
+         esac\n\
+         echo \"$1\" >> \"$(dirname \"$0\")/events\"\n\
+         exit 0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = format!(
+        "{FAST}hooks = [\"{}\"]\nhook_timeout_ms = 1000\n",
+        hook.display()
+    );
+    let c = cluster(&config, &[&[]]);
+    let _runners = Runners(c.root.path().to_owned());
+    let n1 = &c.nodes[0];
+    let image = c.root.path().join("sleeper");
+    write_runner(&image, "exec sleep 600");
+    n1.cli_ok(&[
+        "image",
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "sleeper",
+    ]);
+
+    let err = n1
+        .try_cli(&["vm", "create", "deny-1", "--image", "sleeper"])
+        .unwrap_err();
+    assert!(err.starts_with("Some(5)"), "refused: {err}");
+    assert!(err.contains("rack 7 is full"), "{err}");
+    let started = std::time::Instant::now();
+    let err = n1
+        .try_cli(&["vm", "create", "slow-1", "--image", "sleeper"])
+        .unwrap_err();
+    assert!(err.contains("timed out after 1s"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let vms = json(n1, &["vm", "list"]).unwrap();
+    assert_eq!(
+        vms.as_array().unwrap().len(),
+        0,
+        "vetoed creates leave nothing"
+    );
+
+    n1.cli_ok(&[
+        "vm", "create", "ok-1", "--image", "sleeper", "--wait", "running",
+    ]);
+    n1.cli_ok(&["vm", "delete", "ok-1"]);
+    let events = wait_for("the hook's events", Duration::from_secs(10), || {
+        let e = std::fs::read_to_string(root.path().join("events")).unwrap_or_default();
+        if e.contains("after_vm_start") && e.contains("before_vm_delete") {
+            Ok(e)
+        } else {
+            Err(e)
+        }
+    });
+    assert!(events.starts_with("before_vm_create"), "{events}");
+    // The audit log has every lifecycle step.
+    let audit = std::fs::read_to_string(n1.dir.join("audit.log")).unwrap();
+    for step in [
+        "before_vm_create",
+        "\"starting\"",
+        "\"running\"",
+        "after_vm_start",
+        "before_vm_delete",
+    ] {
+        assert!(audit.contains(step), "{step} missing from the audit log");
+    }
+}
+
+#[test]
+fn bad_vms_are_refused_or_fail_with_the_reason() {
+    let _one = serial();
+    let c = cluster(FAST, &[&[]]);
+    let _runners = Runners(c.root.path().to_owned());
+    let n1 = &c.nodes[0];
+    let dir = c.root.path();
+    write_runner(&dir.join("sleeper"), "exec sleep 600");
+    write_runner(
+        &dir.join("crasher"),
+        "echo 'guest: no root device'\necho 'kernel panic'\nexit 3",
+    );
+    std::fs::create_dir_all(dir.join("not-a-runner/share")).unwrap();
+    std::fs::write(dir.join("not-a-runner/share/readme"), "hi").unwrap();
+    for name in ["sleeper", "crasher", "not-a-runner"] {
+        n1.cli_ok(&[
+            "image",
+            "import",
+            dir.join(name).to_str().unwrap(),
+            "--name",
+            name,
+        ]);
+    }
+
+    let refused = |args: &[&str], needle: &str| {
+        let mut a = vec!["vm", "create"];
+        a.extend(args);
+        let err = n1.try_cli(&a).unwrap_err();
+        assert!(err.contains(needle), "{args:?}: {err}");
+    };
+    refused(&["x", "--image", "nope"], "no image nope");
+    refused(
+        &["x", "--image", "sleeper", "--vcpus", "0"],
+        "vcpus must be 1 to",
+    );
+    refused(
+        &["x", "--image", "sleeper", "--memory", "64TiB"],
+        "memory must be",
+    );
+    refused(
+        &["x", "--image", "sleeper", "--memory", "1"],
+        "memory must be",
+    );
+    refused(&["Bad/Name", "--image", "sleeper"], "names are");
+    refused(
+        &["x", "--image", "sleeper", "--tenant", "nobody"],
+        "no tenant nobody",
+    );
+    n1.cli_ok(&["vm", "create", "dup", "--image", "sleeper", "--no-start"]);
+    refused(&["dup", "--image", "sleeper"], "already exists");
+
+    // A directory without bin/microvm-run fails on its host, saying so.
+    let err = n1
+        .try_cli(&[
+            "vm",
+            "create",
+            "hollow",
+            "--image",
+            "not-a-runner",
+            "--wait",
+            "running",
+        ])
+        .unwrap_err();
+    assert!(err.contains("no bin/microvm-run"), "{err}");
+    // A runner that exits at once: failed, with its exit code and last console lines.
+    let err = n1
+        .try_cli(&[
+            "vm",
+            "create",
+            "crash",
+            "--image",
+            "crasher",
+            "--restart",
+            "never",
+            "--wait",
+            "running",
+        ])
+        .unwrap_err();
+    assert!(err.contains("exited with code 3"), "{err}");
+    assert!(err.contains("kernel panic"), "{err}");
+    let v = show(n1, "crash");
+    assert_eq!(v["phase"], "failed");
+    // With restart always it is restarted, backing off.
+    n1.cli_ok(&[
+        "vm",
+        "create",
+        "loop",
+        "--image",
+        "crasher",
+        "--restart",
+        "always",
+    ]);
+    let v = wait_for("restarts with backoff", Duration::from_secs(30), || {
+        let v = show(n1, "loop");
+        let reason = v["reason"].as_str().unwrap_or_default().to_string();
+        if reason.contains("attempt 3") {
+            Ok(v)
+        } else {
+            Err(reason)
+        }
+    });
+    assert!(
+        v["reason"].as_str().unwrap().contains("restarting in 4s"),
+        "{v}"
+    );
+}
