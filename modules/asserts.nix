@@ -15,7 +15,12 @@ in
       ++ blib.checkThinPool {
         inherit (cfg.thinPool) enable backingFile device dataSize metadataSize blockSize;
       }
-      ++ blib.checkVms cfg.vms
+      ++ blib.checkVms cfg.vms.declared
+      # The daemon's [vms] timing rule, on the config as rendered (settings included).
+      ++ blib.checkVmsConfig {
+        node = "services.blixard (${config.networking.hostName})";
+        config = blib.moduleDaemonConfig cfg;
+      }
       ++ [
         {
           assertion = cfg.joinTicketFile == null || !(lib.hasPrefix builtins.storeDir cfg.joinTicketFile);

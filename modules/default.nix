@@ -7,13 +7,8 @@ let
   blib = import ../nix/lib.nix;
   settingsFormat = pkgs.formats.toml { };
 
-  daemonConfig = blib.mkDaemonConfig {
-    inherit (cfg) listen name relayUrl labels requestTimeoutMs;
-    capacity = { inherit (cfg.capacity) vcpus memoryMib; };
-    raft = { inherit (cfg.raft) tickMs electionTicks heartbeatTicks snapshotThreshold; };
-    images = { inherit (cfg.images) storeDir cacheListen cacheSizeMib materialise nixStore importPaths; };
-    settings = cfg.settings;
-  };
+  # Typed options (services.blixard.vms.* included) + settings, in the daemon's key names.
+  daemonConfig = blib.moduleDaemonConfig cfg;
   configFile = settingsFormat.generate "blixard.toml" daemonConfig;
 
   runArgs = blib.mkRunArgs {
@@ -22,6 +17,10 @@ let
   };
 
   defaultDataDir = cfg.dataDir == "/var/lib/blixard";
+  # VM state dirs (typed option or settings); null: DATA_DIR/vms, made by the daemon.
+  vmStateDir = daemonConfig.vms.state_dir or null;
+  vmStateDirOutside = vmStateDir != null && !(lib.hasPrefix "${cfg.dataDir}/" vmStateDir);
+  privateDir = { user = "blixard"; group = "blixard"; mode = "0700"; };
   hd = cfg.tuning.highDensity;
   tp = cfg.thinPool;
   poolDir = "/var/lib/blixard-pool";
@@ -29,7 +28,7 @@ let
   # A declared VM's runner: given, or built from its NixOS module with microvm.nix.
   runnerOf = name: vm:
     if vm.runner != null then vm.runner
-    else if microvm == null then throw "services.blixard.vms.${name}: `config` needs the module from the Blixard flake (it brings microvm.nix); set `runner` instead"
+    else if microvm == null then throw "services.blixard.vms.declared.${name}: `config` needs the module from the Blixard flake (it brings microvm.nix); set `runner` instead"
     else
       (import (pkgs.path + "/nixos/lib/eval-config.nix") {
         system = pkgs.stdenv.hostPlatform.system;
@@ -44,7 +43,7 @@ let
         ];
       }).config.microvm.declaredRunner;
 
-  declaredVms = blib.mkDeclaredVms (lib.mapAttrs (name: vm: vm // { runner = runnerOf name vm; }) cfg.vms);
+  declaredVms = blib.mkDeclaredVms (lib.mapAttrs (name: vm: vm // { runner = runnerOf name vm; }) cfg.vms.declared);
 
   thinPoolScript = pkgs.writeShellScript "blixard-thinpool-setup" ''
     set -euo pipefail
@@ -98,15 +97,18 @@ in
         home = cfg.dataDir;
       };
       users.groups.blixard = { };
+      # The unit's SupplementaryGroups (VM runners open /dev/kvm and the vhost devices).
+      users.groups.kvm = { };
 
       # `materialise = "nix"`: the daemon copies signed closures from its own binary cache
       # into the host's store, which the Nix daemon allows only to trusted users (the
       # cluster's cache key is not known when the configuration is built).
       nix.settings.trusted-users = lib.mkIf (cfg.images.materialise == "nix") [ "blixard" ];
 
-      systemd.tmpfiles.settings."10-blixard" = lib.mkIf (!defaultDataDir) {
-        ${cfg.dataDir}.d = { user = "blixard"; group = "blixard"; mode = "0700"; };
-      };
+      # The data dir and an outside vms.stateDir, when StateDirectory does not make them.
+      systemd.tmpfiles.settings."10-blixard" = lib.mkIf (!defaultDataDir || vmStateDirOutside) (
+        lib.optionalAttrs (!defaultDataDir) { ${cfg.dataDir}.d = privateDir; }
+        // lib.optionalAttrs vmStateDirOutside { ${vmStateDir}.d = privateDir; });
 
       networking.firewall.allowedUDPPorts = lib.mkIf cfg.openFirewall [ (blib.portOf cfg.listen) ];
 
@@ -118,8 +120,10 @@ in
         requires = lib.optional tp.enable "blixard-thinpool.service";
         restartTriggers = [ configFile ];
         environment.BLIXARD_LOG = lib.mkDefault "info";
-        # Importing store paths and `materialise = "nix"` run `nix`.
-        path = [ config.nix.package ];
+        # Importing store paths and `materialise = "nix"` run `nix`. The VM supervisor runs
+        # `kill` (util-linux) on a runner's process group and `ip` (iproute2) to make tap
+        # interfaces. Hypervisors come from each runner's own closure: nothing else here.
+        path = [ config.nix.package pkgs.util-linux pkgs.iproute2 ];
         serviceConfig = {
           Type = "notify";
           NotifyAccess = "main";
@@ -130,49 +134,81 @@ in
           # Exit 8 (bad config) and 7 (unusable data dir) will not fix themselves.
           RestartPreventExitStatus = [ 7 8 ];
           TimeoutStopSec = "30s";
+          # VMs are the daemon's children, each in its own process group (the process
+          # supervisor, crates/host/src/process.rs); there is no unit per VM. Stop only the
+          # daemon's main process: `systemctl restart blixard` (and a `nixos-rebuild
+          # switch` that changes the config) leaves the VMs running, and the new daemon
+          # re-adopts them from their pid files (systemd logs "Found left-over process" for
+          # each; expected). So `systemctl stop blixard` does not stop VMs either (`blixard
+          # vm stop` does); at host shutdown, systemd's final SIGTERM/SIGKILL reaches
+          # whatever still runs in this unit's cgroup.
+          KillMode = "process";
           User = "blixard";
           Group = "blixard";
           StateDirectory = lib.mkIf defaultDataDir "blixard";
           StateDirectoryMode = "0700";
-          ReadWritePaths = lib.mkIf (!defaultDataDir) [ cfg.dataDir ];
+          ReadWritePaths = lib.optional (!defaultDataDir) cfg.dataDir
+            ++ lib.optional vmStateDirOutside vmStateDir;
 
-          # Hardening baseline (as nixpkgs' conduit).
+          # The daemon runs as `blixard`, not root. Runners inherit everything below, so
+          # the control-plane baseline (as nixpkgs' conduit) has the exceptions a VM needs
+          # (those of the blixard-vm@ template below):
+          # - CAP_NET_ADMIN, to make and delete tap interfaces (`ip tuntap add`) and let
+          #   the runner attach to them. It is ambient, so runners and hooks get it too.
+          #   It needs PrivateUsers off: in a private user namespace the capability would
+          #   not apply to the host's network namespace.
+          # - /dev/kvm, /dev/net/tun and the vhost devices (PrivateDevices off, an explicit
+          #   device list instead), the `kvm` group, unlimited locked memory.
+          # - MemoryDenyWriteExecute off: it is inherited by the hypervisor, and QEMU's TCG
+          #   (a JIT) cannot run under it.
+          # - Delegate: the unit's cgroup subtree is handed to the daemon (writable,
+          #   ProtectControlGroups off), which a non-root process needs for VM cgroups.
+          #   NOTE: the daemon makes VM cgroups under /sys/fs/cgroup/blixard.slice, outside
+          #   this subtree, which `blixard` cannot write; until it can be pointed at its own
+          #   cgroup, VM limits (memory.max, cpu.max) are not enforced here and the
+          #   supervisor logs why.
           UMask = "0077";
           NoNewPrivileges = true;
-          CapabilityBoundingSet = "";
-          AmbientCapabilities = "";
+          CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
+          AmbientCapabilities = [ "CAP_NET_ADMIN" ];
+          Delegate = true;
+          SupplementaryGroups = [ "kvm" ];
+          DevicePolicy = "closed";
+          DeviceAllow = [ "/dev/kvm rw" "/dev/net/tun rw" "/dev/vhost-net rw" ];
+          LimitMEMLOCK = "infinity";
           ProtectSystem = "strict";
           ProtectHome = true;
           PrivateTmp = true;
-          PrivateDevices = true;
-          PrivateUsers = true;
+          PrivateDevices = false;
+          PrivateUsers = false;
           ProtectClock = true;
           ProtectHostname = true;
           ProtectKernelTunables = true;
           ProtectKernelModules = true;
           ProtectKernelLogs = true;
-          ProtectControlGroups = true;
+          ProtectControlGroups = false;
           ProtectProc = "invisible";
           RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
           RestrictNamespaces = true;
           RestrictRealtime = true;
           RestrictSUIDSGID = true;
           LockPersonality = true;
-          MemoryDenyWriteExecute = true;
+          MemoryDenyWriteExecute = false;
           SystemCallArchitectures = "native";
           SystemCallFilter = [ "@system-service" "~@privileged" ];
         } // limits;
       };
 
-      # Declared VMs: written for inspection; the daemon does not read this file yet.
+      # Declared VMs: written for inspection; the daemon does not read this file.
       environment.etc."blixard/vms.json".text = builtins.toJSON declaredVms;
       systemd.tmpfiles.rules = lib.mapAttrsToList
         (name: vm: "L+ /var/lib/blixard-vms/${name}/runner - - - - ${runnerOf name vm}")
-        cfg.vms;
+        cfg.vms.declared;
 
       # One VM per instance, run from its microvm.nix runner (bin/microvm-run and
-      # bin/microvm-shutdown, the microvm.nix host/runner contract). Nothing starts these
-      # yet: the daemon has no VM feature.
+      # bin/microvm-shutdown, the microvm.nix host/runner contract). UNUSED: nothing starts
+      # these. The daemon does not use systemd for VMs; it runs them itself, as children in
+      # their own process groups (see KillMode above).
       systemd.services."blixard-vm@" = {
         description = "Blixard VM %i";
         after = [ "network.target" ] ++ lib.optional tp.enable "blixard-thinpool.service";

@@ -257,14 +257,90 @@ in
       blockSize = mkOption { type = types.ints.positive; default = 128; description = "dm-thin block size in 512-byte sectors (a multiple of 128)."; };
     };
 
-    vms = mkOption {
-      type = types.attrsOf (types.submodule vmModule);
-      default = { };
-      description = ''
-        Declared VMs. NOT YET CONSUMED: the daemon has no VM feature yet. The module
-        checks them, writes them to /etc/blixard/vms.json and installs the
-        blixard-vm@.service template, but nothing starts them.
-      '';
+    # The daemon's `[vms]` section (crates/blixard/src/config.rs, VmsConfig), plus the
+    # declared-VM list under `vms.declared`. null: the daemon's default applies.
+    vms = {
+      stateDir = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        defaultText = literalExpression "null (the daemon uses DATA_DIR/vms: /var/lib/blixard/vms)";
+        example = "/srv/blixard-vms";
+        description = ''
+          Per-VM state dirs (console log, pid file, `current`/`booted` runner links).
+          Outside `dataDir`, the module creates it (owned by `blixard`, mode 0700) and
+          makes it writable for the unit. `vms.state_dir`.
+        '';
+      };
+      consoleMaxMib = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "Keep each VM's console log near this many MiB (daemon default 8). `vms.console_max_mib`.";
+      };
+      downTimeoutMs = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = ''
+          The leader marks a host down after this long without contact and moves its VMs
+          (daemon default 30000). Must exceed `fenceTimeoutMs + stopTimeoutMs` plus the
+          raft election timeout (`raft.tickMs × raft.electionTicks`); asserted, as the
+          daemon refuses the config otherwise. `vms.down_timeout_ms`.
+        '';
+      };
+      fenceTimeoutMs = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "A host without a leader for this long stops its VMs (daemon default 15000). `vms.fence_timeout_ms`.";
+      };
+      stopTimeoutMs = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "How long a runner gets to shut down (`bin/microvm-shutdown`, else SIGTERM) before SIGKILL (daemon default 10000). `vms.stop_timeout_ms`.";
+      };
+      strategy = mkOption {
+        type = types.nullOr (types.enum [ "bin-pack" "spread" ]);
+        default = null;
+        description = "Placement strategy, used while this node leads (daemon default `bin-pack`). `vms.strategy`.";
+      };
+      cpuOvercommitPct = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        example = 200;
+        description = "How much of a host's vCPUs may be promised to VMs, in percent (daemon default 100). `vms.cpu_overcommit_pct`.";
+      };
+      memoryOvercommitPct = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "How much of a host's memory may be promised to VMs, in percent (daemon default 100). `vms.memory_overcommit_pct`.";
+      };
+      hooks = mkOption {
+        type = types.listOf types.path;
+        default = [ ];
+        example = literalExpression ''[ (pkgs.writeShellScript "blixard-admit" (builtins.readFile ./admit.sh)) ]'';
+        description = ''
+          Operator hooks: executables the daemon runs before a VM is created, after it
+          starts and before it is deleted, with the event (`before_vm_create`,
+          `after_vm_start`, `before_vm_delete`) as argument and the VM as JSON on stdin; a
+          non-zero exit vetoes, with its stderr as the reason. A hook is typically a
+          `pkgs.writeShellScript` (it is then in the Nix store, with what it references).
+          Empty: no hooks (the daemon's default). `vms.hooks`.
+        '';
+      };
+      hookTimeoutMs = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "How long one hook may run, in ms (daemon default 5000). `vms.hook_timeout_ms`.";
+      };
+
+      declared = mkOption {
+        type = types.attrsOf (types.submodule vmModule);
+        default = { };
+        description = ''
+          Declared VMs. NOT CONSUMED: the daemon does not read them (VMs are created
+          through its API, `blixard vm create`). The module checks them, writes them to
+          /etc/blixard/vms.json and links their runners under /var/lib/blixard-vms/, but
+          nothing starts them.
+        '';
+      };
     };
   };
 }

@@ -51,17 +51,30 @@ in
 rec {
   inherit dropNulls recursiveMerge isSocketAddr portOf duplicates;
 
+  # The daemon's defaults for the values the module checks (crates/blixard/src/config.rs).
+  daemonDefaults = {
+    raft = { tick_ms = 100; election_ticks = 10; };
+    vms = { down_timeout_ms = 30000; fence_timeout_ms = 15000; stop_timeout_ms = 10000; };
+  };
+
   # Module option values -> the daemon's config (crates/blixard/src/config.rs), exact keys.
   #   { listen, name, relayUrl, labels, capacity = { vcpus, memoryMib };
   #     raft = { tickMs, electionTicks, heartbeatTicks, snapshotThreshold };
+  #     images = { storeDir, cacheListen, cacheSizeMib, materialise, nixStore, importPaths };
+  #     vms = { stateDir, consoleMaxMib, downTimeoutMs, fenceTimeoutMs, stopTimeoutMs,
+  #             strategy, cpuOvercommitPct, memoryOvercommitPct, hooks, hookTimeoutMs };
   #     requestTimeoutMs, settings }
-  # Every field may be missing or null; nulls are dropped so the daemon's defaults apply.
+  # Every field may be missing or null; nulls are dropped so the daemon's defaults apply
+  # (`vms.hooks = [ ]` too: the daemon's default is no hooks). Hooks are left as given, so
+  # a Nix path literal is copied to the store when the config is rendered.
   # `settings` is merged last (freeform; it uses the daemon's own snake_case names).
   mkDaemonConfig = cfg:
     let
       cap = cfg.capacity or { };
       raft = cfg.raft or { };
       img = cfg.images or { };
+      vms = cfg.vms or { };
+      hooks = get vms "hooks";
       typed = dropNulls {
         listen = get cfg "listen";
         name = get cfg "name";
@@ -86,9 +99,65 @@ rec {
           nix_store = get img "nixStore";
           import_paths = get img "importPaths";
         };
+        vms = {
+          state_dir = get vms "stateDir";
+          console_max_mib = get vms "consoleMaxMib";
+          down_timeout_ms = get vms "downTimeoutMs";
+          fence_timeout_ms = get vms "fenceTimeoutMs";
+          stop_timeout_ms = get vms "stopTimeoutMs";
+          strategy = get vms "strategy";
+          cpu_overcommit_pct = get vms "cpuOvercommitPct";
+          memory_overcommit_pct = get vms "memoryOvercommitPct";
+          hooks = if hooks == [ ] then null else hooks;
+          hook_timeout_ms = get vms "hookTimeoutMs";
+        };
       };
     in
     recursiveMerge typed (dropNulls (cfg.settings or { }));
+
+  # The module's `services.blixard` values -> mkDaemonConfig's argument (used by both
+  # modules/default.nix and modules/asserts.nix, so the checked config is the rendered one).
+  moduleDaemonConfig = cfg: mkDaemonConfig {
+    inherit (cfg) listen name relayUrl labels requestTimeoutMs settings;
+    capacity = { inherit (cfg.capacity) vcpus memoryMib; };
+    raft = { inherit (cfg.raft) tickMs electionTicks heartbeatTicks snapshotThreshold; };
+    images = { inherit (cfg.images) storeDir cacheListen cacheSizeMib materialise nixStore importPaths; };
+    vms = {
+      inherit (cfg.vms) stateDir consoleMaxMib downTimeoutMs fenceTimeoutMs stopTimeoutMs
+        strategy cpuOvercommitPct memoryOvercommitPct hooks hookTimeoutMs;
+    };
+  };
+
+  # Checks of a rendered daemon config's `[vms]` section (after `settings`; the daemon's
+  # defaults where a value is unset), as NixOS `assertions` entries. The timing rule is the
+  # daemon's own (Config::validate): a host cut off from the quorum must have stopped its
+  # VMs before the leader, having marked it down, starts them elsewhere.
+  #   { node ? "services.blixard", config = mkDaemonConfig's result }
+  checkVmsConfig = { node ? "services.blixard", config }:
+    let
+      r = daemonDefaults.raft // (config.raft or { });
+      v = daemonDefaults.vms // (config.vms or { });
+      # raft-rs randomises the election timeout up to twice the configured one.
+      electionMs = 2 * r.tick_ms * r.election_ticks;
+      sum = v.fence_timeout_ms + v.stop_timeout_ms + electionMs;
+      stateDir = v.state_dir or null;
+      hooks = v.hooks or [ ];
+      badHooks = filter (h: match "/.*" (toString h) == null) hooks;
+    in
+    [
+      {
+        assertion = sum < v.down_timeout_ms;
+        message = "${node}: vms.fenceTimeoutMs (${toJSON v.fence_timeout_ms}) + vms.stopTimeoutMs (${toJSON v.stop_timeout_ms}) + the longest election timeout (2 × raft.tickMs ${toJSON r.tick_ms} × raft.electionTicks ${toJSON r.election_ticks} = ${toJSON electionMs}) = ${toJSON sum} ms must be less than vms.downTimeoutMs (${toJSON v.down_timeout_ms}): a host cut off from the quorum must have stopped its VMs before the leader starts them elsewhere (the daemon refuses this config)";
+      }
+      {
+        assertion = stateDir == null || match "/.*" stateDir != null;
+        message = "${node}: vms.stateDir = ${toJSON stateDir} is not an absolute path";
+      }
+      {
+        assertion = badHooks == [ ];
+        message = "${node}: vms.hooks must be absolute paths: ${showList (map toString badHooks)}";
+      }
+    ];
 
   # The argument list after `blixard node run`.
   #   { dataDir, configFile, init ? false, joinTicketFile ? null }
@@ -213,8 +282,9 @@ rec {
       }
     ];
 
-  # Declared VMs -> a JSON-able list sorted by name. The daemon does NOT consume this yet
-  # (there is no VM feature in the daemon); the module writes it to /etc/blixard/vms.json.
+  # Declared VMs (`services.blixard.vms.declared`) -> a JSON-able list sorted by name. The
+  # daemon does NOT read this (VMs are created through its API, `blixard vm create`); the
+  # module writes it to /etc/blixard/vms.json.
   #   { NAME = { runner ? null (store path string), config ? null, vcpus, memory (MiB),
   #              tenant, labels, constraints, restart, placement }; }
   mkDeclaredVms = vms:
@@ -236,15 +306,15 @@ rec {
       let v = vms.${n}; hasR = (v.runner or null) != null; hasC = (v.config or null) != null; in [
         {
           assertion = hasR != hasC;
-          message = "services.blixard.vms.${n}: set exactly one of runner and config";
+          message = "services.blixard.vms.declared.${n}: set exactly one of runner and config";
         }
         {
           assertion = (v.vcpus or 1) >= 1;
-          message = "services.blixard.vms.${n}: vcpus = ${toJSON (v.vcpus or null)} must be at least 1";
+          message = "services.blixard.vms.declared.${n}: vcpus = ${toJSON (v.vcpus or null)} must be at least 1";
         }
         {
           assertion = (v.memory or 512) >= 64;
-          message = "services.blixard.vms.${n}: memory = ${toJSON (v.memory or null)} MiB must be at least 64";
+          message = "services.blixard.vms.declared.${n}: memory = ${toJSON (v.memory or null)} MiB must be at least 64";
         }
       ]) (attrNames vms));
 }

@@ -35,6 +35,12 @@
 
     with subtest("config rendered with the daemon's key names"):
         node1.succeed("blixard node check-config /etc/blixard/blixard.toml")
+        toml = node1.succeed("cat /etc/blixard/blixard.toml")
+        assert 'strategy = "spread"' in toml and "blixard-admit-all" in toml, toml
+
+    with subtest("the unit leaves VMs (the daemon's children) alone on restart"):
+        assert node1.succeed("systemctl show -P KillMode blixard.service").strip() == "process"
+        node1.succeed("systemctl show -P Environment blixard.service | grep -q iproute2")
 
     with subtest("losing a non-leader node keeps quorum"):
         s = status(node1)

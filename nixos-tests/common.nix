@@ -15,6 +15,11 @@ let
       joinTicketFile = if n == "node1" then null else "/run/keys/blixard-ticket";
       labels.zone = n;
       raft = { tickMs = 100; electionTicks = 10; heartbeatTicks = 2; };
+      # Rendered into [vms]; no VM is created in these tests, so the hook never runs.
+      vms = {
+        strategy = "spread";
+        hooks = [ (pkgs.writeShellScript "blixard-admit-all" "cat >/dev/null") ];
+      };
       # Endpoint ids are generated on first start, so only names are declared here.
       members = {
         node1 = { };

@@ -1,12 +1,15 @@
 # NixOS test "drain". Needs nixpkgs and KVM; NOT run in this repository's CI.
 #
-# What is missing: the daemon has no VM feature yet, so there is nothing to drain; a real
-# drain test (declared VMs placed on a node move elsewhere when it is drained) must wait
-# for it. This test covers only what exists today:
+# What is missing: the daemon now runs VMs (`blixard vm create`, its process supervisor)
+# and has `blixard node drain`, but this test does not exercise them: it would need a
+# microvm.nix runner that boots inside the test VMs. A real drain test (VMs created
+# through the API move elsewhere when their node is drained) is still to be written. This
+# test covers:
 #   - a member is removed from the cluster with `blixard cluster leave`, and the two
 #     remaining nodes keep a leader and accept writes;
-#   - declared VMs are rendered to /etc/blixard/vms.json and the blixard-vm@ template is
-#     installed, but no VM unit is started (the daemon does not read vms.json).
+#   - declared VMs (`services.blixard.vms.declared`) are rendered to /etc/blixard/vms.json
+#     and the (unused) blixard-vm@ template is installed, but no VM unit is started (the
+#     daemon does not read vms.json).
 { self }:
 let
   base = import ./common.nix { inherit self; };
@@ -16,7 +19,7 @@ in
   nodes = base // {
     node3 = { pkgs, ... }: {
       imports = [ base.node3 ];
-      services.blixard.vms.web = {
+      services.blixard.vms.declared.web = {
         # Any package works as a stand-in runner: nothing starts it yet.
         runner = pkgs.hello;
         vcpus = 2;

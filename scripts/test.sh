@@ -11,12 +11,14 @@ if ! need cargo; then
   exit 1
 fi
 # Nix (image tests, Nix checks), QEMU + busybox + cpio (a real guest for the supervisor
-# tests; tests/fixtures/guest/build.sh fetches the Debian cloud kernel with apt-get).
+# and VM tests; tests/fixtures/guest/build.sh fetches the Debian cloud kernel with
+# apt-get), iptables (the partition test).
 missing=()
 need nix-instantiate || missing+=(nix-bin)
 need qemu-system-x86_64 || missing+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 need cpio || missing+=(cpio)
+need iptables || missing+=(iptables)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && need apt-get; then
     echo "test.sh: installing ${missing[*]}"

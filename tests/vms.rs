@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use blixard_tests::runners::{guest_runner, write_runner};
 use blixard_tests::{wait_for, Cluster, Node};
 use serde_json::Value;
 
@@ -22,9 +23,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Short liveness timings, so failover takes seconds: fence + stop + election < down.
+/// Short liveness timings, so failover takes seconds: fence + stop + 2 × election < down.
 const FAST: &str = "[capacity]\nvcpus = 4\nmemory_mib = 4096\n\
-[vms]\ndown_timeout_ms = 5000\nfence_timeout_ms = 2000\nstop_timeout_ms = 1500\n";
+[vms]\ndown_timeout_ms = 6000\nfence_timeout_ms = 2000\nstop_timeout_ms = 1500\n";
 
 /// Starts `labels.len()` nodes with `config` (written to a file) and the given labels.
 fn cluster(config: &str, labels: &[&[&str]]) -> Cluster {
@@ -96,44 +97,6 @@ fn alive(pid: u32) -> bool {
             .next()
             .is_some_and(|r| !r.trim_start().starts_with('Z'))
     })
-}
-
-fn write_runner(dir: &Path, script: &str) {
-    std::fs::create_dir_all(dir.join("bin")).unwrap();
-    let run = dir.join("bin/microvm-run");
-    std::fs::write(&run, format!("#!/bin/sh\n{script}\n")).unwrap();
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// A runner the way microvm.nix writes one for QEMU, carrying its kernel and initrd (a
-/// plain directory image, self-contained). The accelerator comes from
-/// BLIXARD_TEST_ACCEL: tcg here, where KVM guests hang; kvm:tcg on real hosts.
-fn guest_runner(dir: &Path) {
-    let guest = std::env::var("BLIXARD_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir().join("blixard-guest"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/guest/build.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .arg(&guest)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building the test guest failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::create_dir_all(dir.join("share")).unwrap();
-    for f in ["vmlinuz", "initrd"] {
-        std::fs::copy(guest.join(f), dir.join("share").join(f)).unwrap();
-    }
-    write_runner(
-        dir,
-        "d=$(dirname \"$0\")/../share\n\
-         exec qemu-system-x86_64 -machine pc,accel=${BLIXARD_TEST_ACCEL:-kvm:tcg} -m 128 \
-         -display none -nodefaults -serial stdio -no-reboot \
-         -kernel \"$d/vmlinuz\" -initrd \"$d/initrd\" -append 'console=ttyS0 quiet panic=-1'",
-    );
 }
 
 fn json(node: &Node, args: &[&str]) -> Result<Value, String> {
@@ -736,4 +699,121 @@ fn bad_vms_are_refused_or_fail_with_the_reason() {
         v["reason"].as_str().unwrap().contains("restarting in 4s"),
         "{v}"
     );
+}
+
+/// Drops every UDP packet to or from one node's port (loopback), until dropped.
+struct Partition(u16);
+
+impl Partition {
+    fn cut(port: u16) -> Self {
+        for dir in ["--dport", "--sport"] {
+            let ok = std::process::Command::new("iptables")
+                .args([
+                    "-I",
+                    "INPUT",
+                    "-p",
+                    "udp",
+                    dir,
+                    &port.to_string(),
+                    "-j",
+                    "DROP",
+                ])
+                .status()
+                .unwrap_or_else(|e| panic!("iptables: {e} (apt-get install iptables; needs root)"));
+            assert!(ok.success(), "iptables refused the partition rule");
+        }
+        Partition(port)
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for dir in ["--dport", "--sport"] {
+            let _ = std::process::Command::new("iptables")
+                .args([
+                    "-D",
+                    "INPUT",
+                    "-p",
+                    "udp",
+                    dir,
+                    &self.0.to_string(),
+                    "-j",
+                    "DROP",
+                ])
+                .status();
+        }
+    }
+}
+
+fn nanos_in(path: &Path) -> Option<u128> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[test]
+fn a_partitioned_host_stops_its_vm_before_it_runs_elsewhere() {
+    let _one = serial();
+    let c = cluster(FAST, &[&[], &[], &[]]);
+    let _runners = Runners(c.root.path().to_owned());
+    let image = c.root.path().join("marker");
+    // Records when it started and when it was told to stop, in its state dir.
+    write_runner(
+        &image,
+        "date +%s%N > started\ntrap 'date +%s%N > stopped; exit 0' TERM\nsleep 600 &\nwait",
+    );
+    c.nodes[0].cli_ok(&[
+        "image",
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "marker",
+    ]);
+    for n in ["n2", "n3"] {
+        c.nodes[0].cli_ok(&["--node", n, "image", "pull", "marker"]);
+    }
+    c.nodes[0].cli_ok(&[
+        "vm", "create", "m", "--image", "marker", "--wait", "running",
+    ]);
+    let first = node_of(&show(&c.nodes[0], "m"));
+    let old_dir = c.nodes[first].dir.join("vms/default@m");
+    let watcher = (0..3).find(|i| *i != first).unwrap();
+
+    let cut = Partition::cut(c.nodes[first].port);
+    // The cut-off host (its daemon alive) fences: it stops the VM on its own.
+    let stopped = wait_for("the fence", Duration::from_secs(30), || {
+        nanos_in(&old_dir.join("stopped")).ok_or_else(|| "still running".to_string())
+    });
+    // The majority moves the VM, and its new run starts only after the old one stopped.
+    let moved = wait_for("the VM elsewhere", Duration::from_secs(60), || {
+        let v = json(&c.nodes[watcher], &["vm", "show", "m", "--stale"])?;
+        match v["node"].as_u64() {
+            Some(n) if n as usize - 1 != first && v["phase"] == "running" => Ok(v),
+            _ => Err(format!("{} on {} ({})", v["phase"], v["node"], v["reason"])),
+        }
+    });
+    let second = node_of(&moved);
+    let started = nanos_in(&c.nodes[second].dir.join("vms/default@m/started")).unwrap();
+    assert!(
+        stopped < started,
+        "the old copy stopped {} ms after the new one started",
+        (stopped.saturating_sub(started)) / 1_000_000
+    );
+
+    // Healed: the old host rejoins, is up again, and does not start its copy again.
+    drop(cut);
+    wait_for(
+        "the old host to be up again",
+        Duration::from_secs(60),
+        || {
+            let n = c.nodes[watcher].try_cli(&["node", "list"])?;
+            if n.contains("down") {
+                Err(n)
+            } else {
+                Ok(())
+            }
+        },
+    );
+    let v = show(&c.nodes[first], "m");
+    assert_eq!(node_of(&v), second);
+    assert_eq!(pid_on(&c, first, "default@m"), None);
+    assert!(pid_on(&c, second, "default@m").is_some());
 }

@@ -2,7 +2,31 @@
 # scripts/nix-check.sh. Pure: no nixpkgs.
 let
   lib = import ../lib.nix;
-  inherit (lib) mkDaemonConfig mkRunArgs checkCluster checkNodes checkThinPool checkVms failedAssertions mkDeclaredVms;
+  inherit (lib) mkDaemonConfig moduleDaemonConfig mkRunArgs checkCluster checkNodes checkThinPool checkVms checkVmsConfig failedAssertions mkDeclaredVms;
+
+  # services.blixard.vms.* at their option defaults: the daemon's defaults apply.
+  vmsDefaults = {
+    stateDir = null; consoleMaxMib = null; downTimeoutMs = null; fenceTimeoutMs = null;
+    stopTimeoutMs = null; strategy = null; cpuOvercommitPct = null; memoryOvercommitPct = null;
+    hooks = [ ]; hookTimeoutMs = null;
+  };
+
+  # Every services.blixard.vms.* option set.
+  vmsAll = {
+    stateDir = "/srv/blixard-vms";
+    consoleMaxMib = 16;
+    downTimeoutMs = 60000;
+    fenceTimeoutMs = 20000;
+    stopTimeoutMs = 30000;
+    strategy = "spread";
+    cpuOvercommitPct = 400;
+    memoryOvercommitPct = 120;
+    hooks = [ "/nix/store/00000000000000000000000000000000-blixard-admit" "/etc/blixard/hooks/audit" ];
+    hookTimeoutMs = 2000;
+  };
+
+  # raft 100 ms × 10 ticks = 1000 ms; fence + stop + 1000 must stay below down.
+  vmsTiming = down: full // { vms = vmsDefaults // { fenceTimeoutMs = 15000; stopTimeoutMs = 10000; downTimeoutMs = down; }; };
 
   # What the module passes for a typical node (option defaults included).
   full = {
@@ -14,7 +38,34 @@ let
     raft = { tickMs = 100; electionTicks = 10; heartbeatTicks = 2; snapshotThreshold = 10000; };
     requestTimeoutMs = 10000;
     images = { storeDir = null; cacheListen = "127.0.0.1:7380"; cacheSizeMib = 20480; materialise = "nix"; nixStore = null; importPaths = [ "/nix/store" "/srv/runners" ]; };
+    vms = vmsDefaults;
     settings = { };
+  };
+
+  # The whole services.blixard value as the module sees it (for moduleDaemonConfig):
+  # option defaults, except a few values; attributes it must not render are included.
+  moduleCfg = {
+    enable = true;
+    dataDir = "/var/lib/blixard";
+    listen = "10.0.0.1:7000";
+    name = "node1";
+    relayUrl = null;
+    labels = { zone = "a"; };
+    capacity = { vcpus = null; memoryMib = null; };
+    raft = { tickMs = null; electionTicks = null; heartbeatTicks = null; snapshotThreshold = null; };
+    images = { storeDir = null; cacheListen = null; cacheSizeMib = null; materialise = "nix"; nixStore = null; importPaths = null; };
+    vms = vmsDefaults // {
+      strategy = "spread";
+      hooks = [ "/nix/store/00000000000000000000000000000000-blixard-admit" ];
+      declared.web = { runner = "/nix/store/x"; vcpus = 1; memory = 512; };
+    };
+    requestTimeoutMs = null;
+    settings = { vms.hook_timeout_ms = 1000; };
+    init = true;
+    joinTicketFile = null;
+    members = { };
+    openFirewall = true;
+    thinPool = { enable = false; name = "blixard-pool"; backingFile = null; device = null; dataSize = 20480; metadataSize = 256; blockSize = 128; };
   };
 
   goodMembers = {
@@ -30,6 +81,15 @@ in
     settings = { raft.snapshot_threshold = 500; labels.zone = "b"; relay_url = "https://relay.example.org"; capacity.vcpus = null; };
   });
   daemon-config-empty = mkDaemonConfig { };
+  # every vms.* option -> its [vms] key
+  daemon-config-vms = mkDaemonConfig (full // { vms = vmsAll; });
+  # settings win over typed vms options; a settings-only key is kept
+  daemon-config-vms-settings = mkDaemonConfig (full // {
+    vms = vmsDefaults // { strategy = "spread"; stopTimeoutMs = 5000; };
+    settings.vms = { strategy = "bin-pack"; console_max_mib = 4; };
+  });
+  # what modules/default.nix renders from the option values (vms.declared is not rendered)
+  module-daemon-config = moduleDaemonConfig moduleCfg;
 
   # mkRunArgs
   run-args-init = mkRunArgs { dataDir = "/var/lib/blixard"; configFile = "/etc/blixard/blixard.toml"; init = true; joinTicketFile = null; };
@@ -61,6 +121,99 @@ in
   thinpool-bad = failedAssertions (checkThinPool { enable = true; backingFile = "/a"; device = "/dev/sdb"; dataSize = 100; metadataSize = 32768; blockSize = 100; });
   thinpool-disabled = failedAssertions (checkThinPool { enable = false; blockSize = 1; });
 
+  # the [vms] timing rule (and paths), as the daemon's Config::validate has it
+  check-vms-config-ok = failedAssertions (checkVmsConfig { node = "n"; config = mkDaemonConfig full; });
+  check-vms-config-all = failedAssertions (checkVmsConfig { node = "n"; config = mkDaemonConfig (full // { vms = vmsAll; }); });
+  check-vms-config-defaults = failedAssertions (checkVmsConfig { node = "n"; config = { }; });
+  # 15000 + 10000 + 2 × 1000 = 27000: 27001 passes, 27000 does not (the rule is strict)
+  check-vms-config-boundary = map (down: failedAssertions (checkVmsConfig { node = "n"; config = mkDaemonConfig (vmsTiming down); })) [ 27001 27000 ];
+  # a slower raft (2 × 200 ms × 30 ticks = 12000 ms) breaks the daemon's vms defaults; relative paths from settings
+  check-vms-config-bad = failedAssertions (checkVmsConfig {
+    node = "node1";
+    config = mkDaemonConfig (full // {
+      raft = full.raft // { tickMs = 200; electionTicks = 30; };
+      settings.vms = { state_dir = "vms"; hooks = [ "/ok" "hooks/admit" ]; };
+    });
+  });
+  # the timing set only through settings is checked too
+  check-vms-config-settings = failedAssertions (checkVmsConfig { node = "n"; config = mkDaemonConfig (full // { settings.vms.down_timeout_ms = 20000; }); });
+
+  # modules/asserts.nix itself, with a stand-in for the few nixpkgs lib functions it uses:
+  # the failing messages for a host whose vms timing (set through settings) is refused.
+  module-asserts =
+    let
+      stubLib = {
+        mkIf = cond: content: if cond then content else { };
+        hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
+      };
+      m = import ../../modules/asserts.nix {
+        lib = stubLib;
+        config = {
+          networking.hostName = "node1";
+          services.blixard = moduleCfg // {
+            settings.vms = { fence_timeout_ms = 25000; };
+            vms = moduleCfg.vms // { declared.tiny = { runner = "/nix/store/y"; vcpus = 1; memory = 16; }; };
+          };
+        };
+      };
+    in
+    failedAssertions m.config.assertions;
+
+  # modules/default.nix with stand-ins for nixpkgs' lib and pkgs (store paths are fake):
+  # the parts of blixard.service that VMs depend on, for a vms.stateDir outside dataDir.
+  module-unit =
+    let
+      inherit (builtins) concatStringsSep attrNames;
+      stubLib = {
+        mkIf = cond: content: if cond then content else { };
+        mkMerge = xs: xs;
+        mkDefault = x: x;
+        getExe = p: "${p}/bin/blixard";
+        escapeShellArg = x: "'${toString x}'";
+        escapeShellArgs = xs: concatStringsSep " " (map stubLib.escapeShellArg xs);
+        makeBinPath = xs: concatStringsSep ":" (map (x: "${x}/bin") xs);
+        hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
+        mapAttrs = builtins.mapAttrs;
+        mapAttrsToList = f: a: map (n: f n a.${n}) (attrNames a);
+        optional = c: x: if c then [ x ] else [ ];
+        optionalAttrs = c: a: if c then a else { };
+        optionalString = c: x: if c then x else "";
+      };
+      stubPkgs = {
+        formats.toml = { }: { generate = name: value: { outPath = "/nix/store/stub-${name}"; inherit value; }; };
+        writeShellScript = name: _: "/nix/store/stub-${name}";
+        lvm2 = "/nix/store/stub-lvm2";
+        util-linux = "/nix/store/stub-util-linux";
+        coreutils = "/nix/store/stub-coreutils";
+        iproute2 = "/nix/store/stub-iproute2";
+        thin-provisioning-tools = "/nix/store/stub-thin-provisioning-tools";
+        path = "/nix/store/stub-nixpkgs";
+        stdenv.hostPlatform.system = "x86_64-linux";
+      };
+      cfg = moduleCfg // {
+        package = "/nix/store/stub-blixard";
+        vms = moduleCfg.vms // { stateDir = "/srv/blixard-vms"; };
+        tuning.highDensity = { enable = false; };
+      };
+      m = import ../../modules { } {
+        lib = stubLib;
+        pkgs = stubPkgs;
+        config = { services.blixard = cfg; networking.hostName = "node1"; nix.package = "/nix/store/stub-nix"; };
+      };
+      base = builtins.head m.config;
+      unit = base.systemd.services.blixard;
+    in
+    {
+      inherit (unit) path;
+      serviceConfig = {
+        inherit (unit.serviceConfig) KillMode User AmbientCapabilities CapabilityBoundingSet Delegate
+          SupplementaryGroups DevicePolicy DeviceAllow PrivateDevices PrivateUsers ProtectControlGroups
+          MemoryDenyWriteExecute LimitMEMLOCK ReadWritePaths ExecStart;
+      };
+      tmpfiles = base.systemd.tmpfiles.settings."10-blixard";
+      config = base.environment.etc."blixard/blixard.toml".source.value;
+    };
+
   # declared VMs
   declared-vms = mkDeclaredVms {
     web = { runner = "/nix/store/00000000000000000000000000000000-microvm-web"; vcpus = 2; memory = 1024; tenant = "acme"; labels = { app = "web"; }; constraints = { zone = "a"; }; restart = "always"; placement = "spread"; };
@@ -86,4 +239,7 @@ in
   # Samples fed to `blixard node check-config` by scripts/nix-check.sh.
   sample-valid = mkDaemonConfig full;
   sample-invalid = mkDaemonConfig (full // { settings = { raft.election_ticks = 1; }; });
+  # the [vms] timing boundary: the daemon agrees with checkVmsConfig (check-vms-config-boundary)
+  sample-valid-vms-boundary = mkDaemonConfig (vmsTiming 27001);
+  sample-invalid-vms-timing = mkDaemonConfig (vmsTiming 27000);
 }

@@ -22,6 +22,8 @@ use crate::vms::{hook_vm, Vms};
 const IDLE: Duration = Duration::from_secs(1);
 /// How often the leader samples its peers' activity.
 const LIVENESS_POLL: Duration = Duration::from_millis(250);
+/// A runner counts as running (not starting) once it has stayed up this long.
+const SETTLE: Duration = Duration::from_secs(1);
 /// How long a failed image fetch waits before the next try.
 const FETCH_RETRY: Duration = Duration::from_secs(5);
 /// The console lines a failure report carries.
@@ -305,31 +307,32 @@ fn policy(p: RestartPolicy) -> Restart {
     }
 }
 
-/// Reports `phase` for `vm` unless cluster state already says so.
-async fn report(
-    service: &NodeService,
-    vm: &Vm,
-    phase: Phase,
-    reason: Option<String>,
-) -> Result<(), String> {
+/// How long a report may wait for the cluster; the host acts on its own either way.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reports `phase` for `vm` unless cluster state already says so. Best effort: a host
+/// without a leader goes on running (and restarting) its VMs, and reports again on a
+/// later round, since cluster state still shows the old phase.
+async fn report(service: &NodeService, vm: &Vm, phase: Phase, reason: Option<String>) {
     if vm.phase == phase && vm.reason == reason {
-        return Ok(());
+        return;
     }
     service
         .audit
         .record_vm(&vm.id(), &phase.to_string(), reason.as_deref());
-    service
-        .propose(Command::ReportVm {
-            key: vm.id(),
-            node: service.node.id(),
-            generation: vm.generation,
-            phase,
-            reason,
-            now_ms: now_ms(),
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    let command = Command::ReportVm {
+        key: vm.id(),
+        node: service.node.id(),
+        generation: vm.generation,
+        phase,
+        reason,
+        now_ms: now_ms(),
+    };
+    match tokio::time::timeout(REPORT_TIMEOUT, service.propose(command)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(vm = %vm.id(), %phase, "report not recorded: {e}"),
+        Err(_) => tracing::debug!(vm = %vm.id(), %phase, "report timed out"),
+    }
 }
 
 /// Converges one VM assigned to this host.
@@ -370,27 +373,31 @@ async fn step(service: &Arc<NodeService>, name: &str, vm: &Vm) -> Result<(), Str
                         &Record {
                             generation: vm.generation,
                             restarts: vm.restarts,
-                            started_at_ms: now,
+                            // It ran before this daemon: settled.
+                            started_at_ms: now.saturating_sub(SETTLE.as_millis() as u64),
                             ..Record::default()
                         },
                     );
                 }
                 let phase = running_phase(service, name, vm, read_record(&dir).as_ref());
-                report(service, vm, phase, None).await
+                report(service, vm, phase, None).await;
+                Ok(())
             } else if !want.running && !matches!(vm.phase, Phase::Stopped | Phase::Failed) {
-                report(service, vm, Phase::Stopped, None).await
+                report(service, vm, Phase::Stopped, None).await;
+                Ok(())
             } else {
                 Ok(())
             }
         }
         Action::Stop => {
-            report(service, vm, Phase::Stopping, None).await?;
+            report(service, vm, Phase::Stopping, None).await;
             if let Some(r) = record.as_mut() {
                 r.stopped = true;
                 write_record(&dir, r);
             }
             stop_local(service, name).await?;
-            report(service, vm, Phase::Stopped, None).await
+            report(service, vm, Phase::Stopped, None).await;
+            Ok(())
         }
         Action::Restart => {
             report(
@@ -399,7 +406,7 @@ async fn step(service: &Arc<NodeService>, name: &str, vm: &Vm) -> Result<(), Str
                 Phase::Stopping,
                 Some("restart requested".into()),
             )
-            .await?;
+            .await;
             stop_local(service, name).await?;
             start(service, name, &dir, vm, record, false).await
         }
@@ -418,7 +425,7 @@ async fn step(service: &Arc<NodeService>, name: &str, vm: &Vm) -> Result<(), Str
             );
             // One report per exit, not one per second of backoff.
             if vm.phase != Phase::Failed {
-                report(service, vm, Phase::Failed, Some(why)).await?;
+                report(service, vm, Phase::Failed, Some(why)).await;
             }
             Ok(())
         }
@@ -429,9 +436,11 @@ async fn step(service: &Arc<NodeService>, name: &str, vm: &Vm) -> Result<(), Str
             };
             if failed {
                 let why = format!("{code}{}", last_lines(service, name, record.as_ref()));
-                report(service, vm, Phase::Failed, Some(why)).await
+                report(service, vm, Phase::Failed, Some(why)).await;
+                Ok(())
             } else {
-                report(service, vm, Phase::Stopped, Some(code)).await
+                report(service, vm, Phase::Stopped, Some(code)).await;
+                Ok(())
             }
         }
     }
@@ -471,19 +480,23 @@ fn last_lines(service: &NodeService, name: &str, record: Option<&Record>) -> Str
     }
 }
 
-/// Running, or ready once the guest printed the VM's ready marker.
+/// Starting until the runner has stayed up for [`SETTLE`]; then running, or ready once
+/// the guest printed the VM's ready marker.
 fn running_phase(service: &NodeService, name: &str, vm: &Vm, record: Option<&Record>) -> Phase {
-    let Some(marker) = &vm.spec.ready_marker else {
-        return Phase::Running;
-    };
     if vm.phase == Phase::Ready {
         return Phase::Ready;
     }
-    let seen = this_run(service, name, record, u32::MAX)
-        .iter()
-        .any(|l| l.contains(marker.as_str()));
-    if seen {
-        Phase::Ready
+    if let Some(marker) = &vm.spec.ready_marker {
+        let seen = this_run(service, name, record, u32::MAX)
+            .iter()
+            .any(|l| l.contains(marker.as_str()));
+        if seen {
+            return Phase::Ready;
+        }
+    }
+    let age = now_ms().saturating_sub(record.map_or(0, |r| r.started_at_ms));
+    if Duration::from_millis(age) < SETTLE {
+        Phase::Starting
     } else {
         Phase::Running
     }
@@ -499,20 +512,26 @@ async fn start(
     after_exit: bool,
 ) -> Result<(), String> {
     let Some(image) = service.node.state().image(&vm.spec.image).cloned() else {
-        return report(
-            service,
-            vm,
-            Phase::Failed,
-            Some(format!("image {} is gone", vm.spec.image)),
-        )
-        .await;
+        {
+            report(
+                service,
+                vm,
+                Phase::Failed,
+                Some(format!("image {} is gone", vm.spec.image)),
+            )
+            .await;
+            return Ok(());
+        }
     };
     if image.manifest != vm.manifest {
         let why = format!(
             "image {} now names another closure than the VM was created with",
             image.name
         );
-        return report(service, vm, Phase::Failed, Some(why)).await;
+        {
+            report(service, vm, Phase::Failed, Some(why)).await;
+            return Ok(());
+        }
     }
     let base = image
         .root
@@ -527,9 +546,11 @@ async fn start(
     }
     let runner = match Runner::new(&runner_dir) {
         Ok(r) => r,
-        Err(e) => return report(service, vm, Phase::Failed, Some(e.to_string())).await,
+        Err(e) => {
+            report(service, vm, Phase::Failed, Some(e.to_string())).await;
+            return Ok(());
+        }
     };
-    report(service, vm, Phase::Starting, None).await?;
     let same_run = record.filter(|r| r.generation == vm.generation);
     let failures = match same_run {
         Some(r) if after_exit && !r.stopped && r.restarts >= vm.restarts => {
@@ -554,7 +575,10 @@ async fn start(
         .start(name, &runner, vm)
         .map_err(|e| e.to_string());
     if let Err(e) = started {
-        return report(service, vm, Phase::Failed, Some(e)).await;
+        {
+            report(service, vm, Phase::Failed, Some(e)).await;
+            return Ok(());
+        }
     }
     write_record(
         dir,
@@ -568,12 +592,11 @@ async fn start(
             console_from,
         },
     );
-    report(service, vm, Phase::Running, None).await?;
-    service
-        .vms
-        .hooks
-        .after_vm_start(&hook_vm(&vm.spec, vm.node))
-        .await;
+    // Reported after the exec, so the report's commit is not on the start's path; the
+    // reconciler promotes it to running once it has settled.
+    report(service, vm, Phase::Starting, None).await;
+    let (me, hook) = (service.clone(), hook_vm(&vm.spec, vm.node));
+    tokio::spawn(async move { me.vms.hooks.after_vm_start(&hook).await });
     Ok(())
 }
 
@@ -594,7 +617,7 @@ async fn fetch_in_background(
     }
     // A retry keeps the last failure's reason until it succeeds.
     if vm.phase != Phase::Fetching {
-        report(service, vm, Phase::Fetching, None).await?;
+        report(service, vm, Phase::Fetching, None).await;
     }
     let me = service.clone();
     let (vm, image) = (vm.clone(), image.clone());
@@ -605,7 +628,7 @@ async fn fetch_in_background(
             let current = me.node.state().vm(&vm.id()).cloned();
             if let Some(current) = current.filter(|c| c.generation == vm.generation) {
                 let why = format!("fetching image {}: {e}; retrying", image.name);
-                let _ = report(&me, &current, Phase::Fetching, Some(why)).await;
+                report(&me, &current, Phase::Fetching, Some(why)).await;
             }
             tokio::time::sleep(FETCH_RETRY).await;
         }

@@ -40,8 +40,9 @@ pub struct VmsConfig {
     /// The leader marks a host down after this long without contact, and moves its VMs.
     pub down_timeout_ms: u64,
     /// A host with no leader for this long stops its VMs. Must be shorter than
-    /// `down_timeout_ms` by more than `stop_timeout_ms` plus an election timeout, so the
-    /// old copy is gone before the leader starts a new one.
+    /// `down_timeout_ms` by more than `stop_timeout_ms` plus the longest election timeout
+    /// (2 × tick_ms × election_ticks), so the old copy is gone before the leader starts a
+    /// new one.
     pub fence_timeout_ms: u64,
     /// How long a runner gets to shut down before it is killed.
     pub stop_timeout_ms: u64,
@@ -229,10 +230,14 @@ impl Config {
             );
         }
         let v = &self.vms;
-        let election_ms = r.tick_ms.saturating_mul(r.election_ticks as u64);
+        // raft-rs randomises the election timeout up to twice the configured one.
+        let election_ms = r
+            .tick_ms
+            .saturating_mul(r.election_ticks as u64)
+            .saturating_mul(2);
         if v.fence_timeout_ms + v.stop_timeout_ms + election_ms >= v.down_timeout_ms {
             return Err(format!(
-                "vms.fence_timeout_ms ({}) + vms.stop_timeout_ms ({}) + the election timeout ({election_ms}) must be less than vms.down_timeout_ms ({}): a partitioned host must have stopped its VMs before the leader starts them elsewhere",
+                "vms.fence_timeout_ms ({}) + vms.stop_timeout_ms ({}) + the longest election timeout ({election_ms}) must be less than vms.down_timeout_ms ({}): a partitioned host must have stopped its VMs before the leader starts them elsewhere",
                 v.fence_timeout_ms, v.stop_timeout_ms, v.down_timeout_ms
             ));
         }

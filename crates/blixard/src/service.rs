@@ -554,7 +554,7 @@ impl Service for NodeService {
             Request::QuotaSet(q) => self.quota_set(&q.tenant, q.quota).await,
             Request::QuotaShow(q) => self.quota_show(&q.tenant, q.stale).await,
             Request::NodeList(n) => self.node_list(n.stale).await,
-            Request::VmCreate(r) => self.vm_create(&principal, r).await,
+            Request::VmCreate(r) => self.vm_create(&principal, &frame, r).await,
             Request::VmList(r) => self.vm_list(&principal, r).await,
             Request::VmShow(r) => self.vm_show(&principal, &r.vm, r.stale).await,
             Request::VmControl(r) => self.vm_control(&principal, r).await,

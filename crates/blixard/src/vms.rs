@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blixard_core::{Command, Desired, NodeId, SchedulerConfig, State, Vm, VmSpec};
+use blixard_core::{
+    place, Command, Desired, NodeId, Placement, SchedulerConfig, State, Vm, VmSpec,
+};
 use blixard_host::{HookChain, HookFuture, HookVm, ProcessSupervisor, Veto, VmLifecycleHook};
 use blixard_net::api::{
     ApiError, NodeDrain, NodeDrained, ProgressSink, RequestFrame, Response, ResponseFrame,
@@ -188,26 +190,79 @@ impl NodeService {
         Ok(Response::VmShow(VmInfo { vm: Box::new(vm) }))
     }
 
-    pub(crate) async fn vm_create(&self, principal: &Principal, r: &VmCreate) -> ResponseFrame {
+    /// Creates a VM. The leader places it in the same command when it can (one commit
+    /// from request to placement instead of two), so a create reaching another node is
+    /// handed to the leader after its hooks ran here.
+    pub(crate) async fn vm_create(
+        &self,
+        principal: &Principal,
+        frame: &RequestFrame,
+        r: &VmCreate,
+    ) -> ResponseFrame {
         let mut spec = (*r.spec).clone();
-        spec.tenant = vm_tenant(principal, Some(&spec.tenant).filter(|t| !t.is_empty()));
+        // A forwarded create was resolved and admitted where it arrived.
+        if !frame.forwarded {
+            spec.tenant = vm_tenant(principal, Some(&spec.tenant).filter(|t| !t.is_empty()));
+        }
         if self.node.state().image(&spec.image).is_none() {
             return Err(ApiError::Rejected(format!("no image {}", spec.image)));
         }
-        self.vms
-            .hooks
-            .before_vm_create(&hook_vm(&spec, None))
+        if !frame.forwarded {
+            self.vms
+                .hooks
+                .before_vm_create(&hook_vm(&spec, None))
+                .await
+                .map_err(vetoed)?;
+        }
+        let me = self.node.id();
+        let leader = self
+            .node
+            .status()
             .await
-            .map_err(vetoed)?;
+            .ok()
+            .and_then(|s| s.leader)
+            .map(NodeId);
+        if leader != Some(me) && !frame.forwarded {
+            let addr = leader.and_then(|l| member_addr_of(&self.node.state(), l));
+            if let Some(addr) = addr {
+                let request = VmCreate {
+                    spec: Box::new(spec.clone()),
+                    start: r.start,
+                };
+                match self
+                    .client
+                    .forward(&addr, request.into(), &ProgressSink::none())
+                    .await
+                {
+                    Ok(answer) => return answer,
+                    // Proposed from here instead; the scheduler places it.
+                    Err(e) => tracing::debug!("handing a create to the leader: {e}"),
+                }
+            }
+        }
+        let placement = if leader == Some(me) {
+            let config = self.vms.scheduler;
+            let state = self.node.state();
+            let members: Vec<_> = state.members().cloned().collect();
+            place(&members, &spec, &state.ledger(), &config)
+                .ok()
+                .map(|node| Placement {
+                    node,
+                    cpu_overcommit_pct: config.cpu_overcommit_pct,
+                    memory_overcommit_pct: config.memory_overcommit_pct,
+                })
+        } else {
+            None
+        };
         let key = Vm::key(&spec.tenant, &spec.name);
         self.propose(Command::CreateVm {
             spec,
             start: r.start,
             now_ms: now_ms(),
+            placement,
         })
         .await?;
-        let info = self.vm_info(&key)?;
-        match info {
+        match self.vm_info(&key)? {
             Response::VmShow(i) => Ok(Response::VmCreate(i)),
             other => Ok(other),
         }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
 use crate::image::Image;
 use crate::state::{Capacity, User};
-use crate::vm::{Desired, Phase, Quota, VmSpec};
+use crate::vm::{Desired, Phase, Placement, Quota, VmSpec};
 
 /// A command as it travels through the raft log: who proposed it, so that the proposing
 /// node can hand the result of `apply` back to its caller.
@@ -117,13 +117,15 @@ pub enum Command {
     CreateTenant { name: String, now_ms: u64 },
     /// Replaces a tenant's quota. Existing VMs stay even if they now exceed it.
     SetQuota { tenant: String, quota: Quota },
-    /// Creates a VM, pending placement (desired running when `start`, else stopped).
-    /// Refused when the tenant's quota would be exceeded: checked here, in log order, so
-    /// concurrent creates cannot overshoot.
+    /// Creates a VM (desired running when `start`, else stopped). Refused when the
+    /// tenant's quota would be exceeded: checked here, in log order, so concurrent
+    /// creates cannot overshoot. With a `placement` (the leader's scheduler decided at
+    /// once) the VM is placed there if it still fits, saving a round; else it is pending.
     CreateVm {
         spec: VmSpec,
         start: bool,
         now_ms: u64,
+        placement: Option<Placement>,
     },
     /// The scheduler's decision for a pending VM: a host, or why there is none. Legal only
     /// for the generation it was made for; the host must still fit the VM.

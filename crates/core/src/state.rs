@@ -11,8 +11,8 @@ use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
 use crate::image::{Image, MAX_IMAGE_BYTES, MAX_IMAGE_NARS};
 use crate::table::{Row, Table};
 use crate::vm::{
-    fits, Desired, Ledger, Phase, Quota, RestartPolicy, SchedulerConfig, Tenant, Vm, VmSpec,
-    DEFAULT_TENANT, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
+    fits, Desired, Ledger, Phase, Placement, Quota, RestartPolicy, SchedulerConfig, Tenant, Vm,
+    VmSpec, DEFAULT_TENANT, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
 };
 
 /// The longest metadata key and value accepted.
@@ -394,7 +394,8 @@ impl State {
                 spec,
                 start,
                 now_ms,
-            } => self.create_vm(spec, start, *now_ms),
+                placement,
+            } => self.create_vm(spec, start, *now_ms, placement.as_ref()),
             Command::PlaceVm {
                 key,
                 generation,
@@ -770,6 +771,7 @@ impl State {
         spec: &VmSpec,
         start: &bool,
         now_ms: u64,
+        placement: Option<&Placement>,
     ) -> Result<CommandOutput, ApplyError> {
         let invalid = |m: String| Err(ApplyError::InvalidVm(m));
         if !valid_name(&spec.name) {
@@ -854,6 +856,23 @@ impl State {
             updated_at_ms: now_ms,
         };
         vm.transition(Phase::Pending, None, now_ms);
+        if let Some(p) = placement {
+            let config = SchedulerConfig {
+                cpu_overcommit_pct: p.cpu_overcommit_pct,
+                memory_overcommit_pct: p.memory_overcommit_pct,
+                ..SchedulerConfig::default()
+            };
+            let fit = self
+                .members
+                .get(&p.node)
+                .map(|m| fits(m, spec, &self.ledger(), &config));
+            // No longer fitting is not an error: the VM waits for the scheduler.
+            if fit == Some(Ok(())) {
+                vm.node = Some(p.node);
+                vm.generation += 1;
+                vm.transition(Phase::Scheduled, None, now_ms);
+            }
+        }
         self.vms.insert(key, vm);
         Ok(CommandOutput::Done)
     }

@@ -185,6 +185,15 @@ pub const MAX_VCPUS: u32 = 256;
 pub const MIN_MEMORY_MIB: u64 = 16;
 pub const MAX_MEMORY_MIB: u64 = 4 << 20;
 
+/// A host chosen for a VM, with the overcommit the choice was made under (so `apply`
+/// re-checks the fit the same way on every node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: NodeId,
+    pub cpu_overcommit_pct: u32,
+    pub memory_overcommit_pct: u32,
+}
+
 /// How the scheduler picks among hosts that fit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Strategy {

@@ -101,6 +101,7 @@ fn create(s: &mut State, spec: VmSpec) -> Result<(), ApplyError> {
         spec,
         start: true,
         now_ms: 5,
+        placement: None,
     })
     .map(|_| ())
 }
@@ -428,4 +429,39 @@ fn the_default_tenant_exists_once_used() {
         create(&mut s, other),
         Err(ApplyError::UnknownTenant(_))
     ));
+}
+
+#[test]
+fn a_create_can_carry_its_placement_if_it_still_fits() {
+    let config = SchedulerConfig::default();
+    let mut s = cluster(2);
+    let at = |node: u64| {
+        Some(blixard_core::Placement {
+            node: NodeId(node),
+            cpu_overcommit_pct: config.cpu_overcommit_pct,
+            memory_overcommit_pct: config.memory_overcommit_pct,
+        })
+    };
+    let create_at = |s: &mut State, name: &str, vcpus: u32, node: u64| {
+        s.apply(&Command::CreateVm {
+            spec: spec(name, vcpus, 256),
+            start: true,
+            now_ms: 5,
+            placement: at(node),
+        })
+        .unwrap();
+        s.vm(&format!("acme/{name}")).unwrap().clone()
+    };
+    let a = create_at(&mut s, "a", 3, 2);
+    assert_eq!(
+        (a.node, a.phase, a.generation),
+        (Some(NodeId(2)), Phase::Scheduled, 1)
+    );
+    // Decided against an older state: it no longer fits there, so it waits instead.
+    let b = create_at(&mut s, "b", 3, 2);
+    assert_eq!((b.node, b.phase, b.generation), (None, Phase::Pending, 0));
+    assert_eq!(schedule(&mut s, "acme/b", &config), Ok(NodeId(1)));
+    // An unknown host is no placement either.
+    let c = create_at(&mut s, "c", 1, 9);
+    assert_eq!(c.node, None);
 }
