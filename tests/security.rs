@@ -471,6 +471,30 @@ async fn authorization_matrix_on_a_real_cluster() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("image:manage"), "{err}");
+    // Nor can acme's operator boot globex's image: to it, the image does not exist.
+    let err = client_o
+        .call(
+            &to,
+            blixard_net::api::VmCreate {
+                spec: Box::new(blixard_core::VmSpec {
+                    name: "borrowed".into(),
+                    tenant: String::new(),
+                    image: "globex-web".into(),
+                    vcpus: 1,
+                    memory_mib: 64,
+                    labels: Default::default(),
+                    constraints: Default::default(),
+                    anti_affinity: None,
+                    restart: blixard_core::RestartPolicy::Never,
+                    ready_marker: None,
+                }),
+                start: false,
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no image globex-web"), "{err}");
     client_o.endpoint().close().await;
 
     // The blob protocol (iroh-blobs) passes the same choke point: strangers and users

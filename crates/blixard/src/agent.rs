@@ -241,7 +241,10 @@ async fn stop_local(service: &NodeService, name: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-async fn fence_round(service: &NodeService) {
+/// Stops every VM here, all at once: the timing rule gives the whole fence one stop
+/// timeout, not one per VM.
+async fn fence_round(service: &Arc<NodeService>) {
+    let mut stops = tokio::task::JoinSet::new();
     for (name, _) in service.vms.supervisor.running() {
         tracing::warn!(vm = %name, "fenced: stopping");
         if let Some(dir) = service.vms.state_dir(&name) {
@@ -250,10 +253,14 @@ async fn fence_round(service: &NodeService) {
                 write_record(&dir, &r);
             }
         }
-        if let Err(e) = stop_local(service, &name).await {
-            tracing::error!(vm = %name, "cannot stop a fenced VM: {e}");
-        }
+        let me = service.clone();
+        stops.spawn(async move {
+            if let Err(e) = stop_local(&me, &name).await {
+                tracing::error!(vm = %name, "cannot stop a fenced VM: {e}");
+            }
+        });
     }
+    while stops.join_next().await.is_some() {}
 }
 
 async fn reconcile_round(service: &Arc<NodeService>) {
@@ -317,19 +324,18 @@ async fn report(service: &NodeService, vm: &Vm, phase: Phase, reason: Option<Str
     if vm.phase == phase && vm.reason == reason {
         return;
     }
-    service
-        .audit
-        .record_vm(&vm.id(), &phase.to_string(), reason.as_deref());
     let command = Command::ReportVm {
         key: vm.id(),
         node: service.node.id(),
         generation: vm.generation,
         phase,
-        reason,
+        reason: reason.clone(),
         now_ms: now_ms(),
     };
     match tokio::time::timeout(REPORT_TIMEOUT, service.propose(command)).await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(_)) => service
+            .audit
+            .record_vm(&vm.id(), &phase.to_string(), reason.as_deref()),
         Ok(Err(e)) => tracing::debug!(vm = %vm.id(), %phase, "report not recorded: {e}"),
         Err(_) => tracing::debug!(vm = %vm.id(), %phase, "report timed out"),
     }
@@ -412,9 +418,9 @@ async fn step(service: &Arc<NodeService>, name: &str, vm: &Vm) -> Result<(), Str
         }
         Action::Start => start(service, name, &dir, vm, record, true).await,
         Action::Wait(_) => {
-            let code = match state {
-                VmState::Exited { code } => exit_text(code),
-                _ => String::new(),
+            let (code, clean) = match state {
+                VmState::Exited { code } => (exit_text(code), code == Some(0)),
+                _ => (String::new(), false),
             };
             let failures = record.map_or(0, |r| r.failures);
             let why = format!(
@@ -423,9 +429,11 @@ async fn step(service: &Arc<NodeService>, name: &str, vm: &Vm) -> Result<(), Str
                 failures + 1,
                 last_lines(service, name, record.as_ref())
             );
-            // One report per exit, not one per second of backoff.
-            if vm.phase != Phase::Failed {
-                report(service, vm, Phase::Failed, Some(why)).await;
+            // One report per exit, not one per second of backoff. A clean exit (under
+            // `--restart always`) is stopped, not failed.
+            let phase = if clean { Phase::Stopped } else { Phase::Failed };
+            if !matches!(vm.phase, Phase::Failed | Phase::Stopped) {
+                report(service, vm, phase, Some(why)).await;
             }
             Ok(())
         }
@@ -570,10 +578,12 @@ async fn start(
         .ok()
         .and_then(|p| std::fs::metadata(p).ok())
         .map_or(0, |m| m.len());
-    let started = service
-        .vms
-        .start(name, &runner, vm)
-        .map_err(|e| e.to_string());
+    // Taps and cgroups run commands and may retry: off the async workers.
+    let (me, name2, vm2) = (service.clone(), name.to_string(), vm.clone());
+    let started = tokio::task::spawn_blocking(move || me.vms.start(&name2, &runner, &vm2))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
     if let Err(e) = started {
         {
             report(service, vm, Phase::Failed, Some(e)).await;

@@ -235,7 +235,11 @@ impl Config {
             .tick_ms
             .saturating_mul(r.election_ticks as u64)
             .saturating_mul(2);
-        if v.fence_timeout_ms + v.stop_timeout_ms + election_ms >= v.down_timeout_ms {
+        let needed = v
+            .fence_timeout_ms
+            .saturating_add(v.stop_timeout_ms)
+            .saturating_add(election_ms);
+        if needed >= v.down_timeout_ms {
             return Err(format!(
                 "vms.fence_timeout_ms ({}) + vms.stop_timeout_ms ({}) + the longest election timeout ({election_ms}) must be less than vms.down_timeout_ms ({}): a partitioned host must have stopped its VMs before the leader starts them elsewhere",
                 v.fence_timeout_ms, v.stop_timeout_ms, v.down_timeout_ms

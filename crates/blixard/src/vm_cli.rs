@@ -98,7 +98,11 @@ pub enum VmCommand {
     /// Restart a VM's runner.
     Restart(VmArgs),
     /// Delete a VM (its host stops it).
-    Delete(VmArgs),
+    Delete {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// The guest's console, read on the VM's host (from any node).
     Logs {
         name: String,
@@ -199,7 +203,12 @@ fn print_vm(ctx: &Context, vm: &Vm) -> Result<(), Failure> {
     println!("tenant:      {}", s.tenant);
     println!("image:       {} ({})", s.image, vm.manifest);
     println!("size:        {} vCPUs, {} MiB", s.vcpus, s.memory_mib);
-    println!("restart:     {:?}", s.restart);
+    let restart = match s.restart {
+        RestartPolicy::Always => "always",
+        RestartPolicy::OnFailure => "on-failure",
+        RestartPolicy::Never => "never",
+    };
+    println!("restart:     {restart}");
     if !s.labels.is_empty() {
         println!("labels:      {}", pairs(&s.labels));
     }
@@ -267,7 +276,12 @@ async fn wait_for(
         if done {
             return Ok(*v);
         }
-        if v.phase == Phase::Failed {
+        // A failure the host will retry (its restart policy) is worth waiting through.
+        let retrying = v
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("restarting in"));
+        if v.phase == Phase::Failed && !retrying {
             return Err(Failure::new(
                 exit::REFUSED,
                 format!(
@@ -401,16 +415,16 @@ async fn run_with(
         VmCommand::Start(a) => control(ctx, client, to, a, VmOp::Start).await,
         VmCommand::Stop(a) => control(ctx, client, to, a, VmOp::Stop).await,
         VmCommand::Restart(a) => control(ctx, client, to, a, VmOp::Restart).await,
-        VmCommand::Delete(a) => {
+        VmCommand::Delete { name, tenant } => {
             client
                 .call(
                     to,
                     VmDelete {
-                        vm: vm_ref(a.name.clone(), a.tenant),
+                        vm: vm_ref(name.clone(), tenant),
                     },
                 )
                 .await?;
-            println!("deleted VM {}", a.name);
+            println!("deleted VM {name}");
             Ok(())
         }
         VmCommand::Logs {
@@ -462,7 +476,10 @@ async fn control(
     }
     let r = vm_ref(r.name, Some(asked.spec.tenant.clone()));
     let deadline = Instant::now() + Duration::from_secs(a.wait_timeout);
-    let since = asked.updated_at_ms;
+    // What happened since the request: the history after its last entry then (the hosts'
+    // clocks are not compared with each other).
+    let seen = asked.history.len();
+    let last = asked.history.last().cloned();
     loop {
         let v = client
             .call(
@@ -474,11 +491,14 @@ async fn control(
             )
             .await?
             .vm;
-        // A restart has happened once the host stopped the old run after the request.
+        let after = match &last {
+            Some(l) => v.history.iter().rposition(|t| t == l).map_or(0, |i| i + 1),
+            None => seen.min(v.history.len()),
+        };
         let restarted = || {
-            v.history
+            v.history[after..]
                 .iter()
-                .any(|t| t.at_ms >= since && t.phase == Phase::Starting)
+                .any(|t| t.phase == Phase::Starting)
         };
         let done = match op {
             VmOp::Stop => matches!(v.phase, Phase::Stopped | Phase::Failed),

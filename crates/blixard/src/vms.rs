@@ -16,7 +16,7 @@ use blixard_net::api::{
     ApiError, NodeDrain, NodeDrained, ProgressSink, RequestFrame, Response, ResponseFrame,
     VmConsole, VmControl, VmCreate, VmDeleted, VmEntries, VmInfo, VmList, VmLogs, VmOp, VmRef,
 };
-use blixard_net::authz::{vm_entity, vm_tenant, Principal};
+use blixard_net::authz::{image_entity, vm_entity, vm_tenant, Principal};
 use blixard_raft::RaftNode;
 
 use crate::service::{member_addr_of, now_ms, NodeService};
@@ -204,7 +204,13 @@ impl NodeService {
         if !frame.forwarded {
             spec.tenant = vm_tenant(principal, Some(&spec.tenant).filter(|t| !t.is_empty()));
         }
-        if self.node.state().image(&spec.image).is_none() {
+        // The caller must be able to see the image (another tenant's is "no image", as
+        // if it did not exist).
+        let image = self.node.state().image(&spec.image).cloned();
+        let visible = image.as_ref().is_some_and(|i| {
+            frame.forwarded || self.may(principal)("image:read", &image_entity(i))
+        });
+        if !visible {
             return Err(ApiError::Rejected(format!("no image {}", spec.image)));
         }
         if !frame.forwarded {

@@ -383,6 +383,16 @@ impl State {
                 Ok(CommandOutput::Done)
             }
             Command::SetQuota { tenant, quota } => {
+                if tenant == DEFAULT_TENANT && !self.tenants.contains(tenant) {
+                    self.tenants.insert(
+                        tenant.clone(),
+                        Tenant {
+                            name: tenant.clone(),
+                            quota: Quota::default(),
+                            created_at_ms: 0,
+                        },
+                    );
+                }
                 let quota = *quota;
                 if self.tenants.update(tenant, |t| t.quota = quota) {
                     Ok(CommandOutput::Done)

@@ -331,12 +331,23 @@ impl ProcessSupervisor {
         let shutdown = booted.as_ref().and_then(|r| r.shutdown());
         match shutdown {
             Some(cmd) => {
-                let _ = Command::new(cmd)
+                // Started, not waited for: a hanging shutdown script must not hold the
+                // stop past its timeout (the group is killed below if need be).
+                match Command::new(cmd)
                     .current_dir(&dir)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
-                    .status();
+                    .spawn()
+                {
+                    Ok(mut child) => {
+                        std::thread::spawn(move || child.wait());
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = name, "bin/microvm-shutdown: {e}; sending SIGTERM");
+                        signal_group(pid, "-TERM");
+                    }
+                }
             }
             None => signal_group(pid, "-TERM"),
         }
