@@ -817,3 +817,109 @@ fn a_partitioned_host_stops_its_vm_before_it_runs_elsewhere() {
     assert_eq!(pid_on(&c, first, "default@m"), None);
     assert!(pid_on(&c, second, "default@m").is_some());
 }
+
+fn declare(path: &Path, vms: &[(&str, &Path, u32, &str)]) {
+    let list: Vec<Value> = vms
+        .iter()
+        .map(|(name, runner, vcpus, placement)| {
+            serde_json::json!({
+                "name": name, "runner": runner, "vcpus": vcpus, "memory_mib": 64,
+                "tenant": null, "labels": {"app": name}, "constraints": {},
+                "restart": "always", "placement": placement, "ready_marker": null
+            })
+        })
+        .collect();
+    std::fs::write(path, serde_json::to_string_pretty(&list).unwrap()).unwrap();
+}
+
+#[test]
+fn declared_vms_follow_the_hosts_file_and_leave_the_rest_alone() {
+    let _one = serial();
+    let root = tempfile::Builder::new()
+        .prefix("blixard-declared")
+        .tempdir()
+        .unwrap();
+    let _runners = Runners(root.path().to_owned());
+    let runner = root.path().join("runner");
+    write_runner(&runner, "exec sleep 600");
+    let file = root.path().join("vms.json");
+    declare(&file, &[("web", &runner, 1, "local")]);
+    let plain = root.path().join("plain.toml");
+    std::fs::write(&plain, FAST).unwrap();
+    let with_file = root.path().join("declaring.toml");
+    std::fs::write(
+        &with_file,
+        FAST.replace(
+            "[vms]\n",
+            &format!("[vms]\ndeclared_file = \"{}\"\n", file.display()),
+        ),
+    )
+    .unwrap();
+    let mut n1 = Node::new(root.path(), "n1");
+    n1.extra = vec!["--config".into(), plain.display().to_string()];
+    n1.start(&["--init"]);
+    let ticket = n1
+        .cli_ok(&["cluster", "token", "create"])
+        .trim()
+        .to_string();
+    let mut n2 = Node::new(root.path(), "n2");
+    n2.extra = vec!["--config".into(), with_file.display().to_string()];
+    n2.start(&["--join", &ticket]);
+
+    // Declared on n2 with local placement: it runs on n2 (bin-pack alone would pick n1).
+    let web = wait_phase(&n1, "web", "running", Duration::from_secs(60));
+    assert_eq!(web["node"], 2);
+    assert_eq!(web["spec"]["labels"]["blixard.declared-by"], "n2");
+    n1.cli_ok(&[
+        "image",
+        "import",
+        runner.to_str().unwrap(),
+        "--name",
+        "manual",
+    ]);
+    n1.cli_ok(&[
+        "vm", "create", "manual", "--image", "manual", "--memory", "64",
+    ]);
+
+    // A changed declaration replaces the VM; a new one appears; the imperative one stays.
+    declare(
+        &file,
+        &[("api", &runner, 1, "cluster"), ("web", &runner, 2, "local")],
+    );
+    n2.stop();
+    n2.start(&[]);
+    wait_for("web replaced", Duration::from_secs(60), || {
+        let v = json(&n1, &["vm", "show", "web"])?;
+        if v["spec"]["vcpus"] == 2 && v["phase"] == "running" {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+    wait_phase(&n1, "api", "running", Duration::from_secs(60));
+
+    // Nothing declared: the declared VMs go; the imperative one is untouched.
+    declare(&file, &[]);
+    n2.stop();
+    n2.start(&[]);
+    wait_for("declared VMs deleted", Duration::from_secs(60), || {
+        let names: Vec<String> = json(&n1, &["vm", "list"])?
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["spec"]["name"].as_str().unwrap().to_string())
+            .collect();
+        if names == ["manual"] {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
+    });
+
+    // A bad file: the daemon refuses to start, naming the VM.
+    std::fs::write(&file, r#"[{"name": "Bad!", "runner": "/x"}]"#).unwrap();
+    n2.stop();
+    let (code, out) = n2.run_expect_exit(&["--config", with_file.to_str().unwrap()]);
+    assert_eq!(code, 8, "{out}");
+    assert!(out.contains("declared VMs"), "{out}");
+}

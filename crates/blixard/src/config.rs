@@ -55,6 +55,9 @@ pub struct VmsConfig {
     /// delete, with the VM as JSON on stdin; a non-zero exit vetoes with its stderr.
     pub hooks: Vec<String>,
     pub hook_timeout_ms: u64,
+    /// VMs this host's configuration declares (a JSON list; the NixOS module writes
+    /// /etc/blixard/vms.json): created, replaced and deleted to match at start.
+    pub declared_file: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +81,7 @@ impl Default for VmsConfig {
             memory_overcommit_pct: 100,
             hooks: Vec::new(),
             hook_timeout_ms: 5_000,
+            declared_file: None,
         }
     }
 }
@@ -249,6 +253,9 @@ impl Config {
             return Err(
                 "vms.cpu_overcommit_pct and vms.memory_overcommit_pct must be at least 1".into(),
             );
+        }
+        if let Some(f) = v.declared_file.as_ref().filter(|f| !f.starts_with('/')) {
+            return Err(format!("vms.declared_file: {f:?} is not an absolute path"));
         }
         if let Some(h) = v.hooks.iter().find(|p| !p.starts_with('/')) {
             return Err(format!("vms.hooks: {h:?} is not an absolute path"));

@@ -140,6 +140,10 @@ fn load_config(data_dir: &Path, args: &RunArgs) -> Result<Config, Failure> {
     config
         .validate()
         .map_err(|e| Failure::new(exit::CONFIG, format!("invalid config: {e}")))?;
+    // A bad declared-VM file stops the daemon before it joins anything.
+    if let Some(f) = &config.vms.declared_file {
+        crate::declared::load(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?;
+    }
     Ok(config)
 }
 
@@ -457,6 +461,19 @@ async fn serve(
         .spawn();
     let janitor = tokio::spawn(crate::images::janitor(service.clone()));
     let scheduler = tokio::spawn(crate::agent::scheduler(service.clone()));
+    let declarer = match &config.vms.declared_file {
+        Some(f) => {
+            let vms =
+                crate::declared::load(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?;
+            let admin = keys::load(&datadir::admin_key(data_dir)).map_err(data_err)?;
+            Some(tokio::spawn(crate::declared::run(
+                service.clone(),
+                key_of(&admin.public()),
+                vms,
+            )))
+        }
+        None => None,
+    };
     let reconciler = tokio::spawn(crate::agent::reconciler(service.clone()));
 
     let info = NodeInfo {
@@ -496,6 +513,9 @@ async fn serve(
     // The VMs keep running: a restarted daemon adopts them.
     scheduler.abort();
     reconciler.abort();
+    if let Some(d) = declarer {
+        d.abort();
+    }
     if let Some((_, task)) = cache {
         task.abort();
     }

@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod daemon;
 mod datadir;
+mod declared;
 mod exit;
 mod image_cli;
 mod images;
@@ -294,6 +295,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Node(NodeCommand::CheckConfig { file }) => {
             let config = config::Config::load(&file).map_err(|e| Failure::new(exit::CONFIG, e))?;
+            if let Some(f) = &config.vms.declared_file {
+                declared::load(std::path::Path::new(f))
+                    .map_err(|e| Failure::new(exit::CONFIG, e))?;
+            }
             output::json(&config).map_err(|e| Failure::new(exit::ERROR, e))
         }
         Command::Node(NodeCommand::Run(args)) => {

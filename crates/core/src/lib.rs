@@ -27,5 +27,5 @@ pub use table::{Row, Table};
 pub use vm::{
     fits, place, Allocated, Desired, Ledger, Phase, Placement, Quota, RestartPolicy,
     SchedulerConfig, Strategy, Tenant, Transition, Vm, VmSpec, DEFAULT_TENANT, HISTORY,
-    MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
+    MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, NODE_CONSTRAINT,
 };

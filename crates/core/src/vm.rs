@@ -176,6 +176,10 @@ impl std::fmt::Display for Phase {
     }
 }
 
+/// A constraint key that names a host instead of a label: `blixard.node=n2` pins a VM to
+/// node 2 (what `placement = "local"` of a declared VM means).
+pub const NODE_CONSTRAINT: &str = "blixard.node";
+
 /// The default tenant: VMs created without one belong to it. It exists implicitly, with
 /// no quota, until someone sets one.
 pub const DEFAULT_TENANT: &str = "default";
@@ -311,7 +315,11 @@ fn check(
         return Err("down".into());
     }
     for (k, v) in &vm.constraints {
-        if member.labels.get(k) != Some(v) {
+        if k == NODE_CONSTRAINT {
+            if v.strip_prefix('n').and_then(|n| n.parse().ok()) != Some(member.id.0) {
+                return Err(format!("is not {v}"));
+            }
+        } else if member.labels.get(k) != Some(v) {
             return Err(format!("lacks label {k}={v}"));
         }
     }
