@@ -497,6 +497,83 @@ async fn authorization_matrix_on_a_real_cluster() {
     assert!(err.contains("no image globex-web"), "{err}");
     client_o.endpoint().close().await;
 
+    // VMs: each tenant sees its own in `vm list`; a viewer without a tenant sees all.
+    let shared = c.root.path().join("shared-image");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("file"), "shared\n").unwrap();
+    let client_a = client(keys::load(&c.nodes[1].dir.join("admin.key")).unwrap()).await;
+    client_a
+        .call(
+            &to,
+            ImageImport {
+                name: "shared".into(),
+                path: shared.display().to_string(),
+                tenant: None,
+                pin: false,
+            },
+        )
+        .await
+        .unwrap();
+    for (name, tenant) in [("a1", "acme"), ("g1", "globex")] {
+        let _ = admin_node.try_cli(&["tenant", "create", tenant]);
+        client_a
+            .call(
+                &to,
+                blixard_net::api::VmCreate {
+                    spec: Box::new(blixard_core::VmSpec {
+                        name: name.into(),
+                        tenant: tenant.into(),
+                        image: "shared".into(),
+                        vcpus: 1,
+                        memory_mib: 64,
+                        labels: Default::default(),
+                        constraints: Default::default(),
+                        anti_affinity: None,
+                        restart: blixard_core::RestartPolicy::Never,
+                        ready_marker: None,
+                    }),
+                    start: false,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    client_a.endpoint().close().await;
+    let all_viewer = SecretKey::generate();
+    add_user(admin_node, "val", &all_viewer, "viewer", None);
+    let vms = |key: SecretKey| {
+        let to = to.clone();
+        async move {
+            let client = client(key).await;
+            let list = blixard_net::api::VmList {
+                tenant: None,
+                node: None,
+                stale: false,
+            };
+            let vms = client.call(&to, list).await.unwrap().vms;
+            client.endpoint().close().await;
+            let mut names: Vec<String> = vms.into_iter().map(|v| v.id()).collect();
+            names.sort();
+            names
+        }
+    };
+    assert_eq!(vms(operator.clone()).await, ["acme/a1"]);
+    assert_eq!(vms(viewer.clone()).await, ["acme/a1"]);
+    assert_eq!(vms(other_operator.clone()).await, ["globex/g1"]);
+    assert_eq!(vms(all_viewer).await, ["acme/a1", "globex/g1"]);
+    // And another tenant's VM reads as missing-or-forbidden, never its contents.
+    let client_o = client(operator.clone()).await;
+    let show = blixard_net::api::VmShow {
+        vm: blixard_net::api::VmRef {
+            name: "g1".into(),
+            tenant: Some("globex".into()),
+        },
+        stale: false,
+    };
+    let err = client_o.call(&to, show).await.unwrap_err().to_string();
+    assert!(err.contains("vm:read on VM globex/g1"), "{err}");
+    client_o.endpoint().close().await;
+
     // The blob protocol (iroh-blobs) passes the same choke point: strangers and users
     // cannot fetch blobs.
     let manifest =
