@@ -44,6 +44,9 @@ let
       }).config.microvm.declaredRunner;
 
   declaredVms = blib.mkDeclaredVms (lib.mapAttrs (name: vm: vm // { runner = runnerOf name vm; }) cfg.vms.declared);
+  # Read by the daemon at start (`vms.declared_file`, set by moduleDaemonConfig when a VM
+  # is declared): a change restarts it (restartTriggers), and it reconciles.
+  declaredVmsJson = pkgs.writeText "blixard-vms.json" (builtins.toJSON declaredVms);
 
   thinPoolScript = pkgs.writeShellScript "blixard-thinpool-setup" ''
     set -euo pipefail
@@ -118,7 +121,9 @@ in
         wants = [ "network-online.target" ];
         after = [ "network-online.target" ] ++ lib.optional tp.enable "blixard-thinpool.service";
         requires = lib.optional tp.enable "blixard-thinpool.service";
-        restartTriggers = [ configFile ];
+        # The daemon reads both only at start. VMs survive the restart (KillMode below);
+        # the new daemon replaces the declared VMs whose spec changed.
+        restartTriggers = [ configFile declaredVmsJson ];
         environment.BLIXARD_LOG = lib.mkDefault "info";
         # Importing store paths and `materialise = "nix"` run `nix`. The VM supervisor runs
         # `kill` (util-linux) on a runner's process group and `ip` (iproute2) to make tap
@@ -199,16 +204,14 @@ in
         } // limits;
       };
 
-      # Declared VMs: written for inspection; the daemon does not read this file.
-      environment.etc."blixard/vms.json".text = builtins.toJSON declaredVms;
-      systemd.tmpfiles.rules = lib.mapAttrsToList
-        (name: vm: "L+ /var/lib/blixard-vms/${name}/runner - - - - ${runnerOf name vm}")
-        cfg.vms.declared;
+      # Declared VMs, for the daemon (blib.declaredVmsFile = /etc/blixard/vms.json).
+      environment.etc."blixard/vms.json".source = declaredVmsJson;
 
       # One VM per instance, run from its microvm.nix runner (bin/microvm-run and
       # bin/microvm-shutdown, the microvm.nix host/runner contract). UNUSED: nothing starts
-      # these. The daemon does not use systemd for VMs; it runs them itself, as children in
-      # their own process groups (see KillMode above).
+      # these, and nothing creates /var/lib/blixard-vms/NAME/runner any more. The daemon
+      # does not use systemd for VMs (declared ones included); it runs them itself, as
+      # children in their own process groups (see KillMode above).
       systemd.services."blixard-vm@" = {
         description = "Blixard VM %i";
         after = [ "network.target" ] ++ lib.optional tp.enable "blixard-thinpool.service";

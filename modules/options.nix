@@ -38,10 +38,10 @@ let
         default = null;
         description = "A NixOS module for the guest; built into a runner with microvm.nix. Set this or `runner`.";
       };
-      vcpus = mkOption { type = types.ints.positive; default = 1; description = "Virtual CPUs."; };
-      memory = mkOption { type = types.ints.positive; default = 512; description = "Memory in MiB."; };
-      tenant = mkOption { type = types.nullOr types.str; default = null; description = "The tenant that owns the VM."; };
-      labels = mkOption { type = types.attrsOf types.str; default = { }; description = "Labels of the VM."; };
+      vcpus = mkOption { type = types.ints.between 1 256; default = 1; description = "Virtual CPUs (1–256)."; };
+      memory = mkOption { type = types.ints.between 16 4194304; default = 512; description = "Memory in MiB (16 MiB to 4 TiB). Written as `memory_mib`."; };
+      tenant = mkOption { type = types.nullOr types.str; default = null; description = "The tenant that owns the VM; it must exist (null: the `default` tenant)."; };
+      labels = mkOption { type = types.attrsOf types.str; default = { }; description = "Labels of the VM (the daemon adds `blixard.declared-by`)."; };
       constraints = mkOption {
         type = types.attrsOf types.str;
         default = { };
@@ -49,14 +49,24 @@ let
         description = "Node labels the VM must be placed on.";
       };
       restart = mkOption {
-        type = types.enum [ "no" "on-failure" "always" ];
+        type = types.enum [ "always" "on-failure" "never" ];
         default = "on-failure";
-        description = "Restart policy.";
+        description = "What the host does when the runner exits: restart it always, only after a failure, or never.";
       };
       placement = mkOption {
-        type = types.enum [ "spread" "pack" ];
-        default = "spread";
-        description = "Placement strategy.";
+        type = types.enum [ "cluster" "local" ];
+        default = "cluster";
+        description = ''
+          `cluster`: the leader places the VM on any host that fits (its `vms.strategy`,
+          `constraints`). `local`: the VM is pinned to this node (the daemon adds the
+          constraint `blixard.node=nN`).
+        '';
+      };
+      readyMarker = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "blixard-guest-ready";
+        description = "A line the guest prints on its console once ready; null: a running VM counts as ready. Written as `ready_marker`.";
       };
     };
   };
@@ -335,10 +345,12 @@ in
         type = types.attrsOf (types.submodule vmModule);
         default = { };
         description = ''
-          Declared VMs. NOT CONSUMED: the daemon does not read them (VMs are created
-          through its API, `blixard vm create`). The module checks them, writes them to
-          /etc/blixard/vms.json and links their runners under /var/lib/blixard-vms/, but
-          nothing starts them.
+          VMs this node declares. The module writes them to /etc/blixard/vms.json and
+          points the daemon at it (`vms.declared_file`); at start, the daemon imports each
+          runner's closure as an image and creates the missing VMs, replaces those whose
+          spec changed and deletes those it declared before that are gone from the list.
+          VMs it did not declare (`blixard vm create`) are never touched. A change
+          restarts `blixard.service` (the VMs keep running; changed ones are replaced).
         '';
       };
     };

@@ -62,7 +62,8 @@ rec {
   #     raft = { tickMs, electionTicks, heartbeatTicks, snapshotThreshold };
   #     images = { storeDir, cacheListen, cacheSizeMib, materialise, nixStore, importPaths };
   #     vms = { stateDir, consoleMaxMib, downTimeoutMs, fenceTimeoutMs, stopTimeoutMs,
-  #             strategy, cpuOvercommitPct, memoryOvercommitPct, hooks, hookTimeoutMs };
+  #             strategy, cpuOvercommitPct, memoryOvercommitPct, hooks, hookTimeoutMs,
+  #             declaredFile };
   #     requestTimeoutMs, settings }
   # Every field may be missing or null; nulls are dropped so the daemon's defaults apply
   # (`vms.hooks = [ ]` too: the daemon's default is no hooks). Hooks are left as given, so
@@ -110,13 +111,19 @@ rec {
           memory_overcommit_pct = get vms "memoryOvercommitPct";
           hooks = if hooks == [ ] then null else hooks;
           hook_timeout_ms = get vms "hookTimeoutMs";
+          declared_file = get vms "declaredFile";
         };
       };
     in
     recursiveMerge typed (dropNulls (cfg.settings or { }));
 
+  # Where the module writes the declared VMs (modules/default.nix, environment.etc).
+  declaredVmsFile = "/etc/blixard/vms.json";
+
   # The module's `services.blixard` values -> mkDaemonConfig's argument (used by both
   # modules/default.nix and modules/asserts.nix, so the checked config is the rendered one).
+  # `vms.declared_file` is always set: the module always writes the file (an empty list when
+  # nothing is declared), so removing the last declared VM deletes it too.
   moduleDaemonConfig = cfg: mkDaemonConfig {
     inherit (cfg) listen name relayUrl labels requestTimeoutMs settings;
     capacity = { inherit (cfg.capacity) vcpus memoryMib; };
@@ -125,6 +132,7 @@ rec {
     vms = {
       inherit (cfg.vms) stateDir consoleMaxMib downTimeoutMs fenceTimeoutMs stopTimeoutMs
         strategy cpuOvercommitPct memoryOvercommitPct hooks hookTimeoutMs;
+      declaredFile = declaredVmsFile;
     };
   };
 
@@ -141,6 +149,7 @@ rec {
       electionMs = 2 * r.tick_ms * r.election_ticks;
       sum = v.fence_timeout_ms + v.stop_timeout_ms + electionMs;
       stateDir = v.state_dir or null;
+      declaredFile = v.declared_file or null;
       hooks = v.hooks or [ ];
       badHooks = filter (h: match "/.*" (toString h) == null) hooks;
     in
@@ -152,6 +161,10 @@ rec {
       {
         assertion = stateDir == null || match "/.*" stateDir != null;
         message = "${node}: vms.stateDir = ${toJSON stateDir} is not an absolute path";
+      }
+      {
+        assertion = declaredFile == null || match "/.*" declaredFile != null;
+        message = "${node}: vms.declared_file = ${toJSON declaredFile} is not an absolute path";
       }
       {
         assertion = badHooks == [ ];
@@ -282,39 +295,96 @@ rec {
       }
     ];
 
-  # Declared VMs (`services.blixard.vms.declared`) -> a JSON-able list sorted by name. The
-  # daemon does NOT read this (VMs are created through its API, `blixard vm create`); the
-  # module writes it to /etc/blixard/vms.json.
-  #   { NAME = { runner ? null (store path string), config ? null, vcpus, memory (MiB),
-  #              tenant, labels, constraints, restart, placement }; }
+  # The daemon's VM limits (crates/core/src/vm.rs, state.rs).
+  vmLimits = { minMemoryMib = 16; maxMemoryMib = 4194304; maxVcpus = 256; };
+
+  # The daemon's rule for names (crates/core/src/state.rs, valid_name): 1 to 64 of
+  # a-z 0-9 . _ -, starting with a letter or digit.
+  validName = n: builtins.isString n && builtins.stringLength n <= 64 && match "[a-z0-9][a-z0-9._-]*" n != null;
+
+  # Declared VMs (`services.blixard.vms.declared`) -> the list the daemon reads from
+  # `vms.declared_file` (/etc/blixard/vms.json), sorted by name, with exactly the daemon's
+  # keys. Runners must be resolved (modules/default.nix builds those given as `config`).
+  #   { NAME = { runner (store path or package), vcpus, memory (MiB), tenant, labels,
+  #              constraints, restart, placement, readyMarker }; }
   mkDeclaredVms = vms:
     map (n:
       let v = vms.${n}; in {
         name = n;
-        runner = if (v.runner or null) == null then null else toString v.runner;
+        runner =
+          if (v.runner or null) == null
+          then throw "services.blixard.vms.declared.${n}: no runner (set runner, or config with the module from the Blixard flake)"
+          else toString v.runner;
         vcpus = v.vcpus or 1;
         memory_mib = v.memory or 512;
         tenant = v.tenant or null;
         labels = v.labels or { };
         constraints = v.constraints or { };
         restart = v.restart or "on-failure";
-        placement = v.placement or "spread";
+        placement = v.placement or "cluster";
+        ready_marker = v.readyMarker or null;
       }) (sort (a: b: a < b) (attrNames vms));
 
+  # Assertions for declared VMs; each message names the VM. What the daemon would refuse
+  # in the declared file (exit 8) fails here instead.
   checkVms = vms:
     concatLists (map (n:
-      let v = vms.${n}; hasR = (v.runner or null) != null; hasC = (v.config or null) != null; in [
+      let
+        v = vms.${n};
+        at = "services.blixard.vms.declared.${n}";
+        hasR = (v.runner or null) != null;
+        hasC = (v.config or null) != null;
+        vcpus = v.vcpus or 1;
+        mem = v.memory or 512;
+        restart = v.restart or "on-failure";
+        placement = v.placement or "cluster";
+        marker = v.readyMarker or null;
+        runner = if hasR then toString v.runner else null;
+        tenant = v.tenant or null;
+        # Keys the daemon sets on a declared VM's spec; it refuses them in the file.
+        reserved =
+          (if (v.labels or { }) ? "blixard.declared-by" then [ "labels.\"blixard.declared-by\"" ] else [ ])
+          ++ (if (v.constraints or { }) ? "blixard.node" then [ "constraints.\"blixard.node\"" ] else [ ]);
+      in [
+        {
+          assertion = validName n;
+          message = "${at}: the name ${toJSON n} is not valid: VM names are 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit";
+        }
         {
           assertion = hasR != hasC;
-          message = "services.blixard.vms.declared.${n}: set exactly one of runner and config";
+          message = "${at}: set exactly one of runner and config";
         }
         {
-          assertion = (v.vcpus or 1) >= 1;
-          message = "services.blixard.vms.declared.${n}: vcpus = ${toJSON (v.vcpus or null)} must be at least 1";
+          assertion = runner == null || match "/.*" runner != null;
+          message = "${at}: runner = ${toJSON runner} is not an absolute path";
         }
         {
-          assertion = (v.memory or 512) >= 64;
-          message = "services.blixard.vms.declared.${n}: memory = ${toJSON (v.memory or null)} MiB must be at least 64";
+          assertion = vcpus >= 1 && vcpus <= vmLimits.maxVcpus;
+          message = "${at}: vcpus = ${toJSON vcpus} must be 1 to ${toJSON vmLimits.maxVcpus}";
+        }
+        {
+          assertion = mem >= vmLimits.minMemoryMib && mem <= vmLimits.maxMemoryMib;
+          message = "${at}: memory = ${toJSON mem} MiB must be ${toJSON vmLimits.minMemoryMib} to ${toJSON vmLimits.maxMemoryMib} MiB";
+        }
+        {
+          assertion = elem restart [ "always" "on-failure" "never" ];
+          message = "${at}: restart = ${toJSON restart} must be \"always\", \"on-failure\" or \"never\"";
+        }
+        {
+          assertion = elem placement [ "cluster" "local" ];
+          message = "${at}: placement = ${toJSON placement} must be \"cluster\" or \"local\"";
+        }
+        {
+          assertion = tenant == null || validName tenant;
+          message = "${at}: tenant = ${toJSON tenant} is not a valid tenant name (1 to 64 of a-z 0-9 . _ -, starting with a letter or digit)";
+        }
+        {
+          assertion = reserved == [ ];
+          message = "${at}: ${concatStringsSep " and " reserved}: set by the daemon, not in a declaration (placement = \"local\" pins a VM to this node)";
+        }
+        {
+          assertion = marker == null || (marker != "" && match "[^\n]*" marker != null);
+          message = "${at}: readyMarker = ${toJSON marker} must be a non-empty line (no newline)";
         }
       ]) (attrNames vms));
 }

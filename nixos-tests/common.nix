@@ -15,7 +15,7 @@ let
       joinTicketFile = if n == "node1" then null else "/run/keys/blixard-ticket";
       labels.zone = n;
       raft = { tickMs = 100; electionTicks = 10; heartbeatTicks = 2; };
-      # Rendered into [vms]; no VM is created in these tests, so the hook never runs.
+      # Rendered into [vms]; the hook admits every VM (drain.nix declares one on node1).
       vms = {
         strategy = "spread";
         hooks = [ (pkgs.writeShellScript "blixard-admit-all" "cat >/dev/null") ];

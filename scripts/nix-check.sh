@@ -3,7 +3,10 @@
 #  (a) every .nix file parses;
 #  (b) nix/tests/cases.nix evaluates (pure, builtins only) to nix/tests/expected/*.json;
 #  (c) configs produced by nix/lib.nix's mkDaemonConfig are accepted (or, for the invalid
-#      samples, refused with exit 8) by `blixard node check-config`.
+#      samples, refused with exit 8) by `blixard node check-config`;
+#  (d) declared-VM lists produced by mkDeclaredVms, named by `[vms] declared_file` as the
+#      module names them, are accepted by check-config; bad ones are refused (exit 8)
+#      naming the VM.
 # Needs: nix-instantiate (apt-get install nix-bin). Prints "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,24 +48,61 @@ done
 # (c) the daemon accepts what mkDaemonConfig renders
 bin=${CARGO_TARGET_DIR:-target}/debug/blixard
 if [ ! -x "$bin" ]; then cargo build --bin blixard || { bad "cargo build --bin blixard"; }; fi
+run_check() { # NAME CONFIG_FILE EXPECTED_EXIT [TEXT the output must contain]...
+  local n=$1 f=$2 want=$3 rc t; shift 3
+  "$bin" node check-config "$f" >"$tmp/$n.out" 2>&1; rc=$?
+  if [ "$rc" != "$want" ]; then bad "check-config $n: exit $rc, want $want: $(cat "$tmp/$n.out")"; return; fi
+  for t in "$@"; do
+    if ! grep -qF -- "$t" "$tmp/$n.out"; then bad "check-config $n: exit $rc, but the output lacks $t: $(cat "$tmp/$n.out")"; return; fi
+  done
+  ok "check-config $n exit $rc"
+}
 check_config() { # CASE EXPECTED_EXIT [TEXT the output must contain]
-  local c=$1 want=$2 text=${3:-} rc
+  local c=$1; shift
   nix-instantiate --eval --strict --json nix/tests/cases.nix -A "$c" > "$tmp/$c.json" || { bad "check-config $c: eval"; return; }
-  "$bin" node check-config "$tmp/$c.json" >"$tmp/$c.out" 2>&1; rc=$?
-  if [ "$rc" != "$want" ]; then bad "check-config $c: exit $rc, want $want: $(cat "$tmp/$c.out")"
-  elif [ -n "$text" ] && ! grep -qF -- "$text" "$tmp/$c.out"; then bad "check-config $c: exit $rc but no \"$text\" in: $(cat "$tmp/$c.out")"
-  else ok "check-config $c exit $rc"; fi
+  run_check "$c" "$tmp/$c.json" "$@"
 }
 # Every rendered config: daemon-config-*, module-daemon-config* and sample-valid* must be
 # accepted; sample-invalid* (e.g. the [vms] timing rule broken by 1 ms) refused with exit 8.
+# module-daemon-config(-no-vms) name /etc/blixard/vms.json: checked in (d), with the file.
 for c in $cases; do
   case $c in
+    module-daemon-config|module-daemon-config-no-vms) ;;
     daemon-config-*|module-daemon-config*|sample-valid*) check_config "$c" 0 ;;
     sample-invalid-vms-timing) check_config "$c" 8 "vms.down_timeout_ms" ;;
+    sample-invalid-declared-file) check_config "$c" 8 "vms.declared_file" ;;
     sample-invalid) check_config "$c" 8 "raft.election_ticks" ;;
     sample-invalid*) check_config "$c" 8 ;;
   esac
 done
+
+# (d) declared VMs. The config is module-daemon-config (what the module renders when a VM
+# is declared) with vms.declared_file pointed from /etc/blixard/vms.json at a temp file
+# holding the case VMS_CASE (a list from mkDeclaredVms, or a bad one made from it).
+check_declared() { # NAME VMS_CASE|- EXPECTED_EXIT [TEXT the output must contain]...
+  local n=$1 vms=$2 want=$3; shift 3
+  local vf="$tmp/$n.vms.json"
+  if [ "$vms" != - ]; then
+    nix-instantiate --eval --strict --json nix/tests/cases.nix -A "$vms" > "$vf" || { bad "check-config $n: eval $vms"; return; }
+  fi
+  nix-instantiate --eval --strict --json --argstr file "$vf" -E '{ file }:
+    let c = (import ./nix/tests/cases.nix).module-daemon-config; in
+    assert c.vms.declared_file == "/etc/blixard/vms.json";
+    c // { vms = c.vms // { declared_file = file; }; }' > "$tmp/$n.json" 2>"$tmp/$n.err" \
+    || { bad "check-config $n: eval config: $(cat "$tmp/$n.err")"; return; }
+  run_check "$n" "$tmp/$n.json" "$want" "$@"
+}
+check_declared declared-module module-declared-vms 0
+check_declared declared-local declared-vms-local 0
+check_declared declared-defaults declared-vms-defaults 0
+check_declared declared-two declared-vms 0
+# nothing declared: the module still writes the file (an empty list), so the daemon deletes
+# what this node declared before
+check_declared declared-none declared-vms-none 0
+# the daemon names the VM as its Debug form ("web"), as the module's messages do
+check_declared declared-bad-duplicate declared-vms-bad-duplicate 8 '"web"'
+check_declared declared-bad-restart declared-vms-bad-restart 8 '"web"'
+check_declared declared-missing - 8 "declared-missing.vms.json"
 
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -4,6 +4,23 @@ let
   lib = import ../lib.nix;
   inherit (lib) mkDaemonConfig moduleDaemonConfig mkRunArgs checkCluster checkNodes checkThinPool checkVms checkVmsConfig failedAssertions mkDeclaredVms;
 
+  # Declared VMs as the module passes them (option defaults included), with runners that
+  # look like real store paths: a local one with a ready marker, and one the cluster places.
+  declaredLocal = {
+    web = {
+      runner = "/nix/store/1zq4y4qrwbbk4sfz2yc0ipb5ldfbczxv-microvm-web";
+      config = null; vcpus = 2; memory = 1024; tenant = null;
+      labels = { app = "web"; }; constraints = { };
+      restart = "always"; placement = "local"; readyMarker = "web: ready";
+    };
+    batch = {
+      runner = "/nix/store/8h2xrzw1gdq0x7lxaqkw5hbr4s0jl8vc-microvm-batch";
+      config = null; vcpus = 1; memory = 256; tenant = null;
+      labels = { }; constraints = { zone = "a"; };
+      restart = "never"; placement = "cluster"; readyMarker = null;
+    };
+  };
+
   # services.blixard.vms.* at their option defaults: the daemon's defaults apply.
   vmsDefaults = {
     stateDir = null; consoleMaxMib = null; downTimeoutMs = null; fenceTimeoutMs = null;
@@ -88,7 +105,8 @@ in
     vms = vmsDefaults // { strategy = "spread"; stopTimeoutMs = 5000; };
     settings.vms = { strategy = "bin-pack"; console_max_mib = 4; };
   });
-  # what modules/default.nix renders from the option values (vms.declared is not rendered)
+  # what modules/default.nix renders from the option values: a VM is declared, so
+  # vms.declared_file points at /etc/blixard/vms.json
   module-daemon-config = moduleDaemonConfig moduleCfg;
 
   # mkRunArgs
@@ -132,14 +150,15 @@ in
     node = "node1";
     config = mkDaemonConfig (full // {
       raft = full.raft // { tickMs = 200; electionTicks = 30; };
-      settings.vms = { state_dir = "vms"; hooks = [ "/ok" "hooks/admit" ]; };
+      settings.vms = { state_dir = "vms"; hooks = [ "/ok" "hooks/admit" ]; declared_file = "vms.json"; };
     });
   });
   # the timing set only through settings is checked too
   check-vms-config-settings = failedAssertions (checkVmsConfig { node = "n"; config = mkDaemonConfig (full // { settings.vms.down_timeout_ms = 20000; }); });
 
   # modules/asserts.nix itself, with a stand-in for the few nixpkgs lib functions it uses:
-  # the failing messages for a host whose vms timing (set through settings) is refused.
+  # the failing messages for a host whose vms timing (set through settings) is refused and
+  # whose declared VM has a restart policy the daemon does not know.
   module-asserts =
     let
       stubLib = {
@@ -152,7 +171,9 @@ in
           networking.hostName = "node1";
           services.blixard = moduleCfg // {
             settings.vms = { fence_timeout_ms = 25000; };
-            vms = moduleCfg.vms // { declared.tiny = { runner = "/nix/store/y"; vcpus = 1; memory = 16; }; };
+            vms = moduleCfg.vms // {
+              declared.tiny = { runner = "/nix/store/y"; vcpus = 1; memory = 16; restart = "no"; placement = "local"; readyMarker = null; };
+            };
           };
         };
       };
@@ -160,7 +181,8 @@ in
     failedAssertions m.config.assertions;
 
   # modules/default.nix with stand-ins for nixpkgs' lib and pkgs (store paths are fake):
-  # the parts of blixard.service that VMs depend on, for a vms.stateDir outside dataDir.
+  # the parts of blixard.service that VMs depend on, for a vms.stateDir outside dataDir,
+  # and the declared-VM file it writes and restarts on.
   module-unit =
     let
       inherit (builtins) concatStringsSep attrNames;
@@ -182,6 +204,7 @@ in
       stubPkgs = {
         formats.toml = { }: { generate = name: value: { outPath = "/nix/store/stub-${name}"; inherit value; }; };
         writeShellScript = name: _: "/nix/store/stub-${name}";
+        writeText = name: text: { outPath = "/nix/store/stub-${name}"; inherit text; };
         lvm2 = "/nix/store/stub-lvm2";
         util-linux = "/nix/store/stub-util-linux";
         coreutils = "/nix/store/stub-coreutils";
@@ -210,19 +233,63 @@ in
           SupplementaryGroups DevicePolicy DeviceAllow PrivateDevices PrivateUsers ProtectControlGroups
           MemoryDenyWriteExecute LimitMEMLOCK ReadWritePaths ExecStart;
       };
+      restartTriggers = map toString unit.restartTriggers;
       tmpfiles = base.systemd.tmpfiles.settings."10-blixard";
+      # no runner links under /var/lib/blixard-vms any more
+      tmpfilesRules = base.systemd.tmpfiles.rules or null;
       config = base.environment.etc."blixard/blixard.toml".source.value;
+      etc = attrNames base.environment.etc;
+      declared = builtins.fromJSON base.environment.etc."blixard/vms.json".source.text;
     };
 
-  # declared VMs
+  # declared VMs -> the list the daemon reads (vms.declared_file), exact keys
   declared-vms = mkDeclaredVms {
-    web = { runner = "/nix/store/00000000000000000000000000000000-microvm-web"; vcpus = 2; memory = 1024; tenant = "acme"; labels = { app = "web"; }; constraints = { zone = "a"; }; restart = "always"; placement = "spread"; };
-    db = { config = { }; vcpus = 4; memory = 4096; tenant = null; labels = { }; constraints = { }; restart = "on-failure"; placement = "pack"; };
+    web = { runner = "/nix/store/00000000000000000000000000000000-microvm-web"; vcpus = 2; memory = 1024; tenant = "acme"; labels = { app = "web"; }; constraints = { zone = "a"; }; restart = "always"; placement = "cluster"; readyMarker = null; };
+    # `config` VMs reach mkDeclaredVms with the runner the module built
+    db = { runner = "/nix/store/11111111111111111111111111111111-microvm-db"; config = { }; vcpus = 4; memory = 4096; tenant = null; labels = { }; constraints = { }; restart = "on-failure"; placement = "cluster"; readyMarker = null; };
   };
+  # a local VM with a ready marker; fed to `blixard node check-config` by scripts/nix-check.sh
+  declared-vms-local = mkDeclaredVms declaredLocal;
+  # what an entry holds when only the runner is given (the options' defaults)
+  declared-vms-defaults = mkDeclaredVms { tiny = { runner = "/nix/store/22222222222222222222222222222222-microvm-tiny"; }; };
+  # a VM without a runner cannot be rendered (the module builds `config` ones first)
+  declared-vms-no-runner = (builtins.tryEval (builtins.deepSeq (mkDeclaredVms { db = { config = { }; }; }) true)).success;
+  # bad declared files for check-config (scripts/nix-check.sh): the daemon must refuse
+  # them (exit 8) naming the VM. Neither can come from the module (attribute names are
+  # unique; restart is an enum and asserted), so they are made from a good list.
+  declared-vms-bad-duplicate = let l = mkDeclaredVms declaredLocal; in l ++ [ (builtins.elemAt l 1) ];
+  declared-vms-bad-restart = map (v: if v.name == "web" then v // { restart = "no"; } else v) (mkDeclaredVms declaredLocal);
+
+  # checkVms: the daemon's limits at their boundaries pass
+  vms-ok = failedAssertions (checkVms (declaredLocal // {
+    "a.b_c-1" = { runner = "/nix/store/x"; vcpus = 256; memory = 16; tenant = "acme-2"; readyMarker = "login:"; };
+    "b123456789012345678901234567890123456789012345678901234567890123" = { runner = "/nix/store/y"; vcpus = 1; memory = 4194304; };
+    built = { config = { }; };
+  }));
+  # every rule the daemon has for a declared VM, broken once; each message names the VM
   vms-bad = failedAssertions (checkVms {
     both = { runner = "/nix/store/x"; config = { }; vcpus = 1; memory = 512; };
-    tiny = { runner = "/nix/store/y"; vcpus = 0; memory = 16; };
+    neither = { };
+    relative = { runner = "result/bin"; };
+    tiny = { runner = "/nix/store/y"; vcpus = 0; memory = 15; };
+    huge = { runner = "/nix/store/y"; vcpus = 257; memory = 4194305; };
+    Web = { runner = "/nix/store/y"; };
+    "-web" = { runner = "/nix/store/y"; };
+    "a1234567890123456789012345678901234567890123456789012345678901234" = { runner = "/nix/store/y"; };
+    policy = { runner = "/nix/store/y"; restart = "no"; placement = "spread"; };
+    owner = { runner = "/nix/store/y"; tenant = "Acme"; };
+    reserved = { runner = "/nix/store/y"; labels."blixard.declared-by" = "n1"; constraints."blixard.node" = "n2"; };
+    marker-empty = { runner = "/nix/store/y"; readyMarker = ""; };
+    marker-lines = { runner = "/nix/store/y"; readyMarker = "ready\nnow"; };
   });
+
+  # vms.declared_file: always set by moduleDaemonConfig (the file may be an empty list); settings win
+  module-daemon-config-no-vms = moduleDaemonConfig (moduleCfg // { vms = moduleCfg.vms // { declared = { }; }; });
+  declared-file-settings = (moduleDaemonConfig (moduleCfg // { settings.vms.declared_file = "/srv/blixard/vms.json"; })).vms;
+  # what modules/default.nix writes to /etc/blixard/vms.json for moduleCfg (scripts/nix-check.sh
+  # feeds it, with module-daemon-config, to check-config)
+  module-declared-vms = mkDeclaredVms moduleCfg.vms.declared;
+  declared-vms-none = mkDeclaredVms { };
 
   # flake.lock matches shared pins (shape of a version 7 lock, one nixpkgs node).
   flake-lock =
@@ -242,4 +309,6 @@ in
   # the [vms] timing boundary: the daemon agrees with checkVmsConfig (check-vms-config-boundary)
   sample-valid-vms-boundary = mkDaemonConfig (vmsTiming 27001);
   sample-invalid-vms-timing = mkDaemonConfig (vmsTiming 27000);
+  # the daemon wants an absolute vms.declared_file (checkVmsConfig asserts it too)
+  sample-invalid-declared-file = mkDaemonConfig (full // { settings.vms.declared_file = "vms.json"; });
 }

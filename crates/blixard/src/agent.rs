@@ -29,16 +29,27 @@ const FETCH_RETRY: Duration = Duration::from_secs(5);
 /// The console lines a failure report carries.
 const FAILURE_LINES: usize = 5;
 
-/// Waits for the next applied entry, a wake-up, or `at_most`; false once the node stops.
+/// Why a loop woke up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// A new raft entry was applied.
+    Applied,
+    /// A wake-up call, or `at_most` passed.
+    Other,
+    /// The node stopped.
+    Stopped,
+}
+
+/// Waits for the next applied entry, a wake-up, or `at_most`.
 async fn next_change(
     applied: &mut tokio::sync::watch::Receiver<u64>,
     wake: &tokio::sync::Notify,
     at_most: Duration,
-) -> bool {
+) -> Wake {
     tokio::select! {
-        r = applied.changed() => r.is_ok(),
-        _ = wake.notified() => true,
-        _ = tokio::time::sleep(at_most) => true,
+        r = applied.changed() => if r.is_ok() { Wake::Applied } else { Wake::Stopped },
+        _ = wake.notified() => Wake::Other,
+        _ = tokio::time::sleep(at_most) => Wake::Other,
     }
 }
 
@@ -49,7 +60,7 @@ pub async fn scheduler(service: Arc<NodeService>) {
     let mut seen: HashMap<NodeId, Instant> = HashMap::new();
     let mut was_leader = false;
     let never = tokio::sync::Notify::new();
-    while next_change(&mut applied, &never, LIVENESS_POLL).await {
+    while next_change(&mut applied, &never, LIVENESS_POLL).await != Wake::Stopped {
         let Ok(status) = service.node.status().await else {
             continue;
         };
@@ -169,6 +180,8 @@ async fn schedule_round(service: &NodeService) -> Result<(), String> {
 struct Fence {
     last_contact: Instant,
     fenced: bool,
+    /// This node's state has caught up with the leader since it started or was fenced.
+    synced: bool,
 }
 
 /// The reconciler: runs on every node.
@@ -177,9 +190,17 @@ pub async fn reconciler(service: Arc<NodeService>) {
     let mut fence = Fence {
         last_contact: Instant::now(),
         fenced: false,
+        synced: false,
     };
     let mut trimmed = Instant::now();
-    while next_change(&mut applied, &service.vms.wake, IDLE).await {
+    // The VMs as the last round saw them, and when every VM was last looked at.
+    let mut seen: HashMap<String, Vm> = HashMap::new();
+    let mut swept = Instant::now();
+    loop {
+        let wake = next_change(&mut applied, &service.vms.wake, IDLE).await;
+        if wake == Wake::Stopped {
+            break;
+        }
         let has_leader = service
             .node
             .status()
@@ -187,6 +208,14 @@ pub async fn reconciler(service: Arc<NodeService>) {
             .is_ok_and(|s| s.leader.is_some());
         if has_leader {
             fence.last_contact = Instant::now();
+            if !fence.synced {
+                // After a start or a fence this node's state may be behind (its VMs may
+                // have moved meanwhile): act only once it has caught up with the leader.
+                match tokio::time::timeout(REPORT_TIMEOUT, service.barrier(false)).await {
+                    Ok(Ok(())) => fence.synced = true,
+                    _ => continue,
+                }
+            }
             if fence.fenced {
                 tracing::warn!("in contact with a leader again; resuming VMs");
                 fence.fenced = false;
@@ -198,11 +227,24 @@ pub async fn reconciler(service: Arc<NodeService>) {
                     service.vms.fence_after
                 );
                 fence.fenced = true;
+                fence.synced = false;
             }
             fence_round(&service).await;
             continue;
+        } else if !fence.synced {
+            // Started without a leader: nothing to act on yet (running VMs run on).
+            continue;
         }
-        reconcile_round(&service).await;
+        // A new entry: only the VMs it changed (the start path of a new VM stays short).
+        // Otherwise, and at least once a second, all of them (exits, backoffs, settling).
+        let quick = wake == Wake::Applied && swept.elapsed() < IDLE;
+        if !reconcile_round(&service, quick.then_some(&mut seen)).await {
+            reconcile_round(&service, None).await;
+        }
+        if !quick {
+            swept = Instant::now();
+            seen = mine_now(&service);
+        }
         if trimmed.elapsed() > Duration::from_secs(10) {
             trimmed = Instant::now();
             for (name, _) in service.vms.supervisor.running() {
@@ -263,7 +305,41 @@ async fn fence_round(service: &Arc<NodeService>) {
     while stops.join_next().await.is_some() {}
 }
 
-async fn reconcile_round(service: &Arc<NodeService>) {
+/// The VMs assigned to this host, by supervisor name.
+fn mine_now(service: &NodeService) -> HashMap<String, Vm> {
+    let me = service.node.id();
+    service
+        .node
+        .state()
+        .vms()
+        .filter(|v| v.node == Some(me))
+        .map(|v| (Vms::local_name(v), v.clone()))
+        .collect()
+}
+
+/// One reconciler round. With `seen` (a quick round), only the VMs that changed since are
+/// stepped, and `seen` is updated; it returns false when a quick round is not enough (a
+/// VM left this host) and a full round must follow.
+async fn reconcile_round(
+    service: &Arc<NodeService>,
+    seen: Option<&mut HashMap<String, Vm>>,
+) -> bool {
+    if let Some(seen) = seen {
+        let mine = mine_now(service);
+        if seen.keys().any(|k| !mine.contains_key(k)) {
+            return false;
+        }
+        for (name, vm) in mine {
+            if seen.get(&name) == Some(&vm) {
+                continue;
+            }
+            if let Err(e) = step(service, &name, &vm).await {
+                tracing::debug!(vm = %name, "reconcile: {e}");
+            }
+            seen.insert(name, vm);
+        }
+        return true;
+    }
     let me = service.node.id();
     let (mine, known): (BTreeMap<String, Vm>, std::collections::BTreeSet<String>) = {
         let state = service.node.state();
@@ -304,6 +380,7 @@ async fn reconcile_round(service: &Arc<NodeService>) {
             tracing::debug!(vm = %name, "reconcile: {e}");
         }
     }
+    true
 }
 
 fn policy(p: RestartPolicy) -> Restart {

@@ -154,7 +154,7 @@ pub fn whoami(ctx: &Context) -> Result<(), Failure> {
         return output::json(&serde_json::json!({"key": id.to_string(), "file": path}))
             .map_err(|e| Failure::new(exit::ERROR, e));
     }
-    println!("{id}");
+    out!("{id}");
     eprintln!("(credential {})", path.display());
     Ok(())
 }
@@ -189,8 +189,8 @@ pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
         .leader
         .map(|l| format!("n{l}"))
         .unwrap_or_else(|| "none".into());
-    println!("cluster  {} ({})", s.name, s.cluster_id);
-    println!(
+    out!("cluster  {} ({})", s.name, s.cluster_id);
+    out!(
         "node     n{} ({}), leader {leader}, term {}, commit {}, applied {}{}",
         s.node,
         s.raft.role,
@@ -199,7 +199,7 @@ pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
         s.raft.applied,
         if s.stale { " (stale read)" } else { "" }
     );
-    println!();
+    out!();
     let rows: Vec<Vec<String>> = s
         .members
         .iter()
@@ -284,7 +284,7 @@ pub async fn token_create(ctx: &Context, ttl: &str) -> Result<(), Failure> {
     if ctx.output == Format::Json {
         return output::json(&t).map_err(|e| Failure::new(exit::ERROR, e));
     }
-    println!("{}", t.ticket);
+    out!("{}", t.ticket);
     Ok(())
 }
 
@@ -499,12 +499,12 @@ pub async fn policy_test(
         return output::json(&v).map_err(|e| Failure::new(exit::ERROR, e));
     }
     let verdict = if v.allowed { "ALLOW" } else { "DENY" };
-    println!("{verdict}: {} {action} on {resource}", v.principal);
+    out!("{verdict}: {} {action} on {resource}", v.principal);
     if !v.reasons.is_empty() {
-        println!("decided by: {}", v.reasons.join(", "));
+        out!("decided by: {}", v.reasons.join(", "));
     }
     for e in &v.errors {
-        println!("error: {e}");
+        out!("error: {e}");
     }
     Ok(())
 }
@@ -520,7 +520,7 @@ pub async fn audit_tail(ctx: &Context, lines: usize, follow: bool) -> Result<(),
     })?;
     let all: Vec<&str> = text.lines().collect();
     for line in &all[all.len().saturating_sub(lines)..] {
-        println!("{line}");
+        out!("{line}");
     }
     if !follow {
         return Ok(());

@@ -57,8 +57,21 @@ pub struct DeclaredVm {
 pub fn load(path: &Path) -> Result<Vec<DeclaredVm>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("declared VMs {}: {e}", path.display()))?;
-    let vms: Vec<DeclaredVm> =
+    let entries: Vec<serde_json::Value> =
         serde_json::from_str(&text).map_err(|e| format!("declared VMs {}: {e}", path.display()))?;
+    // One entry at a time, so an error names the VM it is in.
+    let vms = entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let name = entry
+                .get("name")
+                .and_then(|n| n.as_str())
+                .map_or_else(|| format!("number {}", i + 1), |n| format!("{n:?}"));
+            serde_json::from_value::<DeclaredVm>(entry)
+                .map_err(|e| format!("declared VMs {}: VM {name}: {e}", path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut names = BTreeSet::new();
     for v in &vms {
         let bad = |what: String| {
@@ -287,7 +300,11 @@ mod tests {
             (format!("[{WEB}, {WEB}]"), "\"web\": declared twice"),
             (
                 format!("[{}]", WEB.replace("on-failure", "no")),
-                "unknown variant",
+                "VM \"web\": unknown variant `no`",
+            ),
+            (
+                r#"[{"runner": "/x"}]"#.into(),
+                "VM number 1: missing field `name`",
             ),
             (
                 format!("[{}]", WEB.replace("\"vcpus\": 2", "\"vcpus\": 0")),

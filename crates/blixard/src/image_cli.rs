@@ -180,18 +180,18 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
                 return output::json(&d).map_err(fail);
             }
             let i = &d.image;
-            println!("image     {}", i.name);
-            println!("root      {}", i.root);
-            println!("manifest  {}", i.manifest);
-            println!(
+            out!("image     {}", i.name);
+            out!("root      {}", i.root);
+            out!("manifest  {}", i.manifest);
+            out!(
                 "size      {} in {} store paths",
                 human_bytes(i.nar_size),
                 i.nar_count
             );
-            println!("holders   {}", holders(i));
-            println!("tenant    {}", i.tenant.as_deref().unwrap_or("-"));
-            println!("pinned    {}", if i.pinned { "yes" } else { "no" });
-            println!();
+            out!("holders   {}", holders(i));
+            out!("tenant    {}", i.tenant.as_deref().unwrap_or("-"));
+            out!("pinned    {}", if i.pinned { "yes" } else { "no" });
+            out!();
             let rows: Vec<Vec<String>> = d
                 .paths
                 .iter()
@@ -274,7 +274,7 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
                 return output::json(&k).map_err(fail);
             }
             match &k.public_key {
-                Some(key) => println!("{key}"),
+                Some(key) => out!("{key}"),
                 None => return Err(Failure::new(
                     exit::REFUSED,
                     "the cluster has no cache key yet; it is created by the first `image import`",

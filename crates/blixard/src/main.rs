@@ -1,5 +1,14 @@
 //! `blixard`: the node daemon (`blixard node run`) and the CLI that talks to it.
 
+/// `println!` that does not panic when stdout is closed (`blixard … | head`): the output
+/// is simply cut short.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod agent;
 mod audit;
 mod cli;

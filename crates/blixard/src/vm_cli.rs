@@ -199,39 +199,39 @@ fn print_vm(ctx: &Context, vm: &Vm) -> Result<(), Failure> {
             .collect::<Vec<_>>()
             .join(",")
     };
-    println!("name:        {}", s.name);
-    println!("tenant:      {}", s.tenant);
-    println!("image:       {} ({})", s.image, vm.manifest);
-    println!("size:        {} vCPUs, {} MiB", s.vcpus, s.memory_mib);
+    out!("name:        {}", s.name);
+    out!("tenant:      {}", s.tenant);
+    out!("image:       {} ({})", s.image, vm.manifest);
+    out!("size:        {} vCPUs, {} MiB", s.vcpus, s.memory_mib);
     let restart = match s.restart {
         RestartPolicy::Always => "always",
         RestartPolicy::OnFailure => "on-failure",
         RestartPolicy::Never => "never",
     };
-    println!("restart:     {restart}");
+    out!("restart:     {restart}");
     if !s.labels.is_empty() {
-        println!("labels:      {}", pairs(&s.labels));
+        out!("labels:      {}", pairs(&s.labels));
     }
     if !s.constraints.is_empty() {
-        println!("constraints: {}", pairs(&s.constraints));
+        out!("constraints: {}", pairs(&s.constraints));
     }
     if let Some(g) = &s.anti_affinity {
-        println!("anti-affinity: {g}");
+        out!("anti-affinity: {g}");
     }
-    println!(
+    out!(
         "node:        {}",
         vm.node
             .map(|n| format!("n{n}"))
             .unwrap_or_else(|| "-".into())
     );
-    println!("desired:     {}", desired(vm));
-    println!("observed:    {}", vm.phase);
+    out!("desired:     {}", desired(vm));
+    out!("observed:    {}", vm.phase);
     if let Some(r) = &vm.reason {
-        println!("reason:      {r}");
+        out!("reason:      {r}");
     }
-    println!("history:");
+    out!("history:");
     for t in &vm.history {
-        println!(
+        out!(
             "  {:>6} ago  {:<9} {:<4} {}",
             age(t.at_ms),
             t.phase.to_string(),
@@ -424,7 +424,7 @@ async fn run_with(
                     },
                 )
                 .await?;
-            println!("deleted VM {name}");
+            out!("deleted VM {name}");
             Ok(())
         }
         VmCommand::Logs {
@@ -546,10 +546,10 @@ pub async fn drain(
     let result = async {
         let moved = client.call(&to, NodeDrain { node, drained }).await?.moved;
         if !drained {
-            println!("node {node} takes VMs again");
+            out!("node {node} takes VMs again");
             return Ok(());
         }
-        println!("node {node} drained; moving {} VMs", moved.len());
+        out!("node {node} drained; moving {} VMs", moved.len());
         let Some(within) = wait else {
             return Ok(());
         };
