@@ -238,12 +238,9 @@ pub async fn reconciler(service: Arc<NodeService>) {
         // A new entry: only the VMs it changed (the start path of a new VM stays short).
         // Otherwise, and at least once a second, all of them (exits, backoffs, settling).
         let quick = wake == Wake::Applied && swept.elapsed() < IDLE;
-        if !reconcile_round(&service, quick.then_some(&mut seen)).await {
-            reconcile_round(&service, None).await;
-        }
-        if !quick {
+        if !quick || !reconcile_round(&service, true, &mut seen).await {
+            reconcile_round(&service, false, &mut seen).await;
             swept = Instant::now();
-            seen = mine_now(&service);
         }
         if trimmed.elapsed() > Duration::from_secs(10) {
             trimmed = Instant::now();
@@ -317,14 +314,16 @@ fn mine_now(service: &NodeService) -> HashMap<String, Vm> {
         .collect()
 }
 
-/// One reconciler round. With `seen` (a quick round), only the VMs that changed since are
-/// stepped, and `seen` is updated; it returns false when a quick round is not enough (a
-/// VM left this host) and a full round must follow.
+/// One reconciler round; `seen` is what the rounds have stepped. A quick round steps only
+/// the VMs that changed since, and returns false when that is not enough (a VM left this
+/// host) and a full round must follow. A full round steps every VM, and sweeps runners
+/// and state dirs that are no longer assigned here.
 async fn reconcile_round(
     service: &Arc<NodeService>,
-    seen: Option<&mut HashMap<String, Vm>>,
+    quick: bool,
+    seen: &mut HashMap<String, Vm>,
 ) -> bool {
-    if let Some(seen) = seen {
+    if quick {
         let mine = mine_now(service);
         if seen.keys().any(|k| !mine.contains_key(k)) {
             return false;
@@ -375,6 +374,8 @@ async fn reconcile_round(
             }
         }
     }
+    // Exactly what this round stepped: a VM applied meanwhile is new to the next round.
+    *seen = mine.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     for (name, vm) in mine {
         if let Err(e) = step(service, &name, &vm).await {
             tracing::debug!(vm = %name, "reconcile: {e}");
