@@ -328,15 +328,14 @@ async fn reconcile_round(
         if seen.keys().any(|k| !mine.contains_key(k)) {
             return false;
         }
-        for (name, vm) in mine {
-            if seen.get(&name) == Some(&vm) {
-                continue;
-            }
-            if let Err(e) = step(service, &name, &vm).await {
-                tracing::debug!(vm = %name, "reconcile: {e}");
-            }
-            seen.insert(name, vm);
+        let changed: Vec<(String, Vm)> = mine
+            .into_iter()
+            .filter(|(name, vm)| seen.get(name) != Some(vm))
+            .collect();
+        for (name, vm) in &changed {
+            seen.insert(name.clone(), vm.clone());
         }
+        step_all(service, changed).await;
         return true;
     }
     let me = service.node.id();
@@ -376,12 +375,23 @@ async fn reconcile_round(
     }
     // Exactly what this round stepped: a VM applied meanwhile is new to the next round.
     *seen = mine.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    for (name, vm) in mine {
-        if let Err(e) = step(service, &name, &vm).await {
-            tracing::debug!(vm = %name, "reconcile: {e}");
-        }
-    }
+    step_all(service, mine.into_iter().collect()).await;
     true
+}
+
+/// Steps VMs side by side (each touches only its own state dir and runner), so one VM's
+/// report or stop does not hold up another's start; returns when all are done.
+async fn step_all(service: &Arc<NodeService>, vms: Vec<(String, Vm)>) {
+    let mut steps = tokio::task::JoinSet::new();
+    for (name, vm) in vms {
+        let me = service.clone();
+        steps.spawn(async move {
+            if let Err(e) = step(&me, &name, &vm).await {
+                tracing::debug!(vm = %name, "reconcile: {e}");
+            }
+        });
+    }
+    while steps.join_next().await.is_some() {}
 }
 
 fn policy(p: RestartPolicy) -> Restart {
