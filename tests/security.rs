@@ -153,18 +153,7 @@ fn every_request(who: &str) -> Vec<Request> {
         // VMs: a create in the caller's own tenant (of an image that does not exist), the
         // rest on a VM of tenant acme that does not exist.
         blixard_net::api::VmCreate {
-            spec: Box::new(blixard_core::VmSpec {
-                name: format!("matrix-{who}"),
-                tenant: String::new(),
-                image: "nothing".into(),
-                vcpus: 1,
-                memory_mib: 64,
-                labels: Default::default(),
-                constraints: Default::default(),
-                anti_affinity: None,
-                restart: blixard_core::RestartPolicy::Never,
-                ready_marker: None,
-            }),
+            spec: vm_spec(&format!("matrix-{who}"), "", "nothing"),
             start: false,
         }
         .into(),
@@ -197,6 +186,22 @@ fn every_request(who: &str) -> Vec<Request> {
         }
         .into(),
     ]
+}
+
+/// A small VM spec (`tenant` empty: the caller's).
+fn vm_spec(name: &str, tenant: &str, image: &str) -> Box<blixard_core::VmSpec> {
+    Box::new(blixard_core::VmSpec {
+        name: name.into(),
+        tenant: tenant.into(),
+        image: image.into(),
+        vcpus: 1,
+        memory_mib: 64,
+        labels: Default::default(),
+        constraints: Default::default(),
+        anti_affinity: None,
+        restart: blixard_core::RestartPolicy::Never,
+        ready_marker: None,
+    })
 }
 
 fn acme_vm() -> blixard_net::api::VmRef {
@@ -476,18 +481,7 @@ async fn authorization_matrix_on_a_real_cluster() {
         .call(
             &to,
             blixard_net::api::VmCreate {
-                spec: Box::new(blixard_core::VmSpec {
-                    name: "borrowed".into(),
-                    tenant: String::new(),
-                    image: "globex-web".into(),
-                    vcpus: 1,
-                    memory_mib: 64,
-                    labels: Default::default(),
-                    constraints: Default::default(),
-                    anti_affinity: None,
-                    restart: blixard_core::RestartPolicy::Never,
-                    ready_marker: None,
-                }),
+                spec: vm_spec("borrowed", "", "globex-web"),
                 start: false,
             },
         )
@@ -520,18 +514,7 @@ async fn authorization_matrix_on_a_real_cluster() {
             .call(
                 &to,
                 blixard_net::api::VmCreate {
-                    spec: Box::new(blixard_core::VmSpec {
-                        name: name.into(),
-                        tenant: tenant.into(),
-                        image: "shared".into(),
-                        vcpus: 1,
-                        memory_mib: 64,
-                        labels: Default::default(),
-                        constraints: Default::default(),
-                        anti_affinity: None,
-                        restart: blixard_core::RestartPolicy::Never,
-                        ready_marker: None,
-                    }),
+                    spec: vm_spec(name, tenant, "shared"),
                     start: false,
                 },
             )

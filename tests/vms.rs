@@ -125,6 +125,28 @@ fn node_of(vm: &Value) -> usize {
     vm["node"].as_u64().expect("placed") as usize - 1
 }
 
+/// After a host came back: the watcher sees no host down, and VM `name` is placed on
+/// `second` and runs there only, not on `first`.
+fn assert_runs_only_on(c: &Cluster, watcher: usize, first: usize, second: usize, name: &str) {
+    wait_for(
+        "the old host to be up again",
+        Duration::from_secs(60),
+        || {
+            let n = c.nodes[watcher].try_cli(&["node", "list"])?;
+            if n.contains("down") {
+                Err(n)
+            } else {
+                Ok(())
+            }
+        },
+    );
+    let v = show(&c.nodes[first], name);
+    assert_eq!(node_of(&v), second);
+    let key = format!("default@{name}");
+    assert!(pid_on(c, second, &key).is_some());
+    assert_eq!(pid_on(c, first, &key), None);
+}
+
 /// The pid of VM `tenant@name` on node `i`, if it runs there.
 fn pid_on(c: &Cluster, i: usize, key: &str) -> Option<u32> {
     pid_in(&c.nodes[i].dir.join("vms").join(key))
@@ -275,22 +297,7 @@ fn a_dead_hosts_vm_boots_on_a_survivor_and_never_twice() {
             Ok(())
         }
     });
-    wait_for(
-        "the old host to be up again",
-        Duration::from_secs(60),
-        || {
-            let n = c.nodes[watcher].try_cli(&["node", "list"])?;
-            if n.contains("down") {
-                Err(n)
-            } else {
-                Ok(())
-            }
-        },
-    );
-    let v = show(&c.nodes[first], "web");
-    assert_eq!(node_of(&v), second);
-    assert!(pid_on(&c, second, "default@web").is_some());
-    assert_eq!(pid_on(&c, first, "default@web"), None);
+    assert_runs_only_on(&c, watcher, first, second, "web");
 }
 
 #[test]
@@ -800,22 +807,7 @@ fn a_partitioned_host_stops_its_vm_before_it_runs_elsewhere() {
 
     // Healed: the old host rejoins, is up again, and does not start its copy again.
     drop(cut);
-    wait_for(
-        "the old host to be up again",
-        Duration::from_secs(60),
-        || {
-            let n = c.nodes[watcher].try_cli(&["node", "list"])?;
-            if n.contains("down") {
-                Err(n)
-            } else {
-                Ok(())
-            }
-        },
-    );
-    let v = show(&c.nodes[first], "m");
-    assert_eq!(node_of(&v), second);
-    assert_eq!(pid_on(&c, first, "default@m"), None);
-    assert!(pid_on(&c, second, "default@m").is_some());
+    assert_runs_only_on(&c, watcher, first, second, "m");
 }
 
 fn declare(path: &Path, vms: &[(&str, &Path, u32, &str)]) {

@@ -86,10 +86,11 @@ fn parse_cache_listen(s: &str) -> Result<CacheListen, String> {
         .map_err(|e| format!("expected HOST:PORT or off: {e}"))
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
+/// `KEY=VALUE` (labels, constraints).
+pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("labels are KEY=VALUE, got {s:?}")),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
 }
 

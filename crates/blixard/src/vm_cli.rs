@@ -48,10 +48,10 @@ pub enum VmCommand {
         #[arg(long)]
         tenant: Option<String>,
         /// A label on the VM, KEY=VALUE; repeatable.
-        #[arg(long = "label", value_parser = parse_pair)]
+        #[arg(long = "label", value_parser = crate::daemon::parse_label)]
         labels: Vec<(String, String)>,
         /// Only hosts with this label, KEY=VALUE; repeatable.
-        #[arg(long = "constraint", value_parser = parse_pair)]
+        #[arg(long = "constraint", value_parser = crate::daemon::parse_label)]
         constraints: Vec<(String, String)>,
         /// VMs of the same group never share a host.
         #[arg(long)]
@@ -127,13 +127,6 @@ pub struct VmArgs {
     /// How long to wait for the host, in seconds.
     #[arg(long, default_value_t = 120)]
     wait_timeout: u64,
-}
-
-fn parse_pair(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
-    }
 }
 
 fn fail(e: impl std::fmt::Display) -> Failure {
