@@ -277,6 +277,19 @@ fn a_dead_hosts_vm_boots_on_a_survivor_and_never_twice() {
         }
     });
     let second = node_of(&moved);
+    // Every survivor's audit log has the state change, the leader's also its decision.
+    wait_for(
+        "the down mark in the audit log",
+        Duration::from_secs(10),
+        || {
+            let audit = std::fs::read_to_string(c.nodes[watcher].dir.join("audit.log")).unwrap();
+            if audit.contains("\"change\":\"set_node_down\"") {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    );
     let history = moved["history"].to_string();
     assert!(
         history.contains(&format!("node {} is down", first + 1)),
@@ -596,6 +609,11 @@ fn operator_hooks_veto_creates_and_time_out() {
         "\"running\"",
         "after_vm_start",
         "before_vm_delete",
+        // … and every state change the node applied, with its raft index.
+        "\"change\":\"create_vm\"",
+        "\"change\":\"report_vm\"",
+        "\"change\":\"delete_vm\"",
+        "\"change\":\"add_image\"",
     ] {
         assert!(audit.contains(step), "{step} missing from the audit log");
     }

@@ -125,6 +125,9 @@ async fn liveness(
                 })
                 .await
                 .map_err(|e| e.to_string())?;
+            service
+                .audit
+                .record_node(node, if down { "marked down" } else { "marked up" });
         }
     }
     Ok(())
@@ -167,9 +170,24 @@ async fn schedule_round(service: &NodeService) -> Result<(), String> {
         out
     };
     for command in decisions {
-        if let Err(e) = service.propose(command).await {
+        let (key, node, reason) = match &command {
+            Command::PlaceVm {
+                key, node, reason, ..
+            } => (key.clone(), *node, reason.clone()),
+            _ => continue,
+        };
+        match service.propose(command).await {
+            // The leader's decisions are state changes too: in its audit log.
+            Ok(_) => match node {
+                Some(n) => {
+                    service
+                        .audit
+                        .record_vm(&key, "scheduled", Some(&format!("placed on n{n}")))
+                }
+                None => service.audit.record_vm(&key, "pending", reason.as_deref()),
+            },
             // A decision overtaken by another change is made again next round.
-            tracing::debug!("placement refused: {e}");
+            Err(e) => tracing::debug!("placement refused: {e}"),
         }
     }
     Ok(())

@@ -38,6 +38,27 @@ struct VmLine<'a> {
     reason: Option<&'a str>,
 }
 
+#[derive(Serialize)]
+struct ChangeLine<'a> {
+    time: String,
+    time_ms: u64,
+    node: NodeId,
+    /// The raft log index that made it.
+    index: u64,
+    change: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proposer: Option<NodeId>,
+}
+
+#[derive(Serialize)]
+struct NodeLine<'a> {
+    time: String,
+    time_ms: u64,
+    node: NodeId,
+    host: NodeId,
+    change: &'a str,
+}
+
 /// Appends audit lines; write failures are logged, never fatal for the request.
 pub struct AuditLog {
     path: PathBuf,
@@ -106,6 +127,37 @@ impl AuditLog {
             vm,
             lifecycle: event,
             reason,
+        };
+        self.write(&line);
+    }
+
+    /// Records a change the leader made to a host (marked down or up).
+    pub fn record_node(&self, host: NodeId, change: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let line = NodeLine {
+            time: rfc3339(now.as_secs()),
+            time_ms: now.as_millis() as u64,
+            node: self.node,
+            host,
+            change,
+        };
+        self.write(&line);
+    }
+
+    /// Records a state change this node applied (every node records every change).
+    pub fn record_change(&self, index: u64, change: &str, proposer: Option<NodeId>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let line = ChangeLine {
+            time: rfc3339(now.as_secs()),
+            time_ms: now.as_millis() as u64,
+            node: self.node,
+            index,
+            change,
+            proposer,
         };
         self.write(&line);
     }

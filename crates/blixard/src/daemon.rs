@@ -462,6 +462,7 @@ async fn serve(
         .spawn();
     let janitor = tokio::spawn(crate::images::janitor(service.clone()));
     let scheduler = tokio::spawn(crate::agent::scheduler(service.clone()));
+    let auditor = tokio::spawn(audit_changes(node.changes(), service.audit.clone()));
     let declarer = match &config.vms.declared_file {
         Some(f) => {
             let vms =
@@ -514,6 +515,7 @@ async fn serve(
     // The VMs keep running: a restarted daemon adopts them.
     scheduler.abort();
     reconciler.abort();
+    auditor.abort();
     if let Some(d) = declarer {
         d.abort();
     }
@@ -541,6 +543,24 @@ async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Writes every state change this node applies into its audit log.
+async fn audit_changes(
+    mut changes: tokio::sync::broadcast::Receiver<blixard_raft::Change>,
+    audit: Arc<crate::audit::AuditLog>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match changes.recv().await {
+            Ok(c) => audit.record_change(c.index, c.kind, c.proposer),
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!("the audit log missed {n} state changes (they are in the raft log)");
+                audit.record_change(0, &format!("{n} changes not recorded (lagged)"), None);
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
 }
 
 /// The node's VM machinery, from the `[vms]` config.

@@ -5,7 +5,7 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use blixard_core::{
-    decode_versioned, encode_versioned, ApplyError, CommandOutput, Envelope, State,
+    decode_versioned, encode_versioned, ApplyError, CommandOutput, Envelope, NodeId, State,
 };
 use blixard_store::{Store, StoreError, WriteBatch};
 use protobuf::Message as _;
@@ -58,9 +58,21 @@ pub struct Applied {
     pub result: Result<CommandOutput, ApplyError>,
 }
 
+/// A state change this node applied (any proposer's): what the audit log records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub index: u64,
+    /// The command's kind (`create_vm`, `set_node_down`, …).
+    pub kind: &'static str,
+    /// The node that proposed it (`None` for commands without a waiting caller).
+    pub proposer: Option<NodeId>,
+}
+
 /// What one round of `Ready` handling produced for the caller.
 #[derive(Debug, Default)]
 pub struct Output {
+    /// Every command applied successfully in this round (the state changes).
+    pub changes: Vec<Change>,
     /// Messages to send, in order.
     pub messages: Vec<Message>,
     /// Results for this node's own proposals.
@@ -80,6 +92,13 @@ impl Output {
         env: &Envelope,
         result: Result<CommandOutput, ApplyError>,
     ) {
+        if result.is_ok() && !matches!(env.command, blixard_core::Command::Noop) {
+            self.changes.push(Change {
+                index,
+                kind: env.command.kind(),
+                proposer: env.proposer,
+            });
+        }
         if env.proposer.map(|p| p.0) == Some(me) {
             self.applied.push(Applied {
                 index,

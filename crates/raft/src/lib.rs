@@ -10,7 +10,7 @@ mod core;
 mod logger;
 mod node;
 
-pub use crate::core::{Applied, CoreConfig, CoreError, Output, RaftCore};
+pub use crate::core::{Applied, Change, CoreConfig, CoreError, Output, RaftCore};
 pub use logger::tracing_logger;
 pub use node::{NodeStatus, PeerStatus, ProposeError, RaftNode, Transport};
 pub use raft::eraftpb::Message;

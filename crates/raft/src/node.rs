@@ -84,6 +84,7 @@ pub struct RaftNode {
     state: Arc<RwLock<State>>,
     applied: watch::Receiver<u64>,
     removed: watch::Receiver<bool>,
+    changes: tokio::sync::broadcast::Sender<crate::core::Change>,
     id: NodeId,
 }
 
@@ -104,6 +105,7 @@ impl RaftNode {
         let state = core.state();
         let (applied_tx, applied) = watch::channel(core.applied_index());
         let (removed_tx, removed) = watch::channel(false);
+        let (changes, _) = tokio::sync::broadcast::channel(4096);
         let id = NodeId(core.id());
         let worker = Worker {
             core,
@@ -118,6 +120,7 @@ impl RaftNode {
             next_read: 0,
             applied_tx,
             removed_tx,
+            changes: changes.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("raft-{id}"))
@@ -128,6 +131,7 @@ impl RaftNode {
                 state,
                 applied,
                 removed,
+                changes,
                 id,
             },
             handle,
@@ -136,6 +140,11 @@ impl RaftNode {
 
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// Every state change this node applies from now on (for the audit log).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<crate::core::Change> {
+        self.changes.subscribe()
     }
 
     /// The local state machine, as of the last applied entry (a stale read).
@@ -245,6 +254,7 @@ struct Worker {
     next_read: u64,
     applied_tx: watch::Sender<u64>,
     removed_tx: watch::Sender<bool>,
+    changes: tokio::sync::broadcast::Sender<crate::core::Change>,
 }
 
 impl Worker {
@@ -528,11 +538,16 @@ impl Worker {
             return Ok(true);
         }
         let Output {
+            changes,
             messages,
             applied,
             read_states,
             removed_self,
         } = self.core.process_ready()?;
+        for change in changes {
+            // Nobody listening is fine; a slow listener is told how much it missed.
+            let _ = self.changes.send(change);
+        }
         if !messages.is_empty() {
             self.transport.send(messages);
         }
