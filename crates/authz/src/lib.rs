@@ -83,10 +83,16 @@ pub enum Resource {
     Tenant {
         name: String,
     },
-    /// A VM, named `tenant/name`.
+    /// A VM, named `tenant/name`, with its labels as `key=value` strings.
     Vm {
         name: String,
         tenant: String,
+        labels: Vec<String>,
+    },
+    /// A host, with its labels as `key=value` strings.
+    Node {
+        id: u64,
+        labels: Vec<String>,
     },
 }
 
@@ -97,7 +103,8 @@ impl std::fmt::Display for Resource {
             Resource::User { name, .. } => write!(f, "user {name}"),
             Resource::Image { name, .. } => write!(f, "image {name}"),
             Resource::Tenant { name } => write!(f, "tenant {name}"),
-            Resource::Vm { name, tenant } => write!(f, "VM {tenant}/{name}"),
+            Resource::Vm { name, tenant, .. } => write!(f, "VM {tenant}/{name}"),
+            Resource::Node { id, .. } => write!(f, "node n{id}"),
         }
     }
 }
@@ -176,7 +183,15 @@ fn user_entity(name: &str, roles: &[String], tenant: Option<&str>) -> Result<Ent
         .map_err(|e| AuthzError::Request(e.to_string()))
 }
 
-/// An entity of type `ty` with only a `tenant` attribute (images, VMs).
+fn string_set(items: &[String]) -> RestrictedExpression {
+    RestrictedExpression::new_set(
+        items
+            .iter()
+            .map(|i| RestrictedExpression::new_string(i.clone())),
+    )
+}
+
+/// An entity of type `ty` with only a `tenant` attribute (images).
 fn tenant_owned(
     ty: &str,
     id: &str,
@@ -293,8 +308,41 @@ impl Authorizer {
                 tenant.as_deref().unwrap_or_default(),
                 &mut entities,
             )?,
-            Resource::Vm { name, tenant } => {
-                tenant_owned("Vm", &format!("{tenant}/{name}"), tenant, &mut entities)?
+            Resource::Vm {
+                name,
+                tenant,
+                labels,
+            } => {
+                let u = uid("Vm", &format!("{tenant}/{name}"))?;
+                let attrs = HashMap::from([
+                    (
+                        "tenant".to_string(),
+                        RestrictedExpression::new_string(tenant.clone()),
+                    ),
+                    ("labels".to_string(), string_set(labels)),
+                ]);
+                entities.push(
+                    Entity::new(u.clone(), attrs, HashSet::new())
+                        .map_err(|e| AuthzError::Request(e.to_string()))?,
+                );
+                u
+            }
+            Resource::Node { id, labels } => {
+                let u = uid("Node", &format!("n{id}"))?;
+                let attrs = HashMap::from([
+                    (
+                        "node_id".to_string(),
+                        RestrictedExpression::new_long(i64::try_from(*id).unwrap_or(i64::MAX)),
+                    ),
+                    ("labels".to_string(), string_set(labels)),
+                ]);
+                // A node acting on itself: one entity, with the labels.
+                entities.retain(|e| e.uid() != u);
+                entities.push(
+                    Entity::new(u.clone(), attrs, HashSet::new())
+                        .map_err(|e| AuthzError::Request(e.to_string()))?,
+                );
+                u
             }
         };
         let action_uid = uid("Action", action)?;
@@ -386,6 +434,11 @@ mod tests {
         let vm = |tenant: &str| Resource::Vm {
             name: "web".into(),
             tenant: tenant.into(),
+            labels: vec!["tier=front".into()],
+        };
+        let host = Resource::Node {
+            id: 2,
+            labels: vec![],
         };
         for action in ACTIONS.iter().filter(|a| **a != "blob:fetch") {
             let acme = Resource::Tenant {
@@ -396,6 +449,7 @@ mod tests {
                 "image:read" | "image:manage" => &web(None),
                 "tenant:read" | "tenant:manage" => &acme,
                 "vm:read" | "vm:manage" => &vm("acme"),
+                "node:manage" => &host,
                 _ => &c,
             };
             assert!(
@@ -487,6 +541,47 @@ mod tests {
             &vm("acme")
         ));
         assert!(!allowed(&a, &op, "node:manage", &c));
+        let n2 = Resource::Node {
+            id: 2,
+            labels: vec!["zone=a".into()],
+        };
+        assert!(allowed(&a, &user(&["admin"], None), "node:manage", &n2));
+        assert!(!allowed(&a, &op, "node:manage", &n2));
+        assert!(!allowed(&a, &Subject::Node { id: 2 }, "node:manage", &n2));
+    }
+
+    #[test]
+    fn policies_can_use_vm_and_node_labels() {
+        let a = Authorizer::new(
+            r#"
+            permit (principal is Blixard::User, action == Blixard::Action::"vm:manage", resource is Blixard::Vm)
+            when { principal.roles.contains("dev") && resource.labels.contains("env=dev") };
+            permit (principal is Blixard::User, action == Blixard::Action::"node:manage", resource is Blixard::Node)
+            when { principal.roles.contains("rack-a") && resource has labels && resource.labels.contains("rack=a") };
+            "#,
+        )
+        .unwrap();
+        let dev = user(&["dev", "rack-a"], Some("acme"));
+        let vm = |label: &str| Resource::Vm {
+            name: "x".into(),
+            tenant: "acme".into(),
+            labels: vec![label.into()],
+        };
+        assert!(allowed(&a, &dev, "vm:manage", &vm("env=dev")));
+        assert!(!allowed(&a, &dev, "vm:manage", &vm("env=prod")));
+        let node = |label: &str| Resource::Node {
+            id: 3,
+            labels: vec![label.into()],
+        };
+        assert!(allowed(&a, &dev, "node:manage", &node("rack=a")));
+        assert!(!allowed(&a, &dev, "node:manage", &node("rack=b")));
+        // A node acting on itself is one entity.
+        assert!(!allowed(
+            &a,
+            &Subject::Node { id: 3 },
+            "node:manage",
+            &node("rack=a")
+        ));
     }
 
     #[test]

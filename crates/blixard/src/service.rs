@@ -187,8 +187,31 @@ impl NodeService {
             Some(("tenant", name)) => Ok(Resource::Tenant {
                 name: name.to_string(),
             }),
+            Some(("vm", key)) => {
+                let (tenant, name) = key.split_once('/').ok_or_else(|| {
+                    ApiError::BadRequest(format!("resource {spec:?}: expected vm:TENANT/NAME"))
+                })?;
+                let r = blixard_net::api::VmRef {
+                    name: name.to_string(),
+                    tenant: Some(tenant.to_string()),
+                };
+                Ok(match self.node.state().vm(key) {
+                    Some(vm) => blixard_net::authz::vm_entity(vm),
+                    None => Resource::Vm {
+                        name: r.name,
+                        tenant: tenant.to_string(),
+                        labels: Vec::new(),
+                    },
+                })
+            }
+            Some(("node", id)) => {
+                let id: NodeId = id.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("resource {spec:?}: expected node:ID"))
+                })?;
+                Ok(blixard_net::authz::node_resource(id, self))
+            }
             _ => Err(ApiError::BadRequest(format!(
-                "resource {spec:?}: expected cluster, user:NAME, image:NAME or tenant:NAME"
+                "resource {spec:?}: expected cluster, user:NAME, image:NAME, tenant:NAME, vm:TENANT/NAME or node:ID"
             ))),
         }
     }
@@ -213,6 +236,12 @@ impl Lookup for NodeService {
     }
     fn image(&self, name: &str) -> Option<blixard_core::Image> {
         self.node.state().image(name).cloned()
+    }
+    fn vm(&self, key: &str) -> Option<blixard_core::Vm> {
+        self.node.state().vm(key).cloned()
+    }
+    fn node_labels(&self, node: NodeId) -> Option<std::collections::BTreeMap<String, String>> {
+        self.node.state().member(node).map(|m| m.labels.clone())
     }
 }
 

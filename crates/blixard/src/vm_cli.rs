@@ -241,7 +241,9 @@ fn vm_ref(name: String, tenant: Option<String>) -> VmRef {
     VmRef { name, tenant }
 }
 
-/// Polls the VM until it is running (or ready); its failure is the command's failure.
+/// Polls the VM (linearizable reads: the node asked may not have applied the create yet,
+/// when the leader answered it) until it is running (or ready); its failure is the
+/// command's failure.
 async fn wait_for(
     client: &ApiClient,
     to: &EndpointAddr,
@@ -256,7 +258,7 @@ async fn wait_for(
                 to,
                 VmShow {
                     vm: vm.clone(),
-                    stale: true,
+                    stale: false,
                 },
             )
             .await?
@@ -479,7 +481,7 @@ async fn control(
                 to,
                 VmShow {
                     vm: r.clone(),
-                    stale: true,
+                    stale: false,
                 },
             )
             .await?
@@ -554,7 +556,7 @@ pub async fn drain(
                     VmList {
                         tenant: None,
                         node: None,
-                        stale: true,
+                        stale: false,
                     },
                 )
                 .await?

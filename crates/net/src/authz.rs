@@ -63,6 +63,26 @@ impl std::fmt::Display for Principal {
 pub trait Lookup {
     fn user(&self, name: &str) -> Option<User>;
     fn image(&self, name: &str) -> Option<Image>;
+    /// A VM by its key (`tenant/name`).
+    fn vm(&self, key: &str) -> Option<blixard_core::Vm>;
+    /// A member's labels.
+    fn node_labels(&self, node: NodeId) -> Option<std::collections::BTreeMap<String, String>>;
+}
+
+/// Labels as Cedar sees them: `key=value` strings.
+pub fn label_strings(labels: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// The Cedar form of host `node` (an unknown one has no labels).
+pub fn node_resource(node: NodeId, lookup: &dyn Lookup) -> Resource {
+    Resource::Node {
+        id: node.0,
+        labels: lookup
+            .node_labels(node)
+            .map(|l| label_strings(&l))
+            .unwrap_or_default(),
+    }
 }
 
 /// The Cedar form of the user named `name`, or the cluster when there is no such user.
@@ -108,15 +128,19 @@ pub fn vm_tenant(principal: &Principal, tenant: Option<&String>) -> String {
         .unwrap_or_else(|| blixard_core::DEFAULT_TENANT.to_string())
 }
 
-fn vm_resource(principal: &Principal, name: &str, tenant: Option<&String>) -> Resource {
+/// The Cedar form of the VM a request names: its labels when it exists, none when not
+/// (the refusal or "no VM" reveals nothing else).
+fn vm_ref_resource(principal: &Principal, r: &crate::api::VmRef, lookup: &dyn Lookup) -> Resource {
+    let tenant = vm_tenant(principal, r.tenant.as_ref());
+    let labels = lookup
+        .vm(&blixard_core::Vm::key(&tenant, &r.name))
+        .map(|v| label_strings(&v.spec.labels))
+        .unwrap_or_default();
     Resource::Vm {
-        name: name.to_string(),
-        tenant: vm_tenant(principal, tenant),
+        name: r.name.clone(),
+        tenant,
+        labels,
     }
-}
-
-fn vm_ref_resource(principal: &Principal, r: &crate::api::VmRef) -> Resource {
-    vm_resource(principal, &r.name, r.tenant.as_ref())
 }
 
 /// The Cedar form of a VM.
@@ -124,6 +148,7 @@ pub fn vm_entity(vm: &blixard_core::Vm) -> Resource {
     Resource::Vm {
         name: vm.spec.name.clone(),
         tenant: vm.spec.tenant.clone(),
+        labels: label_strings(&vm.spec.labels),
     }
 }
 
@@ -222,19 +247,20 @@ pub fn action_of(
         Request::TenantList(_) | Request::NodeList(_) | Request::VmList(_) => {
             ("cluster:read", Resource::Cluster)
         }
+        // A new VM is judged with the labels it asks for; an existing one with its own.
         Request::VmCreate(c) => (
             "vm:manage",
-            vm_resource(
-                principal,
-                &c.spec.name,
-                Some(&c.spec.tenant).filter(|t| !t.is_empty()),
-            ),
+            Resource::Vm {
+                name: c.spec.name.clone(),
+                tenant: vm_tenant(principal, Some(&c.spec.tenant).filter(|t| !t.is_empty())),
+                labels: label_strings(&c.spec.labels),
+            },
         ),
-        Request::VmShow(r) => ("vm:read", vm_ref_resource(principal, &r.vm)),
-        Request::VmLogs(r) => ("vm:read", vm_ref_resource(principal, &r.vm)),
-        Request::VmControl(r) => ("vm:manage", vm_ref_resource(principal, &r.vm)),
-        Request::VmDelete(r) => ("vm:manage", vm_ref_resource(principal, &r.vm)),
-        Request::NodeDrain(_) => ("node:manage", Resource::Cluster),
+        Request::VmShow(r) => ("vm:read", vm_ref_resource(principal, &r.vm, lookup)),
+        Request::VmLogs(r) => ("vm:read", vm_ref_resource(principal, &r.vm, lookup)),
+        Request::VmControl(r) => ("vm:manage", vm_ref_resource(principal, &r.vm, lookup)),
+        Request::VmDelete(r) => ("vm:manage", vm_ref_resource(principal, &r.vm, lookup)),
+        Request::NodeDrain(d) => ("node:manage", node_resource(d.node, lookup)),
     }
 }
 
@@ -362,6 +388,12 @@ mod tests {
             None
         }
         fn image(&self, _: &str) -> Option<Image> {
+            None
+        }
+        fn vm(&self, _: &str) -> Option<blixard_core::Vm> {
+            None
+        }
+        fn node_labels(&self, _: NodeId) -> Option<std::collections::BTreeMap<String, String>> {
             None
         }
     }
