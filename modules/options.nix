@@ -222,9 +222,10 @@ in
       default = { };
       description = ''
         The cluster's expected members. Checked at evaluation (no duplicate names or
-        endpoint ids, addresses are IP:PORT) and written to /etc/blixard/members.json for
-        operators and tests. The daemon learns membership through join tickets; it does
-        not read this list.
+        endpoint ids, addresses are IP:PORT), written to /etc/blixard/members.json and named
+        in the daemon config (`expected_members`): the daemon then refuses a join from a
+        key not listed under that name, even with a valid ticket. Members still join with
+        tickets; the list does not add them.
       '';
     };
 

@@ -64,7 +64,7 @@ rec {
   #     vms = { stateDir, consoleMaxMib, downTimeoutMs, fenceTimeoutMs, stopTimeoutMs,
   #             strategy, cpuOvercommitPct, memoryOvercommitPct, hooks, hookTimeoutMs,
   #             declaredFile };
-  #     requestTimeoutMs, settings }
+  #     requestTimeoutMs, expectedMembers, settings }
   # Every field may be missing or null; nulls are dropped so the daemon's defaults apply
   # (`vms.hooks = [ ]` too: the daemon's default is no hooks). Hooks are left as given, so
   # a Nix path literal is copied to the store when the config is rendered.
@@ -78,6 +78,7 @@ rec {
       hooks = get vms "hooks";
       typed = dropNulls {
         listen = get cfg "listen";
+        expected_members = get cfg "expectedMembers";
         name = get cfg "name";
         relay_url = get cfg "relayUrl";
         labels = cfg.labels or { };
@@ -134,7 +135,12 @@ rec {
         strategy cpuOvercommitPct memoryOvercommitPct hooks hookTimeoutMs;
       declaredFile = declaredVmsFile;
     };
+    # Declared membership: the daemon refuses joins from keys not listed.
+    expectedMembers = if (cfg.members or { }) != { } then membersFile else null;
   };
+
+  # Where the module writes the expected members (modules/default.nix, environment.etc).
+  membersFile = "/etc/blixard/members.json";
 
   # Checks of a rendered daemon config's `[vms]` section (after `settings`; the daemon's
   # defaults where a value is unset), as NixOS `assertions` entries. The timing rule is the

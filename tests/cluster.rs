@@ -225,3 +225,64 @@ fn tenants_quotas_and_the_node_list() {
     assert!(nodes.iter().all(|n| n["drained"] == false));
     assert!(nodes.iter().all(|n| n["allocated"]["vms"] == 0));
 }
+
+#[test]
+fn declared_members_refuse_a_stranger_with_a_valid_ticket() {
+    let root = tempfile::Builder::new()
+        .prefix("blixard-members")
+        .tempdir()
+        .unwrap();
+    // n2's identity is made before it starts, so the member list can name it.
+    let mut n1 = Node::new(root.path(), "n1");
+    let mut n2 = Node::new(root.path(), "n2");
+    let n3 = Node::new(root.path(), "n3");
+    std::fs::create_dir_all(&n2.dir).unwrap();
+    let n2_key = blixard_net::keys::create(&n2.dir.join("node.key")).unwrap();
+    let n2_id = blixard_net::key_of(&n2_key.public()).to_string();
+    let members = root.path().join("members.json");
+    // n1's key comes from its first start: list it after, and restart it with the list.
+    n1.start(&["--init"]);
+    let n1_id = n1.info().unwrap()["endpoint_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &members,
+        format!(
+            r#"{{"node1": {{"name": "n1", "endpointId": "{n1_id}", "addresses": []}},
+                "node2": {{"name": "n2", "endpointId": "{n2_id}", "addresses": []}}}}"#
+        ),
+    )
+    .unwrap();
+    let config = root.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!("expected_members = \"{}\"\n", members.display()),
+    )
+    .unwrap();
+    n1.stop();
+    n1.start(&["--config", config.to_str().unwrap()]);
+
+    // A listed node joins; a stranger with a perfectly good ticket is refused, naming why.
+    let ticket = n1
+        .cli_ok(&["cluster", "token", "create"])
+        .trim()
+        .to_string();
+    n2.start(&["--join", &ticket, "--config", config.to_str().unwrap()]);
+    let ticket = n1
+        .cli_ok(&["cluster", "token", "create"])
+        .trim()
+        .to_string();
+    let (code, out) = n3.run_expect_exit(&["--join", &ticket, "--name", "n3"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("not an expected member"), "{out}");
+    let status = n1.status(false).unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 2, "{status}");
+
+    // A malformed list stops the daemon with a config error.
+    std::fs::write(&members, "{\"node1\": {\"name\": \"n1\"}}").unwrap();
+    n1.stop();
+    let (code, out) = n1.run_expect_exit(&["--config", config.to_str().unwrap()]);
+    assert_eq!(code, 8, "{out}");
+    assert!(out.contains("expected members"), "{out}");
+}

@@ -290,6 +290,8 @@ in
   # feeds it, with module-daemon-config, to check-config)
   module-declared-vms = mkDeclaredVms moduleCfg.vms.declared;
   declared-vms-none = mkDeclaredVms { };
+  # declared membership: the daemon is pointed at /etc/blixard/members.json (only when set)
+  members-file = map (m: (moduleDaemonConfig (moduleCfg // { members = m; })).expected_members or null) [ { } goodMembers ];
 
   # flake.lock matches shared pins (shape of a version 7 lock, one nixpkgs node).
   flake-lock =

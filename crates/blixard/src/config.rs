@@ -26,6 +26,29 @@ pub struct Config {
     pub request_timeout_ms: Option<u64>,
     pub images: ImagesConfig,
     pub vms: VmsConfig,
+    /// The cluster's expected members (a JSON object of `{name, endpointId, addresses}`, as
+    /// the NixOS module writes /etc/blixard/members.json). When set, a join from a key not
+    /// listed under that name is refused, whatever the ticket.
+    pub expected_members: Option<String>,
+}
+
+/// One expected member.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ExpectedMember {
+    pub name: String,
+    #[serde(rename = "endpointId")]
+    pub endpoint_id: blixard_core::EndpointKey,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// Reads an expected-members file; the error names the file.
+pub fn load_members(path: &Path) -> Result<Vec<ExpectedMember>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("expected members {}: {e}", path.display()))?;
+    let map: BTreeMap<String, ExpectedMember> = serde_json::from_str(&text)
+        .map_err(|e| format!("expected members {}: {e}", path.display()))?;
+    Ok(map.into_values().collect())
 }
 
 /// How this node runs VMs, and (when it leads) places them and watches hosts.
@@ -259,6 +282,13 @@ impl Config {
         }
         if let Some(h) = v.hooks.iter().find(|p| !p.starts_with('/')) {
             return Err(format!("vms.hooks: {h:?} is not an absolute path"));
+        }
+        if let Some(f) = self
+            .expected_members
+            .as_ref()
+            .filter(|f| !f.starts_with('/'))
+        {
+            return Err(format!("expected_members: {f:?} is not an absolute path"));
         }
         if let Some(url) = &self.relay_url {
             url.parse::<iroh::RelayUrl>()

@@ -141,6 +141,9 @@ fn load_config(data_dir: &Path, args: &RunArgs) -> Result<Config, Failure> {
     config
         .validate()
         .map_err(|e| Failure::new(exit::CONFIG, format!("invalid config: {e}")))?;
+    if let Some(f) = &config.expected_members {
+        crate::config::load_members(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?;
+    }
     // A bad declared-VM file stops the daemon before it joins anything.
     if let Some(f) = &config.vms.declared_file {
         crate::declared::load(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?;
@@ -437,6 +440,12 @@ async fn serve(
     );
     let audit = Arc::new(crate::audit::AuditLog::new(data_dir, me));
     let vms = vms_of(data_dir, config, &node, &audit)?;
+    let expected = match &config.expected_members {
+        Some(f) => Some(
+            crate::config::load_members(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?,
+        ),
+        None => None,
+    };
     let service = Arc::new(
         NodeService::new(
             node.clone(),
@@ -445,6 +454,7 @@ async fn serve(
             audit,
             images,
             vms,
+            expected,
         )
         .map_err(|e| Failure::new(exit::ERROR, e))?,
     );

@@ -108,6 +108,8 @@ pub struct NodeService {
     pub policies: Mutex<(Option<String>, Arc<Authorizer>)>,
     pub images: crate::images::Images,
     pub vms: crate::vms::Vms,
+    /// When set, only these keys (under these names) may join.
+    pub expected: Option<Vec<crate::config::ExpectedMember>>,
 }
 
 impl NodeService {
@@ -118,6 +120,7 @@ impl NodeService {
         audit: Arc<crate::audit::AuditLog>,
         images: crate::images::Images,
         vms: crate::vms::Vms,
+        expected: Option<Vec<crate::config::ExpectedMember>>,
     ) -> Result<Self, String> {
         let defaults = Authorizer::with_defaults().map_err(|e| e.to_string())?;
         Ok(Self {
@@ -128,6 +131,7 @@ impl NodeService {
             policies: Mutex::new((None, Arc::new(defaults))),
             images,
             vms,
+            expected,
         })
     }
 
@@ -437,6 +441,18 @@ impl Service for NodeService {
                     return Err(ApiError::BadRequest(
                         "a node can only join with its own key".into(),
                     ));
+                }
+                // Declared membership: a stranger is refused even with a valid ticket.
+                if let Some(expected) = &self.expected {
+                    if !expected
+                        .iter()
+                        .any(|m| m.endpoint_id == j.endpoint && m.name == j.name)
+                    {
+                        return Err(ApiError::Rejected(format!(
+                            "node {} ({}) is not an expected member of this cluster (expected_members)",
+                            j.name, j.endpoint
+                        )));
+                    }
                 }
                 self.join_as(&frame, j.endpoint, j).await
             }
