@@ -288,7 +288,7 @@ fn write_record(dir: &Path, record: &Record) {
 }
 
 async fn stop_local(service: &NodeService, name: &str) -> Result<(), String> {
-    let supervisor = service.vms.supervisor_handle();
+    let supervisor = service.vms.supervisor.clone();
     let name2 = name.to_string();
     let timeout = service.vms.stop_timeout;
     tokio::task::spawn_blocking(move || supervisor.stop(&name2, timeout))
@@ -369,6 +369,7 @@ async fn reconcile_round(
         )
     };
     // Runners here that cluster state no longer puts here: moved, or deleted.
+    let mut still_running = std::collections::BTreeSet::new();
     for (name, _) in service.vms.supervisor.running() {
         if mine.contains_key(&name) {
             continue;
@@ -376,16 +377,13 @@ async fn reconcile_round(
         tracing::info!(vm = %name, "not assigned here any more; stopping");
         if let Err(e) = stop_local(service, &name).await {
             tracing::error!(vm = %name, "cannot stop: {e}");
+            still_running.insert(name);
         }
     }
-    // State dirs of deleted VMs go (after their runner stopped above).
+    // State dirs of deleted VMs go (once their runner stopped above).
     for name in service.vms.local_dirs() {
         let gone = Vms::key_of_local(&name).is_none_or(|k| !known.contains(&k));
-        let running = matches!(
-            service.vms.supervisor.state(&name),
-            Ok(VmState::Running { .. })
-        );
-        if gone && !running {
+        if gone && !still_running.contains(&name) {
             if let Some(dir) = service.vms.state_dir(&name) {
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -480,18 +478,17 @@ async fn step(service: &Arc<NodeService>, name: &str, vm: &Vm) -> Result<(), Str
             if observed == Observed::Running {
                 if record.is_none_or(|r| r.generation != vm.generation) {
                     // Adopted (a placement this host had not recorded): make it ours.
-                    write_record(
-                        &dir,
-                        &Record {
-                            generation: vm.generation,
-                            restarts: vm.restarts,
-                            // It ran before this daemon: settled.
-                            started_at_ms: now.saturating_sub(SETTLE.as_millis() as u64),
-                            ..Record::default()
-                        },
-                    );
+                    let adopted = Record {
+                        generation: vm.generation,
+                        restarts: vm.restarts,
+                        // It ran before this daemon: settled.
+                        started_at_ms: now.saturating_sub(SETTLE.as_millis() as u64),
+                        ..Record::default()
+                    };
+                    write_record(&dir, &adopted);
+                    record = Some(adopted);
                 }
-                let phase = running_phase(service, name, vm, read_record(&dir).as_ref());
+                let phase = running_phase(service, name, vm, record.as_ref());
                 report(service, vm, phase, None).await;
                 Ok(())
             } else if !want.running && !matches!(vm.phase, Phase::Stopped | Phase::Failed) {

@@ -224,11 +224,7 @@ pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
                     .collect::<Vec<_>>()
                     .join(","),
                 short(&m.endpoint),
-                m.labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                output::labels(&m.labels),
             ]
         })
         .collect();

@@ -15,6 +15,11 @@ pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Labels (or constraints) as one cell: `k=v,k2=v2`.
+pub fn labels(labels: &std::collections::BTreeMap<String, String>) -> String {
+    blixard_net::authz::label_strings(labels).join(",")
+}
+
 /// Prints rows as left-aligned columns under a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

@@ -166,11 +166,7 @@ pub async fn node_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
                     human_bytes(m.capacity.memory_mib << 20)
                 ),
                 n.allocated.vms.to_string(),
-                m.labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                output::labels(&m.labels),
             ]
         })
         .collect();

@@ -1,6 +1,5 @@
 //! `blixard vm …` and `blixard node drain|undrain`.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -186,12 +185,6 @@ fn print_vm(ctx: &Context, vm: &Vm) -> Result<(), Failure> {
         return output::json(vm).map_err(fail);
     }
     let s = &vm.spec;
-    let pairs = |m: &BTreeMap<String, String>| {
-        m.iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
     out!("name:        {}", s.name);
     out!("tenant:      {}", s.tenant);
     out!("image:       {} ({})", s.image, vm.manifest);
@@ -203,10 +196,10 @@ fn print_vm(ctx: &Context, vm: &Vm) -> Result<(), Failure> {
     };
     out!("restart:     {restart}");
     if !s.labels.is_empty() {
-        out!("labels:      {}", pairs(&s.labels));
+        out!("labels:      {}", output::labels(&s.labels));
     }
     if !s.constraints.is_empty() {
-        out!("constraints: {}", pairs(&s.constraints));
+        out!("constraints: {}", output::labels(&s.constraints));
     }
     if let Some(g) = &s.anti_affinity {
         out!("anti-affinity: {g}");

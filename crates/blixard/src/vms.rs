@@ -46,10 +46,6 @@ pub struct Vms {
 }
 
 impl Vms {
-    pub fn supervisor_handle(&self) -> Arc<ProcessSupervisor> {
-        self.supervisor.clone()
-    }
-
     /// The VMs that have a state dir here, by supervisor name.
     pub fn local_dirs(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
@@ -114,30 +110,21 @@ impl VmLifecycleHook for QuotaAdmission {
     }
 
     fn before_vm_create<'a>(&'a self, vm: &'a HookVm) -> HookFuture<'a> {
-        let verdict = (|| {
+        let verdict = {
             let state = self.0.state();
-            let quota = state.tenant(&vm.tenant)?.quota;
-            let used = state.tenant_usage(&vm.tenant);
-            let over = |what: String| {
-                Some(Veto {
-                    hook: "quota".into(),
-                    reason: format!("tenant {} would exceed its quota: {what}", vm.tenant),
-                })
-            };
-            if let Some(max) = quota.max_vms.filter(|m| used.vms + 1 > *m) {
-                return over(format!("{} VMs > {max}", used.vms + 1));
+            match state.tenant(&vm.tenant) {
+                Some(t) => t
+                    .quota
+                    .admits(state.tenant_usage(&vm.tenant), vm.vcpus, vm.memory_mib)
+                    .map_err(|what| Veto {
+                        hook: "quota".into(),
+                        reason: format!("tenant {} would exceed its quota: {what}", vm.tenant),
+                    }),
+                // No such tenant (yet): apply decides.
+                None => Ok(()),
             }
-            let vcpus = used.vcpus + u64::from(vm.vcpus);
-            if let Some(max) = quota.max_vcpus.filter(|m| vcpus > u64::from(*m)) {
-                return over(format!("{vcpus} vCPUs > {max}"));
-            }
-            let memory = used.memory_mib + vm.memory_mib;
-            if let Some(max) = quota.max_memory_mib.filter(|m| memory > *m) {
-                return over(format!("{memory} MiB > {max} MiB"));
-            }
-            None
-        })();
-        Box::pin(async move { verdict.map_or(Ok(()), Err) })
+        };
+        Box::pin(async move { verdict })
     }
 }
 
@@ -180,14 +167,14 @@ fn find<'s>(state: &'s State, principal: &Principal, r: &VmRef) -> Result<&'s Vm
 }
 
 impl NodeService {
-    fn vm_info(&self, key: &str) -> ResponseFrame {
+    fn vm_info(&self, key: &str) -> Result<VmInfo, ApiError> {
         let vm = self
             .node
             .state()
             .vm(key)
             .cloned()
             .ok_or_else(|| ApiError::Rejected(format!("no VM {key}")))?;
-        Ok(Response::VmShow(VmInfo { vm: Box::new(vm) }))
+        Ok(VmInfo { vm: Box::new(vm) })
     }
 
     /// Creates a VM. The leader places it in the same command when it can (one commit
@@ -268,10 +255,7 @@ impl NodeService {
             placement,
         })
         .await?;
-        match self.vm_info(&key)? {
-            Response::VmShow(i) => Ok(Response::VmCreate(i)),
-            other => Ok(other),
-        }
+        Ok(Response::VmCreate(self.vm_info(&key)?))
     }
 
     pub(crate) async fn vm_list(&self, principal: &Principal, r: &VmList) -> ResponseFrame {
@@ -321,10 +305,7 @@ impl NodeService {
             now_ms: now_ms(),
         })
         .await?;
-        match self.vm_info(&key)? {
-            Response::VmShow(i) => Ok(Response::VmControl(i)),
-            other => Ok(other),
-        }
+        Ok(Response::VmControl(self.vm_info(&key)?))
     }
 
     pub(crate) async fn vm_delete(&self, principal: &Principal, r: &VmRef) -> ResponseFrame {

@@ -423,19 +423,13 @@ impl State {
                     return Err(ApplyError::StalePlacement(key.clone()));
                 }
                 if let Some(n) = node {
-                    let member = self.members.get(n).ok_or(ApplyError::UnknownMember(*n))?;
-                    let config = SchedulerConfig {
-                        cpu_overcommit_pct: *cpu_overcommit_pct,
-                        memory_overcommit_pct: *memory_overcommit_pct,
-                        ..SchedulerConfig::default()
-                    };
-                    fits(member, &vm.spec, &self.ledger(), &config).map_err(|why| {
-                        ApplyError::DoesNotFit {
+                    self.fits_on(*n, &vm.spec, *cpu_overcommit_pct, *memory_overcommit_pct)
+                        .ok_or(ApplyError::UnknownMember(*n))?
+                        .map_err(|why| ApplyError::DoesNotFit {
                             vm: key.clone(),
                             node: *n,
                             why,
-                        }
-                    })?;
+                        })?;
                 }
                 let (node, reason, now) = (*node, reason.clone(), *now_ms);
                 self.vms.update(key, |v| {
@@ -821,28 +815,13 @@ impl State {
             return Err(ApplyError::VmExists(key));
         }
         // The quota, against the tenant's VMs as applied so far.
-        let (mut count, mut vcpus, mut memory) = (1u64, u64::from(spec.vcpus), spec.memory_mib);
-        for v in self.vms.values().filter(|v| v.spec.tenant == spec.tenant) {
-            count += 1;
-            vcpus += u64::from(v.spec.vcpus);
-            memory += v.spec.memory_mib;
-        }
-        let q = tenant.quota;
-        let over = |what: String| {
-            Err(ApplyError::QuotaExceeded {
+        tenant
+            .quota
+            .admits(self.tenant_usage(&spec.tenant), spec.vcpus, spec.memory_mib)
+            .map_err(|what| ApplyError::QuotaExceeded {
                 tenant: spec.tenant.clone(),
                 what,
-            })
-        };
-        if let Some(max) = q.max_vms.filter(|m| count > u64::from(*m)) {
-            return over(format!("{count} VMs > {max}"));
-        }
-        if let Some(max) = q.max_vcpus.filter(|m| vcpus > u64::from(*m)) {
-            return over(format!("{vcpus} vCPUs > {max}"));
-        }
-        if let Some(max) = q.max_memory_mib.filter(|m| memory > *m) {
-            return over(format!("{memory} MiB > {max} MiB"));
-        }
+            })?;
         if let Some(m) = &spec.ready_marker {
             if m.is_empty() || m.len() > 256 || m.contains('\n') {
                 return invalid("a ready marker is one line of 1 to 256 bytes".into());
@@ -867,15 +846,7 @@ impl State {
         };
         vm.transition(Phase::Pending, None, now_ms);
         if let Some(p) = placement {
-            let config = SchedulerConfig {
-                cpu_overcommit_pct: p.cpu_overcommit_pct,
-                memory_overcommit_pct: p.memory_overcommit_pct,
-                ..SchedulerConfig::default()
-            };
-            let fit = self
-                .members
-                .get(&p.node)
-                .map(|m| fits(m, spec, &self.ledger(), &config));
+            let fit = self.fits_on(p.node, spec, p.cpu_overcommit_pct, p.memory_overcommit_pct);
             // No longer fitting is not an error: the VM waits for the scheduler.
             if fit == Some(Ok(())) {
                 vm.node = Some(p.node);
@@ -885,6 +856,24 @@ impl State {
         }
         self.vms.insert(key, vm);
         Ok(CommandOutput::Done)
+    }
+
+    /// Re-checks a placement decided elsewhere: whether `spec` fits on member `node` under
+    /// the overcommit it was decided with (the reason if not); `None` if `node` is no member.
+    fn fits_on(
+        &self,
+        node: NodeId,
+        spec: &VmSpec,
+        cpu_overcommit_pct: u32,
+        memory_overcommit_pct: u32,
+    ) -> Option<Result<(), String>> {
+        let config = SchedulerConfig {
+            cpu_overcommit_pct,
+            memory_overcommit_pct,
+            ..SchedulerConfig::default()
+        };
+        let member = self.members.get(&node)?;
+        Some(fits(member, spec, &self.ledger(), &config))
     }
 
     /// Unplaces the VMs on `node` that `which` selects.

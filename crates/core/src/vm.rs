@@ -24,6 +24,26 @@ pub struct Quota {
     pub max_memory_mib: Option<u64>,
 }
 
+impl Quota {
+    /// Whether one more VM of `vcpus` and `memory_mib` fits beside what the tenant's VMs
+    /// use (`used`); if not, the limit it breaks ("11 VMs > 10").
+    pub fn admits(&self, used: Allocated, vcpus: u32, memory_mib: u64) -> Result<(), String> {
+        let count = u64::from(used.vms) + 1;
+        let vcpus = used.vcpus + u64::from(vcpus);
+        let memory = used.memory_mib + memory_mib;
+        if let Some(max) = self.max_vms.filter(|m| count > u64::from(*m)) {
+            return Err(format!("{count} VMs > {max}"));
+        }
+        if let Some(max) = self.max_vcpus.filter(|m| vcpus > u64::from(*m)) {
+            return Err(format!("{vcpus} vCPUs > {max}"));
+        }
+        if let Some(max) = self.max_memory_mib.filter(|m| memory > *m) {
+            return Err(format!("{memory} MiB > {max} MiB"));
+        }
+        Ok(())
+    }
+}
+
 /// What the host does when a VM's runner exits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
