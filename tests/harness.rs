@@ -51,6 +51,15 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<
     }
 }
 
+/// Whether process `pid` runs (a zombie does not: in a container nobody may reap it).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
 /// One `blixard node run` process and its data dir.
 pub struct Node {
     pub name: String,
@@ -534,6 +543,27 @@ pub mod runners {
     use std::os::unix::fs::PermissionsExt;
     use std::path::{Path, PathBuf};
 
+    /// The test guest's kernel (`vmlinuz`) and initramfs (`initrd`), built once per
+    /// machine by `tests/fixtures/guest/build.sh` (in BLIXARD_GUEST_DIR, default
+    /// $TMPDIR/blixard-guest; needs apt-get, busybox-static, cpio).
+    pub fn guest_dir() -> PathBuf {
+        let guest = std::env::var("BLIXARD_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir().join("blixard-guest"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/guest/build.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(&guest)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "building the test guest failed (needs apt-get, busybox-static, cpio): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        guest
+    }
+
     /// Writes `dir/bin/microvm-run` running `script` (sh).
     pub fn write_runner(dir: &Path, script: &str) {
         std::fs::create_dir_all(dir.join("bin")).unwrap();
@@ -546,20 +576,7 @@ pub mod runners {
     /// plain directory image, self-contained). The accelerator comes from
     /// BLIXARD_TEST_ACCEL: tcg here, where KVM guests hang; kvm:tcg on real hosts.
     pub fn guest_runner(dir: &Path) {
-        let guest = std::env::var("BLIXARD_GUEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| std::env::temp_dir().join("blixard-guest"));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/guest/build.sh");
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .arg(&guest)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "building the test guest failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let guest = guest_dir();
         std::fs::create_dir_all(dir.join("share")).unwrap();
         for f in ["vmlinuz", "initrd"] {
             std::fs::copy(guest.join(f), dir.join("share").join(f)).unwrap();

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use blixard_tests::runners::{guest_runner, write_runner};
-use blixard_tests::{wait_for, Cluster, Node};
+use blixard_tests::{alive, wait_for, Cluster, Node};
 use serde_json::Value;
 
 /// One VM test at a time (under `cargo test`; nextest runs them in one test group).
@@ -91,12 +91,18 @@ fn pid_in(dir: &Path) -> Option<u32> {
     alive(pid).then_some(pid)
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
+/// Imports the runner dir `dir` on `node` as image `name`.
+fn import(node: &Node, dir: &Path, name: &str) {
+    node.cli_ok(&["image", "import", dir.to_str().unwrap(), "--name", name]);
+}
+
+/// Imports on node 1 and has nodes 2 and 3 pull it too, so whichever host dies, the image
+/// is still held elsewhere.
+fn import_everywhere(c: &Cluster, dir: &Path, name: &str) {
+    import(&c.nodes[0], dir, name);
+    for n in ["n2", "n3"] {
+        c.nodes[0].cli_ok(&["--node", n, "image", "pull", name]);
+    }
 }
 
 fn json(node: &Node, args: &[&str]) -> Result<Value, String> {
@@ -160,13 +166,7 @@ fn a_real_guest_boots_where_the_scheduler_put_it_and_stops() {
     let _runners = Runners(c.root.path().to_owned());
     let image = c.root.path().join("guest-image");
     guest_runner(&image);
-    c.nodes[0].cli_ok(&[
-        "image",
-        "import",
-        image.to_str().unwrap(),
-        "--name",
-        "guest",
-    ]);
+    import(&c.nodes[0], &image, "guest");
 
     // Created through node 2, watched from node 3.
     let out = c.nodes[1].cli_ok(&[
@@ -235,17 +235,7 @@ fn a_dead_hosts_vm_boots_on_a_survivor_and_never_twice() {
     let _runners = Runners(c.root.path().to_owned());
     let image = c.root.path().join("guest-image");
     guest_runner(&image);
-    c.nodes[0].cli_ok(&[
-        "image",
-        "import",
-        image.to_str().unwrap(),
-        "--name",
-        "guest",
-    ]);
-    // Whichever host dies, the image is still held elsewhere.
-    for n in ["n2", "n3"] {
-        c.nodes[0].cli_ok(&["--node", n, "image", "pull", "guest"]);
-    }
+    import_everywhere(&c, &image, "guest");
     c.nodes[0].cli_ok(&[
         "vm",
         "create",
@@ -320,13 +310,7 @@ fn a_restarted_daemon_adopts_its_running_vm() {
     let _runners = Runners(c.root.path().to_owned());
     let image = c.root.path().join("sleeper");
     write_runner(&image, "echo sleeper up\nexec sleep 600");
-    c.nodes[0].cli_ok(&[
-        "image",
-        "import",
-        image.to_str().unwrap(),
-        "--name",
-        "sleeper",
-    ]);
+    import(&c.nodes[0], &image, "sleeper");
     c.nodes[0].cli_ok(&[
         "vm", "create", "s", "--image", "sleeper", "--wait", "running",
     ]);
@@ -385,13 +369,7 @@ fn quotas_constraints_anti_affinity_and_drain() {
     let n1 = &c.nodes[0];
     let image = c.root.path().join("sleeper");
     write_runner(&image, "exec sleep 600");
-    n1.cli_ok(&[
-        "image",
-        "import",
-        image.to_str().unwrap(),
-        "--name",
-        "sleeper",
-    ]);
+    import(n1, &image, "sleeper");
     n1.cli_ok(&["tenant", "create", "acme"]);
     n1.cli_ok(&[
         "quota",
@@ -562,13 +540,7 @@ fn operator_hooks_veto_creates_and_time_out() {
     let n1 = &c.nodes[0];
     let image = c.root.path().join("sleeper");
     write_runner(&image, "exec sleep 600");
-    n1.cli_ok(&[
-        "image",
-        "import",
-        image.to_str().unwrap(),
-        "--name",
-        "sleeper",
-    ]);
+    import(n1, &image, "sleeper");
 
     let err = n1
         .try_cli(&["vm", "create", "deny-1", "--image", "sleeper"])
@@ -634,13 +606,7 @@ fn bad_vms_are_refused_or_fail_with_the_reason() {
     std::fs::create_dir_all(dir.join("not-a-runner/share")).unwrap();
     std::fs::write(dir.join("not-a-runner/share/readme"), "hi").unwrap();
     for name in ["sleeper", "crasher", "not-a-runner"] {
-        n1.cli_ok(&[
-            "image",
-            "import",
-            dir.join(name).to_str().unwrap(),
-            "--name",
-            name,
-        ]);
+        import(n1, &dir.join(name), name);
     }
 
     let refused = |args: &[&str], needle: &str| {
@@ -785,16 +751,7 @@ fn a_partitioned_host_stops_its_vm_before_it_runs_elsewhere() {
         &image,
         "date +%s%N > started\ntrap 'date +%s%N > stopped; exit 0' TERM\nsleep 600 &\nwait",
     );
-    c.nodes[0].cli_ok(&[
-        "image",
-        "import",
-        image.to_str().unwrap(),
-        "--name",
-        "marker",
-    ]);
-    for n in ["n2", "n3"] {
-        c.nodes[0].cli_ok(&["--node", n, "image", "pull", "marker"]);
-    }
+    import_everywhere(&c, &image, "marker");
     c.nodes[0].cli_ok(&[
         "vm", "create", "m", "--image", "marker", "--wait", "running",
     ]);
@@ -880,13 +837,7 @@ fn declared_vms_follow_the_hosts_file_and_leave_the_rest_alone() {
     let web = wait_phase(&n1, "web", "running", Duration::from_secs(60));
     assert_eq!(web["node"], 2);
     assert_eq!(web["spec"]["labels"]["blixard.declared-by"], "n2");
-    n1.cli_ok(&[
-        "image",
-        "import",
-        runner.to_str().unwrap(),
-        "--name",
-        "manual",
-    ]);
+    import(&n1, &runner, "manual");
     n1.cli_ok(&[
         "vm", "create", "manual", "--image", "manual", "--memory", "64",
     ]);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blixard_host::{ExecHook, HookChain, HookFuture, HookVm, Veto, VmLifecycleHook};
+use blixard_tests::alive;
 
 fn vm() -> HookVm {
     HookVm {
@@ -66,22 +67,6 @@ async fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> Result<()
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-    }
-}
-
-/// Whether `pid` runs (a zombie does not: nobody may reap it in a container).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next();
-            state != Some("Z")
-        }
-        Err(_) => false,
     }
 }
 

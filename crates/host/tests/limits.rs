@@ -8,34 +8,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blixard_host::{HostError, Limits, ProcessSupervisor, Runner, VmState};
-
-fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() > deadline => {
-                panic!("timed out waiting for {what}: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
+use blixard_tests::runners::write_runner;
+use blixard_tests::wait_for;
 
 /// A runner whose `bin/microvm-run` is `script`, with optional `share/microvm` files.
 fn runner(root: &Path, name: &str, script: &str, share: &[(&str, &str)]) -> Runner {
     let dir = root.join(name);
-    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    write_runner(&dir, script);
     std::fs::create_dir_all(dir.join("share/microvm")).unwrap();
-    let run = dir.join("bin/microvm-run");
-    std::fs::write(&run, format!("#!/bin/sh\n{script}\n")).unwrap();
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
     for (file, text) in share {
         std::fs::write(dir.join("share/microvm").join(file), text).unwrap();
     }

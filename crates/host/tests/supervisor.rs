@@ -9,48 +9,19 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blixard_host::{HostError, ProcessSupervisor, Runner, VmState};
+use blixard_tests::runners::write_runner;
+use blixard_tests::wait_for;
 
-fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() > deadline => {
-                panic!("timed out waiting for {what}: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// The kernel and initramfs, built once per machine by the fixture script.
 fn guest() -> PathBuf {
-    let dir = std::env::var("BLIXARD_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir().join("blixard-guest"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/guest/build.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building the test guest failed (needs apt-get, busybox-static, cpio): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
+    blixard_tests::runners::guest_dir()
 }
 
 fn runner(root: &Path, name: &str, script: &str) -> Runner {
     let dir = root.join(name);
-    std::fs::create_dir_all(dir.join("bin")).unwrap();
-    let run = dir.join("bin/microvm-run");
-    std::fs::write(&run, format!("#!/bin/sh\n{script}\n")).unwrap();
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_runner(&dir, script);
     Runner::new(&dir).unwrap()
 }
 
