@@ -2,6 +2,7 @@
 //! machine it drives. No threads, no sockets, no clock: the caller ticks it, feeds it
 //! messages and sends what it returns. The daemon and the simulation share this code.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use blixard_core::{
@@ -117,6 +118,12 @@ pub struct RaftCore {
     conf: ConfState,
     applied: u64,
     cfg: CoreConfig,
+    /// Messages of each `Ready` (by number) that may go out once it is durable.
+    held: VecDeque<(u64, Vec<Message>)>,
+    /// The highest `Ready` number known durable.
+    persisted: u64,
+    /// The last compaction queued.
+    compact_queued: u64,
 }
 
 fn lock_write(state: &RwLock<State>) -> std::sync::RwLockWriteGuard<'_, State> {
@@ -152,6 +159,9 @@ impl RaftCore {
             conf,
             applied,
             cfg,
+            held: VecDeque::new(),
+            persisted: 0,
+            compact_queued: 0,
         })
     }
 
@@ -251,29 +261,37 @@ impl RaftCore {
         self.raw.raft.prs().get(id).map(|p| p.recent_active)
     }
 
-    /// Makes every earlier write durable (before a clean shutdown).
+    /// Writes everything queued and makes every earlier write durable (before a clean
+    /// shutdown); stops the store's writer thread if it has one.
     pub fn sync(&self) -> Result<(), CoreError> {
+        self.store.stop_writer()?;
         Ok(self.store.sync()?)
+    }
+
+    /// The store, to run queued writes (`Store::run_queued`) where no writer thread does.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     pub fn has_ready(&self) -> bool {
         self.raw.has_ready()
     }
 
-    /// Handles one `Ready`, in the order raft-rs documents:
+    /// Handles one `Ready` with asynchronous persistence (raft-rs's `advance_append_async`):
     ///
-    /// 1. take the messages that may go out before persisting (the leader's appends);
-    /// 2. install an incoming snapshot;
-    /// 3. apply committed entries to the state machine;
-    /// 4. persist new entries and the hard state, with the applied state, in one
-    ///    transaction;
-    /// 5. take the messages that may only go out after persisting (votes, acks);
-    /// 6. advance, then apply what the light ready commits and take its messages;
-    /// 7. advance the applied index, and compact the log past the threshold;
-    /// 8. report every outgoing snapshot as sent (see below).
+    /// 1. the messages that may go out before persisting (the leader's appends) are
+    ///    returned at once, so the followers write while the leader does;
+    /// 2. committed entries (raft hands over only entries this node has persisted) are
+    ///    applied to the state machine;
+    /// 3. new entries go into the store's in-memory tail, and one batch with them, the
+    ///    hard state and the applied state is queued for writing;
+    /// 4. the messages that may only go out once that batch is durable (votes, acks) are
+    ///    held until [`RaftCore::on_persisted`] reports it;
+    /// 5. the applied index advances and the log is compacted past the threshold (queued
+    ///    behind the batch).
     ///
-    /// Every message is returned after the write of step 4 committed, which is
-    /// stricter than raft requires and simple to reason about.
+    /// A `Ready` carrying a snapshot is handled synchronously instead (see
+    /// [`RaftCore::install_snapshot_ready`]).
     pub fn process_ready(&mut self) -> Result<Output, CoreError> {
         let mut out = Output::default();
         if !self.raw.has_ready() {
@@ -283,76 +301,133 @@ impl RaftCore {
 
         // 1.
         out.messages.extend(ready.take_messages());
-
-        // 2.
         if !ready.snapshot().is_empty() {
-            let snap = ready.snapshot().clone();
-            self.store.apply_snapshot(&snap)?;
-            let (state, applied, _) = self.store.load_state()?;
-            *lock_write(&self.state) = state;
-            self.applied = applied;
-            self.conf = snap.get_metadata().get_conf_state().clone();
+            self.install_snapshot_ready(ready, &mut out)?;
+            self.report_snapshots(&out);
+            return Ok(out);
         }
 
-        // 3.
+        // 2.
         let mut batch = WriteBatch::default();
         self.apply_entries(ready.take_committed_entries(), &mut batch, &mut out)?;
 
-        // 4.
+        // 3.
         batch.entries = ready.take_entries();
         if let Some(hs) = ready.hs() {
             batch.hard_state = Some(hs.clone());
         }
         // New entries, term and vote must be on disk before anyone hears of them; a
-        // configuration change is synced too, so membership never goes back.
+        // configuration change is synced too, so membership never goes back. A commit
+        // index or applied state lost in a crash is recovered from the log.
         batch.sync = ready.must_sync() || batch.conf_state.is_some();
-        self.store.write(batch)?;
+        self.store.stage(&batch.entries);
+
+        // 4.
+        let number = ready.number();
+        let held = ready.take_persisted_messages();
+        if !held.is_empty() {
+            self.held.push_back((number, held));
+        }
+        out.read_states.extend(ready.take_read_states());
+        self.raw.advance_append_async(ready);
+        self.store.submit(batch, number);
 
         // 5.
+        self.raw.advance_apply_to(self.applied);
+        self.maybe_compact();
+        self.report_snapshots(&out);
+        Ok(out)
+    }
+
+    /// The store wrote every `Ready` up to `number`: returns the messages that waited for
+    /// it. Numbers already reported are ignored.
+    pub fn on_persisted(&mut self, number: u64) -> Vec<Message> {
+        let mut out = Vec::new();
+        if number <= self.persisted {
+            return out;
+        }
+        self.persisted = number;
+        self.raw.on_persist_ready(number);
+        while self.held.front().is_some_and(|(n, _)| *n <= number) {
+            if let Some((_, msgs)) = self.held.pop_front() {
+                out.extend(msgs);
+            }
+        }
+        out
+    }
+
+    /// A `Ready` with a snapshot, in the order raft-rs documents for synchronous
+    /// handling, after every queued write is done: install the snapshot, apply, write
+    /// entries and hard state, send, advance, handle the light ready.
+    fn install_snapshot_ready(
+        &mut self,
+        mut ready: raft::Ready,
+        out: &mut Output,
+    ) -> Result<(), CoreError> {
+        self.store.flush()?;
+        // Everything queued before is durable: what waited for it may go.
+        while let Some((_, msgs)) = self.held.pop_front() {
+            out.messages.extend(msgs);
+        }
+        self.persisted = ready.number();
+
+        let snap = ready.snapshot().clone();
+        self.store.apply_snapshot(&snap)?;
+        let (state, applied, _) = self.store.load_state()?;
+        *lock_write(&self.state) = state;
+        self.applied = applied;
+        self.conf = snap.get_metadata().get_conf_state().clone();
+
+        let mut batch = WriteBatch::default();
+        self.apply_entries(ready.take_committed_entries(), &mut batch, out)?;
+        batch.entries = ready.take_entries();
+        if let Some(hs) = ready.hs() {
+            batch.hard_state = Some(hs.clone());
+        }
+        batch.sync = true;
+        self.store.stage(&batch.entries);
+        self.store.write(batch)?;
         out.messages.extend(ready.take_persisted_messages());
         out.read_states.extend(ready.take_read_states());
 
-        // 6.
-        let mut light = self.raw.advance(ready);
+        let mut light = self.raw.advance_append(ready);
         let mut batch = WriteBatch::default();
         if light.commit_index().is_some() {
             batch.hard_state = Some(self.raw.raft.hard_state());
         }
         out.messages.extend(light.take_messages());
-        self.apply_entries(light.take_committed_entries(), &mut batch, &mut out)?;
-        // Only the commit index and applied state: recoverable from the log after a crash.
+        self.apply_entries(light.take_committed_entries(), &mut batch, out)?;
         batch.sync = batch.conf_state.is_some();
         self.store.write(batch)?;
-
-        // 7.
         self.raw.advance_apply_to(self.applied);
-        self.maybe_compact()?;
+        Ok(())
+    }
 
-        // 8. raft-rs pauses replication to a peer it sent a snapshot to until it is told
-        // the snapshot's fate; if the snapshot or the peer's reply is lost, nothing else
-        // resumes it and the peer stays behind for the rest of the term. Report each one
-        // finished as it leaves: if it was in fact lost, the peer rejects the next append
-        // and the leader sends a new snapshot.
+    /// raft-rs pauses replication to a peer it sent a snapshot to until it is told the
+    /// snapshot's fate; if the snapshot or the peer's reply is lost, nothing else resumes
+    /// it and the peer stays behind for the rest of the term. Report each one finished as
+    /// it leaves: if it was in fact lost, the peer rejects the next append and the leader
+    /// sends a new snapshot.
+    fn report_snapshots(&mut self, out: &Output) {
         for msg in &out.messages {
             if msg.get_msg_type() == MessageType::MsgSnapshot {
                 self.raw.report_snapshot(msg.to, SnapshotStatus::Finish);
             }
         }
-        Ok(out)
     }
 
-    fn maybe_compact(&mut self) -> Result<(), CoreError> {
-        let first = self.store.first_index();
+    fn maybe_compact(&mut self) {
+        let first = self.store.first_index().max(self.compact_queued + 1);
         if self.applied >= first && self.applied - first + 1 > self.cfg.snapshot_threshold {
             // Keep a tail of a quarter of the threshold, so that a follower a few entries
             // behind catches up from the log instead of needing a whole snapshot.
             let to = self.applied - self.cfg.snapshot_threshold / 4;
             if to >= first {
                 tracing::debug!(applied = self.applied, first, to, "compacting the raft log");
-                self.store.compact(to)?;
+                self.store.submit_compact(to);
+                self.compact_queued = to;
             }
         }
-        Ok(())
     }
 
     fn apply_entries(

@@ -1,7 +1,8 @@
 //! [`RaftNode`]: a [`RaftCore`] on its own thread, with typed proposals and reads.
 //!
 //! The thread owns the core; everyone else talks to it through a channel. Storage writes
-//! (fsync) happen on that thread and never block the async runtime.
+//! (fsync) happen on the store's writer thread, which reports back through the same
+//! channel; neither blocks the async runtime.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -72,6 +73,8 @@ enum Input {
     Remove(NodeId, u64, Reply<CommandOutput>),
     ReadIndex(Reply<()>),
     Raft(Message),
+    /// The store's writer made every `Ready` up to this number durable, or failed.
+    Persisted(Result<u64, String>),
     Status(oneshot::Sender<NodeStatus>),
     Campaign,
     Shutdown,
@@ -102,6 +105,10 @@ impl RaftNode {
         tick: Duration,
     ) -> Result<(Self, JoinHandle<()>), std::io::Error> {
         let (tx, rx) = mpsc::channel();
+        let persisted = tx.clone();
+        core.store().start_writer(Box::new(move |done| {
+            let _ = persisted.send(Input::Persisted(done));
+        }))?;
         let state = core.state();
         let (applied_tx, applied) = watch::channel(core.applied_index());
         let (removed_tx, removed) = watch::channel(false);
@@ -296,13 +303,26 @@ impl Worker {
                 self.housekeeping();
             }
             self.drive_conf_queue();
-            match self.ready() {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::error!("raft node stopping: {e}");
-                    break;
+            // A round can leave more to do (raft-rs generates a new Ready from what the
+            // last one advanced); do it now rather than at the next input or tick.
+            let mut go_on = true;
+            for _ in 0..8 {
+                match self.ready() {
+                    Ok(true) if self.core.has_ready() => {}
+                    Ok(true) => break,
+                    Ok(false) => {
+                        go_on = false;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!("raft node stopping: {e}");
+                        go_on = false;
+                        break;
+                    }
                 }
+            }
+            if !go_on {
+                break;
             }
         }
         if let Err(e) = self.core.sync() {
@@ -358,6 +378,16 @@ impl Worker {
                 if let Err(e) = self.core.step(msg) {
                     tracing::debug!("raft refused a message: {e}");
                 }
+            }
+            Input::Persisted(Ok(number)) => {
+                let messages = self.core.on_persisted(number);
+                if !messages.is_empty() {
+                    self.transport.send(messages);
+                }
+            }
+            Input::Persisted(Err(e)) => {
+                tracing::error!("raft node stopping: writing the raft log failed: {e}");
+                return false;
             }
             Input::Status(reply) => {
                 let _ = reply.send(self.status());

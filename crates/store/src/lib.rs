@@ -5,8 +5,11 @@
 //! produced, so a crash never leaves state and applied index disagreeing.
 //! **Invariant:** opening never initialises over existing data: a file that cannot be read
 //! is an error, never an empty store.
+//! **Invariant:** queued writes ([`Store::submit`]) reach the file in the order they were
+//! queued; until then their entries are served from memory, never lost from view.
 //! **Boundary:** only this crate touches redb.
 
+mod persist;
 mod storage;
 
-pub use storage::{NodeRecord, Store, StoreError, WriteBatch};
+pub use storage::{NodeRecord, PersistNotify, Store, StoreError, WriteBatch};

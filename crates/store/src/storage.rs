@@ -1,5 +1,6 @@
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
 
 use blixard_core::{decode_versioned, encode_versioned, ClusterId, NodeId, Row, State};
 use protobuf::Message as _;
@@ -7,6 +8,8 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+use crate::persist::{merge, Job, Queue, Tail};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
@@ -116,7 +119,16 @@ struct Inner {
     db: Database,
     durability: Durability,
     bounds: RwLock<Bounds>,
+    /// The newest entries, including every one not yet written. Its lock also orders log
+    /// reads against compaction.
+    tail: Mutex<Tail>,
+    queue: Queue,
+    writer: Mutex<Option<JoinHandle<()>>>,
 }
+
+/// Told, from the writer thread, the highest `Ready` number that is now durable, or the
+/// error that stopped the writer.
+pub type PersistNotify = Box<dyn Fn(Result<u64, String>) + Send>;
 
 /// The redb-backed raft storage and state tables. Cheap to clone; clones share the file.
 #[derive(Clone)]
@@ -199,6 +211,9 @@ impl Store {
                 db,
                 durability,
                 bounds: RwLock::new(Bounds::default()),
+                tail: Mutex::new(Tail::default()),
+                queue: Queue::default(),
+                writer: Mutex::new(None),
             }),
         };
         let bounds = store.read_bounds()?;
@@ -381,6 +396,9 @@ impl Store {
         }
         txn.commit()?;
         self.set_bounds(bounds);
+        if let Some(last) = batch.entries.last() {
+            self.tail().written(last.index, last.term);
+        }
         Ok(())
     }
 
@@ -410,6 +428,7 @@ impl Store {
         }
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
+        let mut tail = self.tail();
         let txn = self.begin_write()?;
         {
             let mut log = txn.open_table(LOG)?;
@@ -433,6 +452,7 @@ impl Store {
             start_term: meta.term,
             last_index: meta.index,
         });
+        tail.clear();
         Ok(())
     }
 
@@ -453,6 +473,9 @@ impl Store {
             ));
         }
         let term = raft::Storage::term(self, index)?;
+        // Readers check the bounds and read under the tail's lock: none sees the entries
+        // gone before the bounds say so.
+        let mut tail = self.tail();
         let txn = self.begin_write()?;
         {
             let mut log = txn.open_table(LOG)?;
@@ -466,6 +489,7 @@ impl Store {
             start_term: term,
             last_index: bounds.last_index,
         });
+        tail.compacted(index);
         Ok(())
     }
 
@@ -500,8 +524,180 @@ impl Store {
 
     /// The number of entries in the log (for compaction decisions).
     pub fn log_len(&self) -> u64 {
-        let b = self.bounds();
-        b.last_index.saturating_sub(b.start_index)
+        let tail = self.tail();
+        self.last_index_in(&tail)
+            .saturating_sub(self.bounds().start_index)
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Tail> {
+        match self.inner.tail.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The log's last index: the tail's (it holds every entry not yet written), else the
+    /// database's.
+    fn last_index_in(&self, tail: &Tail) -> u64 {
+        tail.last_index().unwrap_or(self.bounds().last_index)
+    }
+
+    // ---- asynchronous persistence (see `persist`) ----
+
+    /// Makes appended entries readable through `raft::Storage` before they are written
+    /// (raft-rs's asynchronous `Ready`). Queue the batch holding them with [`Store::submit`].
+    pub fn stage(&self, entries: &[Entry]) {
+        self.tail().append(entries);
+    }
+
+    /// Queues a batch; it is written after every batch queued before it. `ready` is the
+    /// number reported once it is durable.
+    pub fn submit(&self, batch: WriteBatch, ready: u64) {
+        self.inner.queue.push(Job::Write {
+            batch: Box::new(batch),
+            ready,
+        });
+    }
+
+    /// Queues a compaction up to `index`, applied by the batches queued before it.
+    pub fn submit_compact(&self, index: u64) {
+        self.inner.queue.push(Job::Compact(index));
+    }
+
+    /// Runs queued jobs on a writer thread from now on. `notify` hears of each group
+    /// written (the highest `Ready` number in it) and of a failure, after which the writer
+    /// stops and writes nothing more.
+    pub fn start_writer(&self, notify: PersistNotify) -> std::io::Result<()> {
+        self.inner.queue.lock().background = true;
+        let store = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("raft-writer".into())
+            .spawn(move || store.writer_loop(notify))?;
+        match self.inner.writer.lock() {
+            Ok(mut w) => *w = Some(handle),
+            Err(poisoned) => *poisoned.into_inner() = Some(handle),
+        }
+        Ok(())
+    }
+
+    fn writer_loop(&self, notify: PersistNotify) {
+        let queue = &self.inner.queue;
+        loop {
+            let jobs: Vec<Job> = {
+                let mut q = queue.lock();
+                while q.jobs.is_empty() && !q.stop {
+                    q = match queue.changed.wait(q) {
+                        Ok(g) => g,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                }
+                if q.jobs.is_empty() {
+                    return;
+                }
+                q.busy = true;
+                q.jobs.drain(..).collect()
+            };
+            let result = self.execute(jobs);
+            {
+                let mut q = queue.lock();
+                q.busy = false;
+                if let Err(e) = &result {
+                    q.failed = Some(e.to_string());
+                    q.jobs.clear();
+                }
+            }
+            queue.changed.notify_all();
+            match result {
+                Ok(Some(number)) => notify(Ok(number)),
+                Ok(None) => {}
+                Err(e) => {
+                    notify(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes jobs in order, consecutive batches in one transaction. Returns the highest
+    /// `Ready` number written.
+    fn execute(&self, jobs: Vec<Job>) -> Result<Option<u64>, StoreError> {
+        let mut merged: Option<WriteBatch> = None;
+        let mut top = None;
+        for job in jobs {
+            match job {
+                Job::Write { batch, ready } => {
+                    match merged.as_mut() {
+                        Some(m) => merge(m, *batch),
+                        None => merged = Some(*batch),
+                    }
+                    top = Some(ready);
+                }
+                Job::Compact(index) => {
+                    if let Some(m) = merged.take() {
+                        self.write(m)?;
+                    }
+                    self.compact(index)?;
+                }
+            }
+        }
+        if let Some(m) = merged {
+            self.write(m)?;
+        }
+        Ok(top)
+    }
+
+    /// Without a writer thread: runs up to `max` queued jobs here and returns the highest
+    /// `Ready` number written (simulations decide when writes happen).
+    pub fn run_queued(&self, max: usize) -> Result<Option<u64>, StoreError> {
+        let jobs: Vec<Job> = {
+            let mut q = self.inner.queue.lock();
+            if let Some(e) = &q.failed {
+                return Err(corrupt("queued write", e));
+            }
+            let n = max.min(q.jobs.len());
+            q.jobs.drain(..n).collect()
+        };
+        self.execute(jobs)
+    }
+
+    /// Waits until every queued job is written (or runs them, without a writer thread).
+    /// Returns the highest `Ready` number this wrote, if it ran them itself.
+    pub fn flush(&self) -> Result<Option<u64>, StoreError> {
+        let queue = &self.inner.queue;
+        let mut q = queue.lock();
+        if !q.background {
+            drop(q);
+            return self.run_queued(usize::MAX);
+        }
+        loop {
+            if let Some(e) = &q.failed {
+                return Err(corrupt("queued write", e));
+            }
+            if q.jobs.is_empty() && !q.busy {
+                return Ok(None);
+            }
+            q = match queue.changed.wait(q) {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+        }
+    }
+
+    /// Writes what is queued, stops the writer thread and waits for it.
+    pub fn stop_writer(&self) -> Result<(), StoreError> {
+        let flushed = self.flush();
+        self.inner.queue.lock().stop = true;
+        self.inner.queue.changed.notify_all();
+        let handle = match self.inner.writer.lock() {
+            Ok(mut w) => w.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("the raft writer thread panicked");
+            }
+        }
+        flushed.map(|_| ())
     }
 
     /// The first index still in the log.
@@ -597,17 +793,45 @@ impl raft::Storage for Store {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        let tail = self.tail();
         let b = self.bounds();
         if low <= b.start_index {
             return Err(raft::Error::Store(RaftStorageError::Compacted));
         }
-        if high > b.last_index + 1 || low > high {
+        let last = self.last_index_in(&tail);
+        if high > last + 1 || low > high {
             return Err(raft::Error::Store(RaftStorageError::Unavailable));
         }
-        Ok(self.read_entries(low, high, max_size.into())?)
+        // Below the tail from the database, the rest from the tail.
+        let tail_first = tail.first_index().unwrap_or(last + 1);
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        if low < tail_first {
+            out = self.read_entries(low, high.min(tail_first), max_size)?;
+            size = out.iter().map(|e| u64::from(e.compute_size())).sum();
+            if (out.len() as u64) < high.min(tail_first) - low {
+                return Ok(out);
+            }
+        }
+        for index in low.max(tail_first)..high {
+            let Some(e) = tail.get(index) else {
+                return Err(
+                    StoreError::Raft(raft::Error::Store(RaftStorageError::Unavailable)).into(),
+                );
+            };
+            size += u64::from(e.compute_size());
+            // Always return at least one entry, as raft expects.
+            if max_size.is_some_and(|l| !out.is_empty() && size > l) {
+                break;
+            }
+            out.push(e.clone());
+        }
+        Ok(out)
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
+        let tail = self.tail();
         let b = self.bounds();
         if idx == b.start_index {
             return Ok(b.start_term);
@@ -615,7 +839,10 @@ impl raft::Storage for Store {
         if idx < b.start_index {
             return Err(raft::Error::Store(RaftStorageError::Compacted));
         }
-        if idx > b.last_index {
+        if let Some(e) = tail.get(idx) {
+            return Ok(e.term);
+        }
+        if idx > self.last_index_in(&tail) {
             return Err(raft::Error::Store(RaftStorageError::Unavailable));
         }
         let entries = self.read_entries(idx, idx + 1, None)?;
@@ -630,7 +857,8 @@ impl raft::Storage for Store {
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.bounds().last_index)
+        let tail = self.tail();
+        Ok(self.last_index_in(&tail))
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {

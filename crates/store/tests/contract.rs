@@ -642,6 +642,149 @@ fn an_empty_batch_is_a_no_op() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Queued (asynchronous) writes
+// ---------------------------------------------------------------------------------------
+
+fn terms(entries: &[Entry]) -> Vec<(u64, u64)> {
+    entries.iter().map(|e| (e.index, e.term)).collect()
+}
+
+fn batch_of(entries: &[(u64, u64)]) -> WriteBatch {
+    WriteBatch {
+        entries: entries.iter().map(|&(i, t)| new_entry(i, t)).collect(),
+        sync: true,
+        ..Default::default()
+    }
+}
+
+/// Stages and queues entries, as the raft core does with a `Ready`.
+fn queue(store: &Store, entries: &[(u64, u64)], ready: u64) {
+    let batch = batch_of(entries);
+    store.stage(&batch.entries);
+    store.submit(batch, ready);
+}
+
+#[test]
+fn staged_entries_are_readable_before_they_are_written_and_lost_if_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let store = open(&path);
+        store
+            .apply_snapshot(&snapshot_of(&State::new(), 2, 2, &[1, 2, 3]))
+            .unwrap();
+        queue(&store, &[(3, 3), (4, 3)], 1);
+        queue(&store, &[(5, 4)], 2);
+        assert_eq!(Storage::last_index(&store), Ok(5));
+        assert_eq!(store.term(5), Ok(4));
+        assert_eq!(terms(&all_entries(&store)), vec![(3, 3), (4, 3), (5, 4)]);
+        // Only the first job is written: the second is lost with the process.
+        assert_eq!(store.run_queued(1).unwrap(), Some(1));
+    }
+    let store = open(&path);
+    assert_eq!(terms(&all_entries(&store)), vec![(3, 3), (4, 3)]);
+}
+
+#[test]
+fn a_queued_conflicting_append_replaces_the_tail_in_memory_and_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let store = open(&path);
+        store
+            .apply_snapshot(&snapshot_of(&State::new(), 2, 2, &[1, 2, 3]))
+            .unwrap();
+        queue(&store, &[(3, 3), (4, 3), (5, 3)], 1);
+        assert_eq!(store.run_queued(usize::MAX).unwrap(), Some(1));
+        // Written entries 4 and 5 are replaced before the replacement is written.
+        queue(&store, &[(4, 5)], 2);
+        assert_eq!(terms(&all_entries(&store)), vec![(3, 3), (4, 5)]);
+        assert_eq!(store.term(5), unavailable());
+        // Two queued batches, the second conflicting with the first, in one transaction.
+        queue(&store, &[(5, 5), (6, 5)], 3);
+        queue(&store, &[(6, 6), (7, 6)], 4);
+        assert_eq!(store.flush().unwrap(), Some(4));
+    }
+    let store = open(&path);
+    assert_eq!(
+        terms(&all_entries(&store)),
+        vec![(3, 3), (4, 5), (5, 5), (6, 6), (7, 6)]
+    );
+}
+
+#[test]
+fn a_queued_compaction_runs_after_the_batches_before_it() {
+    let (_dir, store) = store_345();
+    queue(&store, &[(6, 5), (7, 5)], 1);
+    store.submit(
+        WriteBatch {
+            applied: Some((6, 5)),
+            ..Default::default()
+        },
+        2,
+    );
+    store.submit_compact(6);
+    // Nothing happened yet.
+    assert_eq!(Storage::first_index(&store), Ok(3));
+    assert_eq!(store.flush().unwrap(), Some(2));
+    assert_eq!(Storage::first_index(&store), Ok(7));
+    assert_eq!(store.term(6), Ok(5));
+    assert_eq!(terms(&all_entries(&store)), vec![(7, 5)]);
+}
+
+#[test]
+fn the_writer_thread_reports_each_group_in_order_and_stops_after_writing_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let store = open(&path);
+        store
+            .apply_snapshot(&snapshot_of(&State::new(), 2, 2, &[1, 2, 3]))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        store
+            .start_writer(Box::new(move |done| {
+                let _ = tx.send(done);
+            }))
+            .unwrap();
+        for n in 1..=50u64 {
+            queue(&store, &[(n + 2, 1)], n);
+        }
+        store.stop_writer().unwrap();
+        let reported: Vec<u64> = rx.try_iter().map(|r| r.unwrap()).collect();
+        assert!(!reported.is_empty());
+        assert!(reported.windows(2).all(|w| w[0] < w[1]), "{reported:?}");
+        assert_eq!(reported.last(), Some(&50));
+    }
+    let store = open(&path);
+    assert_eq!(Storage::last_index(&store), Ok(52));
+}
+
+#[test]
+fn a_failed_queued_write_is_reported_and_nothing_after_it_is_written() {
+    let (dir, store) = store_345();
+    // Nothing is applied: compacting is refused.
+    store.submit_compact(5);
+    queue(&store, &[(6, 5)], 2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .start_writer(Box::new(move |done| {
+            let _ = tx.send(done);
+        }))
+        .unwrap();
+    let first = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let err = first.unwrap_err();
+    assert!(err.contains("cannot compact"), "{err}");
+    assert!(matches!(store.flush(), Err(StoreError::Corrupt { .. })));
+    assert!(store.stop_writer().is_err());
+    // Entry 6 was staged but never written.
+    let path = db_path(&dir);
+    drop(store);
+    let store = open(&path);
+    assert_eq!(Storage::last_index(&store), Ok(5));
+}
+
+// ---------------------------------------------------------------------------------------
 // Restart, corruption, locking
 // ---------------------------------------------------------------------------------------
 

@@ -1,0 +1,206 @@
+//! Asynchronous persistence: the raft thread queues its writes and goes on; one writer
+//! commits them in order, many at a time, and reports which `Ready` numbers are durable.
+//!
+//! Raft-rs may only read entries it handed over for persisting from storage before they
+//! are durable, so appended entries go into an in-memory tail first ([`Tail`]), which the
+//! `raft::Storage` reads consult before the database. The tail always holds every entry
+//! not yet written (and a window of recent written ones, which serves replication and
+//! apply without a database read).
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use raft::eraftpb::Entry;
+
+use crate::storage::WriteBatch;
+
+/// Written entries kept in the tail beyond the ones still queued.
+pub(crate) const TAIL_KEEP: usize = 1024;
+
+/// The newest entries of the log, contiguous by index, the last one being the log's last.
+#[derive(Default)]
+pub(crate) struct Tail {
+    entries: VecDeque<Entry>,
+}
+
+impl Tail {
+    pub(crate) fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.index)
+    }
+
+    pub(crate) fn last_index(&self) -> Option<u64> {
+        self.entries.back().map(|e| e.index)
+    }
+
+    pub(crate) fn get(&self, index: u64) -> Option<&Entry> {
+        let first = self.first_index()?;
+        let pos = usize::try_from(index.checked_sub(first)?).ok()?;
+        self.entries.get(pos)
+    }
+
+    /// Appends entries, replacing any conflicting (same or higher index) ones.
+    pub(crate) fn append(&mut self, new: &[Entry]) {
+        let Some(first) = new.first().map(|e| e.index) else {
+            return;
+        };
+        while self.entries.back().is_some_and(|e| e.index >= first) {
+            self.entries.pop_back();
+        }
+        if self.last_index().is_some_and(|last| last + 1 != first) {
+            // Not contiguous (cannot happen through raft): start over from the new ones.
+            self.entries.clear();
+        }
+        self.entries.extend(new.iter().cloned());
+    }
+
+    /// Drops written entries up to `(index, term)` beyond the window; only when the tail
+    /// holds that very entry (a later conflicting append may have replaced it).
+    pub(crate) fn written(&mut self, index: u64, term: u64) {
+        if self.get(index).map(|e| e.term) != Some(term) {
+            return;
+        }
+        while self.entries.len() > TAIL_KEEP
+            && self.entries.front().is_some_and(|e| e.index <= index)
+        {
+            self.entries.pop_front();
+        }
+    }
+
+    /// Drops entries up to `index` (compacted away).
+    pub(crate) fn compacted(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|e| e.index <= index) {
+            self.entries.pop_front();
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+/// One queued write.
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// A batch and the number of the `Ready` it persists.
+    Write { batch: Box<WriteBatch>, ready: u64 },
+    /// Compact the log up to this index (which earlier jobs applied).
+    Compact(u64),
+}
+
+#[derive(Default)]
+pub(crate) struct QueueState {
+    pub(crate) jobs: VecDeque<Job>,
+    /// A writer thread runs the jobs (otherwise the owner runs them: [`crate::Store::run_queued`]).
+    pub(crate) background: bool,
+    /// The writer took jobs and has not finished them.
+    pub(crate) busy: bool,
+    pub(crate) stop: bool,
+    /// The first write that failed; nothing is written after it.
+    pub(crate) failed: Option<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    pub(crate) state: Mutex<QueueState>,
+    pub(crate) changed: Condvar,
+}
+
+impl Queue {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, QueueState> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub(crate) fn push(&self, job: Job) {
+        self.lock().jobs.push_back(job);
+        self.changed.notify_all();
+    }
+}
+
+/// Folds `next` into `into`, as if `into` had been written first.
+pub(crate) fn merge(into: &mut WriteBatch, next: WriteBatch) {
+    if let Some(first) = next.entries.first().map(|e| e.index) {
+        into.entries.retain(|e| e.index < first);
+    }
+    into.entries.extend(next.entries);
+    if next.hard_state.is_some() {
+        into.hard_state = next.hard_state;
+    }
+    into.rows.extend(next.rows);
+    if next.applied.is_some() {
+        into.applied = next.applied;
+    }
+    if next.conf_state.is_some() {
+        into.conf_state = next.conf_state;
+    }
+    into.sync |= next.sync;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
+    }
+
+    fn indexes(t: &Tail) -> Vec<(u64, u64)> {
+        t.entries.iter().map(|e| (e.index, e.term)).collect()
+    }
+
+    #[test]
+    fn tail_appends_and_replaces_conflicting_entries() {
+        let mut t = Tail::default();
+        t.append(&[entry(5, 1), entry(6, 1), entry(7, 1)]);
+        t.append(&[entry(6, 2)]);
+        assert_eq!(indexes(&t), vec![(5, 1), (6, 2)]);
+        // A conflict below the tail's start replaces all of it.
+        t.append(&[entry(3, 3), entry(4, 3)]);
+        assert_eq!(indexes(&t), vec![(3, 3), (4, 3)]);
+        assert_eq!(t.get(4).map(|e| e.term), Some(3));
+        assert!(t.get(2).is_none() && t.get(5).is_none());
+    }
+
+    #[test]
+    fn tail_drops_written_entries_only_beyond_the_window_and_only_if_still_current() {
+        let mut t = Tail::default();
+        let n = TAIL_KEEP as u64 + 10;
+        t.append(&(1..=n).map(|i| entry(i, 1)).collect::<Vec<_>>());
+        // A write of an entry the tail no longer holds (other term) drops nothing.
+        t.written(20, 2);
+        assert_eq!(t.first_index(), Some(1));
+        t.written(5, 1);
+        assert_eq!(t.first_index(), Some(6));
+        t.written(n, 1);
+        assert_eq!(t.entries.len(), TAIL_KEEP);
+        assert_eq!(t.last_index(), Some(n));
+        t.compacted(n - 1);
+        assert_eq!(indexes(&t), vec![(n, 1)]);
+    }
+
+    #[test]
+    fn merged_batches_keep_the_later_entries_and_state() {
+        let mut a = WriteBatch {
+            entries: vec![entry(1, 1), entry(2, 1), entry(3, 1)],
+            applied: Some((1, 1)),
+            ..Default::default()
+        };
+        let b = WriteBatch {
+            entries: vec![entry(3, 2), entry(4, 2)],
+            applied: Some((2, 1)),
+            sync: true,
+            ..Default::default()
+        };
+        merge(&mut a, b);
+        let got: Vec<(u64, u64)> = a.entries.iter().map(|e| (e.index, e.term)).collect();
+        assert_eq!(got, vec![(1, 1), (2, 1), (3, 2), (4, 2)]);
+        assert_eq!(a.applied, Some((2, 1)));
+        assert!(a.sync);
+    }
+}
