@@ -13,7 +13,7 @@ use blixard_net::api::{
 };
 use blixard_net::client::{ApiClient, ClientError};
 use blixard_net::{endpoint, key_of, keys, member_addr, EndpointAddr, SecretKey};
-use blixard_tests::{Cluster, Node};
+use blixard_tests::{wait_for, Cluster, Node};
 
 fn key_hex(k: &SecretKey) -> String {
     key_of(&k.public()).to_string()
@@ -708,14 +708,26 @@ fn an_invalid_policy_is_refused_and_the_old_one_stays() {
         "y",
     ]);
     assert_eq!(out.status.code(), Some(4));
-    let audit = n.cli_ok(&["audit", "tail", "-n", "50"]);
-    let lines: Vec<serde_json::Value> = audit
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(lines
-        .iter()
-        .any(|l| l["principal"] == "user vera" && l["allowed"] == false));
+    // The daemon writes the log in the background: wait for the last decision to be in it.
+    let lines = wait_for(
+        "vera's denial in the audit log",
+        Duration::from_secs(10),
+        || {
+            let audit = n.cli_ok(&["audit", "tail", "-n", "50"]);
+            let lines: Vec<serde_json::Value> = audit
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if lines
+                .iter()
+                .any(|l| l["principal"] == "user vera" && l["allowed"] == false)
+            {
+                Ok(lines)
+            } else {
+                Err(audit)
+            }
+        },
+    );
     assert!(lines
         .iter()
         .any(|l| l["request"] == "PolicySet" && l["allowed"] == true && l["outcome"] == "ok"));

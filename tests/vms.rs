@@ -573,8 +573,19 @@ fn operator_hooks_veto_creates_and_time_out() {
         }
     });
     assert!(events.starts_with("before_vm_create"), "{events}");
-    // The audit log has every lifecycle step.
-    let audit = std::fs::read_to_string(n1.dir.join("audit.log")).unwrap();
+    // The audit log has every lifecycle step (written in the background: wait for the last).
+    let audit = wait_for(
+        "the delete in the audit log",
+        Duration::from_secs(10),
+        || {
+            let audit = std::fs::read_to_string(n1.dir.join("audit.log")).unwrap_or_default();
+            if audit.contains("\"change\":\"delete_vm\"") {
+                Ok(audit)
+            } else {
+                Err(audit)
+            }
+        },
+    );
     for step in [
         "before_vm_create",
         "\"starting\"",

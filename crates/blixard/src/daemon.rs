@@ -438,7 +438,12 @@ async fn serve(
             .map(std::path::PathBuf::from)
             .collect(),
     );
-    let audit = Arc::new(crate::audit::AuditLog::new(data_dir, me));
+    let audit = Arc::new(crate::audit::AuditLog::new(data_dir, me).map_err(|e| {
+        Failure::new(
+            exit::ERROR,
+            format!("cannot start the audit log writer: {e}"),
+        )
+    })?);
     let vms = vms_of(data_dir, config, &node, &audit)?;
     let expected = match &config.expected_members {
         Some(f) => Some(
@@ -539,6 +544,9 @@ async fn serve(
     image_store.shutdown().await;
     node.shutdown();
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    // Every line recorded so far goes to disk before the process exits.
+    let audit = service.audit.clone();
+    let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     let _ = std::fs::remove_file(datadir::node_info(data_dir));
     if removed {
         store
