@@ -12,13 +12,16 @@ if ! need cargo; then
 fi
 # Nix (image tests, Nix checks), QEMU + busybox + cpio (a real guest for the supervisor
 # and VM tests; tests/fixtures/guest/build.sh fetches the Debian cloud kernel with
-# apt-get), iptables (the partition test).
+# apt-get), iptables (the partition test), systemd and util-linux (the systemd supervisor
+# tests run systemd as PID 1 of a private namespace; it is not started on the host).
 missing=()
 need nix-instantiate || missing+=(nix-bin)
 need qemu-system-x86_64 || missing+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 need cpio || missing+=(cpio)
 need iptables || missing+=(iptables)
+[ -x /lib/systemd/systemd ] && need systemd-run || missing+=(systemd)
+need nsenter || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && need apt-get; then
     echo "test.sh: installing ${missing[*]}"

@@ -60,6 +60,53 @@ pub fn alive(pid: u32) -> bool {
     })
 }
 
+/// The pid namespace path of process `pid` (`pid:[inode]`), as a string.
+pub fn pid_ns(pid: u32) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()?;
+    Some(link.to_string_lossy().into_owned())
+}
+
+/// The `NSpid` line of `/proc/<pid>/status`: the process's pid in each pid namespace it
+/// is in, outermost (the caller's) first.
+pub fn proc_nspid(pid: u32) -> Option<Vec<u32>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().map(|p| p.parse().ok()).collect()
+}
+
+/// The parent of process `pid`.
+fn proc_ppid(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The pids of all processes, as this process sees them.
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// A descendant of `ancestor` whose pid in its own pid namespace is `inner`: a process
+/// started through a wrapper such as `nsenter`, found by the pid it reports.
+pub fn descendant_with_inner_pid(ancestor: u32, inner: u32) -> Option<u32> {
+    all_pids().into_iter().find(|&pid| {
+        pid != ancestor
+            && proc_nspid(pid).is_some_and(|ns| ns.last() == Some(&inner))
+            && std::iter::successors(proc_ppid(pid), |&p| proc_ppid(p))
+                .take(64)
+                .take_while(|&p| p != 0)
+                .any(|p| p == ancestor)
+    })
+}
+
 /// One `blixard node run` process and its data dir.
 pub struct Node {
     pub name: String,
@@ -67,6 +114,13 @@ pub struct Node {
     pub port: u16,
     pub child: Option<Child>,
     pub extra: Vec<String>,
+    /// A command prefix the daemon runs under (`run_expect_exit` too), e.g.
+    /// `SystemdNs::wrap`'s `nsenter -t PID -a --`. The daemon then writes its pid as seen
+    /// in its own pid namespace to `node.json`; `child` is the wrapper, and `pid`, `kill9`
+    /// and `stop` act on the daemon's host pid.
+    pub wrap: Option<Vec<String>>,
+    /// A wrapped daemon's pid in this process's pid namespace, while it runs.
+    wrapped_pid: Option<u32>,
 }
 
 impl Node {
@@ -78,6 +132,21 @@ impl Node {
             port: free_port(),
             child: None,
             extra: Vec::new(),
+            wrap: None,
+            wrapped_pid: None,
+        }
+    }
+
+    /// `blixard`, or the wrapper running it.
+    fn command(&self) -> Command {
+        match &self.wrap {
+            Some(wrap) => {
+                let (program, args) = wrap.split_first().expect("an empty wrap");
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary());
+                cmd
+            }
+            None => Command::new(binary()),
         }
     }
 
@@ -129,7 +198,7 @@ impl Node {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut cmd = Command::new(binary());
+        let mut cmd = self.command();
         cmd.arg("node")
             .arg("run")
             .arg("--data-dir")
@@ -146,8 +215,10 @@ impl Node {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         let mut child = cmd.spawn().unwrap();
-        // Serving once node.json names this process.
+        // Serving once node.json names this process (wrapped: a descendant of the
+        // wrapper with that pid in its own pid namespace).
         let pid = child.id();
+        let wrapped = self.wrap.is_some();
         let info = self.dir.join("node.json");
         let log_path = self.log_path();
         let name = self.name.clone();
@@ -158,21 +229,31 @@ impl Node {
             }
             let text = std::fs::read_to_string(&info).map_err(|e| e.to_string())?;
             let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-            if v["pid"].as_u64() == Some(u64::from(pid)) {
-                Ok(Ok(()))
+            if wrapped {
+                let inner = v["pid"]
+                    .as_u64()
+                    .and_then(|p| u32::try_from(p).ok())
+                    .ok_or(format!("no pid in {text}"))?;
+                match descendant_with_inner_pid(pid, inner) {
+                    Some(host) => Ok(Ok(Some(host))),
+                    None => Err("node.json of an earlier run".into()),
+                }
+            } else if v["pid"].as_u64() == Some(u64::from(pid)) {
+                Ok(Ok(None))
             } else {
                 Err("node.json of an earlier run".into())
             }
         });
         self.child = Some(child);
-        started.unwrap_or_else(|e| panic!("{e}"));
+        self.wrapped_pid = started.unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Runs the daemon expecting it to fail; returns (exit code, output).
     pub fn run_expect_exit(&self, args: &[&str]) -> (i32, String) {
         let log = self.dir.with_extension("expect-exit.log");
         let file = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new(binary())
+        let mut child = self
+            .command()
             .arg("node")
             .arg("run")
             .arg("--data-dir")
@@ -219,20 +300,42 @@ impl Node {
             }
         });
         self.child = None;
+        self.wrapped_pid = None;
         code
     }
 
     /// `kill -9`.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let Some(pid) = self.wrapped_pid.take() else {
             child.kill().unwrap();
             child.wait().unwrap();
+            return;
+        };
+        // While the wrapper runs, the daemon (its child) is alive or an unreaped zombie,
+        // so its pid is not reused; the wrapper exits once the daemon has.
+        if child.try_wait().unwrap().is_none() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
         }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait().unwrap();
     }
 
     /// SIGTERM and wait for a clean exit; returns the exit code.
     pub fn stop(&mut self) -> i32 {
-        let pid = self.child.as_ref().expect("not running").id();
+        let pid = self.pid().expect("not running");
         Command::new("kill")
             .arg("-TERM")
             .arg(pid.to_string())
@@ -290,9 +393,13 @@ impl Node {
         serde_json::from_str(&out).map_err(|e| e.to_string())
     }
 
-    /// The daemon's process id, while it runs.
+    /// The daemon's process id, while it runs (wrapped: its pid in this process's pid
+    /// namespace, not the one in `node.json`).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        match self.wrap {
+            Some(_) => self.child.as_ref().and(self.wrapped_pid),
+            None => self.child.as_ref().map(Child::id),
+        }
     }
 
     /// The `node.json` the running daemon wrote (node id, endpoint id, addresses, pid).
@@ -588,5 +695,146 @@ pub mod runners {
              -display none -nodefaults -serial stdio -no-reboot \
              -kernel \"$d/vmlinuz\" -initrd \"$d/initrd\" -append 'console=ttyS0 quiet panic=-1'",
         );
+    }
+}
+
+/// A real systemd as PID 1 of private pid, mount, cgroup, uts and ipc namespaces
+/// (`tests/systemd-ns.sh`), for tests of the systemd VM supervisor on hosts without
+/// systemd. The network namespace and /tmp are shared with the host. Needs root and
+/// cgroup v1 (or hybrid).
+pub mod systemd {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::process::{Command, Output, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::{pid_ns, proc_nspid};
+
+    /// One namespace and its systemd; dropping it kills everything inside and removes
+    /// its cgroups.
+    pub struct SystemdNs {
+        /// The namespace's PID 1 (systemd), as the host sees it.
+        pub pid: u32,
+        /// Unique per instance; its cgroups are `sdns-<name>` under the test's own.
+        pub name: String,
+    }
+
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd-ns.sh")
+    }
+
+    impl SystemdNs {
+        /// Starts one and waits until `systemctl is-system-running` says running;
+        /// panics with the script's output if it does not.
+        pub fn start() -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let name = format!(
+                "t{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            let out = Command::new("bash")
+                .arg(script())
+                .arg("start")
+                .arg(&name)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "starting systemd in namespaces ({}) failed ({}): {}",
+                script().display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let pid = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{}: no pid printed: {e}", script().display()));
+            Self { pid, name }
+        }
+
+        /// The command prefix that runs a command inside: `nsenter -t PID -a --`.
+        pub fn wrap(&self) -> Vec<String> {
+            ["nsenter", "-t", &self.pid.to_string(), "-a", "--"]
+                .map(String::from)
+                .to_vec()
+        }
+
+        /// Runs `args` inside the namespaces.
+        pub fn exec(&self, args: &[&str]) -> Output {
+            let wrap = self.wrap();
+            Command::new(&wrap[0])
+                .args(&wrap[1..])
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        }
+
+        /// `systemctl args` inside; its stdout, trimmed, whatever the exit status
+        /// (`is-active` and friends answer with it).
+        pub fn systemctl(&self, args: &[&str]) -> String {
+            let mut a = vec!["systemctl"];
+            a.extend(args);
+            let out = self.exec(&a);
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+
+        /// `systemctl show -p <props> <unit>` as a map.
+        pub fn show(&self, unit: &str, props: &[&str]) -> HashMap<String, String> {
+            let joined = props.join(",");
+            self.systemctl(&["show", "-p", &joined, "--", unit])
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        }
+
+        /// The host pid of the process that has pid `ns_pid` inside.
+        pub fn host_pid(&self, ns_pid: u32) -> Option<u32> {
+            let ns = pid_ns(self.pid)?;
+            crate::all_pids().into_iter().find(|&pid| {
+                proc_nspid(pid).is_some_and(|p| p.len() > 1 && p.last() == Some(&ns_pid))
+                    && pid_ns(pid).as_ref() == Some(&ns)
+            })
+        }
+    }
+
+    impl Drop for SystemdNs {
+        fn drop(&mut self) {
+            let out = Command::new("bash")
+                .arg(script())
+                .arg("stop")
+                .arg(self.pid.to_string())
+                .arg(&self.name)
+                .stdin(Stdio::null())
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "stopping systemd namespace {} failed: {}",
+                    self.name,
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => eprintln!("stopping systemd namespace {}: {e}", self.name),
+            }
+        }
+    }
+
+    /// A file of process `pid`'s cgroup (host pid) in the v1 hierarchy of `controller`,
+    /// e.g. `("memory", "memory.limit_in_bytes")`, trimmed.
+    pub fn cgroup_v1_file(pid: u32, controller: &str, file: &str) -> Option<String> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let path = text.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == controller)
+                .then_some(path)
+        })?;
+        let full = format!("/sys/fs/cgroup/{controller}{path}/{file}");
+        Some(std::fs::read_to_string(full).ok()?.trim().to_string())
     }
 }

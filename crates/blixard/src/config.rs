@@ -81,6 +81,20 @@ pub struct VmsConfig {
     /// VMs this host's configuration declares (a JSON list; the NixOS module writes
     /// /etc/blixard/vms.json): created, replaced and deleted to match at start.
     pub declared_file: Option<String>,
+    /// `process` (default: each runner a process of its own session, for hosts without
+    /// systemd) or `systemd` (each VM a transient unit `blixard-vm-<name>.service`).
+    pub supervisor: SupervisorConfig,
+    /// With `supervisor = "systemd"`: more `Key=value` properties for every VM's unit
+    /// (e.g. `User=`, `SupplementaryGroups=kvm`, sandboxing); the NixOS module sets them.
+    pub unit_properties: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SupervisorConfig {
+    #[default]
+    Process,
+    Systemd,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +119,8 @@ impl Default for VmsConfig {
             hooks: Vec::new(),
             hook_timeout_ms: 5_000,
             declared_file: None,
+            supervisor: SupervisorConfig::Process,
+            unit_properties: Vec::new(),
         }
     }
 }
@@ -257,6 +273,15 @@ impl Config {
             );
         }
         let v = &self.vms;
+        if let Some(bad) = v
+            .unit_properties
+            .iter()
+            .find(|p| !p.contains('=') || p.contains('\n'))
+        {
+            return Err(format!(
+                "vms.unit_properties: {bad:?} is not a Key=value property"
+            ));
+        }
         // raft-rs randomises the election timeout up to twice the configured one.
         let election_ms = r
             .tick_ms

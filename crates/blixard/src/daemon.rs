@@ -594,8 +594,28 @@ fn vms_of(
         .as_ref()
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| data_dir.join("vms"));
-    let supervisor = blixard_host::ProcessSupervisor::new(&root, v.console_max_mib << 20)
-        .map_err(|e| data_err(format!("vms.state_dir: {e}")))?;
+    let supervisor: Arc<dyn blixard_host::Supervisor> = match v.supervisor {
+        crate::config::SupervisorConfig::Process => Arc::new(
+            blixard_host::ProcessSupervisor::new(&root, v.console_max_mib << 20)
+                .map_err(|e| data_err(format!("vms.state_dir: {e}")))?,
+        ),
+        crate::config::SupervisorConfig::Systemd => {
+            let s = blixard_host::SystemdSupervisor::new(
+                &root,
+                v.console_max_mib << 20,
+                Duration::from_millis(v.stop_timeout_ms),
+            )
+            .map_err(|e| data_err(format!("vms.state_dir: {e}")))?
+            .with_properties(v.unit_properties.clone());
+            s.check().map_err(|e| {
+                Failure::new(
+                    exit::CONFIG,
+                    format!("vms.supervisor = \"systemd\", but no system manager answers: {e}"),
+                )
+            })?;
+            Arc::new(s)
+        }
+    };
     let mut hooks = blixard_host::HookChain::new();
     hooks.push(Arc::new(crate::vms::QuotaAdmission(node.clone())));
     for h in &v.hooks {
@@ -606,7 +626,7 @@ fn vms_of(
     }
     hooks.push(Arc::new(crate::vms::AuditHook(audit.clone())));
     Ok(crate::vms::Vms {
-        supervisor: Arc::new(supervisor),
+        supervisor,
         root,
         runner_store: config.images.store_dir.clone().into(),
         hooks,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use blixard_core::{
     place, Command, Desired, NodeId, Placement, SchedulerConfig, State, Vm, VmSpec,
 };
-use blixard_host::{HookChain, HookFuture, HookVm, ProcessSupervisor, Veto, VmLifecycleHook};
+use blixard_host::{HookChain, HookFuture, HookVm, Supervisor, Veto, VmLifecycleHook};
 use blixard_net::api::{
     ApiError, NodeDrain, NodeDrained, ProgressSink, RequestFrame, Response, ResponseFrame,
     VmConsole, VmControl, VmCreate, VmDeleted, VmEntries, VmInfo, VmList, VmLogs, VmOp, VmRef,
@@ -26,7 +26,7 @@ pub const MAX_LOG_BYTES: u64 = 256 * 1024;
 
 /// The node's VM machinery: the supervisor, the hooks, and the timings of liveness.
 pub struct Vms {
-    pub supervisor: Arc<ProcessSupervisor>,
+    pub supervisor: Arc<dyn Supervisor>,
     /// Where the supervisor keeps one state dir per VM.
     pub root: PathBuf,
     /// Where runners (image roots) are found on this host: the images' store dir.

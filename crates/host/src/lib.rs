@@ -27,14 +27,57 @@ mod hooks;
 mod process;
 pub mod reconcile;
 mod runner;
+mod systemd;
 mod taps;
 
 pub use cgroup::Limits;
 pub use hooks::{ExecHook, HookChain, HookEvent, HookFuture, HookVm, Veto, VmLifecycleHook};
 pub use process::{ProcessSupervisor, VmState};
 pub use runner::Runner;
+pub use systemd::SystemdSupervisor;
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Runs and watches VM runners on this host. Two implementations: [`ProcessSupervisor`]
+/// (plain processes, for hosts without systemd and the tests) and [`SystemdSupervisor`]
+/// (one transient systemd unit per VM). Either way a VM outlives the daemon, and a new
+/// daemon finds it running again.
+pub trait Supervisor: Send + Sync + std::fmt::Debug {
+    /// The VM's state dir; the name is checked.
+    fn state_dir(&self, name: &str) -> Result<PathBuf, HostError>;
+
+    fn console_path(&self, name: &str) -> Result<PathBuf, HostError> {
+        Ok(self.state_dir(name)?.join("console.log"))
+    }
+
+    /// Starts `runner` as VM `name` (taps first, within `limits` where the host can
+    /// enforce them); if it already runs, returns its pid and changes nothing.
+    fn start_with(
+        &self,
+        name: &str,
+        runner: &Runner,
+        limits: Option<&Limits>,
+    ) -> Result<u32, HostError>;
+
+    /// What the VM's runner is doing now.
+    fn state(&self, name: &str) -> Result<VmState, HostError>;
+
+    /// The VMs whose runners run, by name.
+    fn running(&self) -> Vec<(String, u32)>;
+
+    /// Stops the VM (its `bin/microvm-shutdown`, else SIGTERM; SIGKILL after `timeout`),
+    /// then gives back its taps and cgroup.
+    fn stop(&self, name: &str, timeout: Duration) -> Result<VmState, HostError>;
+
+    /// The last `lines` lines of the VM's console.
+    fn console_tail(&self, name: &str, lines: usize) -> Result<Vec<String>, HostError> {
+        process::console_tail(name, &self.console_path(name)?, lines)
+    }
+
+    /// Keeps the console log near its cap.
+    fn trim_console(&self, name: &str) -> Result<(), HostError>;
+}
 
 /// Errors of the host side; each names the VM or runner involved.
 #[derive(Debug, thiserror::Error)]
@@ -52,4 +95,6 @@ pub enum HostError {
     NotRunning(String),
     #[error("invalid VM name {0:?}")]
     BadName(String),
+    #[error("VM {vm}: systemd: {detail}")]
+    Systemd { vm: String, detail: String },
 }

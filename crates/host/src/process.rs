@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{self, Limits};
-use crate::{taps, HostError, Runner};
+use crate::{taps, HostError, Runner, Supervisor};
 
 /// What the supervisor knows about a VM's process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +45,10 @@ pub struct ProcessSupervisor {
     children: Mutex<HashMap<String, Child>>,
 }
 
-fn io<'a>(vm: &'a str, what: &'static str) -> impl FnOnce(std::io::Error) -> HostError + 'a {
+pub(crate) fn io<'a>(
+    vm: &'a str,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> HostError + 'a {
     move |source| HostError::Io {
         vm: vm.to_string(),
         what,
@@ -96,17 +99,7 @@ impl ProcessSupervisor {
 
     /// The VM's state dir (`<root>/<name>`); the name is checked.
     pub fn state_dir(&self, name: &str) -> Result<PathBuf, HostError> {
-        let ok = !name.is_empty()
-            && name.len() <= 128
-            && !name.starts_with('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
-        if ok {
-            Ok(self.root.join(name))
-        } else {
-            Err(HostError::BadName(name.to_string()))
-        }
+        state_dir_in(&self.root, name)
     }
 
     pub fn console_path(&self, name: &str) -> Result<PathBuf, HostError> {
@@ -386,60 +379,119 @@ impl ProcessSupervisor {
 
     /// The last `lines` lines of the VM's console.
     pub fn console_tail(&self, name: &str, lines: usize) -> Result<Vec<String>, HostError> {
-        let path = self.console_path(name)?;
-        let text = match std::fs::read(&path) {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io(name, "reading the console log")(e)),
-        };
-        let all: Vec<&str> = text.lines().collect();
-        Ok(all[all.len().saturating_sub(lines)..]
-            .iter()
-            .map(|l| l.to_string())
-            .collect())
+        console_tail(name, &self.console_path(name)?, lines)
     }
 
-    /// Keeps the console log near its cap: past it, only the newest half stays. The
-    /// runner appends, so it goes on writing at the new end.
+    /// Keeps the console log near its cap: past it, only the newest half stays.
     pub fn trim_console(&self, name: &str) -> Result<(), HostError> {
-        let path = self.console_path(name)?;
-        let Ok(mut f) = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-        else {
-            return Ok(());
-        };
-        let len = f.metadata().map_err(io(name, "console size"))?.len();
-        if len <= self.console_cap {
-            return Ok(());
-        }
-        let keep = self.console_cap / 2;
-        let mut tail = Vec::with_capacity(keep as usize);
-        f.seek(SeekFrom::Start(len - keep))
-            .and_then(|_| f.take(keep).read_to_end(&mut tail))
-            .map_err(io(name, "reading the console log"))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(io(name, "trimming the console log"))?;
-        f.set_len(0)
-            .and_then(|_| f.seek(SeekFrom::Start(0)))
-            .and_then(|_| f.write_all(&tail))
-            .map_err(io(name, "trimming the console log"))?;
-        Ok(())
+        trim_console(name, &self.console_path(name)?, self.console_cap)
     }
 }
 
+impl Supervisor for ProcessSupervisor {
+    fn state_dir(&self, name: &str) -> Result<PathBuf, HostError> {
+        ProcessSupervisor::state_dir(self, name)
+    }
+
+    fn start_with(
+        &self,
+        name: &str,
+        runner: &Runner,
+        limits: Option<&Limits>,
+    ) -> Result<u32, HostError> {
+        ProcessSupervisor::start_with(self, name, runner, limits)
+    }
+
+    fn state(&self, name: &str) -> Result<VmState, HostError> {
+        ProcessSupervisor::state(self, name)
+    }
+
+    fn running(&self) -> Vec<(String, u32)> {
+        ProcessSupervisor::running(self)
+    }
+
+    fn stop(&self, name: &str, timeout: Duration) -> Result<VmState, HostError> {
+        ProcessSupervisor::stop(self, name, timeout)
+    }
+
+    fn trim_console(&self, name: &str) -> Result<(), HostError> {
+        ProcessSupervisor::trim_console(self, name)
+    }
+}
+
+/// The VM's state dir under `root`; the name is checked (it becomes a path and, under
+/// systemd, a unit name).
+pub(crate) fn state_dir_in(root: &Path, name: &str) -> Result<PathBuf, HostError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if ok {
+        Ok(root.join(name))
+    } else {
+        Err(HostError::BadName(name.to_string()))
+    }
+}
+
+/// The last `lines` lines of a console log (none if it does not exist yet).
+pub(crate) fn console_tail(
+    name: &str,
+    path: &Path,
+    lines: usize,
+) -> Result<Vec<String>, HostError> {
+    let text = match std::fs::read(path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(name, "reading the console log")(e)),
+    };
+    let all: Vec<&str> = text.lines().collect();
+    Ok(all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect())
+}
+
+/// Keeps a console log near `cap` bytes: past it, only the newest half stays. The runner
+/// appends (`O_APPEND`), so it goes on writing at the new end.
+pub(crate) fn trim_console(name: &str, path: &Path, cap: u64) -> Result<(), HostError> {
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return Ok(());
+    };
+    let len = f.metadata().map_err(io(name, "console size"))?.len();
+    if len <= cap {
+        return Ok(());
+    }
+    let keep = cap / 2;
+    let mut tail = Vec::with_capacity(keep as usize);
+    f.seek(SeekFrom::Start(len - keep))
+        .and_then(|_| f.take(keep).read_to_end(&mut tail))
+        .map_err(io(name, "reading the console log"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(name, "trimming the console log"))?;
+    f.set_len(0)
+        .and_then(|_| f.seek(SeekFrom::Start(0)))
+        .and_then(|_| f.write_all(&tail))
+        .map_err(io(name, "trimming the console log"))?;
+    Ok(())
+}
+
 /// Points `link` at `target`, replacing what was there.
-fn relink(link: &Path, target: &Path) -> std::io::Result<()> {
+pub(crate) fn relink(link: &Path, target: &Path) -> std::io::Result<()> {
     let tmp = link.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp)?;
     std::fs::rename(&tmp, link)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
