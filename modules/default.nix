@@ -19,6 +19,10 @@ let
   defaultDataDir = cfg.dataDir == "/var/lib/blixard";
   # VM state dirs (typed option or settings); null: DATA_DIR/vms, made by the daemon.
   vmStateDir = daemonConfig.vms.state_dir or null;
+  # How the daemon runs VMs, as rendered (`settings` included): each a transient systemd
+  # unit (the module's default), or a process of the daemon (crates/host/src/systemd.rs,
+  # process.rs).
+  systemdVms = (daemonConfig.vms.supervisor or blib.daemonDefaults.vms.supervisor) == "systemd";
   vmStateDirOutside = vmStateDir != null && !(lib.hasPrefix "${cfg.dataDir}/" vmStateDir);
   privateDir = { user = "blixard"; group = "blixard"; mode = "0700"; };
   hd = cfg.tuning.highDensity;
@@ -100,7 +104,8 @@ in
         home = cfg.dataDir;
       };
       users.groups.blixard = { };
-      # The unit's SupplementaryGroups (VM runners open /dev/kvm and the vhost devices).
+      # VM runners open /dev/kvm and the vhost devices as members of `kvm`: the VM units'
+      # SupplementaryGroups (systemd supervisor), or blixard.service's (process supervisor).
       users.groups.kvm = { };
 
       # `materialise = "nix"`: the daemon copies signed closures from its own binary cache
@@ -121,14 +126,17 @@ in
         wants = [ "network-online.target" ];
         after = [ "network-online.target" ] ++ lib.optional tp.enable "blixard-thinpool.service";
         requires = lib.optional tp.enable "blixard-thinpool.service";
-        # The daemon reads both only at start. VMs survive the restart (KillMode below);
+        # The daemon reads both only at start. VMs survive the restart (see KillMode);
         # the new daemon replaces the declared VMs whose spec changed.
         restartTriggers = [ configFile declaredVmsJson ];
         environment.BLIXARD_LOG = lib.mkDefault "info";
-        # Importing store paths and `materialise = "nix"` run `nix`. The VM supervisor runs
-        # `kill` (util-linux) on a runner's process group and `ip` (iproute2) to make tap
-        # interfaces. Hypervisors come from each runner's own closure: nothing else here.
-        path = [ config.nix.package pkgs.util-linux pkgs.iproute2 ];
+        # Importing store paths and `materialise = "nix"` run `nix`; the daemon runs `ip`
+        # (iproute2) to make tap interfaces and `kill` (util-linux) on the process group
+        # of a hook past its timeout (and, with the process supervisor, of a runner). The
+        # systemd supervisor runs `systemd-run` and `systemctl`: the host's systemd, the
+        # manager they talk to. Hypervisors come from each runner's own closure.
+        path = [ config.nix.package pkgs.util-linux pkgs.iproute2 ]
+          ++ lib.optional systemdVms config.systemd.package;
         serviceConfig = {
           Type = "notify";
           NotifyAccess = "main";
@@ -136,17 +144,21 @@ in
           WatchdogSec = "30s";
           Restart = "on-failure";
           RestartSec = "2s";
-          # Exit 8 (bad config) and 7 (unusable data dir) will not fix themselves.
+          # Exit 8 (bad config, or no systemd manager answering the systemd supervisor)
+          # and 7 (unusable data dir) will not fix themselves.
           RestartPreventExitStatus = [ 7 8 ];
           TimeoutStopSec = "30s";
-          # VMs are the daemon's children, each in its own process group (the process
-          # supervisor, crates/host/src/process.rs); there is no unit per VM. Stop only the
-          # daemon's main process: `systemctl restart blixard` (and a `nixos-rebuild
-          # switch` that changes the config) leaves the VMs running, and the new daemon
-          # re-adopts them from their pid files (systemd logs "Found left-over process" for
-          # each; expected). So `systemctl stop blixard` does not stop VMs either (`blixard
-          # vm stop` does); at host shutdown, systemd's final SIGTERM/SIGKILL reaches
-          # whatever still runs in this unit's cgroup.
+          # Stop only the daemon's main process. With the systemd supervisor, VMs are units
+          # of their own (blixard-vm-*.service), outside this unit's cgroup: restarting or
+          # stopping blixard never touches them, and this matters only for what the daemon
+          # itself starts (hooks, `nix`). With the process supervisor, VMs are the daemon's
+          # children, each in its own process group but in this unit's cgroup, and this is
+          # what keeps them: `systemctl restart blixard` (and a `nixos-rebuild switch` that
+          # changes the config) leaves them running, and the new daemon re-adopts them from
+          # their pid files (systemd logs "Found left-over process" for each; expected). So
+          # `systemctl stop blixard` does not stop VMs either (`blixard vm stop` does); at
+          # host shutdown, systemd's final SIGTERM/SIGKILL reaches whatever still runs in
+          # this cgroup.
           KillMode = "process";
           User = "blixard";
           Group = "blixard";
@@ -155,32 +167,33 @@ in
           ReadWritePaths = lib.optional (!defaultDataDir) cfg.dataDir
             ++ lib.optional vmStateDirOutside vmStateDir;
 
-          # The daemon runs as `blixard`, not root. Runners inherit everything below, so
-          # the control-plane baseline (as nixpkgs' conduit) has the exceptions a VM needs
-          # (those of the blixard-vm@ template below):
-          # - CAP_NET_ADMIN, to make and delete tap interfaces (`ip tuntap add`) and let
-          #   the runner attach to them. It is ambient, so runners and hooks get it too.
-          #   It needs PrivateUsers off: in a private user namespace the capability would
-          #   not apply to the host's network namespace.
-          # - /dev/kvm, /dev/net/tun and the vhost devices (PrivateDevices off, an explicit
-          #   device list instead), the `kvm` group, unlimited locked memory.
-          # - MemoryDenyWriteExecute off: it is inherited by the hypervisor, and QEMU's TCG
-          #   (a JIT) cannot run under it.
-          # - Delegate: the unit's cgroup subtree is handed to the daemon (writable,
-          #   ProtectControlGroups off), which a non-root process needs for VM cgroups.
-          #   NOTE: the daemon makes VM cgroups under /sys/fs/cgroup/blixard.slice, outside
-          #   this subtree, which `blixard` cannot write; until it can be pointed at its own
-          #   cgroup, VM limits (memory.max, cpu.max) are not enforced here and the
-          #   supervisor logs why.
+          # The daemon runs as `blixard`, not root, under the control-plane baseline (as
+          # nixpkgs' conduit), with these exceptions:
+          # - CAP_NET_ADMIN, to make and delete tap interfaces (`ip tuntap add`), and
+          #   /dev/net/tun. It is ambient, so hooks (and, with the process supervisor,
+          #   runners) get it too. It needs PrivateUsers off: in a private user namespace
+          #   the capability would not apply to the host's network namespace.
+          # - With the process supervisor only, as runners inherit this unit's sandbox:
+          #   /dev/kvm and the vhost devices (PrivateDevices off, an explicit device list
+          #   instead), the `kvm` group, unlimited locked memory, MemoryDenyWriteExecute
+          #   off (QEMU's TCG, a JIT, cannot run under it), and Delegate: the unit's cgroup
+          #   subtree is handed to the daemon (writable, ProtectControlGroups off), which a
+          #   non-root process needs for VM cgroups. NOTE: the process supervisor makes VM
+          #   cgroups under /sys/fs/cgroup/blixard.slice, outside this subtree, which
+          #   `blixard` cannot write; until it can be pointed at its own cgroup, VM limits
+          #   (memory.max, cpu.max) are not enforced with it and it logs why.
+          # With the systemd supervisor, a VM's exceptions and sandbox are its own unit's
+          # (lib.vmUnitProperties, in `vms.unit_properties`), and systemd enforces its
+          # limits (MemoryMax, CPUQuota): none of the above is needed here.
           UMask = "0077";
           NoNewPrivileges = true;
           CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
           AmbientCapabilities = [ "CAP_NET_ADMIN" ];
-          Delegate = true;
-          SupplementaryGroups = [ "kvm" ];
+          Delegate = !systemdVms;
+          SupplementaryGroups = lib.optional (!systemdVms) "kvm";
           DevicePolicy = "closed";
-          DeviceAllow = [ "/dev/kvm rw" "/dev/net/tun rw" "/dev/vhost-net rw" ];
-          LimitMEMLOCK = "infinity";
+          DeviceAllow = [ "/dev/net/tun rw" ]
+            ++ lib.optionals (!systemdVms) [ "/dev/kvm rw" "/dev/vhost-net rw" ];
           ProtectSystem = "strict";
           ProtectHome = true;
           PrivateTmp = true;
@@ -191,55 +204,30 @@ in
           ProtectKernelTunables = true;
           ProtectKernelModules = true;
           ProtectKernelLogs = true;
-          ProtectControlGroups = false;
+          ProtectControlGroups = systemdVms;
           ProtectProc = "invisible";
           RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
           RestrictNamespaces = true;
           RestrictRealtime = true;
           RestrictSUIDSGID = true;
           LockPersonality = true;
-          MemoryDenyWriteExecute = false;
+          MemoryDenyWriteExecute = systemdVms;
           SystemCallArchitectures = "native";
           SystemCallFilter = [ "@system-service" "~@privileged" ];
-        } // limits;
+        } // lib.optionalAttrs (!systemdVms) { LimitMEMLOCK = "infinity"; } // limits;
       };
 
       # Declared VMs, for the daemon (blib.declaredVmsFile = /etc/blixard/vms.json).
       environment.etc."blixard/vms.json".source = declaredVmsJson;
-
-      # One VM per instance, run from its microvm.nix runner (bin/microvm-run and
-      # bin/microvm-shutdown, the microvm.nix host/runner contract). UNUSED: nothing starts
-      # these, and nothing creates /var/lib/blixard-vms/NAME/runner any more. The daemon
-      # does not use systemd for VMs (declared ones included); it runs them itself, as
-      # children in their own process groups (see KillMode above).
-      systemd.services."blixard-vm@" = {
-        description = "Blixard VM %i";
-        after = [ "network.target" ] ++ lib.optional tp.enable "blixard-thinpool.service";
-        serviceConfig = {
-          Type = "simple";
-          WorkingDirectory = "/var/lib/blixard-vms/%i";
-          ExecStart = "/var/lib/blixard-vms/%i/runner/bin/microvm-run";
-          ExecStop = "/var/lib/blixard-vms/%i/runner/bin/microvm-shutdown";
-          Restart = "on-failure";
-          TimeoutStopSec = "150s";
-          # Only the exceptions a VM needs: /dev/kvm, tap devices, locked memory.
-          DeviceAllow = [ "/dev/kvm rw" "/dev/net/tun rw" "/dev/vhost-net rw" ];
-          DevicePolicy = "closed";
-          LimitMEMLOCK = "infinity";
-          ProtectSystem = "strict";
-          ReadWritePaths = [ "/var/lib/blixard-vms/%i" ];
-          ProtectHome = true;
-          PrivateTmp = true;
-          NoNewPrivileges = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          RestrictRealtime = true;
-          LockPersonality = true;
-          SystemCallArchitectures = "native";
-        } // limits;
-      };
     }
+
+    # The systemd supervisor: the daemon (user `blixard`) creates, stops and resets the
+    # transient units blixard-vm-*.service through systemd's D-Bus API, which asks polkit
+    # for anyone but root. The rule (lib.polkitRule) allows exactly those units and verbs.
+    (lib.mkIf systemdVms {
+      security.polkit.enable = true;
+      security.polkit.extraConfig = blib.polkitRule;
+    })
 
     (lib.mkIf hd.enable {
       boot.kernel.sysctl = {

@@ -269,7 +269,8 @@ in
     };
 
     # The daemon's `[vms]` section (crates/blixard/src/config.rs, VmsConfig), plus the
-    # declared-VM list under `vms.declared`. null: the daemon's default applies.
+    # declared-VM list under `vms.declared`. null: the daemon's default applies (the
+    # supervisor has a default of its own, written out).
     vms = {
       stateDir = mkOption {
         type = types.nullOr types.str;
@@ -277,7 +278,8 @@ in
         defaultText = literalExpression "null (the daemon uses DATA_DIR/vms: /var/lib/blixard/vms)";
         example = "/srv/blixard-vms";
         description = ''
-          Per-VM state dirs (console log, pid file, `current`/`booted` runner links).
+          Per-VM state dirs (console log, `current`/`booted` runner links; the pid file
+          with the process supervisor, the unit name and exit code with the systemd one).
           Outside `dataDir`, the module creates it (owned by `blixard`, mode 0700) and
           makes it writable for the unit. `vms.state_dir`.
         '';
@@ -340,6 +342,37 @@ in
         type = types.nullOr types.ints.positive;
         default = null;
         description = "How long one hook may run, in ms (daemon default 5000). `vms.hook_timeout_ms`.";
+      };
+      supervisor = mkOption {
+        type = types.enum [ "process" "systemd" ];
+        # Written explicitly: the daemon's own default is "process".
+        default = "systemd";
+        description = ''
+          How this host runs VM runners. `systemd` (the module's default, as microvm.nix's
+          `microvm@` units): each VM is a transient unit `blixard-vm-<tenant>\x40<name>.service`,
+          created by the daemon with `systemd-run`, outside `blixard.service`: restarting or
+          stopping the daemon never touches it. The module then enables polkit with a rule
+          letting the `blixard` user manage those units (and no others), and gives them a
+          sandbox of their own (`unitProperties`); it needs systemd 257 or later (asserted:
+          older ones do not tell polkit which unit `systemd-run` makes). `process` (the
+          daemon's default, for hosts without systemd): each
+          runner is a child process of the daemon, inside `blixard.service`'s sandbox.
+          `vms.supervisor`.
+        '';
+      };
+      unitProperties = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "CPUWeight=50" "Slice=machine.slice" ];
+        description = ''
+          With `supervisor = "systemd"`: more `Key=value` systemd properties for every VM
+          unit (as `systemd-run --property`). The module's own (user `blixard`, group `kvm`,
+          device list, locked memory, sandboxing, write access to the state dirs:
+          `lib.vmUnitProperties`) come first, so an entry here adds to them or, for a
+          single-valued property, overrides it. Each must contain `=` and no newline
+          (asserted). `vms.unit_properties` (`settings.vms.unit_properties` replaces the
+          whole list, the module's entries included).
+        '';
       };
 
       declared = mkOption {

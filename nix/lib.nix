@@ -54,7 +54,7 @@ rec {
   # The daemon's defaults for the values the module checks (crates/blixard/src/config.rs).
   daemonDefaults = {
     raft = { tick_ms = 100; election_ticks = 10; };
-    vms = { down_timeout_ms = 30000; fence_timeout_ms = 15000; stop_timeout_ms = 10000; };
+    vms = { down_timeout_ms = 30000; fence_timeout_ms = 15000; stop_timeout_ms = 10000; supervisor = "process"; };
   };
 
   # Module option values -> the daemon's config (crates/blixard/src/config.rs), exact keys.
@@ -63,11 +63,12 @@ rec {
   #     images = { storeDir, cacheListen, cacheSizeMib, materialise, nixStore, importPaths };
   #     vms = { stateDir, consoleMaxMib, downTimeoutMs, fenceTimeoutMs, stopTimeoutMs,
   #             strategy, cpuOvercommitPct, memoryOvercommitPct, hooks, hookTimeoutMs,
-  #             declaredFile };
+  #             declaredFile, supervisor, unitProperties };
   #     requestTimeoutMs, expectedMembers, settings }
   # Every field may be missing or null; nulls are dropped so the daemon's defaults apply
-  # (`vms.hooks = [ ]` too: the daemon's default is no hooks). Hooks are left as given, so
-  # a Nix path literal is copied to the store when the config is rendered.
+  # (`vms.hooks = [ ]` and `vms.unitProperties = [ ]` too: the daemon's defaults are empty
+  # lists). Hooks are left as given, so a Nix path literal is copied to the store when the
+  # config is rendered.
   # `settings` is merged last (freeform; it uses the daemon's own snake_case names).
   mkDaemonConfig = cfg:
     let
@@ -76,6 +77,7 @@ rec {
       img = cfg.images or { };
       vms = cfg.vms or { };
       hooks = get vms "hooks";
+      unitProperties = get vms "unitProperties";
       typed = dropNulls {
         listen = get cfg "listen";
         expected_members = get cfg "expectedMembers";
@@ -113,6 +115,8 @@ rec {
           hooks = if hooks == [ ] then null else hooks;
           hook_timeout_ms = get vms "hookTimeoutMs";
           declared_file = get vms "declaredFile";
+          supervisor = get vms "supervisor";
+          unit_properties = if unitProperties == [ ] then null else unitProperties;
         };
       };
     in
@@ -124,28 +128,129 @@ rec {
   # The module's `services.blixard` values -> mkDaemonConfig's argument (used by both
   # modules/default.nix and modules/asserts.nix, so the checked config is the rendered one).
   # `vms.declared_file` is always set: the module always writes the file (an empty list when
-  # nothing is declared), so removing the last declared VM deletes it too.
-  moduleDaemonConfig = cfg: mkDaemonConfig {
-    inherit (cfg) listen name relayUrl labels requestTimeoutMs settings;
-    capacity = { inherit (cfg.capacity) vcpus memoryMib; };
-    raft = { inherit (cfg.raft) tickMs electionTicks heartbeatTicks snapshotThreshold; };
-    images = { inherit (cfg.images) storeDir cacheListen cacheSizeMib materialise nixStore importPaths; };
-    vms = {
-      inherit (cfg.vms) stateDir consoleMaxMib downTimeoutMs fenceTimeoutMs stopTimeoutMs
-        strategy cpuOvercommitPct memoryOvercommitPct hooks hookTimeoutMs;
-      declaredFile = declaredVmsFile;
-    };
-    # Declared membership: the daemon refuses joins from keys not listed.
-    expectedMembers = if (cfg.members or { }) != { } then membersFile else null;
-  };
+  # nothing is declared), so removing the last declared VM deletes it too. `vms.supervisor`
+  # is always written (the option's default, "systemd", is not the daemon's). With the
+  # systemd supervisor (as rendered, `settings` included), `vms.unit_properties` is
+  # vmUnitProperties (the exceptions and sandbox of a VM's unit) followed by the option's
+  # entries; `settings.vms.unit_properties` replaces the whole list.
+  moduleDaemonConfig = cfg:
+    let
+      args = vmsExtra: {
+        inherit (cfg) listen name relayUrl labels requestTimeoutMs settings;
+        capacity = { inherit (cfg.capacity) vcpus memoryMib; };
+        raft = { inherit (cfg.raft) tickMs electionTicks heartbeatTicks snapshotThreshold; };
+        images = { inherit (cfg.images) storeDir cacheListen cacheSizeMib materialise nixStore importPaths; };
+        vms = {
+          inherit (cfg.vms) stateDir consoleMaxMib downTimeoutMs fenceTimeoutMs stopTimeoutMs
+            strategy cpuOvercommitPct memoryOvercommitPct hooks hookTimeoutMs supervisor;
+          declaredFile = declaredVmsFile;
+        } // vmsExtra;
+        # Declared membership: the daemon refuses joins from keys not listed.
+        expectedMembers = if (cfg.members or { }) != { } then membersFile else null;
+      };
+      # Rendered without unit properties: the supervisor and state dir that take effect.
+      first = mkDaemonConfig (args { });
+      hd = (cfg.tuning or { }).highDensity or { };
+      baseline =
+        if (first.vms.supervisor or daemonDefaults.vms.supervisor) == "systemd"
+        then vmUnitProperties {
+          stateDir = vmsStateDir { inherit (cfg) dataDir; config = first; };
+          nofile = if hd.enable or false then hd.nofile else null;
+          nproc = if hd.enable or false then hd.nproc else null;
+        }
+        else [ ];
+    in
+    mkDaemonConfig (args { unitProperties = baseline ++ (cfg.vms.unitProperties or [ ]); });
+
+  # Where the daemon keeps the VM state dirs: `vms.state_dir`, else DATA_DIR/vms.
+  #   { dataDir, config = mkDaemonConfig's result }
+  vmsStateDir = { dataDir, config }:
+    let s = (config.vms or { }).state_dir or null; in
+    if s != null then s else "${toString dataDir}/vms";
+
+  # The daemon's user (modules/default.nix) and the prefix of its VM units
+  # (crates/host/src/systemd.rs: blixard-vm-<tenant>\x40<name>.service).
+  daemonUser = "blixard";
+  vmUnitPrefix = "blixard-vm-";
+
+  # The properties the module gives every VM unit (`vms.supervisor = "systemd"`), after the
+  # daemon's own (description, MemoryMax, CPUQuota, ExecStop, TimeoutStopSec, KillMode,
+  # console) and before the operator's `vms.unitProperties`. A VM unit is not a child of
+  # blixard.service and inherits none of its sandbox, so this is the VM's sandbox, with only
+  # the exceptions a hypervisor needs: the `kvm` group, /dev/kvm, /dev/net/tun and the
+  # vhost devices (net, vsock), unlimited locked memory, and write access to the VM state
+  # dirs (disk images, sockets: the runner runs in its state dir). No capabilities: the
+  # daemon makes the tap interfaces before it starts the unit, without an owner, so the
+  # runner attaches to them without CAP_NET_ADMIN. Before=blixard.service: at shutdown the
+  # daemon stops first (it does not restart VMs as they stop), then each VM gets its
+  # `bin/microvm-shutdown` (systemd orders stop jobs the reverse of Before=/After=).
+  #   { stateDir, nofile ? null, nproc ? null }  (limits from tuning.highDensity)
+  vmUnitProperties = { stateDir, nofile ? null, nproc ? null }:
+    [
+      "User=${daemonUser}"
+      "Group=${daemonUser}"
+      "SupplementaryGroups=kvm"
+      "DevicePolicy=closed"
+      "DeviceAllow=/dev/kvm rw"
+      "DeviceAllow=/dev/net/tun rw"
+      "DeviceAllow=/dev/vhost-net rw"
+      "DeviceAllow=/dev/vhost-vsock rw"
+      "LimitMEMLOCK=infinity"
+      "ProtectSystem=strict"
+      "ReadWritePaths=${stateDir}"
+      "ProtectHome=yes"
+      "PrivateTmp=yes"
+      "NoNewPrivileges=yes"
+      "ProtectKernelModules=yes"
+      "ProtectKernelLogs=yes"
+      "ProtectControlGroups=yes"
+      "RestrictRealtime=yes"
+      "LockPersonality=yes"
+      "SystemCallArchitectures=native"
+      "Before=blixard.service"
+    ]
+    ++ (if nofile != null then [ "LimitNOFILE=${toString nofile}" ] else [ ])
+    ++ (if nproc != null then [ "LimitNPROC=${toString nproc}" ] else [ ]);
+
+  # The polkit rule (security.polkit.extraConfig) that lets the daemon's user manage its
+  # VM units and no other unit: the verbs the systemd supervisor uses (`systemd-run`, i.e.
+  # StartTransientUnit: start; `systemctl stop`, `reset-failed`, `set-property`) on units
+  # whose name starts with `blixard-vm-`. systemd passes the `unit` and `verb` details for
+  # StartTransientUnit only from version 257 on (asserted by the module); earlier ones pass
+  # none, so the rule would not match and every VM start would be refused.
+  polkitRule = ''
+    // Blixard (services.blixard.vms.supervisor = "systemd"): the daemon runs as user
+    // "${daemonUser}", not root, and runs each VM as a transient systemd unit,
+    // ${vmUnitPrefix}<tenant>\x40<name>.service, which it creates with systemd-run and
+    // stops, resets and adjusts with systemctl. This allows exactly that: the action
+    // org.freedesktop.systemd1.manage-units on units named ${vmUnitPrefix}*, with the
+    // verbs start (StartTransientUnit), stop, reset-failed and set-property. Other
+    // requests of "${daemonUser}" fall through to polkit's defaults (an administrator's
+    // password: refused for a service). A user who may create transient units can run
+    // any command as any user (User= is theirs to set), so "${daemonUser}" is as
+    // trusted as root on this host.
+    polkit.addRule(function (action, subject) {
+      if (action.id != "org.freedesktop.systemd1.manage-units" || subject.user != "${daemonUser}") {
+        return polkit.Result.NOT_HANDLED;
+      }
+      var unit = action.lookup("unit");
+      var verb = action.lookup("verb");
+      var verbs = ["start", "stop", "reset-failed", "set-property"];
+      if (typeof unit == "string" && unit.indexOf("${vmUnitPrefix}") == 0 && verbs.indexOf(verb) >= 0) {
+        return polkit.Result.YES;
+      }
+      return polkit.Result.NOT_HANDLED;
+    });
+  '';
 
   # Where the module writes the expected members (modules/default.nix, environment.etc).
   membersFile = "/etc/blixard/members.json";
 
   # Checks of a rendered daemon config's `[vms]` section (after `settings`; the daemon's
-  # defaults where a value is unset), as NixOS `assertions` entries. The timing rule is the
-  # daemon's own (Config::validate): a host cut off from the quorum must have stopped its
-  # VMs before the leader, having marked it down, starts them elsewhere.
+  # defaults where a value is unset), as NixOS `assertions` entries: the timing rule,
+  # absolute paths, unit properties as one-line `Key=value`s. Each is the daemon's own
+  # (Config::validate). The timing rule: a host cut off from the quorum must have stopped
+  # its VMs before the leader, having marked it down, starts them elsewhere.
   #   { node ? "services.blixard", config = mkDaemonConfig's result }
   checkVmsConfig = { node ? "services.blixard", config }:
     let
@@ -158,6 +263,8 @@ rec {
       declaredFile = v.declared_file or null;
       hooks = v.hooks or [ ];
       badHooks = filter (h: match "/.*" (toString h) == null) hooks;
+      # One `Key=value` each, as `systemd-run --property` takes it (the daemon's rule).
+      badProps = filter (p: !(builtins.isString p) || match "[^\n]*=[^\n]*" p == null) (v.unit_properties or [ ]);
     in
     [
       {
@@ -175,6 +282,10 @@ rec {
       {
         assertion = badHooks == [ ];
         message = "${node}: vms.hooks must be absolute paths: ${showList (map toString badHooks)}";
+      }
+      {
+        assertion = badProps == [ ];
+        message = "${node}: vms.unitProperties (vms.unit_properties) entries must be one line of Key=value: ${showList badProps}";
       }
     ];
 

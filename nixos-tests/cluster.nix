@@ -38,9 +38,26 @@
         toml = node1.succeed("cat /etc/blixard/blixard.toml")
         assert 'strategy = "spread"' in toml and "blixard-admit-all" in toml, toml
 
-    with subtest("the unit leaves VMs (the daemon's children) alone on restart"):
+    with subtest("VMs are systemd units, which the daemon's user may manage, and no others"):
+        toml = node1.succeed("cat /etc/blixard/blixard.toml")
+        assert 'supervisor = "systemd"' in toml and "ReadWritePaths=/var/lib/blixard/vms" in toml, toml
+        # KillMode=process matters only for the process supervisor (kept for it)
         assert node1.succeed("systemctl show -P KillMode blixard.service").strip() == "process"
-        node1.succeed("systemctl show -P Environment blixard.service | grep -q iproute2")
+        env = node1.succeed("systemctl show -P Environment blixard.service")
+        assert "iproute2" in env and "systemd" in env, env
+        node1.succeed("grep -q blixard-vm- /etc/polkit-1/rules.d/10-nixos.rules")
+        # The polkit rule: `blixard` creates and stops blixard-vm-* units, and no others.
+        # With the daemon stopped, as it stops the blixard-vm-* units it does not know.
+        node1.succeed("systemctl stop blixard.service")
+        node1.succeed("runuser -u blixard -- systemd-run --quiet --uid=blixard --unit=blixard-vm-probe.service sleep infinity")
+        node1.succeed("systemctl is-active blixard-vm-probe.service")
+        node1.succeed("runuser -u blixard -- systemctl stop blixard-vm-probe.service")
+        node1.fail("runuser -u blixard -- systemd-run --quiet --uid=blixard --unit=probe.service sleep infinity")
+        node1.fail("runuser -u blixard -- systemctl start blixard.service")
+        node1.succeed("systemctl start blixard.service")
+        node1.wait_for_unit("blixard.service")
+        node1.wait_until_succeeds(
+            "test \"$(blixard -o json cluster status | jq '.raft.leader != null')\" = true", timeout=60)
 
     with subtest("losing a non-leader node keeps quorum"):
         s = status(node1)

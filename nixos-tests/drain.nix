@@ -8,6 +8,10 @@
 #     node1's daemon from /etc/blixard/vms.json, pinned to node1, labelled as declared by
 #     it, and reaches its ready marker. Its runner is a stand-in: a script that prints the
 #     marker and sleeps (no guest boots; the daemon only needs bin/microvm-run);
+#   - with the module's default supervisor ("systemd") the VM is the transient unit
+#     blixard-vm-default\x40web.service, running as `blixard` outside blixard.service's
+#     cgroup, its console in its state dir; `systemctl restart blixard` leaves it running
+#     with the same main pid;
 #   - a member is removed from the cluster with `blixard cluster leave`, and the two
 #     remaining nodes keep a leader and accept writes.
 { self }:
@@ -60,8 +64,27 @@ in
         assert vm["spec"]["labels"] == {"app": "web", "blixard.declared-by": f"n{n1}"}, vm
         assert vm["spec"]["constraints"] == {"blixard.node": f"n{n1}"}, vm
         assert vm["spec"]["ready_marker"] == "web: ready", vm
-        # nodes without declarations declare nothing
-        assert "declared_file" not in node2.succeed("cat /etc/blixard/blixard.toml")
+        # nodes without declarations declare nothing (the file is still named: an empty
+        # list, so that removing the last declared VM deletes it)
+        assert json.loads(node2.succeed("cat /etc/blixard/vms.json")) == []
+
+    with subtest("the VM is a systemd unit of its own, untouched by a daemon restart"):
+        unit = "blixard-vm-default\\x40web.service"
+        node1.succeed(f"systemctl is-active '{unit}'")
+        assert node1.succeed(f"systemctl show -P User '{unit}'").strip() == "blixard"
+        pid = node1.succeed(f"systemctl show -P MainPID '{unit}'").strip()
+        assert pid != "0", pid
+        cgroup = node1.succeed(f"cat /proc/{pid}/cgroup")
+        assert "blixard-vm-default" in cgroup and "blixard.service" not in cgroup, cgroup
+        # the console is in the VM's state dir, not in the journal
+        node1.succeed("grep -q 'web: ready' /var/lib/blixard/vms/default@web/console.log")
+        assert "web: ready" in node1.succeed("blixard vm logs web")
+        node1.succeed("systemctl restart blixard.service")
+        node1.wait_for_unit("blixard.service")
+        node1.succeed(f"systemctl is-active '{unit}'")
+        assert node1.succeed(f"systemctl show -P MainPID '{unit}'").strip() == pid
+        node1.wait_until_succeeds(
+            "test \"$(blixard -o json vm show web | jq -r .phase)\" = ready", timeout=60)
 
     with subtest("a member leaves; the other two keep serving"):
         s = json.loads(node1.succeed("blixard -o json cluster status"))

@@ -6,7 +6,10 @@
 #      samples, refused with exit 8) by `blixard node check-config`;
 #  (d) declared-VM lists produced by mkDeclaredVms, named by `[vms] declared_file` as the
 #      module names them, are accepted by check-config; bad ones are refused (exit 8)
-#      naming the VM.
+#      naming the VM. The configs moduleDaemonConfig renders (supervisor, unit
+#      properties) go through check-config the same way;
+#  (e) lib.polkitRule, run in node against a stand-in for polkit (nix/tests/polkit-rule.js),
+#      allows the daemon's user exactly its VM units (skipped, and said so, without node).
 # Needs: nix-instantiate (apt-get install nix-bin). Prints "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,36 +65,40 @@ check_config() { # CASE EXPECTED_EXIT [TEXT the output must contain]
   nix-instantiate --eval --strict --json nix/tests/cases.nix -A "$c" > "$tmp/$c.json" || { bad "check-config $c: eval"; return; }
   run_check "$c" "$tmp/$c.json" "$@"
 }
-# Every rendered config: daemon-config-*, module-daemon-config* and sample-valid* must be
-# accepted; sample-invalid* (e.g. the [vms] timing rule broken by 1 ms) refused with exit 8.
-# module-daemon-config(-no-vms) name /etc/blixard/vms.json: checked in (d), with the file.
+# Every rendered config: daemon-config-* and sample-valid* must be accepted; sample-invalid*
+# (e.g. the [vms] timing rule broken by 1 ms) refused with exit 8. module-daemon-config*
+# name /etc/blixard/vms.json: checked in (d), with the file.
 for c in $cases; do
   case $c in
-    module-daemon-config|module-daemon-config-no-vms) ;;
-    daemon-config-*|module-daemon-config*|sample-valid*) check_config "$c" 0 ;;
+    module-daemon-config*) ;;
+    sample-valid) check_config "$c" 0 '"supervisor": "systemd"' ;;
+    daemon-config-vms) check_config "$c" 0 '"Environment=RUST_LOG=info MODE=vm"' ;;
+    daemon-config-*|sample-valid*) check_config "$c" 0 ;;
     sample-invalid-vms-timing) check_config "$c" 8 "vms.down_timeout_ms" ;;
+    sample-invalid-unit-properties) check_config "$c" 8 "vms.unit_properties" '"Nice"' ;;
     sample-invalid-declared-file) check_config "$c" 8 "vms.declared_file" ;;
     sample-invalid) check_config "$c" 8 "raft.election_ticks" ;;
     sample-invalid*) check_config "$c" 8 ;;
   esac
 done
 
-# (d) declared VMs. The config is module-daemon-config (what the module renders when a VM
-# is declared) with vms.declared_file pointed from /etc/blixard/vms.json at a temp file
+# (d) declared VMs. The config is CONFIG_CASE (what the module renders; module-daemon-config
+# unless given) with vms.declared_file pointed from /etc/blixard/vms.json at a temp file
 # holding the case VMS_CASE (a list from mkDeclaredVms, or a bad one made from it).
-check_declared() { # NAME VMS_CASE|- EXPECTED_EXIT [TEXT the output must contain]...
-  local n=$1 vms=$2 want=$3; shift 3
+check_module() { # CONFIG_CASE NAME VMS_CASE|- EXPECTED_EXIT [TEXT the output must contain]...
+  local cc=$1 n=$2 vms=$3 want=$4; shift 4
   local vf="$tmp/$n.vms.json"
   if [ "$vms" != - ]; then
     nix-instantiate --eval --strict --json nix/tests/cases.nix -A "$vms" > "$vf" || { bad "check-config $n: eval $vms"; return; }
   fi
-  nix-instantiate --eval --strict --json --argstr file "$vf" -E '{ file }:
-    let c = (import ./nix/tests/cases.nix).module-daemon-config; in
+  nix-instantiate --eval --strict --json --argstr file "$vf" --argstr case "$cc" -E '{ file, case }:
+    let c = (import ./nix/tests/cases.nix).${case}; in
     assert c.vms.declared_file == "/etc/blixard/vms.json";
     c // { vms = c.vms // { declared_file = file; }; }' > "$tmp/$n.json" 2>"$tmp/$n.err" \
     || { bad "check-config $n: eval config: $(cat "$tmp/$n.err")"; return; }
   run_check "$n" "$tmp/$n.json" "$want" "$@"
 }
+check_declared() { check_module module-daemon-config "$@"; } # NAME VMS_CASE|- EXPECTED_EXIT [TEXT]...
 check_declared declared-module module-declared-vms 0
 check_declared declared-local declared-vms-local 0
 check_declared declared-defaults declared-vms-defaults 0
@@ -103,6 +110,33 @@ check_declared declared-none declared-vms-none 0
 check_declared declared-bad-duplicate declared-vms-bad-duplicate 8 '"web"'
 check_declared declared-bad-restart declared-vms-bad-restart 8 '"web"'
 check_declared declared-missing - 8 "declared-missing.vms.json"
+# Supervisors as the module renders them: systemd (its default) with the VM units' sandbox
+# and the operator's entries after it; process; every module-daemon-config* case is here.
+check_module module-daemon-config module-systemd module-declared-vms 0 \
+  '"supervisor": "systemd"' '"User=blixard"' '"ReadWritePaths=/var/lib/blixard/vms"'
+check_module module-daemon-config-unit-properties module-unit-properties module-declared-vms 0 \
+  '"supervisor": "systemd"' '"ReadWritePaths=/srv/blixard-vms"' '"LimitNOFILE=1048576"' '"Environment=A=b c"'
+check_module module-daemon-config-process module-process module-declared-vms 0 '"supervisor": "process"'
+check_module module-daemon-config-no-vms module-no-vms declared-vms-none 0 '"supervisor": "systemd"'
+for c in $cases; do
+  case $c in
+    module-daemon-config|module-daemon-config-unit-properties|module-daemon-config-process|module-daemon-config-no-vms) ;;
+    module-daemon-config*) bad "check-config $c: not checked (add it to (d))" ;;
+  esac
+done
+
+# (e) the polkit rule, as polkitd would run it
+if command -v node >/dev/null; then
+  if nix-instantiate --eval --strict --json nix/tests/cases.nix -A polkit-rule 2>"$tmp/polkit.err" \
+       | node -e 'process.stdout.write(JSON.parse(require("fs").readFileSync(0, "utf8")))' > "$tmp/polkit.js" \
+     && node nix/tests/polkit-rule.js "$tmp/polkit.js" > "$tmp/polkit.out" 2>&1; then
+    ok "polkit rule: $(grep -c '^ok' "$tmp/polkit.out") requests answered as expected"
+  else
+    bad "polkit rule: $(cat "$tmp/polkit.err") $(grep -v '^ok' "$tmp/polkit.out")"
+  fi
+else
+  echo "skip polkit rule: node not found"
+fi
 
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]

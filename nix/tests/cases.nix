@@ -2,7 +2,7 @@
 # scripts/nix-check.sh. Pure: no nixpkgs.
 let
   lib = import ../lib.nix;
-  inherit (lib) mkDaemonConfig moduleDaemonConfig mkRunArgs checkCluster checkNodes checkThinPool checkVms checkVmsConfig failedAssertions mkDeclaredVms;
+  inherit (lib) mkDaemonConfig moduleDaemonConfig mkRunArgs checkCluster checkNodes checkThinPool checkVms checkVmsConfig failedAssertions mkDeclaredVms polkitRule;
 
   # Declared VMs as the module passes them (option defaults included), with runners that
   # look like real store paths: a local one with a ready marker, and one the cluster places.
@@ -21,11 +21,12 @@ let
     };
   };
 
-  # services.blixard.vms.* at their option defaults: the daemon's defaults apply.
+  # services.blixard.vms.* at their option defaults: the daemon's defaults apply, except
+  # for the supervisor (the module's default is "systemd", the daemon's "process").
   vmsDefaults = {
     stateDir = null; consoleMaxMib = null; downTimeoutMs = null; fenceTimeoutMs = null;
     stopTimeoutMs = null; strategy = null; cpuOvercommitPct = null; memoryOvercommitPct = null;
-    hooks = [ ]; hookTimeoutMs = null;
+    hooks = [ ]; hookTimeoutMs = null; supervisor = "systemd"; unitProperties = [ ];
   };
 
   # Every services.blixard.vms.* option set.
@@ -40,6 +41,9 @@ let
     memoryOvercommitPct = 120;
     hooks = [ "/nix/store/00000000000000000000000000000000-blixard-admit" "/etc/blixard/hooks/audit" ];
     hookTimeoutMs = 2000;
+    supervisor = "systemd";
+    # a value may hold `=` and spaces: only the first `=` separates the key
+    unitProperties = [ "CPUWeight=50" "Environment=RUST_LOG=info MODE=vm" ];
   };
 
   # raft 100 ms × 10 ticks = 1000 ms; fence + stop + 1000 must stay below down.
@@ -84,6 +88,89 @@ let
     openFirewall = true;
     thinPool = { enable = false; name = "blixard-pool"; backingFile = null; device = null; dataSize = 20480; metadataSize = 256; blockSize = 128; };
   };
+
+  # nixpkgs' lib functions modules/asserts.nix uses, as stand-ins
+  stubAssertsLib = {
+    mkIf = cond: content: if cond then content else { };
+    hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
+    versionAtLeast = a: b: builtins.compareVersions a b >= 0;
+  };
+
+  # modules/default.nix evaluated with stand-ins for nixpkgs' lib and pkgs: what the
+  # module-unit cases look at. `vms` is merged over moduleCfg's (stateDir outside dataDir).
+  moduleUnit = vms:
+    let
+      inherit (builtins) concatStringsSep attrNames;
+      stubLib = {
+        mkIf = cond: content: if cond then content else { };
+        mkMerge = xs: xs;
+        mkDefault = x: x;
+        getExe = p: "${p}/bin/blixard";
+        escapeShellArg = x: "'${toString x}'";
+        escapeShellArgs = xs: concatStringsSep " " (map stubLib.escapeShellArg xs);
+        makeBinPath = xs: concatStringsSep ":" (map (x: "${x}/bin") xs);
+        hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
+        mapAttrs = builtins.mapAttrs;
+        mapAttrsToList = f: a: map (n: f n a.${n}) (attrNames a);
+        optional = c: x: if c then [ x ] else [ ];
+        optionals = c: xs: if c then xs else [ ];
+        optionalAttrs = c: a: if c then a else { };
+        optionalString = c: x: if c then x else "";
+      };
+      stubPkgs = {
+        formats.toml = { }: { generate = name: value: { outPath = "/nix/store/stub-${name}"; inherit value; }; };
+        writeShellScript = name: _: "/nix/store/stub-${name}";
+        writeText = name: text: { outPath = "/nix/store/stub-${name}"; inherit text; };
+        lvm2 = "/nix/store/stub-lvm2";
+        util-linux = "/nix/store/stub-util-linux";
+        coreutils = "/nix/store/stub-coreutils";
+        iproute2 = "/nix/store/stub-iproute2";
+        thin-provisioning-tools = "/nix/store/stub-thin-provisioning-tools";
+        path = "/nix/store/stub-nixpkgs";
+        stdenv.hostPlatform.system = "x86_64-linux";
+      };
+      cfg = moduleCfg // {
+        package = "/nix/store/stub-blixard";
+        vms = moduleCfg.vms // { stateDir = "/srv/blixard-vms"; } // vms;
+        tuning.highDensity = { enable = false; };
+      };
+      m = import ../../modules { } {
+        lib = stubLib;
+        pkgs = stubPkgs;
+        config = {
+          services.blixard = cfg;
+          networking.hostName = "node1";
+          nix.package = "/nix/store/stub-nix";
+          systemd.package = "/nix/store/stub-systemd";
+        };
+      };
+      base = builtins.head m.config;
+      unit = base.systemd.services.blixard;
+      # what lib.mkMerge got, past the base: the supervisor's part is the only other one
+      # with `security` (the high-density and thin-pool parts are off here)
+      polkit = builtins.filter (p: p ? security) (builtins.tail m.config);
+    in
+    {
+      inherit (unit) path;
+      serviceConfig = {
+        inherit (unit.serviceConfig) KillMode User AmbientCapabilities CapabilityBoundingSet Delegate
+          SupplementaryGroups DevicePolicy DeviceAllow PrivateDevices PrivateUsers ProtectControlGroups
+          MemoryDenyWriteExecute ReadWritePaths ExecStart;
+        LimitMEMLOCK = unit.serviceConfig.LimitMEMLOCK or null;
+      };
+      restartTriggers = map toString unit.restartTriggers;
+      tmpfiles = base.systemd.tmpfiles.settings."10-blixard";
+      # no runner links under /var/lib/blixard-vms any more
+      tmpfilesRules = base.systemd.tmpfiles.rules or null;
+      config = base.environment.etc."blixard/blixard.toml".source.value;
+      etc = attrNames base.environment.etc;
+      declared = builtins.fromJSON base.environment.etc."blixard/vms.json".source.text;
+      # the only services: the daemon (no blixard-vm@ template; the thin pool is off)
+      services = attrNames base.systemd.services;
+      polkitEnable = map (p: p.security.polkit.enable) polkit;
+      # the rule itself is the polkit-rule case
+      polkitRuleIsLib = map (p: p.security.polkit.extraConfig == polkitRule) polkit;
+    };
 
   goodMembers = {
     node1 = { endpointId = "1111111111111111111111111111111111111111111111111111111111111111"; addresses = [ "10.0.0.1:7000" ]; };
@@ -161,18 +248,16 @@ in
   # whose declared VM has a restart policy the daemon does not know.
   module-asserts =
     let
-      stubLib = {
-        mkIf = cond: content: if cond then content else { };
-        hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
-      };
       m = import ../../modules/asserts.nix {
-        lib = stubLib;
+        lib = stubAssertsLib;
         config = {
           networking.hostName = "node1";
+          systemd.package.version = "258.3";
           services.blixard = moduleCfg // {
             settings.vms = { fence_timeout_ms = 25000; };
             vms = moduleCfg.vms // {
               declared.tiny = { runner = "/nix/store/y"; vcpus = 1; memory = 16; restart = "no"; placement = "local"; readyMarker = null; };
+              unitProperties = [ "CPUWeight=50" "Nice" "Environment=A=b\nExecStartPre=/bin/sh" ];
             };
           };
         };
@@ -180,67 +265,59 @@ in
     in
     failedAssertions m.config.assertions;
 
+  # the systemd supervisor needs systemd >= 257 (polkit learns the unit of systemd-run's
+  # request only from then on): refused on 256, fine on 257, not asked with "process"
+  module-asserts-systemd-version = map ({ version, supervisor }:
+    let
+      m = import ../../modules/asserts.nix {
+        lib = stubAssertsLib;
+        config = {
+          networking.hostName = "node1";
+          systemd.package.version = version;
+          services.blixard = moduleCfg // { vms = moduleCfg.vms // { inherit supervisor; }; };
+        };
+      };
+    in
+    failedAssertions m.config.assertions) [
+      { version = "256.8"; supervisor = "systemd"; }
+      { version = "257"; supervisor = "systemd"; }
+      { version = "256.8"; supervisor = "process"; }
+    ];
+
   # modules/default.nix with stand-ins for nixpkgs' lib and pkgs (store paths are fake):
   # the parts of blixard.service that VMs depend on, for a vms.stateDir outside dataDir,
-  # and the declared-VM file it writes and restarts on.
-  module-unit =
-    let
-      inherit (builtins) concatStringsSep attrNames;
-      stubLib = {
-        mkIf = cond: content: if cond then content else { };
-        mkMerge = xs: xs;
-        mkDefault = x: x;
-        getExe = p: "${p}/bin/blixard";
-        escapeShellArg = x: "'${toString x}'";
-        escapeShellArgs = xs: concatStringsSep " " (map stubLib.escapeShellArg xs);
-        makeBinPath = xs: concatStringsSep ":" (map (x: "${x}/bin") xs);
-        hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
-        mapAttrs = builtins.mapAttrs;
-        mapAttrsToList = f: a: map (n: f n a.${n}) (attrNames a);
-        optional = c: x: if c then [ x ] else [ ];
-        optionalAttrs = c: a: if c then a else { };
-        optionalString = c: x: if c then x else "";
-      };
-      stubPkgs = {
-        formats.toml = { }: { generate = name: value: { outPath = "/nix/store/stub-${name}"; inherit value; }; };
-        writeShellScript = name: _: "/nix/store/stub-${name}";
-        writeText = name: text: { outPath = "/nix/store/stub-${name}"; inherit text; };
-        lvm2 = "/nix/store/stub-lvm2";
-        util-linux = "/nix/store/stub-util-linux";
-        coreutils = "/nix/store/stub-coreutils";
-        iproute2 = "/nix/store/stub-iproute2";
-        thin-provisioning-tools = "/nix/store/stub-thin-provisioning-tools";
-        path = "/nix/store/stub-nixpkgs";
-        stdenv.hostPlatform.system = "x86_64-linux";
-      };
-      cfg = moduleCfg // {
-        package = "/nix/store/stub-blixard";
-        vms = moduleCfg.vms // { stateDir = "/srv/blixard-vms"; };
-        tuning.highDensity = { enable = false; };
-      };
-      m = import ../../modules { } {
-        lib = stubLib;
-        pkgs = stubPkgs;
-        config = { services.blixard = cfg; networking.hostName = "node1"; nix.package = "/nix/store/stub-nix"; };
-      };
-      base = builtins.head m.config;
-      unit = base.systemd.services.blixard;
-    in
-    {
-      inherit (unit) path;
-      serviceConfig = {
-        inherit (unit.serviceConfig) KillMode User AmbientCapabilities CapabilityBoundingSet Delegate
-          SupplementaryGroups DevicePolicy DeviceAllow PrivateDevices PrivateUsers ProtectControlGroups
-          MemoryDenyWriteExecute LimitMEMLOCK ReadWritePaths ExecStart;
-      };
-      restartTriggers = map toString unit.restartTriggers;
-      tmpfiles = base.systemd.tmpfiles.settings."10-blixard";
-      # no runner links under /var/lib/blixard-vms any more
-      tmpfilesRules = base.systemd.tmpfiles.rules or null;
-      config = base.environment.etc."blixard/blixard.toml".source.value;
-      etc = attrNames base.environment.etc;
-      declared = builtins.fromJSON base.environment.etc."blixard/vms.json".source.text;
-    };
+  # the declared-VM file it writes and restarts on, and polkit. With the systemd supervisor
+  # (the default) the daemon's unit drops the VM-only exceptions and polkit gets the rule;
+  # with "process" the runners inherit the unit, so it keeps them and polkit is left alone.
+  module-unit = moduleUnit { };
+  module-unit-process = moduleUnit { supervisor = "process"; };
+
+  # the polkit rule (security.polkit.extraConfig); scripts/nix-check.sh also runs it in
+  # node against a stub polkit
+  polkit-rule = polkitRule;
+
+  # vms.supervisor and vms.unit_properties as moduleDaemonConfig renders them
+  # - the systemd supervisor: the module's VM sandbox (state dir outside dataDir, limits
+  #   from tuning.highDensity), then the option's entries
+  module-daemon-config-unit-properties = moduleDaemonConfig (moduleCfg // {
+    vms = moduleCfg.vms // { stateDir = "/srv/blixard-vms"; unitProperties = [ "CPUWeight=50" "Environment=A=b c" ]; };
+    tuning.highDensity = { enable = true; nofile = 1048576; nproc = 524288; };
+  });
+  # - the process supervisor: no module entries (the daemon ignores the list then)
+  module-daemon-config-process = moduleDaemonConfig (moduleCfg // {
+    vms = moduleCfg.vms // { supervisor = "process"; unitProperties = [ "CPUWeight=50" ]; };
+  });
+  # - settings win: a supervisor set there decides (no module entries for "process"), and
+  #   settings.vms.unit_properties replaces the whole list
+  module-unit-properties-settings = map (settings: (moduleDaemonConfig (moduleCfg // { inherit settings; })).vms) [
+    { vms.supervisor = "process"; }
+    { vms.unit_properties = [ "Nice=5" ]; }
+  ];
+  # unit properties the daemon would refuse (no `=`, a newline) fail in Nix too
+  check-vms-config-unit-properties = failedAssertions (checkVmsConfig {
+    node = "n";
+    config = mkDaemonConfig (full // { vms = vmsDefaults // { unitProperties = [ "Nice=5" "Nice" "A=b\nExecStartPre=/bin/sh" ]; }; });
+  });
 
   # declared VMs -> the list the daemon reads (vms.declared_file), exact keys
   declared-vms = mkDeclaredVms {
@@ -313,4 +390,6 @@ in
   sample-invalid-vms-timing = mkDaemonConfig (vmsTiming 27000);
   # the daemon wants an absolute vms.declared_file (checkVmsConfig asserts it too)
   sample-invalid-declared-file = mkDaemonConfig (full // { settings.vms.declared_file = "vms.json"; });
+  # a unit property without `=` (checkVmsConfig refuses it too: check-vms-config-unit-properties)
+  sample-invalid-unit-properties = mkDaemonConfig (full // { vms = vmsDefaults // { unitProperties = [ "CPUWeight=50" "Nice" ]; }; });
 }

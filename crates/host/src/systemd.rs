@@ -216,6 +216,13 @@ impl Supervisor for SystemdSupervisor {
 
         let unit = unit_name(name);
         let console = dir.join("console.log");
+        // Made here, so it is the daemon's (systemd would make it as root, and the daemon,
+        // which trims it, may not be).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console)
+            .map_err(io(name, "opening the console log"))?;
         let mut props = vec![
             format!("Description=Blixard VM {name}"),
             "RemainAfterExit=yes".to_string(),
