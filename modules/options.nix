@@ -224,8 +224,9 @@ in
         The cluster's expected members. Checked at evaluation (no duplicate names or
         endpoint ids, addresses are IP:PORT), written to /etc/blixard/members.json and named
         in the daemon config (`expected_members`): the daemon then refuses a join from a
-        key not listed under that name, even with a valid ticket. Members still join with
-        tickets; the list does not add them.
+        key not listed under that name, even with a valid ticket, and dials each member at
+        its addresses here as well as at those in the cluster state. Members still join
+        with tickets; the list does not add them.
       '';
     };
 

@@ -286,3 +286,64 @@ fn declared_members_refuse_a_stranger_with_a_valid_ticket() {
     assert_eq!(code, 8, "{out}");
     assert!(out.contains("expected members"), "{out}");
 }
+
+#[test]
+fn declared_addresses_reunite_a_cluster_whose_addresses_all_changed() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_voters(3);
+    c.nodes[0].cli_ok(&["cluster", "meta", "set", "era", "old"]);
+    let ids: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            n.info().unwrap()["endpoint_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for n in &mut c.nodes {
+        assert_eq!(n.stop(), 0);
+    }
+    // Every node comes back on a new port: the addresses in the cluster state are all
+    // wrong, and only the declared member list says where the others are now.
+    let members = c.root.path().join("members.json");
+    let mut entries = Vec::new();
+    for (n, id) in c.nodes.iter_mut().zip(&ids) {
+        n.port = blixard_tests::free_port();
+        entries.push(format!(
+            r#""{}": {{"name": "{}", "endpointId": "{id}", "addresses": ["127.0.0.1:{}"]}}"#,
+            n.name, n.name, n.port
+        ));
+    }
+    std::fs::write(&members, format!("{{{}}}", entries.join(", "))).unwrap();
+    let config = c.root.path().join("declared.toml");
+    std::fs::write(
+        &config,
+        format!("expected_members = \"{}\"\n", members.display()),
+    )
+    .unwrap();
+    for n in &mut c.nodes {
+        n.start(&["--config", config.to_str().unwrap()]);
+    }
+    wait_for("a write after the move", LONG, || {
+        c.nodes[2].try_cli(&["cluster", "meta", "set", "era", "new"])
+    });
+    for node in &c.nodes {
+        wait_meta(node, "era", "new");
+    }
+
+    // An address that is not IP:PORT stops the daemon with a config error.
+    std::fs::write(
+        &members,
+        format!(
+            r#"{{"n1": {{"name": "n1", "endpointId": "{}", "addresses": ["node1:7000"]}}}}"#,
+            ids[0]
+        ),
+    )
+    .unwrap();
+    c.nodes[0].stop();
+    let (code, out) = c.nodes[0].run_expect_exit(&["--config", config.to_str().unwrap()]);
+    assert_eq!(code, 8, "{out}");
+    assert!(out.contains("not IP:PORT"), "{out}");
+}

@@ -48,7 +48,29 @@ pub fn load_members(path: &Path) -> Result<Vec<ExpectedMember>, String> {
         .map_err(|e| format!("expected members {}: {e}", path.display()))?;
     let map: BTreeMap<String, ExpectedMember> = serde_json::from_str(&text)
         .map_err(|e| format!("expected members {}: {e}", path.display()))?;
+    for (key, m) in &map {
+        if let Some(bad) = m
+            .addresses
+            .iter()
+            .find(|a| a.parse::<std::net::SocketAddr>().is_err())
+        {
+            return Err(format!(
+                "expected members {}: {key}: address {bad:?} is not IP:PORT",
+                path.display()
+            ));
+        }
+    }
     Ok(map.into_values().collect())
+}
+
+impl ExpectedMember {
+    /// The declared addresses (checked by `load_members`).
+    pub fn socket_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
 }
 
 /// How this node runs VMs, and (when it leads) places them and watches hosts.

@@ -378,9 +378,18 @@ async fn serve(
         .map_err(data_err)?;
     let solo = core.conf_state().voters == vec![me.0];
     let (removed_tx, mut removed_by_peer) = watch::channel(false);
+    let declared = match &config.expected_members {
+        Some(f) => crate::config::load_members(Path::new(f))
+            .map_err(|e| Failure::new(exit::CONFIG, e))?
+            .iter()
+            .map(|m| (m.endpoint_id, m.socket_addrs()))
+            .collect(),
+        None => Vec::new(),
+    };
     let book = Arc::new(Book {
         state: core.state(),
         seeds,
+        declared,
         me,
         removed: Mutex::new(Some(removed_tx)),
     });

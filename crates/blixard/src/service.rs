@@ -44,6 +44,9 @@ pub type Seeds = Vec<(NodeId, EndpointKey, Vec<SocketAddr>)>;
 pub struct Book {
     pub state: Arc<std::sync::RwLock<State>>,
     pub seeds: Seeds,
+    /// Addresses the configuration declares for members' keys (`expected_members`), tried
+    /// besides those in the cluster state: a host whose address changed is found there.
+    pub declared: Vec<(EndpointKey, Vec<SocketAddr>)>,
     pub me: NodeId,
     pub removed: Mutex<Option<watch::Sender<bool>>>,
 }
@@ -59,13 +62,23 @@ impl Book {
 
 impl PeerBook for Book {
     fn addr_of(&self, node: NodeId) -> Option<EndpointAddr> {
-        let from_state = self.with_state(|s| member_addr_of(s, node));
-        from_state.or_else(|| {
+        let known = self.with_state(|s| s.member(node).map(|m| (m.endpoint, m.addrs.clone())));
+        let (key, mut addrs) = known.or_else(|| {
             self.seeds
                 .iter()
                 .find(|(id, _, _)| *id == node)
-                .and_then(|(_, key, addrs)| member_addr(key, addrs))
-        })
+                .map(|(_, key, addrs)| (*key, addrs.clone()))
+        })?;
+        for (k, declared) in &self.declared {
+            if *k == key {
+                for a in declared {
+                    if !addrs.contains(a) {
+                        addrs.push(*a);
+                    }
+                }
+            }
+        }
+        member_addr(&key, &addrs)
     }
 
     fn admit(&self, key: &EndpointKey, from: NodeId) -> Result<(), Refusal> {
