@@ -135,15 +135,7 @@ impl ProcessSupervisor {
             return Ok(pid);
         }
         let dir = self.state_dir(name)?;
-        let tap_names = runner.tap_interfaces()?;
-        let tap_flags = if tap_names.is_empty() {
-            Vec::new()
-        } else {
-            taps::flags(runner)?
-        };
-        std::fs::create_dir_all(&dir).map_err(io(name, "creating the state dir"))?;
-        relink(&dir.join("current"), &runner.dir).map_err(io(name, "linking current"))?;
-        let _ = std::fs::remove_file(dir.join("exit"));
+        let (tap_names, tap_flags) = prepare_start(name, &dir, runner)?;
         self.release_cgroup(name, &dir);
         let console = std::fs::OpenOptions::new()
             .create(true)
@@ -417,6 +409,26 @@ impl Supervisor for ProcessSupervisor {
     fn trim_console(&self, name: &str) -> Result<(), HostError> {
         ProcessSupervisor::trim_console(self, name)
     }
+}
+
+/// What every start does first, whatever runs the runner: reads the runner's tap list
+/// and flags (a bad one fails the start before anything changes), makes the state dir,
+/// points `current` at the runner and forgets the last run's exit code.
+pub(crate) fn prepare_start(
+    name: &str,
+    dir: &Path,
+    runner: &Runner,
+) -> Result<(Vec<String>, Vec<&'static str>), HostError> {
+    let tap_names = runner.tap_interfaces()?;
+    let tap_flags = if tap_names.is_empty() {
+        Vec::new()
+    } else {
+        taps::flags(runner)?
+    };
+    std::fs::create_dir_all(dir).map_err(io(name, "creating the state dir"))?;
+    relink(&dir.join("current"), &runner.dir).map_err(io(name, "linking current"))?;
+    let _ = std::fs::remove_file(dir.join("exit"));
+    Ok((tap_names, tap_flags))
 }
 
 /// The VM's state dir under `root`; the name is checked (it becomes a path and, under

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{io, relink, state_dir_in, trim_console, write_atomic};
+use crate::process::{io, prepare_start, relink, state_dir_in, trim_console, write_atomic};
 use crate::{taps, HostError, Limits, Runner, Supervisor, VmState};
 
 const PREFIX: &str = "blixard-vm-";
@@ -201,15 +201,7 @@ impl Supervisor for SystemdSupervisor {
             return Ok(pid);
         }
         let dir = self.state_dir(name)?;
-        let tap_names = runner.tap_interfaces()?;
-        let tap_flags = if tap_names.is_empty() {
-            Vec::new()
-        } else {
-            taps::flags(runner)?
-        };
-        std::fs::create_dir_all(&dir).map_err(io(name, "creating the state dir"))?;
-        relink(&dir.join("current"), &runner.dir).map_err(io(name, "linking current"))?;
-        let _ = std::fs::remove_file(dir.join("exit"));
+        let (tap_names, tap_flags) = prepare_start(name, &dir, runner)?;
         // A unit of an earlier run that systemd still holds (exited, failed).
         self.release(name);
         let made = taps::create(name, &tap_names, &tap_flags)?;
