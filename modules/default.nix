@@ -86,6 +86,12 @@ let
     LimitNOFILE = hd.nofile;
     LimitNPROC = hd.nproc;
   };
+
+  # The daemon's own memory limit (services.blixard.memoryMax; see its description).
+  daemonMemoryMax =
+    if cfg.memoryMax != null then cfg.memoryMax
+    else if systemdVms then "1G"
+    else null;
 in
 {
   imports = [ ./options.nix ./asserts.nix ];
@@ -214,7 +220,9 @@ in
           MemoryDenyWriteExecute = systemdVms;
           SystemCallArchitectures = "native";
           SystemCallFilter = [ "@system-service" "~@privileged" ];
-        } // lib.optionalAttrs (!systemdVms) { LimitMEMLOCK = "infinity"; } // limits;
+        } // lib.optionalAttrs (!systemdVms) { LimitMEMLOCK = "infinity"; }
+          // lib.optionalAttrs (daemonMemoryMax != null) { MemoryMax = daemonMemoryMax; }
+          // limits;
       };
 
       # Declared VMs, for the daemon (blib.declaredVmsFile = /etc/blixard/vms.json).

@@ -230,6 +230,18 @@ in
       '';
     };
 
+    memoryMax = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "512M";
+      description = ''
+        The daemon's memory cgroup limit (`MemoryMax=` of blixard.service). `null`: 1G with
+        the systemd supervisor (VMs are units of their own, limited by their
+        `MemoryMax=`), none with the process supervisor (whose runners may run in the
+        daemon's cgroup, which a limit would cap too).
+      '';
+    };
+
     openFirewall = mkOption {
       type = types.bool;
       default = false;

@@ -86,6 +86,7 @@ let
     joinTicketFile = null;
     members = { };
     openFirewall = true;
+    memoryMax = null;
     thinPool = { enable = false; name = "blixard-pool"; backingFile = null; device = null; dataSize = 20480; metadataSize = 256; blockSize = 128; };
   };
 
@@ -98,7 +99,9 @@ let
 
   # modules/default.nix evaluated with stand-ins for nixpkgs' lib and pkgs: what the
   # module-unit cases look at. `vms` is merged over moduleCfg's (stateDir outside dataDir).
-  moduleUnit = vms:
+  moduleUnit = moduleUnitWith { };
+  # … with `top` merged over the whole services.blixard value
+  moduleUnitWith = top: vms:
     let
       inherit (builtins) concatStringsSep attrNames;
       stubLib = {
@@ -133,7 +136,7 @@ let
         package = "/nix/store/stub-blixard";
         vms = moduleCfg.vms // { stateDir = "/srv/blixard-vms"; } // vms;
         tuning.highDensity = { enable = false; };
-      };
+      } // top;
       m = import ../../modules { } {
         lib = stubLib;
         pkgs = stubPkgs;
@@ -157,6 +160,7 @@ let
           SupplementaryGroups DevicePolicy DeviceAllow PrivateDevices PrivateUsers ProtectControlGroups
           MemoryDenyWriteExecute ReadWritePaths ExecStart;
         LimitMEMLOCK = unit.serviceConfig.LimitMEMLOCK or null;
+        MemoryMax = unit.serviceConfig.MemoryMax or null;
       };
       restartTriggers = map toString unit.restartTriggers;
       tmpfiles = base.systemd.tmpfiles.settings."10-blixard";
@@ -291,6 +295,14 @@ in
   # with "process" the runners inherit the unit, so it keeps them and polkit is left alone.
   module-unit = moduleUnit { };
   module-unit-process = moduleUnit { supervisor = "process"; };
+  # the daemon's own memory limit: 1G by default with the systemd supervisor, none with
+  # the process supervisor (runners may share its cgroup), or what memoryMax says
+  module-unit-memory-max = map (c: (moduleUnitWith c.top c.vms).serviceConfig.MemoryMax) [
+    { top = { }; vms = { }; }
+    { top = { }; vms = { supervisor = "process"; }; }
+    { top = { memoryMax = "512M"; }; vms = { }; }
+    { top = { memoryMax = "2G"; }; vms = { supervisor = "process"; }; }
+  ];
 
   # the polkit rule (security.polkit.extraConfig); scripts/nix-check.sh also runs it in
   # node against a stub polkit
