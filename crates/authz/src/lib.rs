@@ -1026,6 +1026,13 @@ mod tests {
             Subject::Anonymous {
                 key: "ab".repeat(32),
             },
+            // The same user as a resource below, with other attributes than it has there.
+            Subject::User {
+                name: "bob".into(),
+                roles: vec!["admin".into()],
+                tenant: None,
+            },
+            Subject::Node { id: 3 },
         ]
     }
 
@@ -1187,5 +1194,167 @@ mod tests {
             .catalog
             .action("blob:fetch", admin, &Resource::Cluster)
             .is_none());
+    }
+
+    /// Policies an operator could install, one scope and one condition at a time, as a
+    /// permit and as a forbid (next to a permit-all, so a forbid the slicing dropped would
+    /// show as an allow): the fast path decides as the validated one with all the policies.
+    #[test]
+    fn fast_path_matches_validated_path_for_tricky_policies() {
+        let scopes = [
+            "principal, action, resource",
+            r#"principal in Blixard::Tenant::"acme", action, resource"#,
+            r#"principal in Blixard::User::"alice", action, resource"#,
+            r#"principal == Blixard::Node::"n2", action, resource"#,
+            r#"principal is Blixard::Anonymous, action == Blixard::Action::"cluster:join", resource"#,
+            r#"principal is Blixard::User in Blixard::Tenant::"acme", action, resource"#,
+            r#"principal is Blixard::Node in Blixard::Node::"n2", action, resource is Blixard::Node in Blixard::Node::"n2""#,
+            r#"principal, action in [Blixard::Action::"vm:read", Blixard::Action::"user:manage"], resource"#,
+            r#"principal, action in Blixard::Action::"user:manage", resource in Blixard::Cluster::"cluster""#,
+            "principal, action, resource is Blixard::User",
+            r#"principal, action, resource == Blixard::User::"alice""#,
+            r#"principal, action, resource in Blixard::Vm::"acme/web""#,
+            r#"principal, action, resource in Blixard::Tenant::"acme""#,
+            "principal is Blixard::Node, action, resource is Blixard::Node",
+        ];
+        let conditions = [
+            "",
+            "when { principal == resource }",
+            "when { resource in principal }",
+            "unless { principal in resource }",
+            "when { principal has tenant }",
+            "unless { resource has labels }",
+            r#"when { principal.hasTag("x") || resource.hasTag("y") }"#,
+            r#"when { Blixard::Cluster::"cluster" has name }"#,
+            r#"when { Blixard::User::"bob".roles.contains("viewer") }"#,
+            r#"unless { Blixard::User::"alice" has roles }"#,
+            r#"when { action == Blixard::Action::"cluster:join" }"#,
+            r#"when { action in Blixard::Action::"user:manage" }"#,
+            r#"when { action in [Blixard::Action::"user:manage", Blixard::Action::"vm:read"] }"#,
+            "when { principal is Blixard::Anonymous }",
+            "unless { resource is Blixard::Cluster || resource is Blixard::Node }",
+            "when { context.time > 5 }",
+            r#"unless { context has source && context.source like "cd*" }"#,
+            "when { context.time + 1 > 0 }",
+            r#"when { if principal is Blixard::User then principal.roles.contains("admin") else true }"#,
+            r#"when { if resource is Blixard::Node then resource has labels && resource.labels.contains("zone=a") else false }"#,
+            r#"when { principal is Blixard::Node && resource is Blixard::Node && principal.node_id == resource.node_id }"#,
+            r#"unless { principal is Blixard::User && resource is Blixard::User && principal.tenant == resource.tenant }"#,
+            r#"when { principal in Blixard::Cluster::"cluster" || resource in Blixard::Anonymous::"x" }"#,
+        ];
+        // Verdicts carry every policy that decided them (all the satisfied permits of an
+        // allow, all the satisfied forbids of a deny) and every policy that failed, so a
+        // set of many permits, or a permit-all with many forbids, shows any one dropped.
+        let mut permits = Vec::new();
+        let mut forbids = Vec::new();
+        for scope in scopes {
+            let mut scope_permits = Vec::new();
+            let mut scope_forbids = Vec::new();
+            for condition in conditions {
+                let permit = format!("permit ({scope}) {condition};");
+                if Authorizer::new(&permit).is_ok() {
+                    scope_permits.push(permit);
+                    scope_forbids.push(format!("forbid ({scope}) {condition};"));
+                }
+            }
+            assert!(scope_permits.len() > 5, "{scope}: {scope_permits:?}");
+            check_every_shape(&Authorizer::new(&scope_permits.join("\n")).unwrap());
+            let forbid_set = format!(
+                "permit (principal, action, resource);\n{}",
+                scope_forbids.join("\n")
+            );
+            check_every_shape(&Authorizer::new(&forbid_set).unwrap());
+            permits.extend(scope_permits);
+            forbids.extend(scope_forbids);
+        }
+        check_every_shape(&Authorizer::new(&permits.join("\n")).unwrap());
+        check_every_shape(&Authorizer::new(&forbids.join("\n")).unwrap());
+        // One of each alone, as a permit and as a forbid.
+        for (permit, forbid) in permits.iter().zip(&forbids).step_by(7) {
+            check_every_shape(&Authorizer::new(permit).unwrap());
+            check_every_shape(
+                &Authorizer::new(&format!("permit (principal, action, resource);\n{forbid}"))
+                    .unwrap(),
+            );
+        }
+    }
+
+    /// Templates (which the slicing leaves alone) next to static policies.
+    #[test]
+    fn fast_path_matches_validated_path_with_templates() {
+        let a = Authorizer::new(
+            r#"
+            permit (principal == ?principal, action, resource);
+            forbid (principal, action, resource in ?resource);
+            permit (principal is Blixard::User, action, resource) when { principal.roles.contains("admin") };
+            forbid (principal, action == Blixard::Action::"policy:set", resource) unless { context.time > 0 };
+            "#,
+        )
+        .unwrap();
+        check_every_shape(&a);
+    }
+
+    /// The principal cache is keyed by everything the entity holds: a user whose roles or
+    /// tenant change is judged by the new ones, and a policy change starts a new cache.
+    #[test]
+    fn cached_principals_follow_role_and_tenant_changes() {
+        let a = Authorizer::new(
+            r#"
+            permit (principal is Blixard::User, action == Blixard::Action::"vm:read", resource is Blixard::Vm)
+            when { principal.roles.contains("viewer") && resource.tenant == principal.tenant };
+            "#,
+        )
+        .unwrap();
+        let vm = Resource::Vm {
+            name: "web".into(),
+            tenant: "acme".into(),
+            labels: vec![],
+        };
+        let alice = |roles: &[&str], tenant| user(roles, tenant);
+        for _ in 0..2 {
+            assert!(allowed(
+                &a,
+                &alice(&["viewer"], Some("acme")),
+                "vm:read",
+                &vm
+            ));
+            assert!(!allowed(&a, &alice(&[], Some("acme")), "vm:read", &vm));
+            assert!(!allowed(
+                &a,
+                &alice(&["viewer"], Some("globex")),
+                "vm:read",
+                &vm
+            ));
+            assert!(!allowed(&a, &alice(&["viewer"], None), "vm:read", &vm));
+        }
+        // Past the cache's size, it starts over and still answers the same.
+        for i in 0..(PRINCIPALS_KEPT + 10) {
+            let s = Subject::User {
+                name: format!("u{i}"),
+                roles: vec!["viewer".into()],
+                tenant: Some(if i % 2 == 0 { "acme" } else { "globex" }.into()),
+            };
+            assert_eq!(allowed(&a, &s, "vm:read", &vm), i % 2 == 0, "u{i}");
+        }
+        assert!(allowed(
+            &a,
+            &alice(&["viewer"], Some("acme")),
+            "vm:read",
+            &vm
+        ));
+        // New policies, new authorizer: what the old one cached does not leak.
+        let b = Authorizer::new(
+            r#"forbid (principal, action, resource);
+            permit (principal, action, resource);"#,
+        )
+        .unwrap();
+        assert!(!allowed(
+            &b,
+            &alice(&["viewer"], Some("acme")),
+            "vm:read",
+            &vm
+        ));
+        check_every_shape(&a);
+        check_every_shape(&b);
     }
 }
