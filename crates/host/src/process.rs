@@ -310,9 +310,7 @@ impl ProcessSupervisor {
             return Err(HostError::NotRunning(name.to_string()));
         };
         let dir = self.state_dir(name)?;
-        let booted = std::fs::read_link(dir.join("booted"))
-            .ok()
-            .and_then(|r| Runner::new(&r).ok());
+        let booted = booted(&dir);
         let shutdown = booted.as_ref().and_then(|r| r.shutdown());
         match shutdown {
             Some(cmd) => {
@@ -347,11 +345,7 @@ impl ProcessSupervisor {
                     })?
             }
         };
-        match booted.map(|r| r.tap_interfaces()) {
-            Some(Ok(names)) => taps::delete(name, &names),
-            Some(Err(e)) => tracing::warn!(vm = name, "not deleting tap interfaces: {e}"),
-            None => {}
-        }
+        delete_taps(name, booted.as_ref());
         self.release_cgroup(name, &dir);
         Ok(state)
     }
@@ -429,6 +423,22 @@ pub(crate) fn prepare_start(
     relink(&dir.join("current"), &runner.dir).map_err(io(name, "linking current"))?;
     let _ = std::fs::remove_file(dir.join("exit"));
     Ok((tap_names, tap_flags))
+}
+
+/// The runner a VM's last start used (`booted`), if it is still there.
+pub(crate) fn booted(dir: &Path) -> Option<Runner> {
+    std::fs::read_link(dir.join("booted"))
+        .ok()
+        .and_then(|r| Runner::new(&r).ok())
+}
+
+/// After a stop: deletes the tap interfaces the VM's runner lists.
+pub(crate) fn delete_taps(name: &str, booted: Option<&Runner>) {
+    match booted.map(Runner::tap_interfaces) {
+        Some(Ok(names)) => taps::delete(name, &names),
+        Some(Err(e)) => tracing::warn!(vm = name, "not deleting tap interfaces: {e}"),
+        None => {}
+    }
 }
 
 /// The VM's state dir under `root`; the name is checked (it becomes a path and, under

@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{io, prepare_start, relink, state_dir_in, trim_console, write_atomic};
+use crate::process::{
+    booted, delete_taps, io, prepare_start, relink, state_dir_in, trim_console, write_atomic,
+};
 use crate::{taps, HostError, Limits, Runner, Supervisor, VmState};
 
 const PREFIX: &str = "blixard-vm-";
@@ -197,13 +199,17 @@ impl Supervisor for SystemdSupervisor {
         runner: &Runner,
         limits: Option<&Limits>,
     ) -> Result<u32, HostError> {
-        if let VmState::Running { pid } = self.state(name)? {
+        // One look: a run's exit needs no recording here (this start replaces it).
+        let held = self.show(name)?;
+        if let Some(VmState::Running { pid }) = held.as_ref().and_then(Unit::state) {
             return Ok(pid);
         }
         let dir = self.state_dir(name)?;
         let (tap_names, tap_flags) = prepare_start(name, &dir, runner)?;
         // A unit of an earlier run that systemd still holds (exited, failed).
-        self.release(name);
+        if held.is_some_and(|u| u.load != "not-found") {
+            self.release(name);
+        }
         let made = taps::create(name, &tap_names, &tap_flags)?;
 
         let unit = unit_name(name);
@@ -332,15 +338,7 @@ impl Supervisor for SystemdSupervisor {
             }
             other => other,
         };
-        if let Some(runner) = std::fs::read_link(dir.join("booted"))
-            .ok()
-            .and_then(|r| Runner::new(&r).ok())
-        {
-            match runner.tap_interfaces() {
-                Ok(names) => taps::delete(name, &names),
-                Err(e) => tracing::warn!(vm = name, "not deleting tap interfaces: {e}"),
-            }
-        }
+        delete_taps(name, booted(&dir).as_ref());
         Ok(state)
     }
 
