@@ -307,20 +307,8 @@ impl RaftCore {
             return Ok(out);
         }
 
-        // 2.
-        let mut batch = WriteBatch::default();
-        self.apply_entries(ready.take_committed_entries(), &mut batch, &mut out)?;
-
-        // 3.
-        batch.entries = ready.take_entries();
-        if let Some(hs) = ready.hs() {
-            batch.hard_state = Some(hs.clone());
-        }
-        // New entries, term and vote must be on disk before anyone hears of them; a
-        // configuration change is synced too, so membership never goes back. A commit
-        // index or applied state lost in a crash is recovered from the log.
-        batch.sync = ready.must_sync() || batch.conf_state.is_some();
-        self.store.stage(&batch.entries);
+        // 2. and 3.
+        let batch = self.ready_batch(&mut ready, &mut out)?;
 
         // 4.
         let number = ready.number();
@@ -337,6 +325,28 @@ impl RaftCore {
         self.maybe_compact();
         self.report_snapshots(&out);
         Ok(out)
+    }
+
+    /// Applies a `Ready`'s committed entries and makes the batch that persists it: the
+    /// applied state, its new entries (staged in the store's tail, readable from now on)
+    /// and hard state.
+    fn ready_batch(
+        &mut self,
+        ready: &mut raft::Ready,
+        out: &mut Output,
+    ) -> Result<WriteBatch, CoreError> {
+        let mut batch = WriteBatch::default();
+        self.apply_entries(ready.take_committed_entries(), &mut batch, out)?;
+        batch.entries = ready.take_entries();
+        if let Some(hs) = ready.hs() {
+            batch.hard_state = Some(hs.clone());
+        }
+        // New entries, term and vote must be on disk before anyone hears of them; a
+        // configuration change is synced too, so membership never goes back. A commit
+        // index or applied state lost in a crash is recovered from the log.
+        batch.sync = ready.must_sync() || batch.conf_state.is_some();
+        self.store.stage(&batch.entries);
+        Ok(batch)
     }
 
     /// The store wrote every `Ready` up to `number`: returns the messages that waited for
@@ -378,14 +388,8 @@ impl RaftCore {
         self.applied = applied;
         self.conf = snap.get_metadata().get_conf_state().clone();
 
-        let mut batch = WriteBatch::default();
-        self.apply_entries(ready.take_committed_entries(), &mut batch, out)?;
-        batch.entries = ready.take_entries();
-        if let Some(hs) = ready.hs() {
-            batch.hard_state = Some(hs.clone());
-        }
+        let mut batch = self.ready_batch(&mut ready, out)?;
         batch.sync = true;
-        self.store.stage(&batch.entries);
         self.store.write(batch)?;
         out.messages.extend(ready.take_persisted_messages());
         out.read_states.extend(ready.take_read_states());
