@@ -378,18 +378,21 @@ async fn serve(
         .map_err(data_err)?;
     let solo = core.conf_state().voters == vec![me.0];
     let (removed_tx, mut removed_by_peer) = watch::channel(false);
-    let declared = match &config.expected_members {
-        Some(f) => crate::config::load_members(Path::new(f))
-            .map_err(|e| Failure::new(exit::CONFIG, e))?
-            .iter()
-            .map(|m| (m.endpoint_id, m.socket_addrs()))
-            .collect(),
-        None => Vec::new(),
+    // Read once: the peer book dials the declared addresses, the service admits joins.
+    let expected = match &config.expected_members {
+        Some(f) => Some(
+            crate::config::load_members(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?,
+        ),
+        None => None,
     };
     let book = Arc::new(Book {
         state: core.state(),
         seeds,
-        declared,
+        declared: expected
+            .iter()
+            .flatten()
+            .map(|m| (m.endpoint_id, m.socket_addrs()))
+            .collect(),
         me,
         removed: Mutex::new(Some(removed_tx)),
     });
@@ -454,12 +457,6 @@ async fn serve(
         )
     })?);
     let vms = vms_of(data_dir, config, &node, &audit)?;
-    let expected = match &config.expected_members {
-        Some(f) => Some(
-            crate::config::load_members(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?,
-        ),
-        None => None,
-    };
     let service = Arc::new(
         NodeService::new(
             node.clone(),
