@@ -35,11 +35,30 @@ pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join("audit.log")
 }
 
+/// Every line: when, and which node wrote it, then what happened.
 #[derive(Serialize)]
-struct Line<'a> {
+struct Stamped<T> {
     time: String,
     time_ms: u64,
     node: NodeId,
+    #[serde(flatten)]
+    body: T,
+}
+
+impl<T: Serialize> Stamped<T> {
+    fn now(node: NodeId, body: T) -> Self {
+        let (time, time_ms) = now();
+        Self {
+            time,
+            time_ms,
+            node,
+            body,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EventLine<'a> {
     #[serde(flatten)]
     event: &'a AuditEvent,
     allowed: bool,
@@ -47,9 +66,6 @@ struct Line<'a> {
 
 #[derive(Serialize)]
 struct VmLine<'a> {
-    time: String,
-    time_ms: u64,
-    node: NodeId,
     vm: &'a str,
     lifecycle: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -58,9 +74,6 @@ struct VmLine<'a> {
 
 #[derive(Serialize)]
 struct ChangeLine<'a> {
-    time: String,
-    time_ms: u64,
-    node: NodeId,
     /// The raft log index that made it.
     index: u64,
     change: &'a str,
@@ -70,18 +83,12 @@ struct ChangeLine<'a> {
 
 #[derive(Serialize)]
 struct NodeLine<'a> {
-    time: String,
-    time_ms: u64,
-    node: NodeId,
     host: NodeId,
     change: &'a str,
 }
 
 #[derive(Serialize)]
 struct DroppedLine {
-    time: String,
-    time_ms: u64,
-    node: NodeId,
     /// Lines lost because the writer's queue was full.
     dropped: u64,
 }
@@ -143,56 +150,33 @@ impl AuditLog {
     }
 
     pub fn record(&self, event: &AuditEvent) {
-        let (time, time_ms) = now();
-        let line = Line {
-            time,
-            time_ms,
-            node: self.node,
+        self.write(&EventLine {
             event,
             allowed: event.decision.allowed,
-        };
-        self.write(&line);
+        });
     }
 
     /// Records a VM lifecycle event (a hook point, or a phase this host reported).
     pub fn record_vm(&self, vm: &str, event: &str, reason: Option<&str>) {
-        let (time, time_ms) = now();
-        let line = VmLine {
-            time,
-            time_ms,
-            node: self.node,
+        self.write(&VmLine {
             vm,
             lifecycle: event,
             reason,
-        };
-        self.write(&line);
+        });
     }
 
     /// Records a change the leader made to a host (marked down or up).
     pub fn record_node(&self, host: NodeId, change: &str) {
-        let (time, time_ms) = now();
-        let line = NodeLine {
-            time,
-            time_ms,
-            node: self.node,
-            host,
-            change,
-        };
-        self.write(&line);
+        self.write(&NodeLine { host, change });
     }
 
     /// Records a state change this node applied (every node records every change).
     pub fn record_change(&self, index: u64, change: &str, proposer: Option<NodeId>) {
-        let (time, time_ms) = now();
-        let line = ChangeLine {
-            time,
-            time_ms,
-            node: self.node,
+        self.write(&ChangeLine {
             index,
             change,
             proposer,
-        };
-        self.write(&line);
+        });
     }
 
     /// Blocks until every line recorded before the call is in the file (or the writer failed
@@ -213,9 +197,9 @@ impl AuditLog {
         }
     }
 
-    /// Formats the line and queues it; never blocks.
+    /// Stamps and formats the line and queues it; never blocks.
     fn write(&self, line: &impl Serialize) {
-        let Ok(mut text) = serde_json::to_string(line) else {
+        let Ok(mut text) = serde_json::to_string(&Stamped::now(self.node, line)) else {
             return;
         };
         text.push('\n');
@@ -321,14 +305,9 @@ impl Writer {
         if dropped == 0 {
             return;
         }
-        let (time, time_ms) = now();
-        let line = DroppedLine {
-            time,
-            time_ms,
-            node: self.node,
-            dropped,
-        };
-        if let Ok(mut text) = serde_json::to_string(&line) {
+        if let Ok(mut text) =
+            serde_json::to_string(&Stamped::now(self.node, DroppedLine { dropped }))
+        {
             text.push('\n');
             self.file.append(&text);
         }
