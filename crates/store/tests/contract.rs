@@ -664,6 +664,17 @@ fn queue(store: &Store, entries: &[(u64, u64)], ready: u64) {
     store.submit(batch, ready);
 }
 
+/// Starts the store's writer thread; what it reports arrives on the receiver.
+fn start_writer(store: &Store) -> std::sync::mpsc::Receiver<Result<u64, String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .start_writer(Box::new(move |done| {
+            let _ = tx.send(done);
+        }))
+        .unwrap();
+    rx
+}
+
 #[test]
 fn staged_entries_are_readable_before_they_are_written_and_lost_if_never_written() {
     let dir = tempfile::tempdir().unwrap();
@@ -741,12 +752,7 @@ fn the_writer_thread_reports_each_group_in_order_and_stops_after_writing_everyth
         store
             .apply_snapshot(&snapshot_of(&State::new(), 2, 2, &[1, 2, 3]))
             .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        store
-            .start_writer(Box::new(move |done| {
-                let _ = tx.send(done);
-            }))
-            .unwrap();
+        let rx = start_writer(&store);
         for n in 1..=50u64 {
             queue(&store, &[(n + 2, 1)], n);
         }
@@ -766,12 +772,7 @@ fn a_failed_queued_write_is_reported_and_nothing_after_it_is_written() {
     // Nothing is applied: compacting is refused.
     store.submit_compact(5);
     queue(&store, &[(6, 5)], 2);
-    let (tx, rx) = std::sync::mpsc::channel();
-    store
-        .start_writer(Box::new(move |done| {
-            let _ = tx.send(done);
-        }))
-        .unwrap();
+    let rx = start_writer(&store);
     let first = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
     let err = first.unwrap_err();
     assert!(err.contains("cannot compact"), "{err}");
