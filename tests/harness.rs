@@ -210,7 +210,11 @@ impl Node {
             .args(self.defaults(args))
             .args(&self.extra)
             .args(args)
-            .env("BLIXARD_LOG", "info,raft=warn")
+            // BLIXARD_TEST_LOG (e.g. `debug`) sets the daemons' log filter for a run.
+            .env(
+                "BLIXARD_LOG",
+                std::env::var("BLIXARD_TEST_LOG").unwrap_or_else(|_| "info,raft=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

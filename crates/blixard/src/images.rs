@@ -23,6 +23,39 @@ use crate::service::{member_addr_of, now_ms, NodeService};
 
 /// How long one raft step (a proposal, a read barrier) may take inside a long request.
 const RAFT_STEP: Duration = Duration::from_secs(15);
+/// How long one attempt at it waits before it is made again.
+const RAFT_ATTEMPT: Duration = Duration::from_secs(3);
+
+/// Runs an idempotent raft step until it answers, for at most `total`. An attempt that
+/// found no leader (an election, e.g. while transfers starve the host's CPU) is made again
+/// after a pause, and so is one unanswered after `attempt`: a proposal a follower forwards
+/// to the leader is lost, unlike appends, when the stream to the leader breaks or its
+/// queue is full, and nothing in raft sends it again. Only for steps that may be applied
+/// twice (adding a holder, a read barrier), so that the lost attempt that was in fact
+/// committed does no harm.
+async fn retried<T, F: std::future::Future<Output = Result<T, ApiError>>>(
+    total: Duration,
+    attempt: Duration,
+    mut step: impl FnMut() -> F,
+) -> Result<T, ApiError> {
+    let deadline = tokio::time::Instant::now() + total;
+    let pause = Duration::from_millis(250);
+    loop {
+        let this = (tokio::time::Instant::now() + attempt).min(deadline);
+        match tokio::time::timeout_at(this, step()).await {
+            Err(_) if this < deadline => {
+                tracing::info!("a raft step got no answer within {attempt:?}; trying again");
+            }
+            Err(_) => return Err(ApiError::Timeout(total.as_millis() as u64)),
+            Ok(Err(ApiError::NoLeader | ApiError::Unavailable(_)))
+                if tokio::time::Instant::now() + pause < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+            }
+            Ok(result) => return result,
+        }
+    }
+}
 
 /// The node's images and when each was last used here (for eviction).
 pub struct Images {
@@ -136,24 +169,12 @@ impl NodeService {
     }
 
     /// Raft steps inside long-running requests get the usual bound, not the request's
-    /// hour; within it, a step that found no leader (an election, e.g. while transfers
-    /// starve the host's CPU) is tried again, so minutes of transfer are not lost to it.
+    /// hour. See [`retried`]: only for steps that may be applied twice.
     async fn bounded<T, F: std::future::Future<Output = Result<T, ApiError>>>(
         &self,
-        mut step: impl FnMut() -> F,
+        step: impl FnMut() -> F,
     ) -> Result<T, ApiError> {
-        let deadline = tokio::time::Instant::now() + RAFT_STEP;
-        loop {
-            match tokio::time::timeout_at(deadline, step()).await {
-                Err(_) => return Err(ApiError::Timeout(RAFT_STEP.as_millis() as u64)),
-                Ok(Err(ApiError::NoLeader | ApiError::Unavailable(_)))
-                    if tokio::time::Instant::now() + Duration::from_millis(250) < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Ok(result) => return result,
-            }
-        }
+        retried(RAFT_STEP, RAFT_ATTEMPT, step).await
     }
 
     fn cluster_short(&self) -> String {
@@ -563,5 +584,66 @@ pub async fn janitor(service: std::sync::Arc<NodeService>) {
         if let Err(e) = service.janitor_round().await {
             tracing::debug!("image janitor: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A step whose first `lost` attempts never answer (a forwarded proposal that was
+    /// dropped), then answers with its attempt number.
+    fn step_losing(
+        lost: u32,
+        tries: &AtomicU32,
+    ) -> impl FnMut() -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<u32, ApiError>> + Send>,
+    > + '_ {
+        move || {
+            let n = tries.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                if n <= lost {
+                    std::future::pending::<()>().await;
+                }
+                Ok(n)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_attempt_is_made_again() {
+        let tries = AtomicU32::new(0);
+        let got = retried(5000 * MS, 20 * MS, step_losing(2, &tries)).await;
+        assert_eq!(got.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_step_that_never_answers_times_out_with_the_whole_bound() {
+        let tries = AtomicU32::new(0);
+        let got = retried(200 * MS, 20 * MS, step_losing(u32::MAX, &tries)).await;
+        assert_eq!(got.unwrap_err(), ApiError::Timeout(200));
+        assert!(tries.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test]
+    async fn no_leader_is_tried_again_and_refusals_are_not() {
+        let tries = AtomicU32::new(0);
+        let got = retried(5000 * MS, 1000 * MS, || {
+            let n = tries.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                match n {
+                    1 => Err(ApiError::NoLeader),
+                    2 => Err(ApiError::Rejected("no image web".into())),
+                    _ => Ok(n),
+                }
+            }
+        })
+        .await;
+        assert_eq!(got.unwrap_err(), ApiError::Rejected("no image web".into()));
+        assert_eq!(tries.load(Ordering::SeqCst), 2);
     }
 }

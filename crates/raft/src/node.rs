@@ -128,6 +128,7 @@ impl RaftNode {
             applied_tx,
             removed_tx,
             changes: changes.clone(),
+            logged_leader: (0, 0),
         };
         let handle = std::thread::Builder::new()
             .name(format!("raft-{id}"))
@@ -262,6 +263,8 @@ struct Worker {
     applied_tx: watch::Sender<u64>,
     removed_tx: watch::Sender<bool>,
     changes: tokio::sync::broadcast::Sender<crate::core::Change>,
+    /// The leader and term last logged, so the log shows every leadership change once.
+    logged_leader: (u64, u64),
 }
 
 impl Worker {
@@ -441,6 +444,14 @@ impl Worker {
 
     fn housekeeping(&mut self) {
         self.ticks += 1;
+        let seen = (self.core.leader_id(), self.core.term());
+        if seen != self.logged_leader {
+            match seen.0 {
+                0 => tracing::info!(term = seen.1, "no leader"),
+                l => tracing::info!(leader = l, term = seen.1, "leader elected"),
+            }
+            self.logged_leader = seen;
+        }
         self.pending.retain(|_, r| !r.is_closed());
         self.reads.retain(|_, (_, _, r)| !r.is_closed());
         let leader = self.core.leader_id();
