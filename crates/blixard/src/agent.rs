@@ -219,11 +219,7 @@ pub async fn reconciler(service: Arc<NodeService>) {
         if wake == Wake::Stopped {
             break;
         }
-        let has_leader = service
-            .node
-            .status()
-            .await
-            .is_ok_and(|s| s.leader.is_some());
+        let has_leader = service.node.leader().is_some();
         if has_leader {
             fence.last_contact = Instant::now();
             if !fence.synced {

@@ -507,6 +507,19 @@ pub(crate) fn trim_console(name: &str, path: &Path, cap: u64) -> Result<(), Host
 
 /// Points `link` at `target`, replacing what was there.
 pub(crate) fn relink(link: &Path, target: &Path) -> std::io::Result<()> {
+    // Each directory change costs a journal handle, and on a host whose raft log fsyncs
+    // all the time that is a large share of a start: make only the ones needed.
+    match std::fs::read_link(link) {
+        Ok(old) if old == target => return Ok(()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match std::os::unix::fs::symlink(target, link) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                done => return done,
+            }
+        }
+        Err(_) => {}
+    }
     let tmp = link.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp)?;
@@ -517,4 +530,34 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relink_makes_replaces_and_keeps_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("current");
+        let (a, b) = (dir.path().join("runner-a"), dir.path().join("runner-b"));
+        // Absent: made.
+        relink(&link, &a).unwrap();
+        assert_eq!(std::fs::read_link(&link).unwrap(), a);
+        // Already right: kept (same inode, nothing rewritten).
+        let ino =
+            |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p).unwrap());
+        let before = ino(&link);
+        relink(&link, &a).unwrap();
+        assert_eq!(ino(&link), before);
+        // Elsewhere: replaced, with no temporary link left behind.
+        relink(&link, &b).unwrap();
+        assert_eq!(std::fs::read_link(&link).unwrap(), b);
+        assert!(!link.with_extension("new").exists());
+        // A file in the way is replaced too.
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, b"not a link").unwrap();
+        relink(&link, &a).unwrap();
+        assert_eq!(std::fs::read_link(&link).unwrap(), a);
+    }
 }

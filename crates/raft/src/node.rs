@@ -87,6 +87,7 @@ pub struct RaftNode {
     state: Arc<RwLock<State>>,
     applied: watch::Receiver<u64>,
     removed: watch::Receiver<bool>,
+    leader: watch::Receiver<u64>,
     changes: tokio::sync::broadcast::Sender<crate::core::Change>,
     id: NodeId,
 }
@@ -112,6 +113,7 @@ impl RaftNode {
         let state = core.state();
         let (applied_tx, applied) = watch::channel(core.applied_index());
         let (removed_tx, removed) = watch::channel(false);
+        let (leader_tx, leader) = watch::channel(0);
         let (changes, _) = tokio::sync::broadcast::channel(4096);
         let id = NodeId(core.id());
         let worker = Worker {
@@ -128,7 +130,8 @@ impl RaftNode {
             applied_tx,
             removed_tx,
             changes: changes.clone(),
-            logged_leader: (0, 0),
+            leader_tx,
+            logged_term: 0,
         };
         let handle = std::thread::Builder::new()
             .name(format!("raft-{id}"))
@@ -139,6 +142,7 @@ impl RaftNode {
                 state,
                 applied,
                 removed,
+                leader,
                 changes,
                 id,
             },
@@ -170,6 +174,13 @@ impl RaftNode {
 
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.clone()
+    }
+
+    /// The leader this node knows of, as of the raft thread's last round (no round trip
+    /// to the thread, unlike [`RaftNode::status`]).
+    pub fn leader(&self) -> Option<NodeId> {
+        let id = *self.leader.borrow();
+        (id != 0).then_some(NodeId(id))
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, ProposeError> {
@@ -263,8 +274,10 @@ struct Worker {
     applied_tx: watch::Sender<u64>,
     removed_tx: watch::Sender<bool>,
     changes: tokio::sync::broadcast::Sender<crate::core::Change>,
-    /// The leader and term last logged, so the log shows every leadership change once.
-    logged_leader: (u64, u64),
+    /// The leader this node knows of (0: none), published after every round.
+    leader_tx: watch::Sender<u64>,
+    /// The term of the last leadership change logged, so each is logged once.
+    logged_term: u64,
 }
 
 impl Worker {
@@ -327,6 +340,7 @@ impl Worker {
             if !go_on {
                 break;
             }
+            self.publish_leader();
         }
         if let Err(e) = self.core.sync() {
             tracing::error!("could not sync the store on shutdown: {e}");
@@ -442,16 +456,25 @@ impl Worker {
         }
     }
 
+    fn publish_leader(&mut self) {
+        let leader = self.core.leader_id();
+        let changed = self.leader_tx.send_if_modified(|l| {
+            let changed = *l != leader;
+            *l = leader;
+            changed
+        });
+        let term = self.core.term();
+        if changed || (leader != 0 && term != self.logged_term) {
+            match leader {
+                0 => tracing::info!(term, "no leader"),
+                l => tracing::info!(leader = l, term, "leader elected"),
+            }
+            self.logged_term = term;
+        }
+    }
+
     fn housekeeping(&mut self) {
         self.ticks += 1;
-        let seen = (self.core.leader_id(), self.core.term());
-        if seen != self.logged_leader {
-            match seen.0 {
-                0 => tracing::info!(term = seen.1, "no leader"),
-                l => tracing::info!(leader = l, term = seen.1, "leader elected"),
-            }
-            self.logged_leader = seen;
-        }
         self.pending.retain(|_, r| !r.is_closed());
         self.reads.retain(|_, (_, _, r)| !r.is_closed());
         let leader = self.core.leader_id();
