@@ -19,7 +19,7 @@ use blixard_net::api::{MetaSet, StatusRequest};
 use blixard_net::client::ApiClient;
 use blixard_net::{endpoint, keys, member_addr, EndpointAddr};
 use blixard_tests::bench::{check_binary_fresh, machine};
-use blixard_tests::{binary, proc_cpu_ticks, proc_status_kib, Cluster, Node};
+use blixard_tests::{binary, clock_ticks_per_sec, proc_cpu_ticks, proc_status_kib, Cluster, Node};
 
 const WARMUP: Duration = Duration::from_secs(2);
 const IDLE: Duration = Duration::from_secs(5);
@@ -102,15 +102,6 @@ fn bench_secs() -> u64 {
             .unwrap_or_else(|_| panic!("BENCH_SECS={s:?} is not a number of seconds")),
         Err(_) => 10,
     }
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// The address of a running node, from its `node.json`.

@@ -527,6 +527,16 @@ pub fn proc_cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The kernel's clock ticks per second, the unit of [`proc_cpu_ticks`].
+pub fn clock_ticks_per_sec() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 /// What benchmarks print about the machine they ran on.
 pub mod bench {
     use std::path::{Path, PathBuf};

@@ -305,6 +305,96 @@ fn a_corrupt_holder_is_dropped_and_vanished_holders_are_a_clear_error() {
     assert!(leftovers.is_empty(), "partial paths left: {leftovers:?}");
 }
 
+/// Node ids from a JSON list.
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect()
+}
+
+/// `image pull --all` delivers in rounds: each holder serves one new puller at a time,
+/// so node 2 pulls from node 1, then nodes 3 and 4 from nodes 1 and 2. With `--to`, a
+/// node that cannot be reached fails alone, and the command says which.
+#[test]
+fn pull_to_all_delivers_in_rounds_from_every_holder() {
+    nix_env();
+    let mut c = Cluster::start(4, &[]);
+    let src = c.root.path().join("fleet");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("disk.img"), 8, 11);
+    let image = json(
+        &c.nodes[0],
+        &["image", "import", src.to_str().unwrap(), "--name", "fleet"],
+    );
+    let base = Path::new(image["root"].as_str().unwrap())
+        .file_name()
+        .unwrap()
+        .to_owned();
+
+    let d = json(&c.nodes[0], &["image", "pull", "fleet", "--all"]);
+    assert_eq!(ids(&d["already"]), vec![1], "{d}");
+    assert!(d["failed"].as_array().unwrap().is_empty(), "{d}");
+    let pulled = d["pulled"].as_array().unwrap();
+    let nodes: Vec<u64> = pulled.iter().map(|p| p["node"].as_u64().unwrap()).collect();
+    assert_eq!(nodes, vec![2, 3, 4], "{d}");
+    for p in pulled {
+        assert_eq!(p["fetched_blobs"], 1, "{p}");
+        let from: Vec<u64> = p["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["node"].as_u64().unwrap())
+            .collect();
+        // n3 and n4 start once n2 holds it (and one may find the other done already).
+        if p["node"] == 2 {
+            assert_eq!(from, vec![1], "{d}");
+        } else {
+            assert!(
+                from.contains(&1) && from.contains(&2),
+                "who n{} pulled from: {d}",
+                p["node"]
+            );
+        }
+    }
+    for node in &c.nodes {
+        assert_same_tree(&src, &node.store_dir().join(&base));
+    }
+    assert_eq!(holders(&c.nodes[0], "fleet"), vec![1, 2, 3, 4]);
+    // Again: nothing to do.
+    let again = json(&c.nodes[2], &["image", "pull", "fleet", "--all"]);
+    assert_eq!(ids(&again["already"]), vec![1, 2, 3, 4], "{again}");
+    assert!(again["pulled"].as_array().unwrap().is_empty(), "{again}");
+
+    // Bad input: a node that is not a member, and --to with --all.
+    let out = c.nodes[0].cli(&["image", "pull", "fleet", "--to", "n2,n9"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("n9 is not a member"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.nodes[0].cli(&["image", "pull", "fleet", "--to", "n2", "--all"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // A node that is gone fails alone; the others get the image.
+    let src = c.root.path().join("fleet2");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("disk.img"), 1, 12);
+    c.nodes[0].cli_ok(&["image", "import", src.to_str().unwrap(), "--name", "fleet2"]);
+    c.nodes[3].kill9();
+    let out = c.nodes[0].cli(&["image", "pull", "fleet2", "--to", "n4,n2,n3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("n4: failed"), "{stderr}");
+    assert!(
+        stderr.contains("delivered fleet2 to 2 of 3 nodes"),
+        "{stderr}"
+    );
+    assert_eq!(holders(&c.nodes[0], "fleet2"), vec![1, 2, 3]);
+}
+
 /// Test 5 (until VMs exist): a pinned image cannot be removed; unpinned it can, and its
 /// holders drop it.
 #[test]

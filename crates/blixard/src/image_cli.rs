@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use blixard_core::Image;
+use blixard_core::{Image, NodeId};
 use blixard_net::api::{
-    CacheKeyGet, ImageImport, ImageList, ImagePin, ImagePull, ImageRemove, ImageShow,
+    CacheKeyGet, ImageImport, ImageList, ImagePin, ImagePull, ImagePulled, ImageRemove, ImageShow,
 };
 use clap::Subcommand;
 
@@ -39,10 +39,17 @@ pub enum ImageCommand {
         #[arg(long)]
         stale: bool,
     },
-    /// Make a node fetch an image now (normally fetched on demand); the node is the one
-    /// the CLI talks to, so use `--node n2` to pick another.
+    /// Make a node fetch an image now (normally fetched on demand): the node the CLI
+    /// talks to (`--node n2` picks another), or several with `--to` or `--all`.
     Pull {
         name: String,
+        /// Deliver it to these nodes (`n2,n3`), each holder serving one puller at a time,
+        /// so the holders double each round.
+        #[arg(long, value_delimiter = ',', conflicts_with = "all")]
+        to: Vec<NodeId>,
+        /// Deliver it to every member that lacks it (hosts marked down are skipped).
+        #[arg(long)]
+        all: bool,
     },
     /// Pin an image: it is never evicted, and `image rm` refuses it.
     Pin {
@@ -87,6 +94,37 @@ fn holders(i: &Image) -> String {
         .map(|n| format!("n{n}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// One line for a node's pull, then one per holder: what it served, or why it was dropped.
+pub fn print_pulled(name: &str, p: &ImagePulled) {
+    if p.fetched_blobs == 0 {
+        eprintln!("n{} already held {name}", p.node);
+    } else {
+        let secs = (p.millis as f64 / 1000.0).max(0.001);
+        eprintln!(
+            "n{} fetched {name}: {} NARs, {} in {:.1} s ({}/s)",
+            p.node,
+            p.fetched_blobs,
+            human_bytes(p.fetched_bytes),
+            secs,
+            human_bytes((p.fetched_bytes as f64 / secs) as u64)
+        );
+    }
+    for h in &p.holders {
+        match &h.error {
+            Some(e) => eprintln!("  n{}: dropped: {e}", h.node),
+            None => eprintln!(
+                "  n{}: {} pieces, {}",
+                h.node,
+                h.blobs,
+                human_bytes(h.bytes)
+            ),
+        }
+    }
+    if !p.materialised.is_empty() {
+        eprintln!("  unpacked {} store paths", p.materialised.len());
+    }
 }
 
 /// Long-running commands wait up to an hour unless `--timeout` asks for more.
@@ -206,8 +244,11 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
             output::table(&["STORE PATH", "NAR SIZE", "REFS"], &rows);
             Ok(())
         }
-        ImageCommand::Pull { name } => {
+        ImageCommand::Pull { name, to, all } => {
             let ctx = long(ctx);
+            if all || !to.is_empty() {
+                return crate::delivery::deliver(&ctx, &name, to, all).await;
+            }
             let (client, to) = client(&ctx).await?;
             let mut view = output::ProgressView::new();
             let r = client
@@ -226,33 +267,7 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
             if ctx.output == Format::Json {
                 return output::json(&p).map_err(fail);
             }
-            if p.fetched_blobs == 0 {
-                eprintln!("n{} already held {name}", p.node);
-            } else {
-                let secs = (p.millis as f64 / 1000.0).max(0.001);
-                eprintln!(
-                    "n{} fetched {name}: {} NARs, {} in {:.1} s ({}/s)",
-                    p.node,
-                    p.fetched_blobs,
-                    human_bytes(p.fetched_bytes),
-                    secs,
-                    human_bytes((p.fetched_bytes as f64 / secs) as u64)
-                );
-            }
-            for h in &p.holders {
-                match &h.error {
-                    Some(e) => eprintln!("  n{}: dropped: {e}", h.node),
-                    None => eprintln!(
-                        "  n{}: {} pieces, {}",
-                        h.node,
-                        h.blobs,
-                        human_bytes(h.bytes)
-                    ),
-                }
-            }
-            if !p.materialised.is_empty() {
-                eprintln!("unpacked {} store paths", p.materialised.len());
-            }
+            print_pulled(&name, &p);
             Ok(())
         }
         ImageCommand::Pin { name } => pin(ctx, name, true).await,

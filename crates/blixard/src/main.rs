@@ -16,6 +16,7 @@ mod config;
 mod daemon;
 mod datadir;
 mod declared;
+mod delivery;
 mod exit;
 mod image_cli;
 mod images;

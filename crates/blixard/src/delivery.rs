@@ -1,0 +1,366 @@
+//! `blixard image pull NAME --to n2,n3 | --all`: delivering an image to several nodes.
+//!
+//! A node pulls from every node that holds the image complete when it starts, so the
+//! CLI starts one new puller per holder and no more: each holder serves about one puller
+//! at a time, every finished puller becomes a holder, and the number of holders doubles
+//! each round. Delivery to N nodes from one holder then takes about log2(N + 1) transfers,
+//! where N pullers started at once would share one holder's CPU and uplink.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use blixard_core::NodeId;
+use blixard_net::api::{ImagePull, ImagePulled, ImageShow, NodeList};
+use blixard_net::client::ApiClient;
+use iroh::EndpointAddr;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::cli::{client, Context};
+use crate::exit::{self, Failure};
+use crate::image_cli::{human_bytes, print_pulled};
+use crate::output::{self, Format};
+
+/// Which nodes pull next.
+#[derive(Debug)]
+pub struct Waves {
+    pending: VecDeque<NodeId>,
+    holders: usize,
+    running: usize,
+}
+
+impl Waves {
+    pub fn new(holders: usize, targets: impl IntoIterator<Item = NodeId>) -> Self {
+        Self {
+            pending: targets.into_iter().collect(),
+            holders,
+            running: 0,
+        }
+    }
+
+    /// The nodes to start now: as many as there are holders not already serving one.
+    pub fn start(&mut self) -> Vec<NodeId> {
+        let mut now = Vec::new();
+        while self.running < self.holders {
+            let Some(node) = self.pending.pop_front() else {
+                break;
+            };
+            self.running += 1;
+            now.push(node);
+        }
+        now
+    }
+
+    /// A pull ended; a node that now holds the image serves the next ones.
+    pub fn finished(&mut self, held: bool) {
+        self.running = self.running.saturating_sub(1);
+        if held {
+            self.holders += 1;
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.running == 0 && (self.pending.is_empty() || self.holders == 0)
+    }
+}
+
+/// A pull that failed, in the JSON report.
+#[derive(Debug, Serialize)]
+struct Failed {
+    node: NodeId,
+    error: String,
+}
+
+/// What `--output json` prints.
+#[derive(Debug, Serialize)]
+struct Delivery {
+    image: String,
+    /// Nodes that held it before (nothing to do).
+    already: Vec<NodeId>,
+    /// Members skipped by `--all` because the leader has them marked down.
+    skipped_down: Vec<NodeId>,
+    pulled: Vec<ImagePulled>,
+    failed: Vec<Failed>,
+    millis: u64,
+}
+
+/// The state of the pulls running, drawn as one line on a terminal.
+struct Board {
+    tty: bool,
+    running: BTreeMap<NodeId, (Instant, u64, u64)>,
+    drawn: bool,
+}
+
+impl Board {
+    fn draw(&mut self) {
+        if !self.tty {
+            return;
+        }
+        let cells: Vec<String> = self
+            .running
+            .iter()
+            .map(|(node, (started, done, total))| {
+                let rate = *done as f64 / started.elapsed().as_secs_f64().max(0.001);
+                let pct = if *total == 0 {
+                    0.0
+                } else {
+                    *done as f64 * 100.0 / *total as f64
+                };
+                format!("n{node} {pct:.0}% {}/s", human_bytes(rate as u64))
+            })
+            .collect();
+        eprint!("\r\x1b[K{}", cells.join(" · "));
+        self.drawn = true;
+    }
+
+    /// Clears the line so a message can be printed above the next redraw.
+    fn clear(&mut self) {
+        if self.drawn {
+            eprint!("\r\x1b[K");
+            self.drawn = false;
+        }
+    }
+}
+
+fn lock(board: &Mutex<Board>) -> Option<std::sync::MutexGuard<'_, Board>> {
+    board.lock().ok()
+}
+
+/// Delivers image `name` to `to`, or to every member that lacks it (`all`).
+pub async fn deliver(ctx: &Context, name: &str, to: Vec<NodeId>, all: bool) -> Result<(), Failure> {
+    let (client, contact) = client(ctx).await?;
+    let client = Arc::new(client);
+    let r = run(ctx, &client, &contact, name, to, all).await;
+    client.endpoint().close().await;
+    r
+}
+
+async fn run(
+    ctx: &Context,
+    client: &Arc<ApiClient>,
+    contact: &EndpointAddr,
+    name: &str,
+    to: Vec<NodeId>,
+    all: bool,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let image = client
+        .call(
+            contact,
+            ImageShow {
+                name: name.to_string(),
+                stale: false,
+            },
+        )
+        .await?
+        .image;
+    let nodes = client.call(contact, NodeList { stale: false }).await?.nodes;
+    let members: BTreeSet<NodeId> = nodes.iter().map(|n| n.member.id).collect();
+    let mut skipped_down = Vec::new();
+    let targets: Vec<NodeId> = if all {
+        nodes
+            .iter()
+            .filter(|n| {
+                let down = n.down_since_ms.is_some();
+                if down && !image.holders.contains(&n.member.id) {
+                    skipped_down.push(n.member.id);
+                }
+                !down
+            })
+            .map(|n| n.member.id)
+            .collect()
+    } else {
+        let mut seen = BTreeSet::new();
+        for node in &to {
+            if !members.contains(node) {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    format!("--to: n{node} is not a member"),
+                ));
+            }
+        }
+        to.into_iter().filter(|n| seen.insert(*n)).collect()
+    };
+    let (already, pending): (Vec<NodeId>, Vec<NodeId>) =
+        targets.into_iter().partition(|n| image.holders.contains(n));
+    if image.holders.is_empty() && !pending.is_empty() {
+        return Err(Failure::new(
+            exit::REFUSED,
+            format!("no node holds image {name} completely"),
+        ));
+    }
+    let json = ctx.output == Format::Json;
+    if !json {
+        for node in &already {
+            eprintln!("n{node} already holds {name}");
+        }
+        for node in &skipped_down {
+            eprintln!("n{node} skipped: marked down");
+        }
+    }
+
+    let board = Arc::new(Mutex::new(Board {
+        tty: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        running: BTreeMap::new(),
+        drawn: false,
+    }));
+    let mut waves = Waves::new(image.holders.len(), pending);
+    let mut set = JoinSet::new();
+    let mut pulled = Vec::new();
+    let mut failed = Vec::new();
+    let mut first_failure: Option<Failure> = None;
+    loop {
+        for node in waves.start() {
+            if let Some(mut b) = lock(&board) {
+                b.clear();
+                if !json {
+                    eprintln!("n{node}: pulling {name}");
+                }
+                b.running.insert(node, (Instant::now(), 0, image.nar_size));
+                b.draw();
+            }
+            let (client, contact, board) = (client.clone(), contact.clone(), board.clone());
+            let request = ImagePull {
+                name: name.to_string(),
+                node: Some(node),
+            };
+            set.spawn(async move {
+                let r = client
+                    .call_with_progress(&contact, request, |p| {
+                        if let Some(mut b) = lock(&board) {
+                            if let Some(entry) = b.running.get_mut(&node) {
+                                entry.1 = p.done;
+                                entry.2 = p.total;
+                            }
+                            b.draw();
+                        }
+                    })
+                    .await;
+                (node, r)
+            });
+        }
+        if waves.is_done() {
+            break;
+        }
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
+        let (node, result) =
+            joined.map_err(|e| Failure::new(exit::ERROR, format!("a pull task failed: {e}")))?;
+        if let Some(mut b) = lock(&board) {
+            b.running.remove(&node);
+            b.clear();
+        }
+        waves.finished(result.is_ok());
+        match result {
+            Ok(p) => {
+                if !json {
+                    print_pulled(name, &p);
+                }
+                pulled.push(p);
+            }
+            Err(e) => {
+                let f = Failure::from(e);
+                if !json {
+                    eprintln!("n{node}: failed: {f}");
+                }
+                failed.push(Failed {
+                    node,
+                    error: f.message.clone(),
+                });
+                first_failure.get_or_insert(Failure::new(f.code, format!("n{node}: {f}")));
+            }
+        }
+        if let Some(mut b) = lock(&board) {
+            b.draw();
+        }
+    }
+    if let Some(mut b) = lock(&board) {
+        b.clear();
+    }
+    let millis = started.elapsed().as_millis() as u64;
+    if json {
+        pulled.sort_by_key(|p| p.node);
+        output::json(&Delivery {
+            image: name.to_string(),
+            already,
+            skipped_down,
+            pulled,
+            failed,
+            millis,
+        })
+        .map_err(|e| Failure::new(exit::ERROR, e))?;
+    } else {
+        eprintln!(
+            "delivered {name} to {} of {} nodes in {:.1} s",
+            pulled.len(),
+            pulled.len() + failed.len(),
+            millis as f64 / 1000.0
+        );
+    }
+    match first_failure {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[u64]) -> Vec<NodeId> {
+        v.iter().copied().map(NodeId).collect()
+    }
+
+    #[test]
+    fn one_holder_doubles_each_round() {
+        let mut w = Waves::new(1, ids(&[2, 3, 4, 5, 6, 7, 8]));
+        assert_eq!(w.start(), ids(&[2]));
+        assert!(w.start().is_empty(), "one holder serves one puller");
+        w.finished(true);
+        assert_eq!(w.start(), ids(&[3, 4]));
+        w.finished(true);
+        w.finished(true);
+        assert_eq!(w.start(), ids(&[5, 6, 7, 8]));
+        for _ in 0..4 {
+            assert!(!w.is_done());
+            w.finished(true);
+        }
+        assert!(w.is_done());
+    }
+
+    #[test]
+    fn a_finished_puller_starts_the_next_without_waiting_for_the_round() {
+        let mut w = Waves::new(2, ids(&[3, 4, 5]));
+        assert_eq!(w.start(), ids(&[3, 4]));
+        w.finished(true);
+        // n3 holds it now: two holders are free (n3 and the one n3 used).
+        assert_eq!(w.start(), ids(&[5]));
+        w.finished(true);
+        w.finished(true);
+        assert!(w.is_done());
+    }
+
+    #[test]
+    fn a_failed_pull_adds_no_holder_and_the_rest_go_on() {
+        let mut w = Waves::new(1, ids(&[2, 3, 4]));
+        assert_eq!(w.start(), ids(&[2]));
+        w.finished(false);
+        assert_eq!(w.start(), ids(&[3]));
+        w.finished(true);
+        assert_eq!(w.start(), ids(&[4]));
+        w.finished(true);
+        assert!(w.is_done());
+    }
+
+    #[test]
+    fn without_a_holder_nothing_starts_and_it_ends() {
+        let mut w = Waves::new(0, ids(&[2, 3]));
+        assert!(w.start().is_empty());
+        assert!(w.is_done());
+        let mut empty = Waves::new(1, ids(&[]));
+        assert!(empty.start().is_empty());
+        assert!(empty.is_done());
+    }
+}
