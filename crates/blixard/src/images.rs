@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use blixard_core::{BlobHash, Command, Image, NodeId};
+use blixard_core::{BlobHash, Command, Image, MemberStatus, NodeId};
 use blixard_images::nix::SigningKey;
 use blixard_images::{fetch, fetch_manifest, Holder, ImageStore, Progress};
 use blixard_net::api::{
@@ -143,6 +143,29 @@ impl NodeService {
         // Spread the load: every fetcher starts with a different holder.
         holders.shuffle(&mut rand::rng());
         holders
+    }
+
+    /// The other members that do not hold `image` completely: some may hold part of it
+    /// (fetching it right now) and can serve those pieces. Shuffled, like the holders.
+    fn peers_for(&self, image: &Image) -> Vec<(NodeId, Holder)> {
+        let me = self.node.id();
+        let state = self.node.state();
+        let mut peers: Vec<(NodeId, Holder)> = state
+            .members()
+            .filter(|m| m.id != me && !image.holders.contains(&m.id))
+            .filter(|m| m.status == MemberStatus::Active && state.down_since(m.id).is_none())
+            .filter_map(|m| {
+                Some((
+                    m.id,
+                    Holder {
+                        label: format!("n{}", m.id),
+                        addr: member_addr_of(&state, m.id)?,
+                    },
+                ))
+            })
+            .collect();
+        peers.shuffle(&mut rand::rng());
+        peers
     }
 
     fn image_named(&self, name: &str) -> Result<Image, ApiError> {
@@ -365,23 +388,29 @@ impl NodeService {
                     image.name
                 )));
             }
-            let ids: Vec<NodeId> = holders.iter().map(|(n, _)| *n).collect();
+            let peers = self.peers_for(image);
+            let ids: Vec<NodeId> = holders.iter().chain(&peers).map(|(n, _)| *n).collect();
+            let holder_count = holders.len();
             let progress = Progress::new(move |p| sink.report(p.phase, p.done, p.total));
             let report = fetch(
                 store,
                 self.client.endpoint(),
                 hash,
                 holders.into_iter().map(|(_, h)| h).collect(),
+                peers.into_iter().map(|(_, h)| h).collect(),
                 &progress,
             )
             .await
             .map_err(|e| ApiError::Unavailable(format!("image {}: {e}", image.name)))?;
             out.fetched_blobs = report.fetched_blobs;
             out.fetched_bytes = report.fetched_bytes;
+            // Every holder; a peer only when it served something.
             out.holders = ids
                 .into_iter()
                 .zip(report.holders)
-                .map(|(node, s)| HolderReport {
+                .enumerate()
+                .filter(|(i, (_, s))| *i < holder_count || s.pieces > 0)
+                .map(|(_, (node, s))| HolderReport {
                     node,
                     blobs: s.pieces,
                     bytes: s.bytes,

@@ -6,16 +6,24 @@
 //! (and several streams of one) serve at once. Every byte is checked against the BLAKE3 tree of the
 //! blob it belongs to as it arrives; a holder that sends anything else, or vanishes, is
 //! dropped with its reason and its piece goes back in the queue for the others.
+//!
+//! Nodes that hold part of a large blob (typically because they are fetching the same
+//! image at the same time) serve too: this node watches which chunks each such peer has
+//! (an iroh-blobs observe request) and asks it only for pieces inside them. Every fetcher
+//! takes the pieces in its own random order, so concurrent fetchers soon hold different
+//! pieces and trade them, instead of all waiting on the first holder.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bao_tree::ChunkNum;
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr};
-use iroh_blobs::protocol::{ChunkRanges, GetRequest};
+use iroh_blobs::protocol::{ChunkRanges, GetRequest, ObserveRequest};
 use iroh_blobs::Hash;
+use rand::seq::SliceRandom;
 
 use crate::manifest::Manifest;
 use crate::progress::Progress;
@@ -59,6 +67,11 @@ const MAX_HOLDERS: usize = 8;
 /// Concurrent requests to a holder: when it is the only one, and when it shares the work.
 const STREAMS_ALONE: usize = 4;
 const STREAMS_SHARED: usize = 2;
+/// How many peers with part of a blob are asked (by two streams each).
+const MAX_PEERS: usize = 8;
+/// How long a worker with nothing to take waits before it looks again (a piece in flight
+/// elsewhere may come back; a peer may have received more).
+const IDLE_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug)]
 struct Piece {
@@ -66,9 +79,20 @@ struct Piece {
     /// Chunk range; `None` for the whole blob.
     chunks: Option<(u64, Option<u64>)>,
     bytes: u64,
+    /// The blob's size in chunks (the end of an open-ended range).
+    blob_chunks: u64,
 }
 
 impl Piece {
+    /// The chunks this piece covers.
+    fn ranges(&self) -> ChunkRanges {
+        let (start, end) = match self.chunks {
+            None => (0, self.blob_chunks),
+            Some((start, end)) => (start, end.unwrap_or(self.blob_chunks)),
+        };
+        ChunkRanges::from(ChunkNum(start)..ChunkNum(end))
+    }
+
     fn request(&self) -> GetRequest {
         match self.chunks {
             None => GetRequest::blob(self.blob),
@@ -83,15 +107,16 @@ impl Piece {
 }
 
 fn pieces_of(blob: Hash, size: u64) -> Vec<Piece> {
+    let total_chunks = size.div_ceil(CHUNK_BYTES);
     if size <= PIECE_BYTES * 2 {
         return vec![Piece {
             blob,
             chunks: None,
             bytes: size,
+            blob_chunks: total_chunks,
         }];
     }
     let per = PIECE_BYTES / CHUNK_BYTES;
-    let total_chunks = size.div_ceil(CHUNK_BYTES);
     let mut out = Vec::new();
     let mut start = 0;
     while start < total_chunks {
@@ -106,20 +131,24 @@ fn pieces_of(blob: Hash, size: u64) -> Vec<Piece> {
             } else {
                 PIECE_BYTES
             },
+            blob_chunks: total_chunks,
         });
         start = end;
     }
     out
 }
 
-/// Fetches the image `manifest_hash` into `store` from `holders` and keeps it. Returns
-/// what came from where. Fails (naming every holder's reason) when the holders together
-/// could not deliver it; blobs already received are kept for the next attempt.
+/// Fetches the image `manifest_hash` into `store` from `holders` and keeps it, with help
+/// from `peers` (other nodes that may hold part of it). Returns what came from where:
+/// one entry per holder, then one per peer. Fails (naming every holder's reason) when the
+/// holders and peers together could not deliver it; blobs and pieces already received are
+/// kept for the next attempt.
 pub async fn fetch(
     store: &ImageStore,
     endpoint: &Endpoint,
     manifest_hash: Hash,
     holders: Vec<Holder>,
+    peers: Vec<Holder>,
     progress: &Progress,
 ) -> Result<FetchReport, ImageError> {
     let mut stats = fresh_stats(&holders);
@@ -134,8 +163,9 @@ pub async fn fetch(
     let manifest = head(store, endpoint, manifest_hash, &holders, &mut stats).await?;
     let entries = manifest.check()?;
 
-    // 2. The NARs this node lacks, as pieces.
-    let mut queue = VecDeque::new();
+    // 2. The NARs this node lacks, as pieces, in this node's own order.
+    let mut pieces = Vec::new();
+    let mut large = Vec::new();
     let mut fetched_blobs = 0;
     let mut fetched_bytes = 0;
     let alive: Vec<usize> = (0..holders.len())
@@ -147,10 +177,19 @@ pub async fn fetch(
         }
         fetched_blobs += 1;
         fetched_bytes += e.nar_size;
-        queue.extend(pieces_of(e.blob, e.nar_size));
+        let of = pieces_of(e.blob, e.nar_size);
+        if of.len() > 1 {
+            large.push(e.blob);
+        }
+        pieces.extend(of);
     }
+    pieces.shuffle(&mut rand::rng());
     progress.start("fetching", fetched_bytes);
-    let queue = Arc::new(Mutex::new(queue));
+    let work = Arc::new(Work {
+        queue: Mutex::new(pieces.into()),
+        in_flight: AtomicUsize::new(0),
+        holders_serving: AtomicUsize::new(0),
+    });
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     // Several streams per holder keep a holder busy while each stream waits on its own
@@ -168,53 +207,80 @@ pub async fn fetch(
                 continue;
             }
         };
-        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed = Arc::new(AtomicBool::new(false));
         for _ in 0..per_holder {
-            let (store, conn, queue, progress, failed) = (
-                store.clone(),
-                conn.clone(),
-                queue.clone(),
-                progress.clone(),
-                failed.clone(),
-            );
+            work.holders_serving.fetch_add(1, Ordering::SeqCst);
+            let source = Source {
+                store: store.clone(),
+                conn: conn.clone(),
+                work: work.clone(),
+                progress: progress.clone(),
+                failed: failed.clone(),
+            };
             workers.spawn(async move {
-                let mut mine = HolderStats::default();
-                while !failed.load(std::sync::atomic::Ordering::Relaxed) {
-                    let piece = match queue.lock() {
-                        Ok(mut q) => q.pop_front(),
-                        Err(_) => None,
-                    };
-                    let Some(piece) = piece else { break };
-                    match get_counted(&store, &conn, piece.request(), &progress).await {
-                        Ok(_) => {
-                            mine.pieces += 1;
-                            mine.bytes += piece.bytes;
-                        }
-                        Err(e) => {
-                            // What arrived was verified and is kept; the rest goes back,
-                            // and this holder serves no more.
-                            if let Ok(mut q) = queue.lock() {
-                                q.push_back(piece);
-                            }
-                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                            mine.error = Some(e);
-                            break;
-                        }
-                    }
-                }
+                let mine = source.serve(None).await;
+                source.work.holders_serving.fetch_sub(1, Ordering::SeqCst);
                 (i, mine)
+            });
+        }
+    }
+    // Peers help with the large blobs, once there is a holder to fetch from at all.
+    let mut peer_stats = fresh_stats(&peers);
+    if !large.is_empty() && work.holders_serving.load(Ordering::SeqCst) > 0 {
+        for (j, peer) in peers.iter().enumerate().take(MAX_PEERS) {
+            // Connected in the background: a peer that does not answer delays nothing.
+            let (store, endpoint, addr) = (store.clone(), endpoint.clone(), peer.addr.clone());
+            let (work, progress, large) = (work.clone(), progress.clone(), large.clone());
+            let index = holders.len() + j;
+            workers.spawn(async move {
+                let Ok(conn) = connect(&endpoint, &addr).await else {
+                    return (index, HolderStats::default());
+                };
+                let has = Arc::new(Has::default());
+                let mut watchers = tokio::task::JoinSet::new();
+                for blob in large {
+                    watchers.spawn(watch_peer(store.clone(), conn.clone(), blob, has.clone()));
+                }
+                let source = Source {
+                    store,
+                    conn,
+                    work,
+                    progress,
+                    failed: Arc::new(AtomicBool::new(false)),
+                };
+                // Two streams, as to a holder that shares the work.
+                let (a, b) = tokio::join!(
+                    source.serve(Some(has.clone())),
+                    source.serve(Some(has.clone()))
+                );
+                let mut mine = HolderStats::default();
+                for s in [a, b] {
+                    mine.pieces += s.pieces;
+                    mine.bytes += s.bytes;
+                    mine.error = mine.error.or(s.error);
+                }
+                watchers.abort_all();
+                (index, mine)
             });
         }
     }
     while let Some(done) = workers.join_next().await {
         if let Ok((i, mine)) = done {
-            stats[i].pieces += mine.pieces;
-            stats[i].bytes += mine.bytes;
-            if mine.error.is_some() && stats[i].error.is_none() {
-                stats[i].error = mine.error;
+            let s = match stats.get_mut(i) {
+                Some(s) => s,
+                None => match peer_stats.get_mut(i - holders.len()) {
+                    Some(s) => s,
+                    None => continue,
+                },
+            };
+            s.pieces += mine.pieces;
+            s.bytes += mine.bytes;
+            if mine.error.is_some() && s.error.is_none() {
+                s.error = mine.error;
             }
         }
     }
+    stats.extend(peer_stats);
     // 3. Every blob complete, or the reasons why not.
     let mut missing = Vec::new();
     for e in &entries {
@@ -252,6 +318,132 @@ pub async fn fetch(
         fetched_bytes,
         holders: stats,
     })
+}
+
+/// The pieces still to fetch, shared by every stream of every source.
+struct Work {
+    queue: Mutex<VecDeque<Piece>>,
+    /// Pieces taken and not yet done or given back.
+    in_flight: AtomicUsize,
+    /// Streams to complete holders still running.
+    holders_serving: AtomicUsize,
+}
+
+impl Work {
+    /// Takes the first piece `accept` allows.
+    fn take(&self, accept: impl Fn(&Piece) -> bool) -> Option<Piece> {
+        let mut q = self.queue.lock().ok()?;
+        let i = q.iter().position(accept)?;
+        let piece = q.remove(i)?;
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Some(piece)
+    }
+
+    fn done(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn give_back(&self, piece: Piece) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.push_back(piece);
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Nothing left to take, and nothing out that could come back.
+    fn finished(&self) -> bool {
+        self.queue.lock().map_or(true, |q| q.is_empty())
+            && self.in_flight.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// The chunks a peer is known to have, by blob, and a signal when that grows.
+#[derive(Default)]
+struct Has {
+    ranges: Mutex<HashMap<Hash, ChunkRanges>>,
+    grew: tokio::sync::Notify,
+}
+
+impl Has {
+    fn covers(&self, piece: &Piece) -> bool {
+        self.ranges.lock().is_ok_and(|r| {
+            r.get(&piece.blob)
+                .is_some_and(|have| piece.ranges().is_subset(have))
+        })
+    }
+}
+
+/// Follows what a peer holds of `blob` (its verified chunks) until aborted.
+async fn watch_peer(store: ImageStore, conn: Connection, blob: Hash, has: Arc<Has>) {
+    use n0_future::StreamExt;
+    let mut updates = std::pin::pin!(store
+        .blobs()
+        .remote()
+        .observe(conn, ObserveRequest::new(blob)));
+    while let Some(Ok(update)) = updates.next().await {
+        if let Ok(mut r) = has.ranges.lock() {
+            let have = r.entry(blob).or_default();
+            *have |= update.ranges;
+        }
+        has.grew.notify_waiters();
+    }
+}
+
+/// One stream to one source: a complete holder, or a peer with part of the blobs.
+struct Source {
+    store: ImageStore,
+    conn: Connection,
+    work: Arc<Work>,
+    progress: Progress,
+    /// Set when any stream to this source failed: the source serves no more.
+    failed: Arc<AtomicBool>,
+}
+
+impl Source {
+    /// Takes pieces (for a peer, only those inside what it `has`) until none are left.
+    /// A complete holder's stream also waits for pieces out elsewhere, which may come
+    /// back; a peer's stream stops once no holder is left to fetch from and it has
+    /// nothing more to offer.
+    async fn serve(&self, has: Option<Arc<Has>>) -> HolderStats {
+        let mut mine = HolderStats::default();
+        while !self.failed.load(Ordering::Relaxed) {
+            let piece = match &has {
+                None => self.work.take(|_| true),
+                Some(h) => self.work.take(|p| h.covers(p)),
+            };
+            let Some(piece) = piece else {
+                if self.work.finished() {
+                    break;
+                }
+                match &has {
+                    None => tokio::time::sleep(IDLE_POLL).await,
+                    Some(h) => {
+                        if self.work.holders_serving.load(Ordering::SeqCst) == 0 {
+                            break;
+                        }
+                        let _ = tokio::time::timeout(IDLE_POLL, h.grew.notified()).await;
+                    }
+                }
+                continue;
+            };
+            match get_counted(&self.store, &self.conn, piece.request(), &self.progress).await {
+                Ok(_) => {
+                    self.work.done();
+                    mine.pieces += 1;
+                    mine.bytes += piece.bytes;
+                }
+                Err(e) => {
+                    // What arrived was verified and is kept; the rest goes back, and this
+                    // source serves no more.
+                    self.work.give_back(piece);
+                    self.failed.store(true, Ordering::Relaxed);
+                    mine.error = Some(e);
+                    break;
+                }
+            }
+        }
+        mine
+    }
 }
 
 /// One empty report per holder, in the holders' order.
@@ -383,4 +575,99 @@ async fn head(
         "could not get the manifest",
         stats,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn work(pieces: Vec<Piece>) -> Work {
+        Work {
+            queue: Mutex::new(pieces.into()),
+            in_flight: AtomicUsize::new(0),
+            holders_serving: AtomicUsize::new(0),
+        }
+    }
+
+    fn has(blob: Hash, ranges: ChunkRanges) -> Has {
+        let h = Has::default();
+        h.ranges.lock().unwrap().insert(blob, ranges);
+        h
+    }
+
+    #[test]
+    fn pieces_cover_the_whole_blob_and_end_open() {
+        let blob = Hash::new(b"nar");
+        let size = 40 * MIB + 5;
+        let pieces = pieces_of(blob, size);
+        assert_eq!(pieces.len(), 3);
+        assert_eq!(pieces.iter().map(|p| p.bytes).sum::<u64>(), size);
+        let chunks = size.div_ceil(CHUNK_BYTES);
+        let mut all = ChunkRanges::empty();
+        for p in &pieces {
+            all |= p.ranges();
+        }
+        assert_eq!(all, ChunkRanges::from(ChunkNum(0)..ChunkNum(chunks)));
+        // The last is asked for open-ended (it proves the size), yet covers only the blob.
+        assert_eq!(pieces[2].chunks, Some((2 * 16 * 1024, None)));
+        assert_eq!(
+            pieces[2].ranges(),
+            ChunkRanges::from(ChunkNum(2 * 16 * 1024)..ChunkNum(chunks))
+        );
+        // A small blob is one piece, the whole of it.
+        let small = pieces_of(blob, 3 * MIB);
+        assert_eq!(small.len(), 1);
+        assert_eq!(
+            small[0].ranges(),
+            ChunkRanges::from(ChunkNum(0)..ChunkNum(3 * 1024))
+        );
+    }
+
+    #[test]
+    fn a_peer_is_asked_only_for_pieces_inside_what_it_has() {
+        let blob = Hash::new(b"nar");
+        let other = Hash::new(b"other");
+        let pieces = pieces_of(blob, 64 * MIB);
+        // The peer has the second piece and half of the third.
+        let peer = has(
+            blob,
+            ChunkRanges::from(ChunkNum(16 * 1024)..ChunkNum(40 * 1024)),
+        );
+        assert!(!peer.covers(&pieces[0]));
+        assert!(peer.covers(&pieces[1]));
+        assert!(!peer.covers(&pieces[2]));
+        // Nothing of a blob it was not seen to have.
+        assert!(!peer.covers(&pieces_of(other, 64 * MIB)[1]));
+        let w = work(pieces);
+        let taken = w.take(|p| peer.covers(p)).unwrap();
+        assert_eq!(taken.chunks, Some((16 * 1024, Some(32 * 1024))));
+        assert!(w.take(|p| peer.covers(p)).is_none());
+        // What it has grows: now the third piece too.
+        *peer.ranges.lock().unwrap().get_mut(&blob).unwrap() |=
+            ChunkRanges::from(ChunkNum(32 * 1024)..ChunkNum(48 * 1024));
+        assert_eq!(
+            w.take(|p| peer.covers(p)).unwrap().chunks,
+            Some((32 * 1024, Some(48 * 1024)))
+        );
+    }
+
+    #[test]
+    fn the_work_is_finished_only_when_nothing_is_out_that_could_come_back() {
+        let blob = Hash::new(b"nar");
+        let w = work(pieces_of(blob, 3 * MIB));
+        assert!(!w.finished());
+        let piece = w.take(|_| true).unwrap();
+        // The queue is empty but a piece is out: not finished.
+        assert!(w.take(|_| true).is_none());
+        assert!(!w.finished());
+        // It failed and came back: another source takes it.
+        w.give_back(piece);
+        assert!(!w.finished());
+        let again = w.take(|_| true).unwrap();
+        assert_eq!(again.blob, blob);
+        w.done();
+        assert!(w.finished());
+    }
 }
