@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::cli::{client, Context};
 use crate::exit::{self, Failure};
-use crate::image_cli::{human_bytes, print_pulled};
+use crate::image_cli::{count, human_bytes, print_pulled};
 use crate::output::{self, Format};
 
 /// Which nodes pull next.
@@ -291,11 +291,13 @@ async fn run(
             millis,
         })
         .map_err(|e| Failure::new(exit::ERROR, e))?;
+    } else if pulled.is_empty() && failed.is_empty() {
+        eprintln!("nothing to do: every node asked for holds {name}");
     } else {
         eprintln!(
-            "delivered {name} to {} of {} nodes in {:.1} s",
+            "delivered {name} to {} of {} in {:.1} s",
             pulled.len(),
-            pulled.len() + failed.len(),
+            count(pulled.len() + failed.len(), "node", "nodes"),
             millis as f64 / 1000.0
         );
     }

@@ -96,6 +96,11 @@ fn holders(i: &Image) -> String {
         .join(",")
 }
 
+/// `1 NAR`, `2 NARs`.
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// One line for a node's pull, then one per holder: what it served, or why it was dropped.
 pub fn print_pulled(name: &str, p: &ImagePulled) {
     if p.fetched_blobs == 0 {
@@ -103,9 +108,9 @@ pub fn print_pulled(name: &str, p: &ImagePulled) {
     } else {
         let secs = (p.millis as f64 / 1000.0).max(0.001);
         eprintln!(
-            "n{} fetched {name}: {} NARs, {} in {:.1} s ({}/s)",
+            "n{} fetched {name}: {}, {} in {:.1} s ({}/s)",
             p.node,
-            p.fetched_blobs,
+            count(p.fetched_blobs as usize, "NAR", "NARs"),
             human_bytes(p.fetched_bytes),
             secs,
             human_bytes((p.fetched_bytes as f64 / secs) as u64)
@@ -123,7 +128,10 @@ pub fn print_pulled(name: &str, p: &ImagePulled) {
         }
     }
     if !p.materialised.is_empty() {
-        eprintln!("  unpacked {} store paths", p.materialised.len());
+        eprintln!(
+            "  unpacked {}",
+            count(p.materialised.len(), "store path", "store paths")
+        );
     }
 }
 
@@ -171,10 +179,10 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
                 return output::json(&image).map_err(fail);
             }
             eprintln!(
-                "imported {}: {} ({} store paths, {})",
+                "imported {}: {} ({}, {})",
                 image.name,
                 image.root,
-                image.nar_count,
+                count(image.nar_count as usize, "store path", "store paths"),
                 human_bytes(image.nar_size)
             );
             Ok(())
