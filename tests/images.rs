@@ -316,11 +316,20 @@ fn ids(v: &Value) -> Vec<u64> {
 
 /// `image pull --all` delivers in rounds: each holder serves one new puller at a time,
 /// so node 2 pulls from node 1, then nodes 3 and 4 from nodes 1 and 2. With `--to`, a
-/// node that cannot be reached fails alone, and the command says which.
+/// node that cannot be reached fails alone, and the command says which; `--all` skips a
+/// node marked down.
 #[test]
 fn pull_to_all_delivers_in_rounds_from_every_holder() {
     nix_env();
-    let mut c = Cluster::start(4, &[]);
+    // Short liveness timings, so a killed node is marked down within seconds.
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        "[vms]\ndown_timeout_ms = 6000\nfence_timeout_ms = 2000\nstop_timeout_ms = 1500\n",
+    )
+    .unwrap();
+    let mut c = Cluster::start(4, &["--config", cfg.to_str().unwrap()]);
     let src = c.root.path().join("fleet");
     std::fs::create_dir_all(&src).unwrap();
     random_file(&src.join("disk.img"), 8, 11);
@@ -393,6 +402,28 @@ fn pull_to_all_delivers_in_rounds_from_every_holder() {
         "{stderr}"
     );
     assert_eq!(holders(&c.nodes[0], "fleet2"), vec![1, 2, 3]);
+
+    // Once the leader marks it down, --all skips it and finds nothing to do.
+    wait_for("n4 marked down", Duration::from_secs(30), || {
+        let nodes = json(&c.nodes[0], &["node", "list"]);
+        let n4 = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["member"]["id"] == 4);
+        match n4 {
+            Some(n) if n["down_since_ms"].is_u64() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let out = c.nodes[0].cli(&["image", "pull", "fleet2", "--all"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("n4 skipped: marked down"), "{stderr}");
+    assert!(stderr.contains("nothing to do"), "{stderr}");
+    let d = json(&c.nodes[1], &["image", "pull", "fleet2", "--all"]);
+    assert_eq!(ids(&d["skipped_down"]), vec![4], "{d}");
+    assert_eq!(ids(&d["already"]), vec![1, 2, 3], "{d}");
 }
 
 /// Test 5 (until VMs exist): a pinned image cannot be removed; unpinned it can, and its
