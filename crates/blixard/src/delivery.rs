@@ -6,12 +6,12 @@
 //! each round. Delivery to N nodes from one holder then takes about log2(N + 1) transfers,
 //! where N pullers started at once would share one holder's CPU and uplink.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use blixard_core::NodeId;
-use blixard_net::api::{ImagePull, ImagePulled, ImageShow, NodeList};
+use blixard_core::{MemberStatus, NodeId};
+use blixard_net::api::{ImagePull, ImagePulled, ImageShow, NodeEntry, NodeList};
 use blixard_net::client::ApiClient;
 use iroh::EndpointAddr;
 use serde::Serialize;
@@ -78,7 +78,7 @@ struct Delivery {
     image: String,
     /// Nodes that held it before (nothing to do).
     already: Vec<NodeId>,
-    /// Members skipped by `--all` because the leader has them marked down.
+    /// Members skipped by `--all`: marked down by the leader, or not yet active.
     skipped_down: Vec<NodeId>,
     pulled: Vec<ImagePulled>,
     failed: Vec<Failed>,
@@ -97,9 +97,12 @@ impl Board {
         if !self.tty {
             return;
         }
-        let cells: Vec<String> = self
+        // A few pulls fit on one line; the rest are counted.
+        const SHOWN: usize = 4;
+        let mut cells: Vec<String> = self
             .running
             .iter()
+            .take(SHOWN)
             .map(|(node, (started, done, total))| {
                 let rate = *done as f64 / started.elapsed().as_secs_f64().max(0.001);
                 let pct = if *total == 0 {
@@ -110,6 +113,9 @@ impl Board {
                 format!("n{node} {pct:.0}% {}/s", human_bytes(rate as u64))
             })
             .collect();
+        if self.running.len() > SHOWN {
+            cells.push(format!("{} more", self.running.len() - SHOWN));
+        }
         eprint!("\r\x1b[K{}", cells.join(" · "));
         self.drawn = true;
     }
@@ -157,16 +163,21 @@ async fn run(
         .image;
     let nodes = client.call(contact, NodeList { stale: false }).await?.nodes;
     let members: BTreeSet<NodeId> = nodes.iter().map(|n| n.member.id).collect();
+    // Only members that are up can pull or serve.
+    let up = |n: &NodeEntry| n.member.status == MemberStatus::Active && n.down_since_ms.is_none();
+    let live_holders = nodes
+        .iter()
+        .filter(|n| up(n) && image.holders.contains(&n.member.id))
+        .count();
     let mut skipped_down = Vec::new();
     let targets: Vec<NodeId> = if all {
         nodes
             .iter()
             .filter(|n| {
-                let down = n.down_since_ms.is_some();
-                if down && !image.holders.contains(&n.member.id) {
+                if !up(n) && !image.holders.contains(&n.member.id) {
                     skipped_down.push(n.member.id);
                 }
-                !down
+                up(n)
             })
             .map(|n| n.member.id)
             .collect()
@@ -184,10 +195,10 @@ async fn run(
     };
     let (already, pending): (Vec<NodeId>, Vec<NodeId>) =
         targets.into_iter().partition(|n| image.holders.contains(n));
-    if image.holders.is_empty() && !pending.is_empty() {
+    if live_holders == 0 && !pending.is_empty() {
         return Err(Failure::new(
-            exit::REFUSED,
-            format!("no node holds image {name} completely"),
+            exit::UNAVAILABLE,
+            format!("no node that is up holds image {name} completely"),
         ));
     }
     let json = ctx.output == Format::Json;
@@ -196,7 +207,7 @@ async fn run(
             eprintln!("n{node} already holds {name}");
         }
         for node in &skipped_down {
-            eprintln!("n{node} skipped: marked down");
+            eprintln!("n{node} skipped: marked down or not yet active");
         }
     }
 
@@ -205,11 +216,13 @@ async fn run(
         running: BTreeMap::new(),
         drawn: false,
     }));
-    let mut waves = Waves::new(image.holders.len(), pending);
+    let mut waves = Waves::new(live_holders, pending);
     let mut set = JoinSet::new();
     let mut pulled = Vec::new();
     let mut failed = Vec::new();
-    let mut first_failure: Option<Failure> = None;
+    // The exit code of the first failure, and which task pulls for which node.
+    let mut code: Option<u8> = None;
+    let mut tasks = HashMap::new();
     loop {
         for node in waves.start() {
             if let Some(mut b) = lock(&board) {
@@ -225,8 +238,8 @@ async fn run(
                 name: name.to_string(),
                 node: Some(node),
             };
-            set.spawn(async move {
-                let r = client
+            let task = set.spawn(async move {
+                client
                     .call_with_progress(&contact, request, |p| {
                         if let Some(mut b) = lock(&board) {
                             if let Some(entry) = b.running.get_mut(&node) {
@@ -236,23 +249,36 @@ async fn run(
                             b.draw();
                         }
                     })
-                    .await;
-                (node, r)
+                    .await
             });
+            tasks.insert(task.id(), node);
         }
         if waves.is_done() {
             break;
         }
-        let Some(joined) = set.join_next().await else {
+        let Some(joined) = set.join_next_with_id().await else {
             break;
         };
-        let (node, result) =
-            joined.map_err(|e| Failure::new(exit::ERROR, format!("a pull task failed: {e}")))?;
-        if let Some(mut b) = lock(&board) {
+        let (node, result) = match joined {
+            Ok((id, r)) => (tasks.get(&id).copied(), r.map_err(Failure::from)),
+            Err(e) => (
+                tasks.get(&e.id()).copied(),
+                Err(Failure::new(
+                    exit::ERROR,
+                    format!("the pull task failed: {e}"),
+                )),
+            ),
+        };
+        let Some(node) = node else {
+            continue;
+        };
+        waves.finished(result.is_ok());
+        // Clear, print and redraw under one lock, so no progress update lands mid-line.
+        let mut board = lock(&board);
+        if let Some(b) = board.as_mut() {
             b.running.remove(&node);
             b.clear();
         }
-        waves.finished(result.is_ok());
         match result {
             Ok(p) => {
                 if !json {
@@ -260,19 +286,18 @@ async fn run(
                 }
                 pulled.push(p);
             }
-            Err(e) => {
-                let f = Failure::from(e);
+            Err(f) => {
                 if !json {
                     eprintln!("n{node}: failed: {f}");
                 }
+                code.get_or_insert(f.code);
                 failed.push(Failed {
                     node,
-                    error: f.message.clone(),
+                    error: f.message,
                 });
-                first_failure.get_or_insert(Failure::new(f.code, format!("n{node}: {f}")));
             }
         }
-        if let Some(mut b) = lock(&board) {
+        if let Some(b) = board.as_mut() {
             b.draw();
         }
     }
@@ -280,8 +305,24 @@ async fn run(
         b.clear();
     }
     let millis = started.elapsed().as_millis() as u64;
+    pulled.sort_by_key(|p| p.node);
+    failed.sort_by_key(|f| f.node);
+    let outcome = match code {
+        Some(code) => {
+            let nodes: Vec<String> = failed.iter().map(|f| format!("n{}", f.node)).collect();
+            Err(Failure::new(
+                code,
+                format!(
+                    "{} of {} failed ({})",
+                    failed.len(),
+                    count(pulled.len() + failed.len(), "pull", "pulls"),
+                    nodes.join(", ")
+                ),
+            ))
+        }
+        None => Ok(()),
+    };
     if json {
-        pulled.sort_by_key(|p| p.node);
         output::json(&Delivery {
             image: name.to_string(),
             already,
@@ -301,10 +342,7 @@ async fn run(
             millis as f64 / 1000.0
         );
     }
-    match first_failure {
-        Some(f) => Err(f),
-        None => Ok(()),
-    }
+    outcome
 }
 
 #[cfg(test)]

@@ -120,9 +120,9 @@ pub fn print_pulled(name: &str, p: &ImagePulled) {
         match &h.error {
             Some(e) => eprintln!("  n{}: dropped: {e}", h.node),
             None => eprintln!(
-                "  n{}: {} pieces, {}",
+                "  n{}: {}, {}",
                 h.node,
-                h.blobs,
+                count(h.blobs as usize, "piece", "pieces"),
                 human_bytes(h.bytes)
             ),
         }
