@@ -373,6 +373,27 @@ fn pull_to_all_delivers_in_rounds_from_every_holder() {
         assert_same_tree(&src, &node.store_dir().join(&base));
     }
     assert_eq!(holders(&c.nodes[0], "fleet"), vec![1, 2, 3, 4]);
+    // A node that has every blob serves the next pullers while it unpacks: n3 and n4
+    // start before n2's pull has ended.
+    let src = c.root.path().join("fleet1");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("disk.img"), 8, 13);
+    c.nodes[0].cli_ok(&["image", "import", src.to_str().unwrap(), "--name", "fleet1"]);
+    let out = c.nodes[0].cli(&["image", "pull", "fleet1", "--all"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let at = |text: &str| {
+        stderr
+            .find(text)
+            .unwrap_or_else(|| panic!("{text}: {stderr}"))
+    };
+    assert!(at("n3: pulling") < at("n2 fetched fleet1"), "{stderr}");
+    assert!(at("n4: pulling") < at("n2 fetched fleet1"), "{stderr}");
+    assert!(
+        stderr.contains("delivered fleet1 to 3 of 3 nodes"),
+        "{stderr}"
+    );
+
     // Again: nothing to do.
     let again = json(&c.nodes[2], &["image", "pull", "fleet", "--all"]);
     assert_eq!(ids(&again["already"]), vec![1, 2, 3, 4], "{again}");

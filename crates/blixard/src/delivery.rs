@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use blixard_core::{MemberStatus, NodeId};
-use blixard_net::api::{ImagePull, ImagePulled, ImageShow, NodeEntry, NodeList};
+use blixard_net::api::{ImagePull, ImagePulled, ImageShow, NodeEntry, NodeList, PHASE_HELD};
 use blixard_net::client::ApiClient;
 use iroh::EndpointAddr;
 use serde::Serialize;
@@ -28,6 +28,8 @@ pub struct Waves {
     pending: VecDeque<NodeId>,
     holders: usize,
     running: usize,
+    /// Pulls that reported their node a holder before they ended (it is unpacking).
+    held: BTreeSet<NodeId>,
 }
 
 impl Waves {
@@ -36,6 +38,7 @@ impl Waves {
             pending: targets.into_iter().collect(),
             holders,
             running: 0,
+            held: BTreeSet::new(),
         }
     }
 
@@ -52,14 +55,25 @@ impl Waves {
         now
     }
 
-    /// A pull ended; a node that now holds the image serves the next ones.
-    pub fn finished(&mut self, held: bool) {
-        self.running = self.running.saturating_sub(1);
-        if held {
+    /// `node` has every blob and is recorded as a holder (its pull goes on unpacking): it
+    /// serves the next puller, and its own no longer takes a holder's place.
+    pub fn held(&mut self, node: NodeId) {
+        if self.held.insert(node) {
+            self.running = self.running.saturating_sub(1);
             self.holders += 1;
         }
     }
 
+    /// `node`'s pull ended; if it succeeded, the node is a holder.
+    pub fn finished(&mut self, node: NodeId, ok: bool) {
+        if ok {
+            self.held(node);
+        } else if !self.held.contains(&node) {
+            self.running = self.running.saturating_sub(1);
+        }
+    }
+
+    /// No pull to start, none running (some may still be unpacking).
     pub fn is_done(&self) -> bool {
         self.running == 0 && (self.pending.is_empty() || self.holders == 0)
     }
@@ -223,6 +237,9 @@ async fn run(
     // The exit code of the first failure, and which task pulls for which node.
     let mut code: Option<u8> = None;
     let mut tasks = HashMap::new();
+    // Pulls whose node became a holder (their report of it may be lost: then the end of
+    // the pull counts).
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
     loop {
         for node in waves.start() {
             if let Some(mut b) = lock(&board) {
@@ -234,6 +251,7 @@ async fn run(
                 b.draw();
             }
             let (client, contact, board) = (client.clone(), contact.clone(), board.clone());
+            let held_tx = held_tx.clone();
             let request = ImagePull {
                 name: name.to_string(),
                 node: Some(node),
@@ -241,6 +259,10 @@ async fn run(
             let task = set.spawn(async move {
                 client
                     .call_with_progress(&contact, request, |p| {
+                        if p.phase == PHASE_HELD {
+                            let _ = held_tx.send(node);
+                            return;
+                        }
                         if let Some(mut b) = lock(&board) {
                             if let Some(entry) = b.running.get_mut(&node) {
                                 entry.1 = p.done;
@@ -253,10 +275,19 @@ async fn run(
             });
             tasks.insert(task.id(), node);
         }
-        if waves.is_done() {
+        if waves.is_done() && set.is_empty() {
             break;
         }
-        let Some(joined) = set.join_next_with_id().await else {
+        // A pull reports its holder before it ends: take that first.
+        let joined = tokio::select! {
+            biased;
+            Some(node) = held_rx.recv() => {
+                waves.held(node);
+                continue;
+            }
+            joined = set.join_next_with_id() => joined,
+        };
+        let Some(joined) = joined else {
             break;
         };
         let (node, result) = match joined {
@@ -272,7 +303,7 @@ async fn run(
         let Some(node) = node else {
             continue;
         };
-        waves.finished(result.is_ok());
+        waves.finished(node, result.is_ok());
         // Clear, print and redraw under one lock, so no progress update lands mid-line.
         let mut board = lock(&board);
         if let Some(b) = board.as_mut() {
@@ -358,14 +389,14 @@ mod tests {
         let mut w = Waves::new(1, ids(&[2, 3, 4, 5, 6, 7, 8]));
         assert_eq!(w.start(), ids(&[2]));
         assert!(w.start().is_empty(), "one holder serves one puller");
-        w.finished(true);
+        w.finished(NodeId(2), true);
         assert_eq!(w.start(), ids(&[3, 4]));
-        w.finished(true);
-        w.finished(true);
+        w.finished(NodeId(3), true);
+        w.finished(NodeId(4), true);
         assert_eq!(w.start(), ids(&[5, 6, 7, 8]));
-        for _ in 0..4 {
+        for n in 5..=8 {
             assert!(!w.is_done());
-            w.finished(true);
+            w.finished(NodeId(n), true);
         }
         assert!(w.is_done());
     }
@@ -374,11 +405,26 @@ mod tests {
     fn a_finished_puller_starts_the_next_without_waiting_for_the_round() {
         let mut w = Waves::new(2, ids(&[3, 4, 5]));
         assert_eq!(w.start(), ids(&[3, 4]));
-        w.finished(true);
+        w.finished(NodeId(3), true);
         // n3 holds it now: two holders are free (n3 and the one n3 used).
         assert_eq!(w.start(), ids(&[5]));
-        w.finished(true);
-        w.finished(true);
+        w.finished(NodeId(4), true);
+        w.finished(NodeId(5), true);
+        assert!(w.is_done());
+    }
+
+    #[test]
+    fn a_node_that_holds_it_serves_the_next_while_it_unpacks() {
+        let mut w = Waves::new(1, ids(&[2, 3, 4]));
+        assert_eq!(w.start(), ids(&[2]));
+        w.held(NodeId(2));
+        assert_eq!(w.start(), ids(&[3, 4]), "n2 serves while it unpacks");
+        // Its pull ending (even failing in the unpack) counts it once only.
+        w.finished(NodeId(2), false);
+        w.held(NodeId(2));
+        assert!(w.start().is_empty());
+        w.finished(NodeId(3), true);
+        w.finished(NodeId(4), true);
         assert!(w.is_done());
     }
 
@@ -386,11 +432,11 @@ mod tests {
     fn a_failed_pull_adds_no_holder_and_the_rest_go_on() {
         let mut w = Waves::new(1, ids(&[2, 3, 4]));
         assert_eq!(w.start(), ids(&[2]));
-        w.finished(false);
+        w.finished(NodeId(2), false);
         assert_eq!(w.start(), ids(&[3]));
-        w.finished(true);
+        w.finished(NodeId(3), true);
         assert_eq!(w.start(), ids(&[4]));
-        w.finished(true);
+        w.finished(NodeId(4), true);
         assert!(w.is_done());
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use blixard_core::{Image, NodeId};
 use blixard_net::api::{
     CacheKeyGet, ImageImport, ImageList, ImagePin, ImagePull, ImagePulled, ImageRemove, ImageShow,
+    PHASE_HELD,
 };
 use clap::Subcommand;
 
@@ -266,7 +267,11 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
                         name: name.clone(),
                         node: None,
                     },
-                    |p| view.update(&p.phase, p.done, p.total),
+                    |p| {
+                        if p.phase != PHASE_HELD {
+                            view.update(&p.phase, p.done, p.total)
+                        }
+                    },
                 )
                 .await;
             view.finish();

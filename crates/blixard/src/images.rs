@@ -12,7 +12,7 @@ use blixard_images::{fetch, fetch_manifest, Holder, ImageStore, Progress};
 use blixard_net::api::{
     ApiError, CacheKeyInfo, HolderReport, ImageDetail, ImageEntries, ImageImport, ImageInfo,
     ImagePath, ImagePull, ImagePulled, ImageRemoved, ProgressSink, RequestFrame, Response,
-    ResponseFrame,
+    ResponseFrame, PHASE_HELD,
 };
 use blixard_net::authz::{image_entity, Principal};
 use blixard_raft::RaftNode;
@@ -360,8 +360,8 @@ impl NodeService {
         Ok(Response::ImagePull(self.pull_here(&image, sink).await?))
     }
 
-    /// Fetches `image` from its holders (unless it is here), unpacks it into the store dir,
-    /// and records this node as a holder.
+    /// Fetches `image` from its holders (unless it is here), records this node as a
+    /// holder, and unpacks it into the store dir.
     pub(crate) async fn pull_here(
         &self,
         image: &Image,
@@ -380,6 +380,7 @@ impl NodeService {
             millis: 0,
         };
         let store = &self.images.store;
+        let held = sink.clone();
         if !store.is_complete(hash).await.map_err(internal)? {
             let holders = self.holders_of(image);
             if holders.is_empty() {
@@ -424,8 +425,8 @@ impl NodeService {
                 }
             }
         }
-        let manifest = store.manifest(hash).await.map_err(internal)?;
-        out.materialised = self.materialise_here(image, &manifest).await?;
+        // A holder is a node with every blob: it serves others from now on, while it
+        // unpacks (the CLI's delivery starts the next puller on this report).
         if !image.holders.contains(&me) {
             let command = Command::SetImageHolder {
                 name: image.name.clone(),
@@ -435,6 +436,9 @@ impl NodeService {
             };
             self.bounded(|| self.propose(command.clone())).await?;
         }
+        held.report(PHASE_HELD, 1, 1);
+        let manifest = store.manifest(hash).await.map_err(internal)?;
+        out.materialised = self.materialise_here(image, &manifest).await?;
         self.images.touch(image.manifest);
         out.millis = started.elapsed().as_millis() as u64;
         Ok(out)

@@ -92,6 +92,10 @@ rpcs! {
     NodeDrain(NodeDrain) -> NodeDrained;
 }
 
+/// The progress phase an image pull reports once its node is recorded as a holder (every
+/// blob here), before it unpacks.
+pub const PHASE_HELD: &str = "held";
+
 /// How long a long-running request (an image import or pull) may take.
 pub const LONG_REQUEST: std::time::Duration = std::time::Duration::from_secs(3600);
 
