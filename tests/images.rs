@@ -305,6 +305,64 @@ fn a_corrupt_holder_is_dropped_and_vanished_holders_are_a_clear_error() {
     assert!(leftovers.is_empty(), "partial paths left: {leftovers:?}");
 }
 
+/// A config file with short liveness timings, so a killed node is marked down within
+/// seconds (the directory must outlive the cluster).
+fn fast_liveness() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        "[vms]\ndown_timeout_ms = 6000\nfence_timeout_ms = 2000\nstop_timeout_ms = 1500\n",
+    )
+    .unwrap();
+    (dir, cfg)
+}
+
+/// Waits until `node` sees member `id` marked down.
+fn wait_down(node: &Node, id: u64) {
+    wait_for(
+        &format!("n{id} marked down"),
+        Duration::from_secs(30),
+        || {
+            let nodes = json(node, &["node", "list"]);
+            let entry = nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["member"]["id"] == id);
+            match entry {
+                Some(n) if n["down_since_ms"].is_u64() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+}
+
+/// A holder the leader has marked down is not asked while another is up: the pull
+/// neither waits for it nor lists it.
+#[test]
+fn a_holder_marked_down_is_not_asked_while_another_is_up() {
+    nix_env();
+    let (_cfg_dir, cfg) = fast_liveness();
+    let mut c = Cluster::start(3, &["--config", cfg.to_str().unwrap()]);
+    let src = c.root.path().join("solo");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("disk.img"), 4, 21);
+    c.nodes[0].cli_ok(&["image", "import", src.to_str().unwrap(), "--name", "solo"]);
+    c.nodes[1].cli_ok(&["image", "pull", "solo"]);
+    c.nodes[1].kill9();
+    wait_down(&c.nodes[0], 2);
+    let p = json(&c.nodes[2], &["image", "pull", "solo"]);
+    let from: Vec<u64> = p["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["node"].as_u64().unwrap())
+        .collect();
+    assert_eq!(from, vec![1], "{p}");
+    assert_eq!(p["fetched_blobs"], 1, "{p}");
+}
+
 /// Node ids from a JSON list.
 fn ids(v: &Value) -> Vec<u64> {
     v.as_array()
@@ -321,14 +379,7 @@ fn ids(v: &Value) -> Vec<u64> {
 #[test]
 fn pull_to_all_delivers_in_rounds_from_every_holder() {
     nix_env();
-    // Short liveness timings, so a killed node is marked down within seconds.
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = cfg_dir.path().join("node.toml");
-    std::fs::write(
-        &cfg,
-        "[vms]\ndown_timeout_ms = 6000\nfence_timeout_ms = 2000\nstop_timeout_ms = 1500\n",
-    )
-    .unwrap();
+    let (_cfg_dir, cfg) = fast_liveness();
     let mut c = Cluster::start(4, &["--config", cfg.to_str().unwrap()]);
     let src = c.root.path().join("fleet");
     std::fs::create_dir_all(&src).unwrap();
@@ -428,18 +479,7 @@ fn pull_to_all_delivers_in_rounds_from_every_holder() {
     assert_eq!(holders(&c.nodes[0], "fleet2"), vec![1, 2, 3]);
 
     // Once the leader marks it down, --all skips it and finds nothing to do.
-    wait_for("n4 marked down", Duration::from_secs(30), || {
-        let nodes = json(&c.nodes[0], &["node", "list"]);
-        let n4 = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["member"]["id"] == 4);
-        match n4 {
-            Some(n) if n["down_since_ms"].is_u64() => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    });
+    wait_down(&c.nodes[0], 4);
     let out = c.nodes[0].cli(&["image", "pull", "fleet2", "--all"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

@@ -140,6 +140,11 @@ impl NodeService {
                 ))
             })
             .collect();
+        // Holders the leader has marked down are asked only when no other is up: each
+        // would hold up the pieces it was given until it is dropped.
+        if holders.iter().any(|(n, _)| state.down_since(*n).is_none()) {
+            holders.retain(|(n, _)| state.down_since(*n).is_none());
+        }
         // Spread the load: every fetcher starts with a different holder.
         holders.shuffle(&mut rand::rng());
         holders
