@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use blixard_core::{BlobHash, Command, Image, MemberStatus, NodeId};
+use blixard_core::{BlobHash, Command, Image, MemberStatus, NodeId, State};
 use blixard_images::nix::SigningKey;
 use blixard_images::{fetch, fetch_manifest, Holder, ImageStore, Progress};
 use blixard_net::api::{
@@ -122,6 +122,18 @@ fn cluster_signing_key(node: &RaftNode) -> Option<SigningKey> {
         .ok()
 }
 
+/// Member `id` as a source to fetch from, if its address is known.
+fn source(state: &State, id: NodeId) -> Option<(NodeId, Holder)> {
+    let addr = member_addr_of(state, id)?;
+    Some((
+        id,
+        Holder {
+            label: format!("n{id}"),
+            addr,
+        },
+    ))
+}
+
 impl NodeService {
     fn holders_of(&self, image: &Image) -> Vec<(NodeId, Holder)> {
         let me = self.node.id();
@@ -130,15 +142,7 @@ impl NodeService {
             .holders
             .iter()
             .filter(|n| **n != me)
-            .filter_map(|n| {
-                Some((
-                    *n,
-                    Holder {
-                        label: format!("n{n}"),
-                        addr: member_addr_of(&state, *n)?,
-                    },
-                ))
-            })
+            .filter_map(|n| source(&state, *n))
             .collect();
         // Holders the leader has marked down are asked only when no other is up: each
         // would hold up the pieces it was given until it is dropped.
@@ -159,15 +163,7 @@ impl NodeService {
             .members()
             .filter(|m| m.id != me && !image.holders.contains(&m.id))
             .filter(|m| m.status == MemberStatus::Active && state.down_since(m.id).is_none())
-            .filter_map(|m| {
-                Some((
-                    m.id,
-                    Holder {
-                        label: format!("n{}", m.id),
-                        addr: member_addr_of(&state, m.id)?,
-                    },
-                ))
-            })
+            .filter_map(|m| source(&state, m.id))
             .collect();
         peers.shuffle(&mut rand::rng());
         peers
