@@ -24,7 +24,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use blixard_tests::bench::{check_binary_fresh, machine};
-use blixard_tests::{binary, clock_ticks_per_sec, proc_cpu_ticks, Cluster, Node};
+use blixard_tests::{binary, clock_ticks_per_sec, cpu_ticks, Cluster, Node};
 use serde_json::Value;
 
 const TARGET_RATIO: f64 = 0.8;
@@ -110,12 +110,8 @@ fn import(node: &Node, dir: &Path, name: &str) -> f64 {
 
 /// CPU seconds the cluster's daemons have used so far.
 fn daemons_cpu(c: &Cluster) -> f64 {
-    let ticks: u64 = c
-        .nodes
-        .iter()
-        .filter_map(|n| n.pid().and_then(proc_cpu_ticks))
-        .sum();
-    ticks as f64 / clock_ticks_per_sec()
+    let pids: Vec<u32> = c.nodes.iter().filter_map(Node::pid).collect();
+    cpu_ticks(&pids) as f64 / clock_ticks_per_sec()
 }
 
 fn uplink_mbit() -> Option<u32> {

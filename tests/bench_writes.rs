@@ -19,7 +19,9 @@ use blixard_net::api::{MetaSet, StatusRequest};
 use blixard_net::client::ApiClient;
 use blixard_net::{endpoint, keys, member_addr, EndpointAddr};
 use blixard_tests::bench::{check_binary_fresh, machine};
-use blixard_tests::{binary, clock_ticks_per_sec, proc_cpu_ticks, proc_status_kib, Cluster, Node};
+use blixard_tests::{
+    binary, clock_ticks_per_sec, cpu_ticks, proc_cpu_ticks, proc_status_kib, Cluster, Node,
+};
 
 const WARMUP: Duration = Duration::from_secs(2);
 const IDLE: Duration = Duration::from_secs(5);
@@ -115,10 +117,6 @@ fn addr_of(node: &Node) -> (u64, EndpointAddr) {
         .unwrap();
     let addrs: Vec<SocketAddr> = serde_json::from_value(info["addrs"].clone()).unwrap();
     (id, member_addr(&key, &addrs).expect("a valid endpoint id"))
-}
-
-fn cpu_ticks(pids: &[u32]) -> u64 {
-    pids.iter().filter_map(|p| proc_cpu_ticks(*p)).sum()
 }
 
 async fn run_level(

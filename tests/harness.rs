@@ -527,6 +527,11 @@ pub fn proc_cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The CPU time, in clock ticks, the processes `pids` have used (those still running).
+pub fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|p| proc_cpu_ticks(*p)).sum()
+}
+
 /// The kernel's clock ticks per second, the unit of [`proc_cpu_ticks`].
 pub fn clock_ticks_per_sec() -> f64 {
     std::process::Command::new("getconf")

@@ -120,14 +120,7 @@ fn holders(node: &Node, image: &str) -> Vec<u64> {
         .unwrap()
         .iter()
         .find(|i| i["name"] == image)
-        .map(|i| {
-            i["holders"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|h| h.as_u64().unwrap())
-                .collect()
-        })
+        .map(|i| ids(&i["holders"]))
         .unwrap_or_default()
 }
 
@@ -305,6 +298,28 @@ fn a_corrupt_holder_is_dropped_and_vanished_holders_are_a_clear_error() {
     assert!(leftovers.is_empty(), "partial paths left: {leftovers:?}");
 }
 
+/// Imports, on `node`, a plain directory `root/name` holding one file of `mib` MiB of
+/// random bytes (`seed`), as image `name`.
+fn import_random(node: &Node, root: &Path, name: &str, mib: usize, seed: u64) -> Value {
+    let src = root.join(name);
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("disk.img"), mib, seed);
+    json(
+        node,
+        &["image", "import", src.to_str().unwrap(), "--name", name],
+    )
+}
+
+/// The nodes a pull report lists as having served it.
+fn pulled_from(p: &Value) -> Vec<u64> {
+    p["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["node"].as_u64().unwrap())
+        .collect()
+}
+
 /// A config file with short liveness timings, so a killed node is marked down within
 /// seconds (the directory must outlive the cluster).
 fn fast_liveness() -> (tempfile::TempDir, PathBuf) {
@@ -345,21 +360,12 @@ fn a_holder_marked_down_is_not_asked_while_another_is_up() {
     nix_env();
     let (_cfg_dir, cfg) = fast_liveness();
     let mut c = Cluster::start(3, &["--config", cfg.to_str().unwrap()]);
-    let src = c.root.path().join("solo");
-    std::fs::create_dir_all(&src).unwrap();
-    random_file(&src.join("disk.img"), 4, 21);
-    c.nodes[0].cli_ok(&["image", "import", src.to_str().unwrap(), "--name", "solo"]);
+    import_random(&c.nodes[0], c.root.path(), "solo", 4, 21);
     c.nodes[1].cli_ok(&["image", "pull", "solo"]);
     c.nodes[1].kill9();
     wait_down(&c.nodes[0], 2);
     let p = json(&c.nodes[2], &["image", "pull", "solo"]);
-    let from: Vec<u64> = p["holders"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["node"].as_u64().unwrap())
-        .collect();
-    assert_eq!(from, vec![1], "{p}");
+    assert_eq!(pulled_from(&p), vec![1], "{p}");
     assert_eq!(p["fetched_blobs"], 1, "{p}");
 }
 
@@ -381,13 +387,8 @@ fn pull_to_all_delivers_in_rounds_from_every_holder() {
     nix_env();
     let (_cfg_dir, cfg) = fast_liveness();
     let mut c = Cluster::start(4, &["--config", cfg.to_str().unwrap()]);
+    let image = import_random(&c.nodes[0], c.root.path(), "fleet", 8, 11);
     let src = c.root.path().join("fleet");
-    std::fs::create_dir_all(&src).unwrap();
-    random_file(&src.join("disk.img"), 8, 11);
-    let image = json(
-        &c.nodes[0],
-        &["image", "import", src.to_str().unwrap(), "--name", "fleet"],
-    );
     let base = Path::new(image["root"].as_str().unwrap())
         .file_name()
         .unwrap()
@@ -401,12 +402,7 @@ fn pull_to_all_delivers_in_rounds_from_every_holder() {
     assert_eq!(nodes, vec![2, 3, 4], "{d}");
     for p in pulled {
         assert_eq!(p["fetched_blobs"], 1, "{p}");
-        let from: Vec<u64> = p["holders"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["node"].as_u64().unwrap())
-            .collect();
+        let from = pulled_from(p);
         // n3 and n4 start once n2 holds it (and one may find the other done already).
         // The image is one 8 MiB piece, which other pullers never serve: a node listed
         // here was a holder when the pull began.
@@ -426,10 +422,7 @@ fn pull_to_all_delivers_in_rounds_from_every_holder() {
     assert_eq!(holders(&c.nodes[0], "fleet"), vec![1, 2, 3, 4]);
     // A node that has every blob serves the next pullers while it unpacks: n3 and n4
     // start before n2's pull has ended.
-    let src = c.root.path().join("fleet1");
-    std::fs::create_dir_all(&src).unwrap();
-    random_file(&src.join("disk.img"), 8, 13);
-    c.nodes[0].cli_ok(&["image", "import", src.to_str().unwrap(), "--name", "fleet1"]);
+    import_random(&c.nodes[0], c.root.path(), "fleet1", 8, 13);
     let out = c.nodes[0].cli(&["image", "pull", "fleet1", "--all"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -462,10 +455,7 @@ fn pull_to_all_delivers_in_rounds_from_every_holder() {
     assert_eq!(out.status.code(), Some(2));
 
     // A node that is gone fails alone; the others get the image.
-    let src = c.root.path().join("fleet2");
-    std::fs::create_dir_all(&src).unwrap();
-    random_file(&src.join("disk.img"), 1, 12);
-    c.nodes[0].cli_ok(&["image", "import", src.to_str().unwrap(), "--name", "fleet2"]);
+    import_random(&c.nodes[0], c.root.path(), "fleet2", 1, 12);
     c.nodes[3].kill9();
     let out = c.nodes[0].cli(&["image", "pull", "fleet2", "--to", "n4,n2,n3"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
