@@ -347,3 +347,91 @@ fn declared_addresses_reunite_a_cluster_whose_addresses_all_changed() {
     assert_eq!(code, 8, "{out}");
     assert!(out.contains("not IP:PORT"), "{out}");
 }
+
+/// The NixOS path: a node joins with `--join-file` (the module always passes it), and the
+/// ticket is gone after a reboot (`/run/keys` is a tmpfs) or was used long ago. A node that
+/// has joined resumes from its data dir alone; one whose data dir was lost is told to get a
+/// new ticket, naming the option.
+#[test]
+fn a_joined_node_restarts_without_its_ticket_and_a_lost_one_asks_for_a_new_one() {
+    let root = tempfile::Builder::new()
+        .prefix("blixard-ticket")
+        .tempdir()
+        .unwrap();
+    let mut n1 = Node::new(root.path(), "n1");
+    n1.start(&["--init"]);
+    let ticket_file = root.path().join("keys-blixard-ticket");
+    let join_file = ["--join-file", ticket_file.to_str().unwrap()];
+    // Each joins with a ticket of its own; both are used up afterwards.
+    let mut used = Vec::new();
+    let mut nodes = Vec::new();
+    for name in ["n2", "n3"] {
+        let ticket = n1
+            .cli_ok(&["cluster", "token", "create", "--ttl", "5m"])
+            .trim()
+            .to_string();
+        std::fs::write(&ticket_file, &ticket).unwrap();
+        let mut n = Node::new(root.path(), name);
+        n.start(&join_file);
+        nodes.push(n);
+        used.push(ticket);
+    }
+    let [n2, n3] = nodes.as_mut_slice() else {
+        unreachable!()
+    };
+    n1.wait_voters(3);
+    n1.cli_ok(&["cluster", "meta", "set", "before", "reboot"]);
+
+    // "Reboot" n2: stop it, the ticket file is gone (or empty, damaged, or its own used
+    // ticket), start it with the same flags. It is a member again within one election
+    // timeout (10 ticks of 100 ms) of serving: it knows the leader, and reads and writes
+    // through it work.
+    let election_timeout = Duration::from_millis(1000);
+    for ticket in [None, Some(""), Some("not a ticket"), Some(used[0].as_str())] {
+        n2.stop();
+        match ticket {
+            None => std::fs::remove_file(&ticket_file).unwrap(),
+            Some(t) => std::fs::write(&ticket_file, t).unwrap(),
+        }
+        n2.start(&join_file);
+        let serving = std::time::Instant::now();
+        n2.wait_knows_leader(LONG);
+        let rejoined = serving.elapsed();
+        assert!(
+            rejoined < election_timeout,
+            "n2 knew the leader {rejoined:?} after it served (ticket {ticket:?})"
+        );
+        assert_eq!(n2.meta(false).unwrap()["before"], "reboot");
+        n2.cli_ok(&["cluster", "meta", "set", "after", "reboot"]);
+        let note = if ticket == Some(used[0].as_str()) {
+            "ignoring the join ticket"
+        } else {
+            "the join ticket is not needed"
+        };
+        let log = n2.log();
+        assert!(log.contains(note), "ticket {ticket:?}: {log}");
+        assert!(!log.contains("ERROR"), "{log}");
+    }
+
+    // n3 loses its data dir. Its used ticket is refused (exit 5); without one it is a
+    // config error (exit 8). Both messages say how to get a new ticket, naming the option.
+    n3.kill9();
+    std::fs::remove_dir_all(&n3.dir).unwrap();
+    std::fs::write(&ticket_file, &used[1]).unwrap();
+    let (code, out) = n3.run_expect_exit(&join_file);
+    assert_eq!(code, 5, "{out}");
+    for needle in [
+        "refused the join ticket",
+        "already used",
+        "blixard cluster token create",
+        "services.blixard.joinTicketFile",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+    std::fs::remove_file(&ticket_file).unwrap();
+    let (code, out) = n3.run_expect_exit(&join_file);
+    assert_eq!(code, 8, "{out}");
+    for needle in ["needs a join ticket", "services.blixard.joinTicketFile"] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+}

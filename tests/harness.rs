@@ -413,6 +413,32 @@ impl Node {
         serde_json::from_str(&text).map_err(|e| e.to_string())
     }
 
+    /// Waits until this node, reading linearizably, counts `n` voters.
+    pub fn wait_voters(&self, n: usize) {
+        wait_for(
+            &format!("{} to count {n} voters", self.name),
+            Duration::from_secs(60),
+            || {
+                let s = self.status(false)?;
+                match s["raft"]["voters"].as_array().map(Vec::len) {
+                    Some(v) if v == n => Ok(()),
+                    _ => Err(s.to_string()),
+                }
+            },
+        );
+    }
+
+    /// Waits until this node knows a leader (read locally).
+    pub fn wait_knows_leader(&self, within: Duration) {
+        wait_for(&format!("{} to know the leader", self.name), within, || {
+            let s = self.status(true)?;
+            s["raft"]["leader"]
+                .as_u64()
+                .map(|_| ())
+                .ok_or(s.to_string())
+        });
+    }
+
     pub fn meta(&self, stale: bool) -> Result<Value, String> {
         let mut args = vec!["cluster", "meta", "get", "--output", "json"];
         if stale {

@@ -640,6 +640,12 @@ fn bad_vms_are_refused_or_fail_with_the_reason() {
         "memory must be",
     );
     refused(&["Bad/Name", "--image", "sleeper"], "names are");
+    // VM names are host names (a guest built from NixOS takes its VM's name): no dot, no
+    // underscore, no trailing dash, at most 63 characters.
+    let long = "a".repeat(64);
+    for name in ["web.prod", "web_1", "web-", long.as_str()] {
+        refused(&[name, "--image", "sleeper"], "VM names are host names");
+    }
     refused(
         &["x", "--image", "sleeper", "--tenant", "nobody"],
         "no tenant nobody",
@@ -894,4 +900,131 @@ fn declared_vms_follow_the_hosts_file_and_leave_the_rest_alone() {
     let (code, out) = n2.run_expect_exit(&["--config", with_file.to_str().unwrap()]);
     assert_eq!(code, 8, "{out}");
     assert!(out.contains("declared VMs"), "{out}");
+}
+
+/// What VM `key` (tenant@name) on `node` last booted: its runner's `bin/microvm-run`.
+fn booted_script(node: &Node, key: &str) -> Result<String, String> {
+    std::fs::read_to_string(
+        node.dir
+            .join("vms")
+            .join(key)
+            .join("booted/bin/microvm-run"),
+    )
+    .map_err(|e| format!("{key}: {e}"))
+}
+
+/// Day-2 updates, as `nixos-rebuild switch` drives them: the host's declared file goes
+/// through three generations, the second applied by SIGHUP (`systemctl reload`, what the
+/// module does when only the file changes), the third by a restart. A VM whose closure
+/// changed runs the new one; one that did not change keeps running untouched; a removed
+/// one is deleted; the imperative VM is never touched.
+#[test]
+fn declared_vms_follow_three_generations_onto_their_new_closures() {
+    let _one = serial();
+    let root = tempfile::Builder::new()
+        .prefix("blixard-generations")
+        .tempdir()
+        .unwrap();
+    let _runners = Runners(root.path().to_owned());
+    let gen = |n: u32| {
+        let dir = root.path().join(format!("runner-gen{n}"));
+        write_runner(&dir, &format!("echo gen{n}\nexec sleep 600"));
+        dir
+    };
+    let (g1, g2, g3) = (gen(1), gen(2), gen(3));
+    let file = root.path().join("vms.json");
+    let config = root.path().join("node.toml");
+    std::fs::write(
+        &config,
+        FAST.replace(
+            "[vms]\n",
+            &format!("[vms]\ndeclared_file = \"{}\"\n", file.display()),
+        ),
+    )
+    .unwrap();
+    let mut n1 = Node::new(root.path(), "n1");
+    n1.extra = vec!["--config".into(), config.display().to_string()];
+
+    // Generation 1: web and db on gen1.
+    declare(&file, &[("web", &g1, 1, "local"), ("db", &g1, 1, "local")]);
+    n1.start(&["--init"]);
+    let wait_booted = |n1: &Node, key: &str, want: &str| {
+        wait_for(&format!("{key} on {want}"), Duration::from_secs(60), || {
+            let script = booted_script(n1, key)?;
+            let running = pid_in(&n1.dir.join("vms").join(key));
+            match running {
+                Some(pid) if script.contains(want) => Ok(pid),
+                _ => Err(format!("pid {running:?}, booted: {script}")),
+            }
+        })
+    };
+    let web1 = wait_booted(&n1, "default@web", "gen1");
+    let db1 = wait_booted(&n1, "default@db", "gen1");
+    let sleeper = root.path().join("sleeper");
+    write_runner(&sleeper, "exec sleep 600");
+    import(&n1, &sleeper, "sleeper");
+    n1.cli_ok(&[
+        "vm", "create", "manual", "--image", "sleeper", "--memory", "64",
+    ]);
+    let manual = wait_booted(&n1, "default@manual", "sleep");
+
+    // Generation 2, by SIGHUP: web's closure changed; db's did not.
+    declare(&file, &[("web", &g2, 1, "local"), ("db", &g1, 1, "local")]);
+    let pid = n1.pid().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    let web2 = wait_booted(&n1, "default@web", "gen2");
+    assert_ne!(web2, web1);
+    assert!(!alive(web1), "the old web runner still runs");
+    assert_eq!(pid_in(&n1.dir.join("vms/default@db")), Some(db1));
+    assert_eq!(pid_in(&n1.dir.join("vms/default@manual")), Some(manual));
+    wait_phase(&n1, "web", "running", Duration::from_secs(30));
+    assert!(n1.log().contains("reloaded the declared VMs"));
+
+    // A file that no longer reads changes nothing, and the daemon keeps running.
+    std::fs::write(&file, "[{").unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    wait_for(
+        "the bad file to be reported",
+        Duration::from_secs(30),
+        || {
+            if n1
+                .log()
+                .contains("the VMs declared before stay as they are")
+            {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    );
+    assert_eq!(pid_in(&n1.dir.join("vms/default@web")), Some(web2));
+
+    // Generation 3, by a restart: web is gone, db moves to gen3.
+    declare(&file, &[("db", &g3, 1, "local")]);
+    n1.stop();
+    n1.start(&[]);
+    let db3 = wait_booted(&n1, "default@db", "gen3");
+    assert_ne!(db3, db1);
+    wait_for("web deleted", Duration::from_secs(60), || {
+        let mut names: Vec<String> = json(&n1, &["vm", "list"])?
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["spec"]["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        if names == ["db", "manual"] {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
+    });
+    assert!(!alive(web2), "the deleted web runner still runs");
+    assert_eq!(pid_in(&n1.dir.join("vms/default@manual")), Some(manual));
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use blixard_core::{Capacity, ClusterId, Command, NewMember, NodeId, State};
 use blixard_images::nix::StoreDir;
 use blixard_images::ImageStore;
-use blixard_net::api::{JoinCluster, Joined};
+use blixard_net::api::{ApiError, JoinCluster, Joined};
 use blixard_net::client::{ApiClient, ClientError};
 use blixard_net::raft_transport::{IrohTransport, RaftHandler};
 use blixard_net::server::{ApiHandler, Gated};
@@ -180,25 +180,72 @@ fn detect_capacity(config: &Config) -> Capacity {
     Capacity { vcpus, memory_mib }
 }
 
-fn read_ticket(args: &RunArgs) -> Result<Option<JoinTicket>, Failure> {
-    let text = match (&args.join, &args.join_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
-            Failure::new(
-                exit::CONFIG,
-                format!("cannot read join ticket {}: {e}", path.display()),
-            )
-        })?,
-        (None, None) => return Ok(None),
-    };
-    text.parse::<JoinTicket>()
-        .map(Some)
-        .map_err(|e| Failure::new(exit::USAGE, e))
+/// Where the join ticket comes from (`--join` or `--join-file`). It is read only when the
+/// data dir holds no cluster yet: a node that has joined keeps its identity and membership
+/// in its data dir and never needs the ticket again, so a missing, empty or used-up ticket
+/// (`/run/keys` is empty after a reboot) does not keep it from starting.
+#[derive(Clone, Copy, Debug)]
+enum TicketArg<'a> {
+    None,
+    Inline(&'a str),
+    File(&'a Path),
 }
+
+/// Why no ticket could be had from a [`TicketArg`].
+#[derive(Debug, thiserror::Error)]
+enum TicketReadError {
+    #[error("cannot read the join ticket file {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the join ticket file {0} is empty")]
+    Empty(PathBuf),
+    #[error("the join ticket {origin} is damaged: {source}")]
+    Damaged {
+        origin: String,
+        source: blixard_net::ticket::TicketError,
+    },
+}
+
+impl<'a> TicketArg<'a> {
+    fn of(args: &'a RunArgs) -> Self {
+        match (&args.join, &args.join_file) {
+            (Some(t), _) => Self::Inline(t),
+            (None, Some(p)) => Self::File(p),
+            (None, None) => Self::None,
+        }
+    }
+
+    /// The ticket, `Ok(None)` when none was given.
+    fn read(self) -> Result<Option<JoinTicket>, TicketReadError> {
+        let (text, origin) = match self {
+            Self::None => return Ok(None),
+            Self::Inline(t) => (t.to_string(), "given with --join".to_string()),
+            Self::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| {
+                    TicketReadError::Unreadable {
+                        path: path.to_owned(),
+                        source,
+                    }
+                })?;
+                if text.trim().is_empty() {
+                    return Err(TicketReadError::Empty(path.to_owned()));
+                }
+                (text, format!("in {}", path.display()))
+            }
+        };
+        text.parse::<JoinTicket>()
+            .map(Some)
+            .map_err(|source| TicketReadError::Damaged { origin, source })
+    }
+}
+
+/// How to get a ticket, for errors on a node that needs one.
+const NEW_TICKET: &str = "create one on a member with `blixard cluster token create` and pass it with --join or --join-file (NixOS: services.blixard.joinTicketFile)";
 
 pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
     let config = load_config(data_dir, &args)?;
-    let ticket = read_ticket(&args)?;
     datadir::ensure(data_dir).map_err(|e| {
         data_err(format!(
             "cannot create data dir {}: {e}",
@@ -248,17 +295,7 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
     )
     .await
     .map_err(|e| Failure::new(exit::CONFIG, e))?;
-    let result = serve(
-        data_dir,
-        &args,
-        &config,
-        ticket,
-        store,
-        record,
-        listen,
-        ep.clone(),
-    )
-    .await;
+    let result = serve(data_dir, &args, &config, store, record, listen, ep.clone()).await;
     if result.is_err() {
         // Close the endpoint on the way out, so the error stays the one line we print.
         ep.close().await;
@@ -272,7 +309,6 @@ async fn serve(
     data_dir: &Path,
     args: &RunArgs,
     config: &Config,
-    ticket: Option<JoinTicket>,
     store: Store,
     record: Option<NodeRecord>,
     listen: SocketAddr,
@@ -290,8 +326,8 @@ async fn serve(
     // Who are we: resume, initialise, or join.
     let (record, seeds): (NodeRecord, Seeds) = match record {
         Some(r) => {
-            if let Some(t) = &ticket {
-                if t.cluster_id != r.cluster_id {
+            match TicketArg::of(args).read() {
+                Ok(Some(t)) if t.cluster_id != r.cluster_id => {
                     return Err(data_err(format!(
                         "data dir {} belongs to cluster {}, but the join ticket is for cluster {}",
                         data_dir.display(),
@@ -299,10 +335,15 @@ async fn serve(
                         t.cluster_id
                     )));
                 }
-                tracing::info!(
+                Ok(Some(_)) => tracing::info!(
                     "already a member of cluster {}; ignoring the join ticket",
                     r.cluster_id
-                );
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::info!(
+                    "already a member of cluster {}; the join ticket is not needed ({e})",
+                    r.cluster_id
+                ),
             }
             if args.init {
                 tracing::info!("cluster {} already initialised; resuming", r.cluster_id);
@@ -339,11 +380,26 @@ async fn serve(
             (r, Vec::new())
         }
         None => {
-            let Some(ticket) = ticket else {
-                return Err(data_err(format!(
-                    "data dir {} holds no cluster: pass --init to start one, or --join TICKET to join one",
-                    data_dir.display()
-                )));
+            let ticket = match TicketArg::of(args).read() {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    return Err(data_err(format!(
+                        "data dir {} holds no cluster: pass --init to start one, or a join ticket to join one ({NEW_TICKET})",
+                        data_dir.display()
+                    )))
+                }
+                Err(e @ TicketReadError::Damaged { .. }) => {
+                    return Err(Failure::new(exit::USAGE, format!("{e}; {NEW_TICKET}")))
+                }
+                Err(e) => {
+                    return Err(Failure::new(
+                        exit::CONFIG,
+                        format!(
+                            "data dir {} holds no cluster, so this node needs a join ticket, but {e}; {NEW_TICKET}",
+                            data_dir.display()
+                        ),
+                    ))
+                }
             };
             let admin = keys::load_or_create(&datadir::admin_key(data_dir)).map_err(data_err)?;
             let client = ApiClient::new(ep.clone(), Some(ticket.cluster_id), timeout);
@@ -484,19 +540,37 @@ async fn serve(
     let janitor = tokio::spawn(crate::images::janitor(service.clone()));
     let scheduler = tokio::spawn(crate::agent::scheduler(service.clone()));
     let auditor = tokio::spawn(audit_changes(node.changes(), service.audit.clone()));
+    // SIGHUP re-reads the declared-VM file (and nothing else); without one it is noted.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     let declarer = match &config.vms.declared_file {
         Some(f) => {
             let vms =
                 crate::declared::load(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?;
             let admin = keys::load(&datadir::admin_key(data_dir)).map_err(data_err)?;
-            Some(tokio::spawn(crate::declared::run(
+            Some(tokio::spawn(crate::declared::watch(
                 service.clone(),
                 key_of(&admin.public()),
+                PathBuf::from(f),
                 vms,
+                reload_rx,
             )))
         }
         None => None,
     };
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| Failure::new(exit::ERROR, format!("cannot install signal handler: {e}")))?;
+    let declares = declarer.is_some();
+    let hup = tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            if declares {
+                tracing::info!("SIGHUP: reading the declared VMs again");
+                // A reload already pending covers this one too.
+                let _ = reload_tx.try_send(());
+            } else {
+                tracing::info!("SIGHUP: no declared-VM file to reload (vms.declared_file)");
+            }
+        }
+    });
     let reconciler = tokio::spawn(crate::agent::reconciler(service.clone()));
 
     let info = NodeInfo {
@@ -537,6 +611,7 @@ async fn serve(
     scheduler.abort();
     reconciler.abort();
     auditor.abort();
+    hup.abort();
     if let Some(d) = declarer {
         d.abort();
     }
@@ -665,6 +740,14 @@ async fn join(
         };
         match client.call(&addr, request.clone()).await {
             Ok(joined) => return Ok(joined),
+            // A used, expired or unknown token (a node whose data dir was lost, say):
+            // only a new ticket helps.
+            Err(ClientError::Api(ApiError::Rejected(m))) if m.contains("join token") => {
+                return Err(Failure::new(
+                    exit::REFUSED,
+                    format!("the cluster refused the join ticket: {m}; a ticket admits one node, once, before it expires: {NEW_TICKET}"),
+                ));
+            }
             Err(e @ ClientError::Api(_)) => return Err(Failure::from(e)),
             Err(e) => {
                 tracing::warn!("join via {key}: {e}");

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blixard_core::{
-    valid_name, RestartPolicy, Vm, VmSpec, DEFAULT_TENANT, MAX_MEMORY_MIB, MAX_VCPUS,
-    MIN_MEMORY_MIB, NODE_CONSTRAINT,
+    valid_name, valid_vm_name, RestartPolicy, Vm, VmSpec, DEFAULT_TENANT, MAX_MEMORY_MIB,
+    MAX_VCPUS, MIN_MEMORY_MIB, NODE_CONSTRAINT, VM_NAME_RULE,
 };
 use blixard_net::api::{ImageImport, ProgressSink, RequestFrame, VmCreate, VmRef};
 use blixard_net::authz::Principal;
@@ -81,8 +81,8 @@ pub fn load(path: &Path) -> Result<Vec<DeclaredVm>, String> {
                 v.name
             ))
         };
-        if !valid_name(&v.name) {
-            return bad("names are 1 to 64 of a-z 0-9 . _ -".into());
+        if !valid_vm_name(&v.name) {
+            return bad(VM_NAME_RULE.into());
         }
         if !names.insert((v.tenant.clone(), v.name.clone())) {
             return bad("declared twice".into());
@@ -156,6 +156,42 @@ fn spec_of(vm: &DeclaredVm, me: blixard_core::NodeId) -> VmSpec {
         anti_affinity: None,
         restart: vm.restart,
         ready_marker: vm.ready_marker.clone(),
+    }
+}
+
+/// Keeps cluster state in line with the declared-VM file at `path`: with `first` (the file
+/// as read at start) and again, re-read, at every SIGHUP (`systemctl reload blixard`, which
+/// the NixOS module triggers when a `nixos-rebuild switch` changes the file). A reload
+/// interrupts a pass that is still retrying; the next pass starts from cluster state again.
+/// A file that no longer reads is logged, and the VMs declared before stay as they are.
+pub async fn watch(
+    service: Arc<NodeService>,
+    admin: blixard_core::EndpointKey,
+    path: std::path::PathBuf,
+    first: Vec<DeclaredVm>,
+    mut reload: tokio::sync::mpsc::Receiver<()>,
+) {
+    let mut declared = first;
+    loop {
+        tokio::select! {
+            () = run(service.clone(), admin, declared.clone()) => {
+                if reload.recv().await.is_none() {
+                    return;
+                }
+            }
+            r = reload.recv() => if r.is_none() {
+                return;
+            },
+        }
+        match load(&path) {
+            Ok(vms) => {
+                tracing::info!(file = %path.display(), count = vms.len(), "reloaded the declared VMs");
+                declared = vms;
+            }
+            Err(e) => {
+                tracing::error!("{e}; the VMs declared before stay as they are");
+            }
+        }
     }
 }
 

@@ -188,6 +188,13 @@ impl NodeService {
     ) -> ResponseFrame {
         let mut spec = (*r.spec).clone();
         // A forwarded create was resolved and admitted where it arrived.
+        if !frame.forwarded && !blixard_core::valid_vm_name(&spec.name) {
+            return Err(ApiError::BadRequest(format!(
+                "{:?}: {}",
+                spec.name,
+                blixard_core::VM_NAME_RULE
+            )));
+        }
         if !frame.forwarded {
             spec.tenant = vm_tenant(principal, Some(&spec.tenant).filter(|t| !t.is_empty()));
         }

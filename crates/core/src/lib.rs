@@ -25,7 +25,7 @@ pub use state::{
 };
 pub use table::{Row, Table};
 pub use vm::{
-    fits, place, Allocated, Desired, Ledger, Phase, Placement, Quota, RestartPolicy,
+    fits, place, valid_vm_name, Allocated, Desired, Ledger, Phase, Placement, Quota, RestartPolicy,
     SchedulerConfig, Strategy, Tenant, Transition, Vm, VmSpec, DEFAULT_TENANT, HISTORY,
-    MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, NODE_CONSTRAINT,
+    MAX_MEMORY_MIB, MAX_VCPUS, MAX_VM_NAME, MIN_MEMORY_MIB, NODE_CONSTRAINT, VM_NAME_RULE,
 };

@@ -8,6 +8,29 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{BlobHash, NodeId};
 use crate::state::{Capacity, Member, MemberStatus};
 
+/// The longest VM name: a DNS label's (RFC 1123), as a guest's host name is its VM name.
+pub const MAX_VM_NAME: usize = 63;
+
+/// What a new VM may be called: a host name (one DNS label, as NixOS' `networking.hostName`
+/// takes it): 1 to 63 of a-z 0-9 and `-`, starting and ending with a letter or digit. A
+/// guest built from a NixOS configuration is named after its VM, so a name the guest cannot
+/// take is refused before the VM exists. Checked where a create enters (the API, the
+/// declared-VM file), not in `State::apply`: VMs recorded under the older, looser rule
+/// ([`crate::valid_name`]) still replay.
+pub fn valid_vm_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_VM_NAME
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// Why [`valid_vm_name`] refuses a name, for error messages.
+pub const VM_NAME_RULE: &str =
+    "VM names are host names: 1 to 63 of a-z 0-9 -, starting and ending with a letter or digit";
+
 /// A tenant and its quota.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {
@@ -399,5 +422,32 @@ pub fn place<'a>(
             .map(|(why, n)| format!("{n} host{}: {why}", if n == 1 { "" } else { "s" }))
             .collect::<Vec<_>>()
             .join("; ")),
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn vm_names_are_host_names() {
+        let long = "a".repeat(63);
+        for ok in ["web", "a", "0", "web-1", "1web", long.as_str()] {
+            assert!(valid_vm_name(ok), "{ok}");
+        }
+        let too_long = "a".repeat(64);
+        for bad in [
+            "",
+            "web.prod",
+            "web_1",
+            "web-",
+            "-web",
+            "Web",
+            "web 1",
+            "wéb",
+            too_long.as_str(),
+        ] {
+            assert!(!valid_vm_name(bad), "{bad:?}");
+        }
     }
 }
