@@ -3,15 +3,23 @@
 let
   cfg = config.services.blixard;
   blib = import ../nix/lib.nix;
-  rendered = blib.moduleDaemonConfig cfg;
+  rendered = cfg.daemonConfig;
+  # The address the daemon binds, as rendered (`settings.listen` wins over `listen`).
+  listen = rendered.listen or "0.0.0.0:7000";
 in
 {
   config = lib.mkIf cfg.enable {
     assertions =
       blib.checkCluster {
         node = "services.blixard (${config.networking.hostName})";
-        inherit (cfg) init joinTicketFile listen members relayUrl;
-        raft = { inherit (cfg.raft) tickMs electionTicks heartbeatTicks; };
+        inherit (cfg) init joinTicketFile members relayUrl;
+        inherit listen;
+        # as rendered: `settings.raft` wins over `raft`
+        raft = {
+          tickMs = rendered.raft.tick_ms or null;
+          electionTicks = rendered.raft.election_ticks or null;
+          heartbeatTicks = rendered.raft.heartbeat_ticks or null;
+        };
       }
       ++ blib.checkThinPool {
         inherit (cfg.thinPool) enable backingFile device dataSize metadataSize blockSize;
@@ -25,10 +33,6 @@ in
       }
       ++ [
         {
-          assertion = cfg.joinTicketFile == null || !(lib.hasPrefix builtins.storeDir cfg.joinTicketFile);
-          message = "services.blixard.joinTicketFile = ${builtins.toJSON cfg.joinTicketFile} is in the Nix store, which is world-readable; deliver the ticket out of band";
-        }
-        {
           # lib.polkitRule matches on the unit a request names; systemd passes it for
           # StartTransientUnit (`systemd-run`) only from 257 on.
           assertion = (rendered.vms.supervisor or "process") != "systemd"
@@ -36,8 +40,8 @@ in
           message = "services.blixard.vms.supervisor = \"systemd\" needs systemd 257 or later (this host has ${config.systemd.package.version or "an unknown version"}): older ones do not tell polkit which unit `systemd-run` creates, so the module's rule cannot allow the VM units; use supervisor = \"process\"";
         }
         {
-          assertion = !cfg.openFirewall || blib.isSocketAddr cfg.listen;
-          message = "services.blixard.openFirewall needs a port in listen (${builtins.toJSON cfg.listen})";
+          assertion = !cfg.openFirewall || blib.isSocketAddr listen;
+          message = "services.blixard.openFirewall needs a port in listen (${builtins.toJSON listen})";
         }
       ];
   };

@@ -1,20 +1,24 @@
 # The Blixard NixOS module: `import ./modules { microvm = <microvm.nix flake or null>; }`.
 # Options: ./options.nix. Assertions: ./asserts.nix. Pure helpers: ../nix/lib.nix.
 { microvm ? null }:
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.blixard;
   blib = import ../nix/lib.nix;
   settingsFormat = pkgs.formats.toml { };
 
   # Typed options (services.blixard.vms.* included) + settings, in the daemon's key names.
-  daemonConfig = blib.moduleDaemonConfig cfg;
+  daemonConfig = cfg.daemonConfig;
   configFile = settingsFormat.generate "blixard.toml" daemonConfig;
 
   runArgs = blib.mkRunArgs {
-    inherit (cfg) dataDir init joinTicketFile;
+    inherit (cfg) dataDir init;
     inherit configFile;
   };
+  # The join ticket, as a systemd credential (see blib.joinTicket).
+  ticket = lib.mapNullable blib.joinTicket cfg.joinTicketFile;
+  execStart = lib.concatStringsSep " " ([ (utils.escapeSystemdExecArgs ([ (lib.getExe cfg.package) "node" "run" ] ++ runArgs)) ]
+    ++ lib.optionals (ticket != null) ticket.args);
 
   defaultDataDir = cfg.dataDir == "/var/lib/blixard";
   # VM state dirs (typed option or settings); null: DATA_DIR/vms, made by the daemon.
@@ -28,29 +32,47 @@ let
   hd = cfg.tuning.highDensity;
   tp = cfg.thinPool;
   poolDir = "/var/lib/blixard-pool";
+  # The pool's data device as a systemd unit, to wait for (null with a backing file).
+  poolDevice = lib.mapNullable (d: "${utils.escapeSystemdPath d}.device") tp.device;
 
-  # A declared VM's runner: given, or built from its NixOS module with microvm.nix.
-  runnerOf = name: vm:
-    if vm.runner != null then vm.runner
-    else if microvm == null then throw "services.blixard.vms.declared.${name}: `config` needs the module from the Blixard flake (it brings microvm.nix); set `runner` instead"
+  # A declared VM given as a NixOS module: its guest, evaluated with microvm.nix as
+  # microvm.nix's own host module does (the host's nixpkgs and package set). The guest is
+  # named after the VM (VM names are host names, asserted) and takes the VM's sizes as
+  # defaults; what the guest sets wins, and is what the scheduler is told.
+  guestOf = name: vm:
+    if microvm == null then throw "services.blixard.vms.declared.${name}: `config` needs the module from the Blixard flake (it brings microvm.nix); set `runner` instead"
     else
-      (import (pkgs.path + "/nixos/lib/eval-config.nix") {
+      import (pkgs.path + "/nixos/lib/eval-config.nix") {
+        inherit pkgs;
         system = pkgs.stdenv.hostPlatform.system;
+        prefix = [ "services" "blixard" "vms" "declared" name "config" ];
         modules = [
           microvm.nixosModules.microvm
           vm.config
           {
+            _file = "${toString ./default.nix} (services.blixard.vms.declared.${name})";
             networking.hostName = lib.mkDefault name;
-            microvm.vcpu = vm.vcpus;
-            microvm.mem = vm.memory;
+            microvm.vcpu = lib.mkIf (vm.vcpus != null) (lib.mkDefault vm.vcpus);
+            microvm.mem = lib.mkIf (vm.memory != null) (lib.mkDefault vm.memory);
           }
         ];
-      }).config.microvm.declaredRunner;
+      };
 
-  declaredVms = blib.mkDeclaredVms (lib.mapAttrs (name: vm: vm // { runner = runnerOf name vm; }) cfg.vms.declared);
-  # Read by the daemon at start (`vms.declared_file`, set by moduleDaemonConfig when a VM
-  # is declared): a change restarts it (restartTriggers), and it reconciles.
-  declaredVmsJson = pkgs.writeText "blixard-vms.json" (builtins.toJSON declaredVms);
+  # Each declared VM with its runner and sizes resolved: given (`runner`), or from its
+  # guest (`config`).
+  resolved = lib.mapAttrs (name: vm:
+    if vm.config == null then vm
+    else
+      let guest = (guestOf name vm).config; in
+      vm // {
+        runner = guest.microvm.declaredRunner;
+        vcpus = guest.microvm.vcpu;
+        memory = guest.microvm.mem;
+      }) cfg.vms.declared;
+  declaredVms = blib.mkDeclaredVms resolved;
+  # Read by the daemon at start and on SIGHUP (`vms.declared_file`, always set by
+  # moduleDaemonConfig): a change reloads it (reloadTriggers), and it reconciles.
+  declaredVmsText = builtins.toJSON declaredVms;
 
   thinPoolScript = pkgs.writeShellScript "blixard-thinpool-setup" ''
     set -euo pipefail
@@ -94,10 +116,16 @@ let
     else null;
 in
 {
+  # Named, so that NixOS names this file in errors (not <unknown-file>) and imports it once
+  # however often it is imported (list options would otherwise get every entry twice).
+  _file = ./default.nix;
+  key = "blixard/modules/default.nix";
   imports = [ ./options.nix ./asserts.nix ];
 
   config = lib.mkIf cfg.enable (lib.mkMerge [
     {
+      # What the daemon is configured with, for the config file, the assertions and tests.
+      services.blixard.daemonConfig = blib.moduleDaemonConfig cfg;
       environment.systemPackages = [ cfg.package ];
       # The CLI finds the local node (node.json, admin.key) through the data dir.
       environment.variables.BLIXARD_DATA_DIR = cfg.dataDir;
@@ -124,17 +152,20 @@ in
         lib.optionalAttrs (!defaultDataDir) { ${cfg.dataDir}.d = privateDir; }
         // lib.optionalAttrs vmStateDirOutside { ${vmStateDir}.d = privateDir; });
 
-      networking.firewall.allowedUDPPorts = lib.mkIf cfg.openFirewall [ (blib.portOf cfg.listen) ];
+      # The port the daemon binds, as rendered (`settings.listen` wins over `listen`).
+      networking.firewall.allowedUDPPorts = lib.mkIf cfg.openFirewall [ (blib.portOf daemonConfig.listen) ];
 
       systemd.services.blixard = {
         description = "Blixard node";
         wantedBy = [ "multi-user.target" ];
         wants = [ "network-online.target" ];
-        after = [ "network-online.target" ] ++ lib.optional tp.enable "blixard-thinpool.service";
-        requires = lib.optional tp.enable "blixard-thinpool.service";
-        # The daemon reads both only at start. VMs survive the restart (see KillMode);
-        # the new daemon replaces the declared VMs whose spec changed.
-        restartTriggers = [ configFile declaredVmsJson ];
+        after = [ "network-online.target" ];
+        # The daemon reads its config only at start: a change restarts it (VMs survive the
+        # restart, see KillMode). The declared VMs it reads again on SIGHUP: a change that
+        # touches only them reloads it, and it replaces the VMs whose spec (closure,
+        # sizes, ...) changed, deletes those no longer declared and leaves the rest running.
+        restartTriggers = [ configFile ];
+        reloadTriggers = [ declaredVmsText ];
         environment.BLIXARD_LOG = lib.mkDefault "info";
         # Importing store paths and `materialise = "nix"` run `nix`; the daemon runs `ip`
         # (iproute2) to make tap interfaces and `kill` (util-linux) on the process group
@@ -146,13 +177,16 @@ in
         serviceConfig = {
           Type = "notify";
           NotifyAccess = "main";
-          ExecStart = "${lib.getExe cfg.package} node run ${lib.escapeShellArgs runArgs}";
+          ExecStart = execStart;
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           WatchdogSec = "30s";
           Restart = "on-failure";
           RestartSec = "2s";
-          # Exit 8 (bad config, or no systemd manager answering the systemd supervisor)
-          # and 7 (unusable data dir) will not fix themselves.
-          RestartPreventExitStatus = [ 7 8 ];
+          # Exit 8 (bad config, no join ticket on a node that has not joined, or no systemd
+          # manager answering the systemd supervisor), 7 (unusable data dir) and 5 (the
+          # cluster refused the join ticket) will not fix themselves: the unit stays failed,
+          # with the reason in the journal, until the operator acts.
+          RestartPreventExitStatus = [ 5 7 8 ];
           TimeoutStopSec = "30s";
           # Stop only the daemon's main process. With the systemd supervisor, VMs are units
           # of their own (blixard-vm-*.service), outside this unit's cgroup: restarting or
@@ -220,13 +254,14 @@ in
           MemoryDenyWriteExecute = systemdVms;
           SystemCallArchitectures = "native";
           SystemCallFilter = [ "@system-service" "~@privileged" ];
-        } // lib.optionalAttrs (!systemdVms) { LimitMEMLOCK = "infinity"; }
+        } // lib.optionalAttrs (ticket != null) ticket.serviceConfig
+          // lib.optionalAttrs (!systemdVms) { LimitMEMLOCK = "infinity"; }
           // lib.optionalAttrs (daemonMemoryMax != null) { MemoryMax = daemonMemoryMax; }
           // limits;
       };
 
       # Declared VMs, for the daemon (blib.declaredVmsFile = /etc/blixard/vms.json).
-      environment.etc."blixard/vms.json".source = declaredVmsJson;
+      environment.etc."blixard/vms.json".text = declaredVmsText;
     }
 
     # The systemd supervisor: the daemon (user `blixard`) creates, stops and resets the
@@ -245,6 +280,8 @@ in
         "net.ipv4.neigh.default.gc_thresh2" = hd.neighGcThresh2;
         "net.ipv4.neigh.default.gc_thresh3" = hd.neighGcThresh3;
         "net.ipv4.ip_local_port_range" = hd.localPortRange;
+        # The widened range includes the daemon's own ports: keep them for the daemon.
+        "net.ipv4.ip_local_reserved_ports" = lib.concatStringsSep "," (blib.daemonPorts daemonConfig);
       };
       security.pam.loginLimits = [
         { domain = "*"; type = "-"; item = "nofile"; value = toString hd.nofile; }
@@ -259,8 +296,14 @@ in
       systemd.services.blixard-thinpool = {
         description = "Blixard device-mapper thin pool";
         wantedBy = [ "multi-user.target" ];
-        before = [ "blixard.service" ];
-        after = [ "local-fs.target" "systemd-modules-load.service" ];
+        # VM units are ordered after it (blib.vmUnitProperties); the daemon itself does
+        # not use the pool and does not wait for it.
+        after = [ "local-fs.target" "systemd-modules-load.service" ] ++ lib.optional (poolDevice != null) poolDevice;
+        bindsTo = lib.optional (poolDevice != null) poolDevice;
+        # Stopping it removes the pool from under running VMs: a changed setup applies at
+        # the next boot (or `systemctl restart blixard-thinpool` with the VMs stopped).
+        restartIfChanged = false;
+        stopIfChanged = false;
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;

@@ -38,8 +38,26 @@ let
         default = null;
         description = "A NixOS module for the guest; built into a runner with microvm.nix. Set this or `runner`.";
       };
-      vcpus = mkOption { type = types.ints.between 1 256; default = 1; description = "Virtual CPUs (1–256)."; };
-      memory = mkOption { type = types.ints.between 16 4194304; default = 512; description = "Memory in MiB (16 MiB to 4 TiB). Written as `memory_mib`."; };
+      vcpus = mkOption {
+        type = types.nullOr (types.ints.between 1 256);
+        default = null;
+        description = ''
+          Virtual CPUs (1–256), as the scheduler counts them. With `config`: the guest's
+          default `microvm.vcpu` (what the guest sets wins, and is what the scheduler is
+          told; null: microvm.nix's default, 1). With `runner`: must match what the runner
+          was built with (null: 1).
+        '';
+      };
+      memory = mkOption {
+        type = types.nullOr (types.ints.between 16 4194304);
+        default = null;
+        description = ''
+          Memory in MiB (16 MiB to 4 TiB). With `config`: the guest's default `microvm.mem`
+          (the guest's own value wins and is what the scheduler is told; null:
+          microvm.nix's default, 512). With `runner`: must match the runner (null: 512).
+          Written as `memory_mib`.
+        '';
+      };
       tenant = mkOption { type = types.nullOr types.str; default = null; description = "The tenant that owns the VM; it must exist (null: the `default` tenant)."; };
       labels = mkOption { type = types.attrsOf types.str; default = { }; description = "Labels of the VM (the daemon adds `blixard.declared-by`)."; };
       constraints = mkOption {
@@ -83,7 +101,7 @@ in
     };
 
     dataDir = mkOption {
-      type = types.str;
+      type = types.externalPath;
       default = "/var/lib/blixard";
       description = ''
         The node's data dir (raft log, state, keys). When it is the default, systemd's
@@ -140,7 +158,7 @@ in
 
     images = {
       storeDir = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr types.externalPath;
         default = null;
         description = "Where closures are unpacked with `materialise = \"unpack\"` (daemon default /nix/store). `images.store_dir`.";
       };
@@ -171,7 +189,7 @@ in
         description = "With `materialise = \"nix\"`: copy into this store instead of the host's. `images.nix_store`.";
       };
       importPaths = mkOption {
-        type = types.nullOr (types.listOf types.str);
+        type = types.nullOr (types.listOf types.externalPath);
         default = null;
         example = [ "/nix/store" "/srv/runners" ];
         description = "Where callers other than this node's admin credential may import images from (daemon default: the Nix store). `images.import_paths`.";
@@ -182,6 +200,16 @@ in
       type = types.nullOr types.ints.positive;
       default = null;
       description = "How long an API request may take, in ms. Written as `request_timeout_ms`.";
+    };
+
+    daemonConfig = mkOption {
+      type = types.attrsOf types.anything;
+      readOnly = true;
+      internal = true;
+      description = ''
+        The daemon's configuration as the module renders it (typed options, then
+        `settings`), in the daemon's key names: what /etc/blixard/blixard.toml holds.
+      '';
     };
 
     settings = mkOption {
@@ -205,15 +233,19 @@ in
     };
 
     joinTicketFile = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr types.externalPath;
       default = null;
       example = "/run/keys/blixard-join-ticket";
       description = ''
-        A file holding a join ticket (`blixard cluster token create`), passed as
-        `--join-file`. A string, not a path, on purpose: a path would be copied into the
-        world-readable Nix store, and the ticket is a secret. Deliver it out of band
-        (agenix, sops-nix, scp). Once joined, the node resumes from its data dir and the
-        one-time ticket is no longer needed.
+        A file holding a join ticket (`blixard cluster token create`) for a node that has
+        not joined yet. An absolute path outside the Nix store (a path literal or a store
+        path is refused: the store is world-readable and the ticket is a secret); deliver
+        the file out of band: NixOps or colmena `deployment.keys` (/run/keys), agenix
+        (`config.age.secrets.<name>.path`), sops-nix (`config.sops.secrets.<name>.path`).
+        systemd reads it as root when the unit starts and hands the daemon a private copy
+        (the credential `join-ticket`), so the file may be readable by root alone. Once
+        joined, the node resumes from its data dir: a missing, empty or used ticket is then
+        only noted in the log (after a reboot /run/keys is empty), never an error.
       '';
     };
 
@@ -262,16 +294,22 @@ in
     };
 
     thinPool = {
-      enable = mkEnableOption "a device-mapper thin pool for VM disks (set up before blixard starts)";
+      enable = mkEnableOption ''
+        a device-mapper thin pool for VM disks, set up by `blixard-thinpool.service` before
+        any VM unit starts (VM units are ordered after it). Blixard itself does not create
+        volumes on it yet: it is there for runners and hooks that put guest volumes on thin
+        volumes of the pool (`dmsetup message <pool> 0 create_thin N`). A changed setup
+        applies at the next boot: the unit is not restarted by `nixos-rebuild switch`,
+        as stopping it would remove the pool from under running VMs'';
       name = mkOption { type = types.str; default = "blixard-pool"; description = "Device-mapper name (/dev/mapper/NAME)."; };
       backingFile = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr types.externalPath;
         default = null;
         example = "/var/lib/blixard-pool/pool.img";
         description = "A sparse file to back the pool through loop devices. Set this or `device`.";
       };
       device = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr types.externalPath;
         default = null;
         example = "/dev/disk/by-id/nvme-…";
         description = "A block device for the pool data (metadata then lives in a file next to the data dir). Set this or `backingFile`.";
@@ -286,7 +324,7 @@ in
     # supervisor has a default of its own, written out).
     vms = {
       stateDir = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr types.externalPath;
         default = null;
         defaultText = literalExpression "null (the daemon uses DATA_DIR/vms: /var/lib/blixard/vms)";
         example = "/srv/blixard-vms";

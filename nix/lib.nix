@@ -47,6 +47,8 @@ let
     filter (x: counts.${x} > 1) (attrNames counts);
 
   showList = xs: concatStringsSep ", " (map toJSON xs);
+
+  orDefault = v: d: if v == null then d else v;
 in
 rec {
   inherit dropNulls recursiveMerge isSocketAddr portOf duplicates;
@@ -157,6 +159,7 @@ rec {
           stateDir = vmsStateDir { inherit (cfg) dataDir; config = first; };
           nofile = if hd.enable or false then hd.nofile else null;
           nproc = if hd.enable or false then hd.nproc else null;
+          thinPool = ((cfg.thinPool or { }).enable or false);
         }
         else [ ];
     in
@@ -184,8 +187,10 @@ rec {
   # runner attaches to them without CAP_NET_ADMIN. Before=blixard.service: at shutdown the
   # daemon stops first (it does not restart VMs as they stop), then each VM gets its
   # `bin/microvm-shutdown` (systemd orders stop jobs the reverse of Before=/After=).
-  #   { stateDir, nofile ? null, nproc ? null }  (limits from tuning.highDensity)
-  vmUnitProperties = { stateDir, nofile ? null, nproc ? null }:
+  # With the thin pool (services.blixard.thinPool), a VM unit starts after it is set up
+  # (After=, Wants=): runners whose volumes live on the pool find it there.
+  #   { stateDir, nofile ? null, nproc ? null, thinPool ? false }  (limits from tuning.highDensity)
+  vmUnitProperties = { stateDir, nofile ? null, nproc ? null, thinPool ? false }:
     [
       "User=${daemonUser}"
       "Group=${daemonUser}"
@@ -210,7 +215,11 @@ rec {
       "Before=blixard.service"
     ]
     ++ (if nofile != null then [ "LimitNOFILE=${toString nofile}" ] else [ ])
-    ++ (if nproc != null then [ "LimitNPROC=${toString nproc}" ] else [ ]);
+    ++ (if nproc != null then [ "LimitNPROC=${toString nproc}" ] else [ ])
+    ++ (if thinPool then [ "After=${thinPoolUnit}" "Wants=${thinPoolUnit}" ] else [ ]);
+
+  # The unit that sets up services.blixard.thinPool (modules/default.nix).
+  thinPoolUnit = "blixard-thinpool.service";
 
   # The polkit rule (security.polkit.extraConfig) that lets the daemon's user manage its
   # VM units and no other unit: the verbs the systemd supervisor uses (`systemd-run`, i.e.
@@ -289,13 +298,43 @@ rec {
       }
     ];
 
-  # The argument list after `blixard node run`.
-  #   { dataDir, configFile, init ? false, joinTicketFile ? null }
+  # The argument list after `blixard node run`, to be escaped for systemd
+  # (utils.escapeSystemdExecArgs). The join ticket is not among them: see joinTicket.
+  #   { dataDir, configFile, init ? false }
   mkRunArgs = cfg:
     [ "--data-dir" (toString cfg.dataDir) ]
     ++ (if (cfg.configFile or null) != null then [ "--config" (toString cfg.configFile) ] else [ ])
-    ++ (if cfg.init or false then [ "--init" ] else [ ])
-    ++ (if (cfg.joinTicketFile or null) != null then [ "--join-file" (toString cfg.joinTicketFile) ] else [ ]);
+    ++ (if cfg.init or false then [ "--init" ] else [ ]);
+
+  # How `joinTicketFile` reaches the daemon: as the systemd credential `join-ticket`.
+  # systemd (PID 1, as root) copies the file into the unit's private credentials dir when
+  # the unit starts, so the ticket may be readable by root alone (/run/keys is 0750
+  # root:keys on NixOS; agenix and sops-nix make root-owned 0400 files by default), it
+  # never enters the Nix store, and only the unit's user can read the copy. LoadCredential=
+  # alone would fail the unit when the file is missing (after a reboot /run/keys is
+  # empty); the empty SetCredential= of the same name is systemd's documented fallback,
+  # so the daemon then finds an empty ticket, which a node that has joined ignores.
+  # `arg` goes on the command line unescaped: systemd expands ${CREDENTIALS_DIRECTORY}.
+  #   file: an absolute path outside the store
+  joinTicket = file: {
+    serviceConfig = {
+      LoadCredential = "${joinCredential}:${file}";
+      SetCredential = "${joinCredential}:";
+    };
+    args = [ "--join-file" "\${CREDENTIALS_DIRECTORY}/${joinCredential}" ];
+  };
+  joinCredential = "join-ticket";
+
+  # The local ports the daemon listens on (its UDP `listen`, the binary cache's TCP
+  # `images.cache_listen`), from a rendered config: what `net.ipv4.ip_local_reserved_ports`
+  # must hold when the ephemeral port range is widened, so that no outgoing connection
+  # takes one of them before the daemon binds it.
+  daemonPorts = config:
+    let
+      cache = (config.images or { }).cache_listen or "127.0.0.1:7380";
+      ports = filter (p: p != null && p != 0) [ (portOf (config.listen or "0.0.0.0:7000")) (portOf cache) ];
+    in
+    sort (a: b: a < b) (attrNames (listToAttrs (map (p: { name = toString p; value = p; }) ports)));
 
   # Assertions for one node, as NixOS `assertions` entries.
   #   { node ? "services.blixard", init, joinTicketFile, listen, members, relayUrl, raft }
@@ -419,11 +458,19 @@ rec {
   # a-z 0-9 . _ -, starting with a letter or digit.
   validName = n: builtins.isString n && builtins.stringLength n <= 64 && match "[a-z0-9][a-z0-9._-]*" n != null;
 
+  # The daemon's rule for new VM names (crates/core/src/vm.rs, valid_vm_name): a host name,
+  # as NixOS' networking.hostName takes it and a guest built from `config` is named after
+  # its VM: 1 to 63 of a-z 0-9 -, starting and ending with a letter or digit.
+  validVmName = n: builtins.isString n && builtins.stringLength n <= 63
+    && match "[a-z0-9]([a-z0-9-]*[a-z0-9])?" n != null;
+
   # Declared VMs (`services.blixard.vms.declared`) -> the list the daemon reads from
   # `vms.declared_file` (/etc/blixard/vms.json), sorted by name, with exactly the daemon's
   # keys. Runners must be resolved (modules/default.nix builds those given as `config`).
   #   { NAME = { runner (store path or package), vcpus, memory (MiB), tenant, labels,
   #              constraints, restart, placement, readyMarker }; }
+  # vcpus and memory may be null: 1 and 512 (a `runner` VM whose sizes were not given); the
+  # module passes a `config` VM's sizes as its guest configuration has them.
   mkDeclaredVms = vms:
     map (n:
       let v = vms.${n}; in {
@@ -432,8 +479,8 @@ rec {
           if (v.runner or null) == null
           then throw "services.blixard.vms.declared.${n}: no runner (set runner, or config with the module from the Blixard flake)"
           else toString v.runner;
-        vcpus = v.vcpus or 1;
-        memory_mib = v.memory or 512;
+        vcpus = orDefault (v.vcpus or null) 1;
+        memory_mib = orDefault (v.memory or null) 512;
         tenant = v.tenant or null;
         labels = v.labels or { };
         constraints = v.constraints or { };
@@ -448,11 +495,12 @@ rec {
     concatLists (map (n:
       let
         v = vms.${n};
-        at = "services.blixard.vms.declared.${n}";
+        # as Nix writes the attribute: quoted unless it is a plain identifier
+        at = "services.blixard.vms.declared.${if match "[A-Za-z_][A-Za-z0-9_'-]*" n != null then n else toJSON n}";
         hasR = (v.runner or null) != null;
         hasC = (v.config or null) != null;
-        vcpus = v.vcpus or 1;
-        mem = v.memory or 512;
+        vcpus = orDefault (v.vcpus or null) 1;
+        mem = orDefault (v.memory or null) 512;
         restart = v.restart or "on-failure";
         placement = v.placement or "cluster";
         marker = v.readyMarker or null;
@@ -464,8 +512,8 @@ rec {
           ++ (if (v.constraints or { }) ? "blixard.node" then [ "constraints.\"blixard.node\"" ] else [ ]);
       in [
         {
-          assertion = validName n;
-          message = "${at}: the name ${toJSON n} is not valid: VM names are 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit";
+          assertion = validVmName n;
+          message = "${at}: the name ${toJSON n} is not valid: VM names are host names (the guest takes its VM's name): 1 to 63 of a-z 0-9 -, starting and ending with a letter or digit";
         }
         {
           assertion = hasR != hasC;

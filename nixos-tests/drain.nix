@@ -44,8 +44,8 @@ in
     node1.wait_for_unit("blixard.service")
     for m in [node2, node3]:
         ticket = node1.succeed("blixard cluster token create --ttl 10m").strip().splitlines()[-1]
-        m.succeed("mkdir -p /run/keys && install -m 0440 -g blixard /dev/stdin /run/keys/blixard-ticket <<'EOF'\n" + ticket + "\nEOF")
-        m.succeed("systemctl start blixard.service")
+        m.succeed("install -m 0400 -o root -g root /dev/stdin /run/keys/blixard-ticket <<'EOF'\n" + ticket + "\nEOF")
+        m.succeed("systemctl restart blixard.service")
         m.wait_for_unit("blixard.service")
     node1.wait_until_succeeds(
         "test $(blixard -o json cluster status | jq '.members | length') -eq 3", timeout=120)

@@ -58,6 +58,12 @@ inner() {
     # Volatile journal; do not read the host's kernel log.
     mkdir -p /run/systemd/journald.conf.d
     printf '[Journal]\nStorage=volatile\nReadKMsg=no\n' > /run/systemd/journald.conf.d/sdns.conf
+    # Mounts inside propagate to the mount namespaces systemd makes for units (and back),
+    # as on a booted host, where systemd makes / shared: credentials (LoadCredential=) are
+    # written by a helper in a namespace of its own and moved into place. The peer groups
+    # are new ones of this namespace (its mounts were made private from the host's by
+    # unshare), so nothing propagates to or from the host.
+    mount --make-rshared /
     # container=other: systemd skips host-level setup (making / shared, kmod, console,
     # unmounting and remounting on shutdown).
     exec env -i container=other PATH=/usr/sbin:/usr/bin:/sbin:/bin \

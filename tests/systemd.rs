@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -345,4 +346,174 @@ fn vms_run_as_systemd_units() {
     );
     // The cluster (and its daemon) goes before the namespace.
     drop(c);
+}
+
+/// How the NixOS module hands `joinTicketFile` to the daemon (nix/lib.nix `joinTicket`):
+/// the unit properties and the arguments after `node run`.
+fn module_join_ticket(file: &Path) -> (Vec<String>, Vec<String>) {
+    let expr = format!(
+        "(import {}/../nix/lib.nix).joinTicket {:?}",
+        env!("CARGO_MANIFEST_DIR"),
+        file.display().to_string()
+    );
+    let out = std::process::Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json", "-E", &expr])
+        .output()
+        .expect("nix-instantiate (scripts/test.sh installs nix-bin)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let props = v["serviceConfig"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+        .collect();
+    let args = v["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    (props, args)
+}
+
+/// The join ticket as the NixOS module delivers it, under a real systemd: a systemd
+/// credential loaded (as root) from a root-only file, with an empty fallback. The node
+/// joins; after a "reboot" (the unit stopped, the ticket file gone) the unit still starts
+/// and the node is a member again. Without the fallback, the same unit fails to start
+/// (243/CREDENTIALS): the case the fallback is there for.
+#[test]
+fn the_join_ticket_reaches_the_daemon_as_a_systemd_credential() {
+    let ns = SystemdNs::start();
+    let root = tempfile::Builder::new()
+        .prefix("blixard-credential")
+        .tempdir()
+        .unwrap();
+    let mut n1 = Node::new(root.path(), "n1");
+    n1.start(&["--init"]);
+    let keys = root.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let ticket = keys.join("blixard-ticket");
+    std::fs::write(
+        &ticket,
+        n1.cli_ok(&["cluster", "token", "create", "--ttl", "5m"])
+            .trim(),
+    )
+    .unwrap();
+    std::fs::set_permissions(&ticket, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let (props, args) = module_join_ticket(&ticket);
+    assert_eq!(
+        props,
+        [
+            format!("LoadCredential=join-ticket:{}", ticket.display()),
+            "SetCredential=join-ticket:".to_string()
+        ]
+    );
+
+    // n2 as a unit of the namespace's systemd; the CLI reaches it from the host.
+    let n2 = Node::new(root.path(), "n2");
+    let log = n2.log_path();
+    let start_unit = |unit: &str, props: &[String]| {
+        let mut cmd: Vec<String> = [
+            "systemd-run",
+            "--quiet",
+            "--unit",
+            unit,
+            "-p",
+            "Type=notify",
+        ]
+        .map(String::from)
+        .to_vec();
+        for p in props {
+            cmd.extend(["-p".to_string(), p.clone()]);
+        }
+        cmd.extend([
+            "-p".to_string(),
+            format!("StandardOutput=append:{}", log.display()),
+            "-p".to_string(),
+            format!("StandardError=append:{}", log.display()),
+            "--setenv=BLIXARD_LOG=info".to_string(),
+            "--".to_string(),
+            blixard_tests::binary().display().to_string(),
+        ]);
+        cmd.extend(
+            [
+                "node",
+                "run",
+                "--data-dir",
+                n2.dir.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{}", n2.port),
+                "--name",
+                "n2",
+                "--cache-listen",
+                "127.0.0.1:0",
+                "--store-dir",
+                n2.store_dir().to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        cmd.extend(args.iter().cloned());
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        ns.exec(&cmd)
+    };
+    let out = start_unit("blixard-n2", &props);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    n1.wait_voters(2);
+    // The daemon's copy is private to the unit (its user: root here, `blixard` on NixOS).
+    let out = ns.exec(&[
+        "stat",
+        "-c",
+        "%a %U",
+        "/run/credentials/blixard-n2.service/join-ticket",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "400 root");
+
+    // "Reboot": the unit stops, /run/keys is empty, the unit starts again.
+    ns.systemctl(&["stop", "blixard-n2.service"]);
+    wait_for("n2 to stop", Duration::from_secs(30), || {
+        match ns.systemctl(&["is-active", "blixard-n2.service"]).as_str() {
+            "inactive" | "failed" | "unknown" => Ok(()),
+            s => Err(s.to_string()),
+        }
+    });
+    std::fs::remove_file(&ticket).unwrap();
+    let out = start_unit("blixard-n2", &props);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(ns.systemctl(&["is-active", "blixard-n2.service"]), "active");
+    n2.wait_knows_leader(Duration::from_secs(30));
+    n2.cli_ok(&["cluster", "meta", "set", "after", "reboot"]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the join ticket is not needed"), "{text}");
+    ns.systemctl(&["stop", "blixard-n2.service"]);
+
+    // Without the fallback a missing file fails the unit before the daemon runs.
+    let _ = start_unit("blixard-n2-nofallback", &props[..1]);
+    let p = wait_for("the unit to fail", Duration::from_secs(30), || {
+        let p = ns.show(
+            "blixard-n2-nofallback.service",
+            &["ActiveState", "ExecMainStatus"],
+        );
+        if prop(&p, "ActiveState") == "failed" {
+            Ok(p)
+        } else {
+            Err(format!("{p:?}"))
+        }
+    });
+    assert_eq!(prop(&p, "ExecMainStatus"), "243", "{p:?}");
 }

@@ -78,7 +78,7 @@ let
     vms = vmsDefaults // {
       strategy = "spread";
       hooks = [ "/nix/store/00000000000000000000000000000000-blixard-admit" ];
-      declared.web = { runner = "/nix/store/x"; vcpus = 1; memory = 512; };
+      declared.web = { runner = "/nix/store/x"; config = null; vcpus = 1; memory = 512; };
     };
     requestTimeoutMs = null;
     settings = { vms.hook_timeout_ms = 1000; };
@@ -89,6 +89,9 @@ let
     memoryMax = null;
     thinPool = { enable = false; name = "blixard-pool"; backingFile = null; device = null; dataSize = 20480; metadataSize = 256; blockSize = 128; };
   };
+
+  # services.blixard as the module sees it: with what it renders for the daemon
+  withRendered = cfg: cfg // { daemonConfig = moduleDaemonConfig cfg; };
 
   # nixpkgs' lib functions modules/asserts.nix uses, as stand-ins
   stubAssertsLib = {
@@ -114,6 +117,8 @@ let
         makeBinPath = xs: concatStringsSep ":" (map (x: "${x}/bin") xs);
         hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
         mapAttrs = builtins.mapAttrs;
+        mapNullable = f: x: if x == null then null else f x;
+        concatStringsSep = builtins.concatStringsSep;
         mapAttrsToList = f: a: map (n: f n a.${n}) (attrNames a);
         optional = c: x: if c then [ x ] else [ ];
         optionals = c: xs: if c then xs else [ ];
@@ -140,8 +145,10 @@ let
       m = import ../../modules { } {
         lib = stubLib;
         pkgs = stubPkgs;
+        # nixpkgs' utils.escapeSystemdExecArgs, for what these cases pass it
+        utils.escapeSystemdExecArgs = xs: concatStringsSep " " (map (x: builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON (toString x))) xs);
         config = {
-          services.blixard = cfg;
+          services.blixard = cfg // { daemonConfig = moduleDaemonConfig cfg; };
           networking.hostName = "node1";
           nix.package = "/nix/store/stub-nix";
           systemd.package = "/nix/store/stub-systemd";
@@ -163,12 +170,13 @@ let
         MemoryMax = unit.serviceConfig.MemoryMax or null;
       };
       restartTriggers = map toString unit.restartTriggers;
+      reloadTriggers = unit.reloadTriggers;
       tmpfiles = base.systemd.tmpfiles.settings."10-blixard";
       # no runner links under /var/lib/blixard-vms any more
       tmpfilesRules = base.systemd.tmpfiles.rules or null;
       config = base.environment.etc."blixard/blixard.toml".source.value;
       etc = attrNames base.environment.etc;
-      declared = builtins.fromJSON base.environment.etc."blixard/vms.json".source.text;
+      declared = builtins.fromJSON base.environment.etc."blixard/vms.json".text;
       # the only services: the daemon (no blixard-vm@ template; the thin pool is off)
       services = attrNames base.systemd.services;
       polkitEnable = map (p: p.security.polkit.enable) polkit;
@@ -202,7 +210,9 @@ in
 
   # mkRunArgs
   run-args-init = mkRunArgs { dataDir = "/var/lib/blixard"; configFile = "/etc/blixard/blixard.toml"; init = true; joinTicketFile = null; };
-  run-args-join = mkRunArgs { dataDir = "/var/lib/blixard"; configFile = "/etc/blixard/blixard.toml"; init = false; joinTicketFile = "/run/keys/blixard-ticket"; };
+  run-args-join = mkRunArgs { dataDir = "/var/lib/blixard"; configFile = "/etc/blixard/blixard.toml"; init = false; };
+  # the join ticket: a systemd credential with an empty fallback, read from its directory
+  join-ticket = (import ../lib.nix).joinTicket "/run/keys/blixard-ticket";
   run-args-resume = mkRunArgs { dataDir = "/srv/blixard"; configFile = null; init = false; joinTicketFile = null; };
 
   # checkCluster: good config has no failures; each bad one names the value.
@@ -257,13 +267,13 @@ in
         config = {
           networking.hostName = "node1";
           systemd.package.version = "258.3";
-          services.blixard = moduleCfg // {
+          services.blixard = withRendered (moduleCfg // {
             settings.vms = { fence_timeout_ms = 25000; };
             vms = moduleCfg.vms // {
               declared.tiny = { runner = "/nix/store/y"; vcpus = 1; memory = 16; restart = "no"; placement = "local"; readyMarker = null; };
               unitProperties = [ "CPUWeight=50" "Nice" "Environment=A=b\nExecStartPre=/bin/sh" ];
             };
-          };
+          });
         };
       };
     in
@@ -278,7 +288,7 @@ in
         config = {
           networking.hostName = "node1";
           systemd.package.version = version;
-          services.blixard = moduleCfg // { vms = moduleCfg.vms // { inherit supervisor; }; };
+          services.blixard = withRendered (moduleCfg // { vms = moduleCfg.vms // { inherit supervisor; }; });
         };
       };
     in
@@ -351,8 +361,9 @@ in
 
   # checkVms: the daemon's limits at their boundaries pass
   vms-ok = failedAssertions (checkVms (declaredLocal // {
-    "a.b_c-1" = { runner = "/nix/store/x"; vcpus = 256; memory = 16; tenant = "acme-2"; readyMarker = "login:"; };
-    "b123456789012345678901234567890123456789012345678901234567890123" = { runner = "/nix/store/y"; vcpus = 1; memory = 4194304; };
+    "a-b-c-1" = { runner = "/nix/store/x"; vcpus = 256; memory = 16; tenant = "acme-2"; readyMarker = "login:"; };
+    "b12345678901234567890123456789012345678901234567890123456789012" = { runner = "/nix/store/y"; vcpus = 1; memory = 4194304; };
+    "0web" = { runner = "/nix/store/y"; vcpus = null; memory = null; };
     built = { config = { }; };
   }));
   # every rule the daemon has for a declared VM, broken once; each message names the VM
@@ -364,6 +375,11 @@ in
     huge = { runner = "/nix/store/y"; vcpus = 257; memory = 4194305; };
     Web = { runner = "/nix/store/y"; };
     "-web" = { runner = "/nix/store/y"; };
+    # names a host name cannot have: a guest built from `config` is named after its VM
+    "web.prod" = { runner = "/nix/store/y"; };
+    "web_1" = { runner = "/nix/store/y"; };
+    "web-" = { runner = "/nix/store/y"; };
+    "b123456789012345678901234567890123456789012345678901234567890123" = { runner = "/nix/store/y"; };
     "a1234567890123456789012345678901234567890123456789012345678901234" = { runner = "/nix/store/y"; };
     policy = { runner = "/nix/store/y"; restart = "no"; placement = "spread"; };
     owner = { runner = "/nix/store/y"; tenant = "Acme"; };

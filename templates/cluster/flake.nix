@@ -17,8 +17,10 @@
           services.blixard = {
             enable = true;
             # The first node starts the cluster. On the others, drop `init` and set
-            # joinTicketFile = "/run/keys/blixard-ticket" (a ticket from
-            # `blixard cluster token create`, copied out of band).
+            # joinTicketFile to a file holding a ticket from `blixard cluster token
+            # create`, delivered out of band and never through the Nix store: e.g.
+            # "/run/keys/blixard-ticket" (colmena/NixOps keys), or an agenix or sops-nix
+            # secret's `path`. See docs/nixos.md.
             init = true;
             listen = "0.0.0.0:7000";
             openFirewall = true;
