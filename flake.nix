@@ -20,7 +20,19 @@
 
       module = import ./modules { inherit microvm; };
 
-      nixosTest = file: pkgs.testers.runNixOSTest (import file { inherit self; });
+      # The NixOS tests; they need KVM to run (`nix build .#checks.x86_64-linux.cluster`).
+      tests = lib.mapAttrs (_: file: pkgs.testers.runNixOSTest (import file { inherit self; })) {
+        cluster = ./nixos-tests/cluster.nix;
+        drain = ./nixos-tests/drain.nix;
+        upgrade = ./nixos-tests/upgrade.nix;
+      };
+
+      # The template's hosts, with this flake as its `blixard` input.
+      template = ((import ./templates/cluster/flake.nix).outputs {
+        self = { };
+        inherit nixpkgs;
+        blixard = self;
+      }).nixosConfigurations;
     in
     {
       lib = blixardLib;
@@ -35,12 +47,15 @@
         default = module;
       };
 
-      # The NixOS tests need KVM and nixpkgs; they are not run by scripts/nix-check.sh.
-      checks.${system} = {
-        package = blixard;
-        cluster = nixosTest ./nixos-tests/cluster.nix;
-        drain = nixosTest ./nixos-tests/drain.nix;
-      };
+      # `nix flake check --no-build` evaluates every host, the template, every NixOS test's
+      # nodes and the module's case table (the eval-* checks: nix/tests/eval/flake-checks.nix);
+      # `nix flake check` also builds the package and runs the NixOS tests.
+      checks.${system} = { package = blixard; } // tests
+        // import ./nix/tests/eval/flake-checks.nix {
+          inherit lib pkgs module tests template;
+          inherit (lib) nixosSystem;
+          hosts = self.nixosConfigurations;
+        };
 
       nixosConfigurations = {
         dev = nixpkgs.lib.nixosSystem {

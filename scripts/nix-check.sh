@@ -9,7 +9,10 @@
 #      naming the VM. The configs moduleDaemonConfig renders (supervisor, unit
 #      properties) go through check-config the same way;
 #  (e) lib.polkitRule, run in node against a stand-in for polkit (nix/tests/polkit-rule.js),
-#      allows the daemon's user exactly its VM units (skipped, and said so, without node).
+#      allows the daemon's user exactly its VM units (skipped, and said so, without node);
+#  (f) every NixOS test's script type-checks and lints against the test driver's API
+#      (nix/tests/driver/check.py: ty and ruff, as nixpkgs checks test scripts).
+# The module evaluated with the real nixpkgs lib and microvm.nix: scripts/nix-eval.sh.
 # Needs: nix-instantiate (apt-get install nix-bin). Prints "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -137,6 +140,33 @@ if command -v node >/dev/null; then
 else
   echo "skip polkit rule: node not found"
 fi
+
+# (f) every NixOS test's script against the test driver's API, as nixpkgs checks it before
+# a test runs (ty and ruff: nix/tests/driver). The nodes are not evaluated here (that is
+# scripts/nix-eval.sh, with nixpkgs' lib): a script that takes `nodes` gets stand-ins
+# with the attributes scripts use.
+for t in nixos-tests/*.nix; do
+  [ "$(basename "$t")" = common.nix ] && continue
+  name=$(basename "$t" .nix)
+  if ! nix-instantiate --eval --strict --json --argstr file "$PWD/$t" -E '{ file }:
+      let
+        test = import file { self = { nixosModules.default = { }; }; };
+        names = builtins.attrNames test.nodes;
+        stub = n: { system.build.toplevel = "${builtins.storeDir}/00000000000000000000000000000000-nixos-system-${n}"; };
+        nodes = builtins.listToAttrs (map (n: { name = n; value = stub n; }) names);
+      in {
+        inherit names;
+        script = if builtins.isFunction test.testScript then test.testScript { inherit nodes; } else test.testScript;
+      }' > "$tmp/test-$name.json" 2> "$tmp/test-$name.err"; then
+    bad "test script $name: $(cat "$tmp/test-$name.err")"; continue
+  fi
+  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["script"])' "$tmp/test-$name.json" > "$tmp/test-$name.py"
+  nodes=$(python3 -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["names"]))' "$tmp/test-$name.json")
+  python3 nix/tests/driver/check.py --nodes "$nodes" --name "$name" "$tmp/test-$name.py" > "$tmp/test-$name.out" 2>&1
+  if [ $? = 0 ]; then ok "test script $name (nodes $nodes): ty and ruff find nothing"; else bad "test script $name: $(cat "$tmp/test-$name.out")"; fi
+done
+# ... and the checker catches what it should (a wrong node, method, argument, lint)
+if sh nix/tests/driver/samples/run.sh > "$tmp/samples.out" 2>&1; then ok "test script checker: its samples pass and fail as they should"; else bad "test script checker samples: $(cat "$tmp/samples.out")"; fi
 
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -32,6 +32,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# ty and ruff check the NixOS tests' scripts as nixpkgs does (nix/tests/driver/README.md).
+if ! python3 -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("ty") and u.find_spec("ruff") else 1)' 2>/dev/null; then
+  echo "test.sh: installing ty and ruff (pip)"
+  python3 -m pip install -q ty==1.2.0 ruff==0.17.6 || { echo "test.sh: pip install ty ruff failed" >&2; exit 1; }
+fi
+
 # Build the binary the process tests and the Nix checks start.
 cargo build --locked --bin blixard
 status=0
@@ -41,4 +47,7 @@ else
   cargo test --workspace --locked --no-fail-fast || status=1
 fi
 ./scripts/nix-check.sh || status=1
+# The module against the real nixpkgs lib and microvm.nix: only where both are given
+# (NIXPKGS_LIB, MICROVM_SRC); otherwise it says loudly that it did not run.
+./scripts/nix-eval.sh || status=1
 exit $status

@@ -1,0 +1,33 @@
+# test_driver.polling_condition (nixpkgs nixos/lib/test-driver/src/test_driver/
+# polling_condition.py, stored version 761ab5f3f81994cae3cc8da32d1d9d42088d6301).
+from collections.abc import Callable
+
+from test_driver.logger import AbstractLogger
+
+class PollingConditionError(Exception): ...
+
+class PollingCondition:
+    condition: Callable[[], bool]
+    seconds_interval: float
+    description: str | None
+    logger: AbstractLogger
+    last_called: float
+    entry_count: int
+    def __init__(
+        self,
+        condition: Callable[[], bool | None],
+        logger: AbstractLogger,
+        seconds_interval: float = 2.0,
+        description: str | None = None,
+    ) -> None: ...
+    def check(self, force: bool = False) -> bool: ...
+    def maybe_raise(self) -> None: ...
+    def status_message(self, status: bool) -> str: ...
+    @property
+    def nested_message(self) -> str: ...
+    @property
+    def overdue(self) -> bool: ...
+    @property
+    def entered(self) -> bool: ...
+    def __enter__(self) -> None: ...
+    def __exit__(self, exc_type, exc_value, traceback) -> None: ...
