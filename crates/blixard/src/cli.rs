@@ -13,8 +13,8 @@ use blixard_net::client::ApiClient;
 use blixard_net::ticket::JoinTicket;
 use blixard_net::{endpoint, keys, member_addr, EndpointAddr};
 
-use crate::datadir::{self, NodeInfo};
-use crate::exit::{self, Failure};
+use blixard_node::datadir::{self, NodeInfo};
+use blixard_node::exit::{self, Failure};
 use crate::output::{self, Format};
 
 #[derive(Clone)]
@@ -507,7 +507,7 @@ pub async fn policy_test(
 
 pub async fn audit_tail(ctx: &Context, lines: usize, follow: bool) -> Result<(), Failure> {
     use std::io::{Read, Seek, SeekFrom};
-    let path = crate::audit::path(&ctx.data_dir);
+    let path = blixard_node::audit::path(&ctx.data_dir);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         Failure::new(
             exit::DATA_DIR,

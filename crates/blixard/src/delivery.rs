@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::cli::{client, Context};
-use crate::exit::{self, Failure};
+use blixard_node::exit::{self, Failure};
 use crate::image_cli::{count, human_bytes, print_pulled};
 use crate::output::{self, Format};
 

@@ -11,7 +11,7 @@ use blixard_net::api::{
 use clap::Subcommand;
 
 use crate::cli::{client, Context};
-use crate::exit::{self, Failure};
+use blixard_node::exit::{self, Failure};
 use crate::output::{self, Format};
 
 #[derive(Subcommand, Debug)]

@@ -9,23 +9,15 @@ macro_rules! out {
     }};
 }
 
-mod agent;
-mod audit;
 mod cli;
-mod config;
-mod daemon;
-mod datadir;
-mod declared;
 mod delivery;
-mod exit;
 mod image_cli;
-mod images;
 mod output;
-mod service;
+mod run_args;
 mod tenant_cli;
-mod tenants;
 mod vm_cli;
-mod vms;
+
+use blixard_node::{config, daemon, declared, exit};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -162,7 +154,7 @@ enum AuditCommand {
 #[derive(Subcommand, Debug)]
 enum NodeCommand {
     /// Run the node daemon in the foreground.
-    Run(Box<daemon::RunArgs>),
+    Run(Box<run_args::RunCommand>),
     /// Check a config file (TOML, or JSON when it ends in .json) and print it as the daemon
     /// reads it, with defaults filled in.
     CheckConfig { file: PathBuf },
@@ -313,7 +305,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Node(NodeCommand::Run(args)) => {
             init_logging();
-            daemon::run(&cli.data_dir, *args).await
+            daemon::run(&cli.data_dir, (*args).into()).await
         }
         Command::Cluster(cmd) => match cmd {
             ClusterCommand::Status(a) => cli::status(&ctx, a.stale).await,

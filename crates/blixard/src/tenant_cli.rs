@@ -5,7 +5,7 @@ use blixard_net::api::{NodeList, QuotaSet, QuotaShow, TenantCreate, TenantInfo, 
 use clap::Subcommand;
 
 use crate::cli::{client, parse_scaled, Context};
-use crate::exit::{self, Failure};
+use blixard_node::exit::{self, Failure};
 use crate::image_cli::human_bytes;
 use crate::output::{self, Format};
 

@@ -12,7 +12,7 @@ use blixard_net::EndpointAddr;
 use clap::{Subcommand, ValueEnum};
 
 use crate::cli::{client, Context};
-use crate::exit::{self, Failure};
+use blixard_node::exit::{self, Failure};
 use crate::output::{self, Format};
 use crate::tenant_cli::parse_mib;
 
@@ -47,10 +47,10 @@ pub enum VmCommand {
         #[arg(long)]
         tenant: Option<String>,
         /// A label on the VM, KEY=VALUE; repeatable.
-        #[arg(long = "label", value_parser = crate::daemon::parse_label)]
+        #[arg(long = "label", value_parser = crate::run_args::parse_label)]
         labels: Vec<(String, String)>,
         /// Only hosts with this label, KEY=VALUE; repeatable.
-        #[arg(long = "constraint", value_parser = crate::daemon::parse_label)]
+        #[arg(long = "constraint", value_parser = crate::run_args::parse_label)]
         constraints: Vec<(String, String)>,
         /// VMs of the same group never share a host.
         #[arg(long)]
@@ -133,7 +133,7 @@ fn fail(e: impl std::fmt::Display) -> Failure {
 }
 
 fn age(ms: u64) -> String {
-    let now = crate::service::now_ms();
+    let now = blixard_node::service::now_ms();
     let s = now.saturating_sub(ms) / 1000;
     match s {
         0..=119 => format!("{s}s"),

@@ -20,7 +20,6 @@ use blixard_net::ticket::JoinTicket;
 use blixard_net::{endpoint, key_of, keys, member_addr, API_ALPN, RAFT_ALPN};
 use blixard_raft::{CoreConfig, RaftCore, RaftNode};
 use blixard_store::{NodeRecord, Store, StoreError};
-use clap::Args;
 use iroh::protocol::Router;
 use tokio::sync::watch;
 
@@ -29,44 +28,33 @@ use crate::datadir::{self, NodeInfo};
 use crate::exit::{self, Failure};
 use crate::service::{now_ms, Book, NodeService, Seeds};
 
-#[derive(Args, Debug, Default)]
+/// How `blixard node run` was asked to start (its command line, the CLI's parsing aside).
+#[derive(Clone, Debug, Default)]
 pub struct RunArgs {
-    /// Address to listen on (UDP), e.g. 0.0.0.0:7000.
-    #[arg(long, env = "BLIXARD_LISTEN")]
+    /// Address to listen on (UDP).
     pub listen: Option<SocketAddr>,
-    /// Start a new cluster with this node as its first member. Ignored (with a note) when
+    /// Start a new cluster with this node as its first member; ignored (with a note) when
     /// the data dir already holds this node's cluster.
-    #[arg(long, conflicts_with_all = ["join", "join_file"])]
     pub init: bool,
-    /// Name of the new cluster (with --init).
-    #[arg(long, default_value = "blixard")]
+    /// Name of the new cluster (with `init`).
     pub cluster_name: String,
-    /// Join the cluster of this ticket (from `cluster token create`).
-    #[arg(long, env = "BLIXARD_JOIN", conflicts_with = "join_file")]
+    /// A join ticket, as text.
     pub join: Option<String>,
-    /// Read the join ticket from this file.
-    #[arg(long, env = "BLIXARD_JOIN_FILE")]
+    /// A file holding the join ticket.
     pub join_file: Option<PathBuf>,
     /// Config file (default: DATA_DIR/blixard.toml when it exists).
-    #[arg(long, env = "BLIXARD_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's name (default: the host name).
-    #[arg(long, env = "BLIXARD_NAME")]
     pub name: Option<String>,
-    /// A node label, KEY=VALUE; repeatable.
-    #[arg(long = "label", value_parser = parse_label)]
+    /// Node labels.
     pub labels: Vec<(String, String)>,
     /// An Iroh relay URL (relays are off by default).
-    #[arg(long, env = "BLIXARD_RELAY_URL")]
     pub relay_url: Option<String>,
     /// Compact the raft log past this many entries.
-    #[arg(long)]
     pub snapshot_threshold: Option<u64>,
-    /// Unpack image closures into this store dir (default /nix/store).
-    #[arg(long, env = "BLIXARD_STORE_DIR")]
+    /// Unpack image closures into this store dir.
     pub store_dir: Option<String>,
-    /// Serve the binary cache on this address (default 127.0.0.1:7380), or `off`.
-    #[arg(long, env = "BLIXARD_CACHE_LISTEN", value_parser = parse_cache_listen)]
+    /// Where the binary cache listens, or off.
     pub cache_listen: Option<CacheListen>,
 }
 
@@ -75,23 +63,6 @@ pub struct RunArgs {
 pub enum CacheListen {
     Off,
     At(SocketAddr),
-}
-
-fn parse_cache_listen(s: &str) -> Result<CacheListen, String> {
-    if s == "off" {
-        return Ok(CacheListen::Off);
-    }
-    s.parse()
-        .map(CacheListen::At)
-        .map_err(|e| format!("expected HOST:PORT or off: {e}"))
-}
-
-/// `KEY=VALUE` (labels, constraints).
-pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
-    }
 }
 
 fn data_err(e: impl std::fmt::Display) -> Failure {
