@@ -13,9 +13,9 @@ use blixard_net::client::ApiClient;
 use blixard_net::ticket::JoinTicket;
 use blixard_net::{endpoint, keys, member_addr, EndpointAddr};
 
+use crate::output::{self, Format};
 use blixard_node::datadir::{self, NodeInfo};
 use blixard_node::exit::{self, Failure};
-use crate::output::{self, Format};
 
 #[derive(Clone)]
 pub struct Context {

@@ -18,9 +18,9 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::cli::{client, Context};
-use blixard_node::exit::{self, Failure};
 use crate::image_cli::{count, human_bytes, print_pulled};
 use crate::output::{self, Format};
+use blixard_node::exit::{self, Failure};
 
 /// Which nodes pull next.
 #[derive(Debug)]

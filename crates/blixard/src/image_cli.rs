@@ -11,8 +11,8 @@ use blixard_net::api::{
 use clap::Subcommand;
 
 use crate::cli::{client, Context};
-use blixard_node::exit::{self, Failure};
 use crate::output::{self, Format};
+use blixard_node::exit::{self, Failure};
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {

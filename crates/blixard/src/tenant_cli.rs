@@ -5,9 +5,9 @@ use blixard_net::api::{NodeList, QuotaSet, QuotaShow, TenantCreate, TenantInfo, 
 use clap::Subcommand;
 
 use crate::cli::{client, parse_scaled, Context};
-use blixard_node::exit::{self, Failure};
 use crate::image_cli::human_bytes;
 use crate::output::{self, Format};
+use blixard_node::exit::{self, Failure};
 
 #[derive(Subcommand, Debug)]
 pub enum TenantCommand {

@@ -12,9 +12,9 @@ use blixard_net::EndpointAddr;
 use clap::{Subcommand, ValueEnum};
 
 use crate::cli::{client, Context};
-use blixard_node::exit::{self, Failure};
 use crate::output::{self, Format};
 use crate::tenant_cli::parse_mib;
+use blixard_node::exit::{self, Failure};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RestartArg {
@@ -133,7 +133,7 @@ fn fail(e: impl std::fmt::Display) -> Failure {
 }
 
 fn age(ms: u64) -> String {
-    let now = blixard_node::service::now_ms();
+    let now = blixard_node::cluster::now_ms();
     let s = now.saturating_sub(ms) / 1000;
     match s {
         0..=119 => format!("{s}s"),

@@ -17,6 +17,9 @@ pub enum Principal {
     User(User),
     /// A cluster member, acting as a host.
     Node(NodeId, EndpointKey),
+    /// A host's own configuration (its declared VMs) acting on the cluster through the
+    /// node itself, in process; the key is the node's.
+    Host(NodeId, EndpointKey),
     /// Anyone else: authenticated (the key is real) but unknown to the cluster.
     Anonymous(EndpointKey),
 }
@@ -24,7 +27,10 @@ pub enum Principal {
 impl Principal {
     pub fn key(&self) -> &EndpointKey {
         match self {
-            Principal::Admin(k, _) | Principal::Node(_, k) | Principal::Anonymous(k) => k,
+            Principal::Admin(k, _)
+            | Principal::Node(_, k)
+            | Principal::Host(_, k)
+            | Principal::Anonymous(k) => k,
             Principal::User(u) => &u.key,
         }
     }
@@ -43,6 +49,12 @@ impl Principal {
                 tenant: u.tenant.clone(),
             },
             Principal::Node(n, _) => Subject::Node { id: n.0 },
+            // Until the schema has a Host type: as the host's admin credential would.
+            Principal::Host(n, _) => Subject::User {
+                name: format!("host-n{n}"),
+                roles: vec!["admin".into()],
+                tenant: None,
+            },
             Principal::Anonymous(k) => Subject::Anonymous { key: k.to_string() },
         }
     }
@@ -54,6 +66,7 @@ impl std::fmt::Display for Principal {
             Principal::Admin(_, n) => write!(f, "the admin credential of node {n}"),
             Principal::User(u) => write!(f, "user {}", u.name),
             Principal::Node(n, _) => write!(f, "node {n}"),
+            Principal::Host(n, _) => write!(f, "the configuration of host {n}"),
             Principal::Anonymous(k) => write!(f, "unknown key {k}"),
         }
     }

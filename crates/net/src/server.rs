@@ -175,6 +175,23 @@ async fn dispatch<S: Service>(
         }
     }
     let principal = service.principal(&caller);
+    call(service, principal, frame, timeout, progress).await
+}
+
+/// The choke point for a caller already known: authorization (the request kind names one
+/// Cedar action and one resource, the cluster's policies decide), an audit record of the
+/// decision and outcome for mutating requests, then the handler, within `timeout` (an
+/// hour for long-running requests). Requests from the network come here once their
+/// caller's key is mapped to a principal; in-process callers (a host's own
+/// configuration) come here directly. There is no other way into [`Service::handle`].
+pub async fn call<S: Service>(
+    service: &S,
+    principal: Principal,
+    frame: RequestFrame,
+    timeout: Duration,
+    progress: ProgressSink,
+) -> ResponseFrame {
+    let caller = *principal.key();
     let context = blixard_authz::RequestContext::now(caller.to_string());
     let authorizer = service.authorizer();
     let decision = authorize(

@@ -14,11 +14,10 @@ use blixard_core::{
     valid_name, valid_vm_name, RestartPolicy, Vm, VmSpec, DEFAULT_TENANT, MAX_MEMORY_MIB,
     MAX_VCPUS, MIN_MEMORY_MIB, NODE_CONSTRAINT, VM_NAME_RULE,
 };
-use blixard_net::api::{ImageImport, ProgressSink, RequestFrame, VmCreate, VmRef};
-use blixard_net::authz::Principal;
+use blixard_net::api::{ImageImport, ProgressSink, Request, VmCreate, VmDelete, VmRef};
 use serde::Deserialize;
 
-use crate::service::NodeService;
+use crate::api::Api;
 
 /// The label that marks a VM as declared by a host's configuration.
 pub const DECLARED_BY: &str = "blixard.declared-by";
@@ -165,8 +164,7 @@ fn spec_of(vm: &DeclaredVm, me: blixard_core::NodeId) -> VmSpec {
 /// interrupts a pass that is still retrying; the next pass starts from cluster state again.
 /// A file that no longer reads is logged, and the VMs declared before stay as they are.
 pub async fn watch(
-    service: Arc<NodeService>,
-    admin: blixard_core::EndpointKey,
+    api: Arc<Api>,
     path: std::path::PathBuf,
     first: Vec<DeclaredVm>,
     mut reload: tokio::sync::mpsc::Receiver<()>,
@@ -174,7 +172,7 @@ pub async fn watch(
     let mut declared = first;
     loop {
         tokio::select! {
-            () = run(service.clone(), admin, declared.clone()) => {
+            () = run(&api, &declared) => {
                 if reload.recv().await.is_none() {
                     return;
                 }
@@ -197,14 +195,10 @@ pub async fn watch(
 
 /// Brings cluster state in line with `declared`, retrying until it succeeds (e.g. while
 /// there is no leader yet).
-pub async fn run(
-    service: Arc<NodeService>,
-    admin: blixard_core::EndpointKey,
-    declared: Vec<DeclaredVm>,
-) {
+pub async fn run(api: &Api, declared: &[DeclaredVm]) {
     let mut delay = Duration::from_millis(500);
     loop {
-        match reconcile(&service, admin, &declared).await {
+        match reconcile(api, declared).await {
             Ok(()) => {
                 tracing::info!(count = declared.len(), "declared VMs are in cluster state");
                 return;
@@ -218,35 +212,30 @@ pub async fn run(
     }
 }
 
-async fn reconcile(
-    service: &NodeService,
-    admin: blixard_core::EndpointKey,
-    declared: &[DeclaredVm],
-) -> Result<(), String> {
-    service.barrier(false).await.map_err(|e| e.to_string())?;
-    let me = service.node.id();
+/// One pass. Every change is a request of this host's configuration, through the same
+/// choke point as any caller's (authorized as `Host`, audited).
+async fn reconcile(api: &Api, declared: &[DeclaredVm]) -> Result<(), String> {
+    let cluster = &api.cluster;
+    cluster.barrier(false).await.map_err(|e| e.to_string())?;
+    let me = cluster.me();
     let mine = format!("n{me}");
-    // Acts as this node's admin credential: the host's own configuration speaks.
-    let admin = Principal::Admin(admin, me);
-    let frame = |r: blixard_net::api::Request| RequestFrame::new(None, r);
+    let call = |request: Request| api.call_as_host(request, ProgressSink::none());
     let mut wanted = BTreeSet::new();
     for d in declared {
         let spec = spec_of(d, me);
         wanted.insert(Vm::key(&spec.tenant, &spec.name));
-        if service.node.state().image(&spec.image).is_none() {
+        if cluster.state().image(&spec.image).is_none() {
             let import = ImageImport {
                 name: spec.image.clone(),
                 path: d.runner.clone(),
                 tenant: d.tenant.clone(),
                 pin: false,
             };
-            service
-                .image_import(&admin, &import, ProgressSink::none())
+            call(import.into())
                 .await
                 .map_err(|e| format!("importing {} for VM {}: {e}", d.runner, d.name))?;
         }
-        let existing = service
-            .node
+        let existing = cluster
             .state()
             .vm(&Vm::key(&spec.tenant, &spec.name))
             .cloned();
@@ -263,8 +252,7 @@ async fn reconcile(
                 continue;
             }
             tracing::info!(vm = %vm.id(), "declaration changed: replacing the VM");
-            service
-                .vm_delete(&admin, &vm_ref)
+            call(VmDelete { vm: vm_ref }.into())
                 .await
                 .map_err(|e| format!("replacing VM {}: {e}", vm.id()))?;
         }
@@ -272,14 +260,12 @@ async fn reconcile(
             spec: Box::new(spec.clone()),
             start: true,
         };
-        service
-            .vm_create(&admin, &frame(create.clone().into()), &create)
+        call(create.into())
             .await
             .map_err(|e| format!("creating VM {}: {e}", d.name))?;
     }
     // What this node declared before and no longer does.
-    let stale: Vec<Vm> = service
-        .node
+    let stale: Vec<Vm> = cluster
         .state()
         .vms()
         .filter(|v| v.spec.labels.get(DECLARED_BY) == Some(&mine) && !wanted.contains(&v.id()))
@@ -291,8 +277,7 @@ async fn reconcile(
             name: vm.spec.name.clone(),
             tenant: Some(vm.spec.tenant.clone()),
         };
-        service
-            .vm_delete(&admin, &r)
+        call(VmDelete { vm: r }.into())
             .await
             .map_err(|e| format!("deleting VM {}: {e}", vm.id()))?;
     }

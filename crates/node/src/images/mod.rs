@@ -1,25 +1,22 @@
-//! The node's side of images: the API handlers for `image …`, the binary cache's key, and
-//! the janitor that keeps the local blob store in line with cluster state.
+//! The node's images: importing, pulling from holders (and recording this node as one),
+//! putting closures into the host's store, the binary cache's signing key, and the janitor
+//! that keeps the local blob store in line with cluster state. The `image …` requests
+//! that use this are in `api::images`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blixard_core::{BlobHash, Command, Image, MemberStatus, NodeId, State};
 use blixard_images::nix::SigningKey;
-use blixard_images::{fetch, fetch_manifest, Holder, ImageStore, Progress};
-use blixard_net::api::{
-    ApiError, CacheKeyInfo, HolderReport, ImageDetail, ImageEntries, ImageImport, ImageInfo,
-    ImagePath, ImagePull, ImagePulled, ImageRemoved, ProgressSink, RequestFrame, Response,
-    ResponseFrame, PHASE_HELD,
-};
-use blixard_net::authz::{image_entity, Principal};
+use blixard_images::{fetch, Holder, ImageStore, Progress};
+use blixard_net::api::{ApiError, HolderReport, ImagePulled, ProgressSink, PHASE_HELD};
 use blixard_raft::RaftNode;
 use iroh_blobs::Hash;
 use rand::seq::SliceRandom;
 
-use crate::service::{member_addr_of, now_ms, NodeService};
+use crate::cluster::{member_addr_of, now_ms, ClusterHandle};
 
 /// How long one raft step (a proposal, a read barrier) may take inside a long request.
 const RAFT_STEP: Duration = Duration::from_secs(15);
@@ -59,6 +56,7 @@ async fn retried<T, F: std::future::Future<Output = Result<T, ApiError>>>(
 
 /// The node's images and when each was last used here (for eviction).
 pub struct Images {
+    pub cluster: Arc<ClusterHandle>,
     pub store: ImageStore,
     /// `http://ADDR` of this node's binary cache, when it serves one.
     pub cache_url: Option<String>,
@@ -74,6 +72,7 @@ pub struct Images {
 
 impl Images {
     pub fn new(
+        cluster: Arc<ClusterHandle>,
         store: ImageStore,
         cache_url: Option<String>,
         cache_bytes: Option<u64>,
@@ -81,6 +80,7 @@ impl Images {
         import_paths: Vec<PathBuf>,
     ) -> Self {
         Self {
+            cluster,
             store,
             cache_url,
             cache_bytes,
@@ -134,10 +134,10 @@ fn source(state: &State, id: NodeId) -> Option<(NodeId, Holder)> {
     ))
 }
 
-impl NodeService {
-    fn holders_of(&self, image: &Image) -> Vec<(NodeId, Holder)> {
-        let me = self.node.id();
-        let state = self.node.state();
+impl Images {
+    pub fn holders_of(&self, image: &Image) -> Vec<(NodeId, Holder)> {
+        let me = self.cluster.me();
+        let state = self.cluster.state();
         let mut holders: Vec<(NodeId, Holder)> = image
             .holders
             .iter()
@@ -157,8 +157,8 @@ impl NodeService {
     /// The other members that do not hold `image` completely: some may hold part of it
     /// (fetching it right now) and can serve those pieces. Shuffled, like the holders.
     fn peers_for(&self, image: &Image) -> Vec<(NodeId, Holder)> {
-        let me = self.node.id();
-        let state = self.node.state();
+        let me = self.cluster.me();
+        let state = self.cluster.state();
         let mut peers: Vec<(NodeId, Holder)> = state
             .members()
             .filter(|m| m.id != me && !image.holders.contains(&m.id))
@@ -169,8 +169,8 @@ impl NodeService {
         peers
     }
 
-    fn image_named(&self, name: &str) -> Result<Image, ApiError> {
-        self.node
+    pub fn image_named(&self, name: &str) -> Result<Image, ApiError> {
+        self.cluster
             .state()
             .image(name)
             .cloned()
@@ -179,7 +179,7 @@ impl NodeService {
 
     /// Sets the cluster's cache signing key if no node has yet.
     async fn ensure_cache_key(&self) -> Result<(), ApiError> {
-        if self.node.state().cache_key().is_some() {
+        if self.cluster.state().cache_key().is_some() {
             return Ok(());
         }
         let key = SigningKey::generate(&format!("blixard-{}-1", self.cluster_short()))
@@ -187,14 +187,14 @@ impl NodeService {
         let command = Command::SetCacheKey {
             secret: key.to_nix_secret(),
         };
-        self.bounded(|| self.propose(command.clone()))
+        self.bounded(|| self.cluster.propose(command.clone()))
             .await
             .map(|_| ())
     }
 
     /// Raft steps inside long-running requests get the usual bound, not the request's
     /// hour. See [`retried`]: only for steps that may be applied twice.
-    async fn bounded<T, F: std::future::Future<Output = Result<T, ApiError>>>(
+    pub(crate) async fn bounded<T, F: std::future::Future<Output = Result<T, ApiError>>>(
         &self,
         step: impl FnMut() -> F,
     ) -> Result<T, ApiError> {
@@ -202,173 +202,109 @@ impl NodeService {
     }
 
     fn cluster_short(&self) -> String {
-        self.cluster_id.to_string().chars().take(8).collect()
+        self.cluster
+            .cluster_id
+            .to_string()
+            .chars()
+            .take(8)
+            .collect()
     }
 
-    pub(crate) async fn image_import(
+    /// Imports the closure (or directory) at `path` as image `name`: into the blob store,
+    /// into this host's store, and into cluster state with this node as its holder. The
+    /// caller has checked the name and whether its caller may read `path`.
+    pub async fn import(
         &self,
-        principal: &Principal,
-        r: &ImageImport,
+        name: &str,
+        path: &Path,
+        tenant: Option<String>,
+        pinned: bool,
         sink: ProgressSink,
-    ) -> ResponseFrame {
-        if !blixard_core::valid_name(&r.name) {
-            return Err(ApiError::BadRequest(format!(
-                "image name {:?}: names are 1 to 64 of a-z 0-9 . _ -",
-                r.name
-            )));
-        }
-        let path = Path::new(&r.path);
-        if !path.is_absolute() {
-            return Err(ApiError::BadRequest(format!(
-                "{}: give an absolute path (it is read on the node's host)",
-                r.path
-            )));
-        }
-        // An import reads this host's files: only the node's own admin credential (which
-        // can read the data dir anyway) may name any path; others stay in import_paths.
-        if !matches!(principal, Principal::Admin(..)) {
-            let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-            if !self.images.import_paths.iter().any(|p| real.starts_with(p)) {
-                return Err(ApiError::Rejected(format!(
-                    "{}: imports by {principal} must come from {} (images.import_paths)",
-                    r.path,
-                    self.images
-                        .import_paths
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-        }
-        if let Some(existing) = self.node.state().image(&r.name) {
+    ) -> Result<Image, ApiError> {
+        if let Some(existing) = self.cluster.state().image(name) {
             return Err(ApiError::Rejected(format!(
-                "image {} already exists (root {}); remove it first or pick another name",
-                r.name, existing.root
+                "image {name} already exists (root {}); remove it first or pick another name",
+                existing.root
             )));
         }
         self.ensure_cache_key().await?;
         let progress = Progress::new(move |p| sink.report(p.phase, p.done, p.total));
         let started = Instant::now();
         let imported = self
-            .images
             .store
-            .import(path, &r.name, &progress)
+            .import(path, name, &progress)
             .await
             .map_err(|e| ApiError::Rejected(e.to_string()))?;
         let m = &imported.manifest;
         let manifest = BlobHash(*imported.manifest_hash.as_bytes());
         let image = Image {
-            name: r.name.clone(),
+            name: name.to_string(),
             manifest,
             root: m.root.clone(),
             store_dir: m.store_dir.clone(),
             nar_count: m.entries.len() as u32,
             nar_size: m.total_size(),
-            holders: [self.node.id()].into(),
-            pinned: r.pin,
-            tenant: r
-                .tenant
-                .clone()
-                .or_else(|| principal.tenant().map(str::to_string)),
+            holders: [self.cluster.me()].into(),
+            pinned,
+            tenant,
             created_at_ms: now_ms(),
         };
         // Into this node's store too, so a VM here can run it.
         self.materialise_here(&image, m).await?;
-        self.bounded(|| self.propose(Command::AddImage(image.clone())))
+        self.bounded(|| self.cluster.propose(Command::AddImage(image.clone())))
             .await?;
-        self.images.touch(manifest);
+        self.touch(manifest);
         tracing::info!(
-            image = %r.name,
+            image = %name,
             root = %m.root,
             paths = m.entries.len(),
             bytes = m.total_size(),
             ms = started.elapsed().as_millis() as u64,
             "imported image"
         );
-        Ok(Response::ImageImport(ImageInfo { image }))
+        Ok(image)
     }
 
-    pub(crate) async fn image_list(&self, principal: &Principal, stale: bool) -> ResponseFrame {
-        self.barrier(stale).await?;
-        let may = self.may(principal);
-        let images = self
-            .node
-            .state()
-            .images()
-            .filter(|i| may("image:read", &image_entity(i)))
-            .cloned()
-            .collect();
-        Ok(Response::ImageList(ImageEntries { images }))
-    }
-
-    pub(crate) async fn image_show(&self, name: &str, stale: bool) -> ResponseFrame {
-        self.barrier(stale).await?;
-        let image = self.image_named(name)?;
-        let holders: Vec<Holder> = self
-            .holders_of(&image)
-            .into_iter()
-            .map(|(_, h)| h)
-            .collect();
-        let manifest = fetch_manifest(
-            &self.images.store,
-            self.client.endpoint(),
-            blob_hash(image.manifest),
-            &holders,
-        )
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        let paths = manifest
-            .entries
-            .iter()
-            .map(|e| ImagePath {
-                path: e.path.clone(),
-                nar_hash: e.nar_hash.clone(),
-                nar_size: e.nar_size,
-                references: e.references.clone(),
-                blob: e.blob.clone(),
+    /// Pins (never evicted, not removable) or unpins an image.
+    pub async fn pin(&self, name: &str, pinned: bool) -> Result<Image, ApiError> {
+        self.cluster
+            .propose(Command::PinImage {
+                name: name.to_string(),
+                pinned,
             })
-            .collect();
-        Ok(Response::ImageShow(ImageDetail { image, paths }))
+            .await?;
+        self.image_named(name)
     }
 
-    pub(crate) async fn image_pull(
-        &self,
-        frame: &RequestFrame,
-        r: &ImagePull,
-        sink: ProgressSink,
-    ) -> ResponseFrame {
-        let me = self.node.id();
-        if let Some(target) = r.node.filter(|n| *n != me) {
-            if frame.forwarded {
-                return Err(ApiError::BadRequest(
-                    "a forwarded pull must be for the node it reached".into(),
-                ));
-            }
-            let addr = member_addr_of(&self.node.state(), target)
-                .ok_or_else(|| ApiError::Rejected(format!("node {target} is not a member")))?;
-            return match self
-                .client
-                .forward(&addr, frame.request.clone(), &sink)
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => Err(ApiError::Unavailable(format!("asking node {target}: {e}"))),
-            };
+    /// Removes an image from the cluster and drops this node's copy (the others drop
+    /// theirs when their janitor sees it gone).
+    pub async fn remove(&self, name: &str) -> Result<(), ApiError> {
+        let image = self.image_named(name)?;
+        self.cluster
+            .propose(Command::RemoveImage {
+                name: name.to_string(),
+            })
+            .await?;
+        if let Err(e) = self.store.forget(blob_hash(image.manifest)).await {
+            tracing::warn!(image = %name, "dropping the local copy: {e}");
         }
-        self.bounded(|| self.barrier(false)).await?;
-        let image = self.image_named(&r.name)?;
-        Ok(Response::ImagePull(self.pull_here(&image, sink).await?))
+        Ok(())
+    }
+
+    /// The cluster's cache public key (once an import has made one), for Nix's
+    /// trusted-public-keys.
+    pub fn cache_public_key(&self) -> Option<String> {
+        cluster_signing_key(&self.cluster.node).map(|k| k.public_key().to_string())
     }
 
     /// Fetches `image` from its holders (unless it is here), records this node as a
     /// holder, and unpacks it into the store dir.
-    pub(crate) async fn pull_here(
+    pub async fn pull_here(
         &self,
         image: &Image,
         sink: ProgressSink,
     ) -> Result<ImagePulled, ApiError> {
-        let me = self.node.id();
+        let me = self.cluster.me();
         let started = Instant::now();
         let hash = blob_hash(image.manifest);
         let mut out = ImagePulled {
@@ -380,7 +316,7 @@ impl NodeService {
             fetch_millis: 0,
             millis: 0,
         };
-        let store = &self.images.store;
+        let store = &self.store;
         let held = sink.clone();
         if !store.is_complete(hash).await.map_err(internal)? {
             let holders = self.holders_of(image);
@@ -396,7 +332,7 @@ impl NodeService {
             let progress = Progress::new(move |p| sink.report(p.phase, p.done, p.total));
             let report = fetch(
                 store,
-                self.client.endpoint(),
+                self.cluster.client.endpoint(),
                 hash,
                 holders.into_iter().map(|(_, h)| h).collect(),
                 peers.into_iter().map(|(_, h)| h).collect(),
@@ -435,12 +371,13 @@ impl NodeService {
                 node: me,
                 held: true,
             };
-            self.bounded(|| self.propose(command.clone())).await?;
+            self.bounded(|| self.cluster.propose(command.clone()))
+                .await?;
         }
         held.report(PHASE_HELD, 1, 1);
         let manifest = store.manifest(hash).await.map_err(internal)?;
         out.materialised = self.materialise_here(image, &manifest).await?;
-        self.images.touch(image.manifest);
+        self.touch(image.manifest);
         out.millis = started.elapsed().as_millis() as u64;
         Ok(out)
     }
@@ -451,9 +388,8 @@ impl NodeService {
         image: &Image,
         manifest: &blixard_images::Manifest,
     ) -> Result<Vec<String>, ApiError> {
-        match &self.images.nix_copy {
+        match &self.nix_copy {
             None => self
-                .images
                 .store
                 .materialise(manifest)
                 .await
@@ -468,12 +404,12 @@ impl NodeService {
     /// Hands an image to the host's Nix through this node's binary cache, so Nix checks
     /// the signatures, registers the paths and its GC roots can protect them.
     async fn nix_copy(&self, image: &Image, to: Option<&str>) -> Result<(), ApiError> {
-        let url = self.images.cache_url.clone().ok_or_else(|| {
+        let url = self.cache_url.clone().ok_or_else(|| {
             ApiError::Rejected(
                 "materialise = nix needs the binary cache (images.cache_listen)".into(),
             )
         })?;
-        let key = cluster_signing_key(&self.node)
+        let key = cluster_signing_key(&self.cluster.node)
             .map(|k| k.public_key().to_string())
             .ok_or_else(|| ApiError::Rejected("the cluster has no cache key".into()))?;
         let mut cmd = tokio::process::Command::new("nix");
@@ -505,46 +441,14 @@ impl NodeService {
         Ok(())
     }
 
-    pub(crate) async fn image_pin(&self, name: &str, pinned: bool) -> ResponseFrame {
-        self.propose(Command::PinImage {
-            name: name.to_string(),
-            pinned,
-        })
-        .await?;
-        let image = self.image_named(name)?;
-        Ok(Response::ImagePin(ImageInfo { image }))
-    }
-
-    pub(crate) async fn image_remove(&self, name: &str) -> ResponseFrame {
-        let image = self.image_named(name)?;
-        self.propose(Command::RemoveImage {
-            name: name.to_string(),
-        })
-        .await?;
-        // Other nodes drop their copy when their janitor sees the image gone.
-        let manifest = blob_hash(image.manifest);
-        if let Err(e) = self.images.store.forget(manifest).await {
-            tracing::warn!(image = %name, "dropping the local copy: {e}");
-        }
-        Ok(Response::ImageRemove(ImageRemoved {}))
-    }
-
-    pub(crate) fn cache_key(&self) -> ResponseFrame {
-        let public_key = cluster_signing_key(&self.node).map(|k| k.public_key().to_string());
-        Ok(Response::CacheKey(CacheKeyInfo {
-            public_key,
-            url: self.images.cache_url.clone(),
-        }))
-    }
-
     /// One round of housekeeping: drop local copies of images the cluster no longer has,
     /// stop claiming images this node lost, and evict least-recently-used unpinned images
     /// beyond the cache size.
-    pub(crate) async fn janitor_round(&self) -> Result<(), String> {
-        let me = self.node.id();
-        let store = &self.images.store;
+    pub async fn janitor_round(&self) -> Result<(), String> {
+        let me = self.cluster.me();
+        let store = &self.store;
         let held = store.held().await.map_err(|e| e.to_string())?;
-        let images: Vec<Image> = self.node.state().images().cloned().collect();
+        let images: Vec<Image> = self.cluster.state().images().cloned().collect();
         for hash in &held {
             let known = images.iter().any(|i| blob_hash(i.manifest) == *hash);
             if !known {
@@ -559,7 +463,7 @@ impl NodeService {
                 self.set_holder(image, false).await?;
             }
         }
-        let Some(limit) = self.images.cache_bytes else {
+        let Some(limit) = self.cache_bytes else {
             return Ok(());
         };
         let mut mine: Vec<&Image> = images.iter().filter(|i| i.holders.contains(&me)).collect();
@@ -567,12 +471,7 @@ impl NodeService {
         if total <= limit {
             return Ok(());
         }
-        let last_used = self
-            .images
-            .last_used
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default();
+        let last_used = self.last_used.lock().map(|m| m.clone()).unwrap_or_default();
         // Oldest first; never seen used since this daemon started counts as oldest.
         mine.sort_by_key(|i| last_used.get(&i.manifest).copied());
         for image in mine {
@@ -598,24 +497,25 @@ impl NodeService {
     }
 
     async fn set_holder(&self, image: &Image, held: bool) -> Result<(), String> {
-        self.propose(Command::SetImageHolder {
-            name: image.name.clone(),
-            manifest: image.manifest,
-            node: self.node.id(),
-            held,
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        self.cluster
+            .propose(Command::SetImageHolder {
+                name: image.name.clone(),
+                manifest: image.manifest,
+                node: self.cluster.me(),
+                held,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
 /// Runs the janitor every few seconds until the node stops.
-pub async fn janitor(service: std::sync::Arc<NodeService>) {
+pub async fn janitor(images: Arc<Images>) {
     let mut tick = tokio::time::interval(Duration::from_secs(3));
     loop {
         tick.tick().await;
-        if let Err(e) = service.janitor_round().await {
+        if let Err(e) = images.janitor_round().await {
             tracing::debug!("image janitor: {e}");
         }
     }

@@ -1,0 +1,376 @@
+//! The cluster's own requests: status, join tokens, joining and leaving, metadata, users,
+//! the admin credential, and the Cedar policies.
+
+use blixard_authz::{Authorizer, RequestContext, Resource};
+use blixard_core::{Command, CommandOutput, EndpointKey, JoinRequest, NewMember, NodeId, User};
+use blixard_net::api::{
+    AdminKeySet, AdminSetKey, ApiError, ClusterStatus, JoinCluster, Joined, LeaveCluster, Left,
+    MetaEntries, MetaGet, MetaSet, MetaSetDone, PolicySet, PolicySetDone, PolicyTest, PolicyText,
+    PolicyVerdict, ProgressSink, RequestFrame, Response, ResponseFrame, StatusRequest, TokenCreate,
+    TokenCreated, UserAdd, UserAdded, UserEntries, UserKeySet, UserRemove, UserRemoved, UserSetKey,
+};
+use blixard_net::authz::{user_resource, Principal};
+use blixard_net::ticket::{hash_secret, JoinTicket};
+use blixard_raft::ProposeError;
+
+use blixard_net::server::Service;
+
+use super::Api;
+use crate::cluster::{now_ms, propose_error, ClusterHandle, ForwardError};
+
+pub(super) async fn status(cluster: &ClusterHandle, r: &StatusRequest) -> ResponseFrame {
+    cluster.barrier(r.stale).await?;
+    let raft = cluster.node.status().await.map_err(propose_error)?;
+    let state = cluster.state();
+    let meta = state.cluster().cloned().ok_or_else(|| {
+        ApiError::Unavailable("this node has not received the cluster state yet".into())
+    })?;
+    Ok(Response::Status(ClusterStatus {
+        cluster_id: meta.cluster_id,
+        name: meta.name,
+        node: cluster.me(),
+        raft,
+        members: state.members().cloned().collect(),
+        stale: r.stale,
+    }))
+}
+
+pub(super) async fn token_create(cluster: &ClusterHandle, t: &TokenCreate) -> ResponseFrame {
+    if t.ttl_secs == 0 || t.ttl_secs > 7 * 24 * 3600 {
+        return Err(ApiError::BadRequest(
+            "token lifetimes are 1 second to 7 days".into(),
+        ));
+    }
+    let secret: [u8; 32] = rand::random();
+    let now = now_ms();
+    let expires_at_ms = now + t.ttl_secs * 1000;
+    cluster
+        .propose(Command::CreateJoinToken {
+            token_hash: hash_secret(&secret),
+            now_ms: now,
+            expires_at_ms,
+        })
+        .await?;
+    let ticket = JoinTicket {
+        cluster_id: cluster.cluster_id,
+        members: cluster
+            .members()
+            .into_iter()
+            .map(|(_, k, a)| (k, a))
+            .collect(),
+        secret,
+    };
+    Ok(Response::TokenCreate(TokenCreated {
+        ticket: ticket.to_string(),
+        expires_at_ms,
+    }))
+}
+
+/// A membership change runs where raft can propose it, on the leader: a follower hands
+/// the request there. `result` is this node's attempt.
+async fn on_leader(
+    cluster: &ClusterHandle,
+    frame: &RequestFrame,
+    result: Result<CommandOutput, ProposeError>,
+) -> Result<CommandOutput, ResponseFrame> {
+    match result {
+        Err(ProposeError::NotLeader {
+            leader: Some(leader),
+        }) if !frame.forwarded => Err(cluster
+            .forward(NodeId(leader), frame.request.clone(), &ProgressSink::none())
+            .await
+            .unwrap_or_else(|e| match e {
+                ForwardError::NoAddress(_) => Err(ApiError::NoLeader),
+                ForwardError::Failed(_, e) => Err(ApiError::Unavailable(format!(
+                    "forwarding to leader {leader}: {e}"
+                ))),
+            })),
+        other => other.map_err(|e| Err(propose_error(e))),
+    }
+}
+
+pub(super) async fn join(
+    api: &Api,
+    principal: &Principal,
+    frame: &RequestFrame,
+    j: &JoinCluster,
+) -> ResponseFrame {
+    // The first node checks that the joiner speaks for its own key; a forwarded join comes
+    // from that (member) node.
+    if !frame.forwarded && j.endpoint != *principal.key() {
+        return Err(ApiError::BadRequest(
+            "a node can only join with its own key".into(),
+        ));
+    }
+    // Declared membership: a stranger is refused even with a valid ticket.
+    if let Some(expected) = &api.expected {
+        if !expected
+            .iter()
+            .any(|m| m.endpoint_id == j.endpoint && m.name == j.name)
+        {
+            return Err(ApiError::Rejected(format!(
+                "node {} ({}) is not an expected member of this cluster (expected_members)",
+                j.name, j.endpoint
+            )));
+        }
+    }
+    if j.name.is_empty() || j.name.len() > 64 {
+        return Err(ApiError::BadRequest(
+            "node names are 1 to 64 characters".into(),
+        ));
+    }
+    let caller: EndpointKey = j.endpoint;
+    if j.admin == caller {
+        return Err(ApiError::BadRequest(
+            "the admin credential must differ from the node key".into(),
+        ));
+    }
+    let cluster = &api.cluster;
+    let request = JoinRequest {
+        node: NodeId(0),
+        token_hash: hash_secret(&j.secret),
+        now_ms: now_ms(),
+        member: NewMember {
+            name: j.name.clone(),
+            endpoint: caller,
+            addrs: j.addrs.clone(),
+            labels: j.labels.clone(),
+            capacity: j.capacity,
+        },
+        admin: j.admin,
+    };
+    let result = cluster.node.join(request).await;
+    match on_leader(cluster, frame, result).await {
+        Err(forwarded) => forwarded,
+        Ok(CommandOutput::Joined { node }) => Ok(Response::Join(Joined {
+            node,
+            cluster_id: cluster.cluster_id,
+            members: cluster.members(),
+        })),
+        Ok(other) => Err(ApiError::Internal(format!(
+            "unexpected join result {other:?}"
+        ))),
+    }
+}
+
+pub(super) async fn leave(
+    cluster: &ClusterHandle,
+    frame: &RequestFrame,
+    l: &LeaveCluster,
+) -> ResponseFrame {
+    {
+        let state = cluster.state();
+        if state.is_removed(l.node) {
+            return Err(ApiError::Rejected(format!(
+                "node {} was already removed",
+                l.node
+            )));
+        }
+        if state.member(l.node).is_none() {
+            return Err(ApiError::Rejected(format!(
+                "node {} is not a member",
+                l.node
+            )));
+        }
+    }
+    let result = cluster.node.remove(l.node, now_ms()).await;
+    match on_leader(cluster, frame, result).await {
+        Err(forwarded) => forwarded,
+        Ok(_) => Ok(Response::Leave(Left { node: l.node })),
+    }
+}
+
+pub(super) async fn meta_set(cluster: &ClusterHandle, m: &MetaSet) -> ResponseFrame {
+    cluster
+        .propose(Command::SetMeta {
+            key: m.key.clone(),
+            value: m.value.clone(),
+        })
+        .await?;
+    Ok(Response::MetaSet(MetaSetDone {}))
+}
+
+pub(super) async fn meta_get(cluster: &ClusterHandle, m: &MetaGet) -> ResponseFrame {
+    cluster.barrier(m.stale).await?;
+    let state = cluster.state();
+    let entries = match &m.key {
+        Some(k) => match state.meta_get(k) {
+            Some(v) => vec![(k.clone(), v.clone())],
+            None => return Err(ApiError::Rejected(format!("no metadata key {k:?}"))),
+        },
+        None => state
+            .meta_entries()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
+    Ok(Response::MetaGet(MetaEntries { entries }))
+}
+
+pub(super) async fn user_add(cluster: &ClusterHandle, u: &UserAdd) -> ResponseFrame {
+    cluster
+        .propose(Command::AddUser(User {
+            name: u.name.clone(),
+            key: u.key,
+            roles: u.roles.clone(),
+            tenant: u.tenant.clone(),
+            created_at_ms: now_ms(),
+        }))
+        .await?;
+    Ok(Response::UserAdd(UserAdded {}))
+}
+
+pub(super) async fn admin_set_key(cluster: &ClusterHandle, a: &AdminSetKey) -> ResponseFrame {
+    cluster
+        .propose(Command::SetAdminKey {
+            node: a.node,
+            key: a.key,
+            now_ms: now_ms(),
+        })
+        .await?;
+    Ok(Response::AdminSetKey(AdminKeySet {}))
+}
+
+pub(super) async fn user_set_key(cluster: &ClusterHandle, u: &UserSetKey) -> ResponseFrame {
+    cluster
+        .propose(Command::SetUserKey {
+            name: u.name.clone(),
+            key: u.key,
+        })
+        .await?;
+    Ok(Response::UserSetKey(UserKeySet {}))
+}
+
+pub(super) async fn user_remove(cluster: &ClusterHandle, u: &UserRemove) -> ResponseFrame {
+    cluster
+        .propose(Command::RemoveUser {
+            name: u.name.clone(),
+        })
+        .await?;
+    Ok(Response::UserRemove(UserRemoved {}))
+}
+
+/// The users the caller may read.
+pub(super) async fn user_list(api: &Api, principal: &Principal, stale: bool) -> ResponseFrame {
+    api.cluster.barrier(stale).await?;
+    let may = api.may(principal);
+    let users = api
+        .cluster
+        .state()
+        .users()
+        .filter(|u| may("user:read", &user_resource(u)))
+        .cloned()
+        .collect();
+    Ok(Response::UserList(UserEntries { users }))
+}
+
+pub(super) fn policy_get(cluster: &ClusterHandle) -> ResponseFrame {
+    let stored = cluster.state().policies().cloned();
+    Ok(Response::PolicyGet(PolicyText {
+        default: stored.is_none(),
+        text: stored.unwrap_or_else(|| blixard_authz::DEFAULT_POLICIES.to_string()),
+    }))
+}
+
+pub(super) async fn policy_set(cluster: &ClusterHandle, p: &PolicySet) -> ResponseFrame {
+    // Validate here; apply only stores what passed.
+    Authorizer::new(&p.text).map_err(|e| ApiError::Rejected(e.to_string()))?;
+    cluster
+        .propose(Command::SetPolicies {
+            text: p.text.clone(),
+        })
+        .await?;
+    Ok(Response::PolicySet(PolicySetDone {}))
+}
+
+pub(super) fn policy_test(api: &Api, t: &PolicyTest) -> ResponseFrame {
+    let who = principal_spec(api, &t.principal)?;
+    let resource = resource_spec(api, &t.resource)?;
+    if !blixard_authz::ACTIONS.contains(&t.action.as_str()) {
+        return Err(ApiError::BadRequest(format!(
+            "unknown action {:?}; actions: {}",
+            t.action,
+            blixard_authz::ACTIONS.join(", ")
+        )));
+    }
+    let context = RequestContext::now(who.key().to_string());
+    let v = api
+        .authorizer()
+        .authorize(&who.subject(), &t.action, &resource, &context)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(Response::PolicyTest(PolicyVerdict {
+        principal: who.to_string(),
+        allowed: v.allowed,
+        reasons: v.reasons,
+        errors: v.errors,
+    }))
+}
+
+/// Parses `user:NAME`, `node:ID` or `key:HEX` for `policy test`.
+fn principal_spec(api: &Api, spec: &str) -> Result<Principal, ApiError> {
+    let state = api.cluster.state();
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "principal {spec:?}: expected user:NAME, node:ID or key:HEX"
+        ))
+    };
+    match spec.split_once(':').ok_or_else(bad)? {
+        ("user", name) => state
+            .user(name)
+            .cloned()
+            .map(Principal::User)
+            .ok_or_else(|| ApiError::Rejected(format!("no user {name}"))),
+        ("node", id) => {
+            let id: NodeId = id.parse().map_err(|_| bad())?;
+            state
+                .member(id)
+                .map(|m| Principal::Node(id, m.endpoint))
+                .ok_or_else(|| ApiError::Rejected(format!("node {id} is not a member")))
+        }
+        ("key", hex) => {
+            let key: EndpointKey = hex.parse().map_err(|_| bad())?;
+            Ok(super::principal_of(&state, &key))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Parses a resource for `policy test`.
+fn resource_spec(api: &Api, spec: &str) -> Result<Resource, ApiError> {
+    if spec == "cluster" {
+        return Ok(Resource::Cluster);
+    }
+    match spec.split_once(':') {
+        Some(("user", name)) => api
+            .cluster
+            .state()
+            .user(name)
+            .map(user_resource)
+            .ok_or_else(|| ApiError::Rejected(format!("no user {name}"))),
+        Some(("image", name)) => Ok(blixard_net::authz::image_resource(name, api)),
+        Some(("tenant", name)) => Ok(Resource::Tenant {
+            name: name.to_string(),
+        }),
+        Some(("vm", key)) => {
+            let (tenant, name) = key.split_once('/').ok_or_else(|| {
+                ApiError::BadRequest(format!("resource {spec:?}: expected vm:TENANT/NAME"))
+            })?;
+            Ok(match api.cluster.state().vm(key) {
+                Some(vm) => blixard_net::authz::vm_entity(vm),
+                None => Resource::Vm {
+                    name: name.to_string(),
+                    tenant: tenant.to_string(),
+                    labels: Vec::new(),
+                },
+            })
+        }
+        Some(("node", id)) => {
+            let id: NodeId = id.parse().map_err(|_| {
+                ApiError::BadRequest(format!("resource {spec:?}: expected node:ID"))
+            })?;
+            Ok(blixard_net::authz::node_resource(id, api))
+        }
+        _ => Err(ApiError::BadRequest(format!(
+            "resource {spec:?}: expected cluster, user:NAME, image:NAME, tenant:NAME, vm:TENANT/NAME or node:ID"
+        ))),
+    }
+}

@@ -1,0 +1,189 @@
+//! The node's API: who a caller is, which policies are in force, where audited decisions
+//! go, and which handler answers each request. Requests reach it only through the choke
+//! point (`blixard_net::server`), from the network or, for the host's own configuration,
+//! in process (see [`Api::call_as_host`]); the handlers are grouped by what they touch.
+
+mod cluster;
+mod images;
+mod tenants;
+mod vms;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blixard_authz::{Authorizer, RequestContext, Resource};
+use blixard_core::{ClusterId, EndpointKey, NodeId, State, User};
+use blixard_net::api::{ProgressSink, Request, RequestFrame, ResponseFrame};
+use blixard_net::authz::{Lookup, Principal};
+use blixard_net::server::{AuditEvent, Service};
+
+use crate::audit::AuditLog;
+use crate::cluster::ClusterHandle;
+use crate::config::ExpectedMember;
+use crate::images::Images;
+use crate::vms::Vms;
+
+/// Who `caller` is in `state`: a member node, an admin credential, a user, or anonymous.
+pub(crate) fn principal_of(state: &State, caller: &EndpointKey) -> Principal {
+    if let Some(m) = state.member_by_endpoint(caller) {
+        Principal::Node(m.id, *caller)
+    } else if let Some(a) = state.admin(caller) {
+        Principal::Admin(*caller, a.node)
+    } else if let Some(u) = state.user_by_key(caller) {
+        Principal::User(u.clone())
+    } else {
+        Principal::Anonymous(*caller)
+    }
+}
+
+/// The API of one node.
+pub struct Api {
+    pub cluster: Arc<ClusterHandle>,
+    pub audit: Arc<AuditLog>,
+    pub images: Arc<Images>,
+    pub vms: Arc<Vms>,
+    /// When set, only these keys (under these names) may join.
+    pub expected: Option<Vec<ExpectedMember>>,
+    /// How long a request may take (long-running ones: an hour).
+    pub timeout: Duration,
+    /// The authorizer for the policy text it was built from (`None` = the defaults).
+    policies: Mutex<(Option<String>, Arc<Authorizer>)>,
+}
+
+impl Api {
+    pub fn new(
+        cluster: Arc<ClusterHandle>,
+        audit: Arc<AuditLog>,
+        images: Arc<Images>,
+        vms: Arc<Vms>,
+        expected: Option<Vec<ExpectedMember>>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let defaults = Authorizer::with_defaults().map_err(|e| e.to_string())?;
+        Ok(Self {
+            cluster,
+            audit,
+            images,
+            vms,
+            expected,
+            timeout,
+            policies: Mutex::new((None, Arc::new(defaults))),
+        })
+    }
+
+    /// Whether `principal` may do an action on a resource, under the policies in force
+    /// now: what list results are filtered by.
+    pub(crate) fn may(&self, principal: &Principal) -> impl Fn(&'static str, &Resource) -> bool {
+        let authorizer = self.authorizer();
+        let context = RequestContext::now(principal.key().to_string());
+        let principal = principal.clone();
+        move |action, resource| {
+            blixard_net::authz::allows(&authorizer, &principal, action, resource, &context)
+        }
+    }
+
+    /// The host's own configuration (its declared VMs) speaking: `request` goes through the
+    /// same choke point as a request from the network (authorization as this host,
+    /// an audit record, then the handler).
+    pub async fn call_as_host(&self, request: Request, progress: ProgressSink) -> ResponseFrame {
+        let me = self.cluster.me();
+        let key = blixard_net::key_of(&self.cluster.client.endpoint().id());
+        blixard_net::server::call(
+            self,
+            Principal::Host(me, key),
+            RequestFrame::new(Some(self.cluster.cluster_id), request),
+            self.timeout,
+            progress,
+        )
+        .await
+    }
+}
+
+impl Lookup for Api {
+    fn user(&self, name: &str) -> Option<User> {
+        self.cluster.state().user(name).cloned()
+    }
+    fn image(&self, name: &str) -> Option<blixard_core::Image> {
+        self.cluster.state().image(name).cloned()
+    }
+    fn vm(&self, key: &str) -> Option<blixard_core::Vm> {
+        self.cluster.state().vm(key).cloned()
+    }
+    fn node_labels(&self, node: NodeId) -> Option<std::collections::BTreeMap<String, String>> {
+        self.cluster.state().member(node).map(|m| m.labels.clone())
+    }
+}
+
+impl Service for Api {
+    fn cluster_id(&self) -> Option<ClusterId> {
+        Some(self.cluster.cluster_id)
+    }
+
+    fn principal(&self, caller: &EndpointKey) -> Principal {
+        principal_of(&self.cluster.state(), caller)
+    }
+
+    fn authorizer(&self) -> Arc<Authorizer> {
+        let current = self.cluster.state().policies().cloned();
+        let mut cache = match self.policies.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if cache.0 != current {
+            match current.as_deref().map(Authorizer::new).unwrap_or_else(Authorizer::with_defaults) {
+                Ok(a) => *cache = (current, Arc::new(a)),
+                Err(e) => tracing::error!("stored policies do not validate with this version ({e}); keeping the previous ones"),
+            }
+        }
+        cache.1.clone()
+    }
+
+    fn audit(&self, event: AuditEvent) {
+        self.audit.record(&event);
+    }
+
+    async fn handle(
+        &self,
+        principal: Principal,
+        frame: RequestFrame,
+        progress: ProgressSink,
+    ) -> ResponseFrame {
+        let c = &*self.cluster;
+        let p = &principal;
+        match &frame.request {
+            Request::Status(r) => cluster::status(c, r).await,
+            Request::TokenCreate(t) => cluster::token_create(c, t).await,
+            Request::Join(j) => cluster::join(self, p, &frame, j).await,
+            Request::Leave(l) => cluster::leave(c, &frame, l).await,
+            Request::MetaSet(m) => cluster::meta_set(c, m).await,
+            Request::MetaGet(m) => cluster::meta_get(c, m).await,
+            Request::UserAdd(u) => cluster::user_add(c, u).await,
+            Request::AdminSetKey(a) => cluster::admin_set_key(c, a).await,
+            Request::UserSetKey(u) => cluster::user_set_key(c, u).await,
+            Request::UserRemove(u) => cluster::user_remove(c, u).await,
+            Request::UserList(l) => cluster::user_list(self, p, l.stale).await,
+            Request::PolicyGet(_) => cluster::policy_get(c),
+            Request::PolicySet(s) => cluster::policy_set(c, s).await,
+            Request::PolicyTest(t) => cluster::policy_test(self, t),
+            Request::ImageImport(r) => images::import(&self.images, p, r, progress).await,
+            Request::ImageList(r) => images::list(self, p, r.stale).await,
+            Request::ImageShow(r) => images::show(&self.images, &r.name, r.stale).await,
+            Request::ImagePull(r) => images::pull(&self.images, &frame, r, progress).await,
+            Request::ImagePin(r) => images::pin(&self.images, &r.name, r.pinned).await,
+            Request::ImageRemove(r) => images::remove(&self.images, &r.name).await,
+            Request::CacheKey(_) => images::cache_key(&self.images),
+            Request::TenantCreate(t) => tenants::create(c, &t.name).await,
+            Request::TenantList(t) => tenants::list(self, p, t.stale).await,
+            Request::QuotaSet(q) => tenants::quota_set(c, &q.tenant, q.quota).await,
+            Request::QuotaShow(q) => tenants::quota_show(c, &q.tenant, q.stale).await,
+            Request::NodeList(n) => tenants::node_list(c, n.stale).await,
+            Request::VmCreate(r) => vms::create(self, p, &frame, r).await,
+            Request::VmList(r) => vms::list(self, p, r).await,
+            Request::VmShow(r) => vms::show(c, p, &r.vm, r.stale).await,
+            Request::VmControl(r) => vms::control(c, p, r).await,
+            Request::VmDelete(r) => vms::delete(c, &self.vms, p, &r.vm).await,
+            Request::VmLogs(r) => vms::logs(c, &self.vms, p, &frame, r).await,
+            Request::NodeDrain(r) => vms::drain(c, r).await,
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! `blixard node run`: start (or resume) a node and serve until told to stop, in named
+//! phases:
+//!
+//! 1. [`settings`]: the configuration (file, environment, flags), checked;
+//! 2. [`open`]: the data dir, its store, this node's key, the endpoint;
+//! 3. [`identity`]: resume the cluster the data dir holds, start one, or join one;
+//! 4. [`start`]: raft, images, VMs, the API on the router, the loops; then READY=1;
+//! 5. [`wait`]: until SIGTERM/SIGINT, or this node is removed (SIGHUP reloads the
+//!    declared VMs meanwhile);
+//! 6. [`shutdown`], in order: stop the loops (VMs keep running), stop accepting
+//!    connections and let in-flight API requests finish (the router's shutdown does both,
+//!    then closes the endpoint), close the blob store, stop the raft thread after its
+//!    current step, flush the audit log, remove `node.json`.
+
+mod identity;
+mod open;
+mod settings;
+mod start;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use blixard_store::{NodeRecord, StoreError};
+
+use crate::datadir;
+use crate::exit::{self, Failure};
+use start::Running;
+
+/// How `blixard node run` was asked to start (its command line, the CLI's parsing aside).
+#[derive(Clone, Debug, Default)]
+pub struct RunArgs {
+    /// Address to listen on (UDP).
+    pub listen: Option<SocketAddr>,
+    /// Start a new cluster with this node as its first member; ignored (with a note) when
+    /// the data dir already holds this node's cluster.
+    pub init: bool,
+    /// Name of the new cluster (with `init`).
+    pub cluster_name: String,
+    /// A join ticket, as text.
+    pub join: Option<String>,
+    /// A file holding the join ticket.
+    pub join_file: Option<PathBuf>,
+    /// Config file (default: DATA_DIR/blixard.toml when it exists).
+    pub config: Option<PathBuf>,
+    /// This node's name (default: the host name).
+    pub name: Option<String>,
+    /// Node labels.
+    pub labels: Vec<(String, String)>,
+    /// An Iroh relay URL (relays are off by default).
+    pub relay_url: Option<String>,
+    /// Compact the raft log past this many entries.
+    pub snapshot_threshold: Option<u64>,
+    /// Unpack image closures into this store dir.
+    pub store_dir: Option<String>,
+    /// Where the binary cache listens, or off.
+    pub cache_listen: Option<CacheListen>,
+}
+
+/// `--cache-listen`: an address, or `off`.
+#[derive(Clone, Debug)]
+pub enum CacheListen {
+    Off,
+    At(SocketAddr),
+}
+
+fn data_err(e: impl std::fmt::Display) -> Failure {
+    Failure::new(exit::DATA_DIR, e)
+}
+
+fn store_err(e: StoreError) -> Failure {
+    data_err(e)
+}
+
+pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
+    let config = settings::load(data_dir, &args)?;
+    let opened = open::open(data_dir, &config).await?;
+    let ep = opened.ep.clone();
+    let result = async {
+        let (record, seeds) = identity::establish(data_dir, &args, &config, &opened).await?;
+        let store = opened.store.clone();
+        let mut running = start::start(data_dir, &config, opened, record, seeds).await?;
+        let removed = wait(&mut running).await?;
+        shutdown(data_dir, running, removed, &store).await
+    }
+    .await;
+    if result.is_err() {
+        // Close the endpoint on the way out, so the error stays the one line we print.
+        ep.close().await;
+    }
+    result
+}
+
+/// Serves until SIGTERM or SIGINT (false) or until this node is removed from its cluster
+/// (true); reloads the declared VMs on every SIGHUP meanwhile.
+async fn wait(running: &mut Running) -> Result<bool, Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let installed = |e: std::io::Error| {
+        Failure::new(exit::ERROR, format!("cannot install signal handler: {e}"))
+    };
+    let mut sigterm = signal(SignalKind::terminate()).map_err(installed)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(installed)?;
+    let mut removed_by_raft = running.node.removed();
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(false) }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); return Ok(false) }
+            _ = removed_by_raft.wait_for(|r| *r) => return Ok(true),
+            _ = running.removed_by_peer.wait_for(|r| *r) => return Ok(true),
+            _ = sighup.recv() => match &running.reload {
+                Some(reload) => {
+                    tracing::info!("SIGHUP: reading the declared VMs again");
+                    // A reload already pending covers this one too.
+                    let _ = reload.try_send(());
+                }
+                None => tracing::info!("SIGHUP: no declared-VM file to reload (vms.declared_file)"),
+            },
+        }
+    }
+}
+
+/// The shutdown order (see the module doc).
+async fn shutdown(
+    data_dir: &Path,
+    running: Running,
+    removed: bool,
+    store: &blixard_store::Store,
+) -> Result<(), Failure> {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // The VMs keep running: a restarted daemon adopts them.
+    for task in &running.tasks {
+        task.abort();
+    }
+    // The router's shutdown also closes the blob store (through the blobs handler).
+    if let Err(e) = running.router.shutdown().await {
+        tracing::warn!("router shutdown: {e}");
+    }
+    running.image_store.shutdown().await;
+    running.node.shutdown();
+    let raft_thread = running.raft_thread;
+    let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    // Every line recorded so far goes to disk before the process exits.
+    let audit = running.audit.clone();
+    let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+    let _ = std::fs::remove_file(datadir::node_info(data_dir));
+    let record = running.record;
+    if removed {
+        store
+            .set_node_record(&NodeRecord {
+                removed: true,
+                ..record
+            })
+            .map_err(store_err)?;
+        return Err(data_err(format!(
+            "node {} was removed from cluster {}; it has stopped and its data dir cannot rejoin",
+            record.node_id, record.cluster_id
+        )));
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! Start-up phase 4: everything that runs. The raft thread (with the peer book and the
+//! transport), the image store and its binary cache, the VM machinery, the API behind the
+//! choke point on the router (`blixard/raft/1`, `blixard/api/1`, and iroh-blobs behind
+//! `blob:fetch`), the loops (janitor, scheduler, reconciler, declared VMs, the audit of
+//! applied changes, address updates), `node.json`, and READY=1 to systemd.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blixard_core::{Command, NodeId};
+use blixard_images::nix::StoreDir;
+use blixard_images::ImageStore;
+use blixard_net::client::ApiClient;
+use blixard_net::raft_transport::{IrohTransport, RaftHandler};
+use blixard_net::server::{ApiHandler, Gated};
+use blixard_net::{key_of, API_ALPN, RAFT_ALPN};
+use blixard_raft::{CoreConfig, RaftCore, RaftNode};
+use blixard_store::NodeRecord;
+use iroh::protocol::Router;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::data_err;
+use super::open::Opened;
+use crate::api::Api;
+use crate::audit::AuditLog;
+use crate::cluster::ClusterHandle;
+use crate::config::{self, Config};
+use crate::datadir::{self, NodeInfo};
+use crate::exit::{self, Failure};
+use crate::images::Images;
+use crate::peers::{Book, Seeds};
+use crate::vms::Loops;
+
+/// A node that serves, and what its shutdown must stop, in order.
+pub(super) struct Running {
+    pub record: NodeRecord,
+    pub node: RaftNode,
+    pub raft_thread: std::thread::JoinHandle<()>,
+    pub router: Router,
+    pub image_store: ImageStore,
+    pub audit: Arc<AuditLog>,
+    /// The loops and the binary cache, aborted at shutdown (VMs keep running).
+    pub tasks: Vec<JoinHandle<()>>,
+    /// A peer told this node it was removed.
+    pub removed_by_peer: watch::Receiver<bool>,
+    /// Asks the declared-VM loop to read its file again (SIGHUP).
+    pub reload: Option<tokio::sync::mpsc::Sender<()>>,
+}
+
+pub(super) async fn start(
+    data_dir: &Path,
+    config: &Config,
+    opened: Opened,
+    record: NodeRecord,
+    seeds: Seeds,
+) -> Result<Running, Failure> {
+    let Opened {
+        store,
+        ep,
+        advertise,
+        ..
+    } = opened;
+    let me = record.node_id;
+    let cluster_id = record.cluster_id;
+    let timeout = Duration::from_millis(config.request_timeout_ms.unwrap_or(10_000));
+
+    // The raft thread, its transport and the peer book.
+    let mut core_cfg = CoreConfig::new(me.0);
+    core_cfg.election_tick = config.raft.election_ticks;
+    core_cfg.heartbeat_tick = config.raft.heartbeat_ticks;
+    core_cfg.snapshot_threshold = config.raft.snapshot_threshold;
+    let core = RaftCore::open(store.clone(), core_cfg, &blixard_raft::tracing_logger())
+        .map_err(data_err)?;
+    let solo = core.conf_state().voters == vec![me.0];
+    let (removed_tx, removed_by_peer) = watch::channel(false);
+    // Read once: the peer book dials the declared addresses, the API admits joins.
+    let expected = match &config.expected_members {
+        Some(f) => {
+            Some(config::load_members(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?)
+        }
+        None => None,
+    };
+    let book = Arc::new(Book {
+        state: core.state(),
+        seeds,
+        declared: expected
+            .iter()
+            .flatten()
+            .map(|m| (m.endpoint_id, m.socket_addrs()))
+            .collect(),
+        me,
+        removed: Mutex::new(Some(removed_tx)),
+    });
+    let transport = IrohTransport::new(
+        ep.clone(),
+        cluster_id,
+        me,
+        book.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let (node, raft_thread) = RaftNode::spawn(
+        core,
+        Arc::new(transport),
+        Duration::from_millis(config.raft.tick_ms),
+    )
+    .map_err(|e| Failure::new(exit::ERROR, format!("cannot start the raft thread: {e}")))?;
+    if solo {
+        node.campaign();
+    }
+    let cluster = Arc::new(ClusterHandle::new(
+        node.clone(),
+        cluster_id,
+        ApiClient::new(ep.clone(), Some(cluster_id), timeout),
+    ));
+    let mut tasks = Vec::new();
+
+    // Images and the binary cache.
+    let store_dir = StoreDir::new(&config.images.store_dir)
+        .map_err(|e| Failure::new(exit::CONFIG, format!("images.store_dir: {e}")))?;
+    let image_store = ImageStore::open(&datadir::blobs(data_dir), store_dir)
+        .await
+        .map_err(data_err)?;
+    let cache_url = match config.images.cache_listen {
+        Some(addr) => {
+            let (bound, task) = blixard_images::cache::serve(
+                addr,
+                image_store.clone(),
+                StoreDir::default(),
+                Arc::new(crate::images::StateKeys(node.clone())),
+            )
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    exit::CONFIG,
+                    format!("cannot serve the binary cache on {addr}: {e}"),
+                )
+            })?;
+            tracing::info!(%bound, "binary cache serving");
+            tasks.push(task);
+            Some(format!("http://{bound}"))
+        }
+        None => None,
+    };
+    let images = Arc::new(Images::new(
+        cluster.clone(),
+        image_store.clone(),
+        cache_url,
+        config.images.cache_size_mib.map(|m| m << 20),
+        (config.images.materialise == config::Materialise::Nix)
+            .then(|| config.images.nix_store.clone()),
+        config
+            .images
+            .import_paths
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
+    ));
+
+    // The audit log, the VM machinery, and the API on the router.
+    let audit = Arc::new(AuditLog::new(data_dir, me).map_err(|e| {
+        Failure::new(
+            exit::ERROR,
+            format!("cannot start the audit log writer: {e}"),
+        )
+    })?);
+    let vms = Arc::new(vms_of(data_dir, config, &node, &audit)?);
+    let api = Arc::new(
+        Api::new(
+            cluster.clone(),
+            audit.clone(),
+            images.clone(),
+            vms.clone(),
+            expected,
+            timeout,
+        )
+        .map_err(|e| Failure::new(exit::ERROR, e))?,
+    );
+    let blobs = iroh_blobs::BlobsProtocol::new(image_store.blobs(), None);
+    let router = Router::builder(ep.clone())
+        .accept(
+            RAFT_ALPN,
+            RaftHandler::new(node.clone(), cluster_id, book.clone()),
+        )
+        .accept(API_ALPN, ApiHandler::new(api.clone(), timeout))
+        .accept(
+            iroh_blobs::ALPN,
+            Gated::new(api.clone(), blobs, "blob:fetch"),
+        )
+        .spawn();
+
+    // The loops.
+    let loops = Arc::new(Loops {
+        cluster: cluster.clone(),
+        vms,
+        images: images.clone(),
+        audit: audit.clone(),
+    });
+    tasks.push(tokio::spawn(crate::images::janitor(images)));
+    tasks.push(tokio::spawn(crate::vms::scheduler::scheduler(
+        loops.clone(),
+    )));
+    tasks.push(tokio::spawn(audit_changes(node.changes(), audit.clone())));
+    let reload = match &config.vms.declared_file {
+        Some(f) => {
+            let declared =
+                crate::declared::load(Path::new(f)).map_err(|e| Failure::new(exit::CONFIG, e))?;
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tasks.push(tokio::spawn(crate::declared::watch(
+                api.clone(),
+                PathBuf::from(f),
+                declared,
+                rx,
+            )));
+            Some(tx)
+        }
+        None => None,
+    };
+    tasks.push(tokio::spawn(crate::vms::host::reconciler(loops)));
+    tasks.push(tokio::spawn(keep_addrs_current(
+        cluster,
+        me,
+        advertise.clone(),
+    )));
+
+    // Serving: node.json for the CLI, READY=1 and watchdog pings for systemd.
+    let info = NodeInfo {
+        node_id: me,
+        cluster_id,
+        endpoint_id: key_of(&ep.id()),
+        addrs: advertise.clone(),
+        pid: std::process::id(),
+    };
+    let info_json = serde_json::to_vec_pretty(&info).map_err(|e| Failure::new(exit::ERROR, e))?;
+    datadir::write_atomic(&datadir::node_info(data_dir), &info_json)
+        .map_err(|e| data_err(format!("cannot write node.json: {e}")))?;
+    tracing::info!(node = %me, cluster = %cluster_id, endpoint = %ep.id(), addrs = ?advertise, "serving");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }));
+    }
+    Ok(Running {
+        record,
+        node,
+        raft_thread,
+        router,
+        image_store,
+        audit,
+        tasks,
+        removed_by_peer,
+        reload,
+    })
+}
+
+/// Writes every state change this node applies into its audit log.
+async fn audit_changes(
+    mut changes: tokio::sync::broadcast::Receiver<blixard_raft::Change>,
+    audit: Arc<crate::audit::AuditLog>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match changes.recv().await {
+            Ok(c) => audit.record_change(c.index, c.kind, c.proposer),
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!("the audit log missed {n} state changes (they are in the raft log)");
+                audit.record_change(0, &format!("{n} changes not recorded (lagged)"), None);
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// The node's VM machinery, from the `[vms]` config.
+fn vms_of(
+    data_dir: &Path,
+    config: &Config,
+    node: &RaftNode,
+    audit: &Arc<AuditLog>,
+) -> Result<crate::vms::Vms, Failure> {
+    let v = &config.vms;
+    let root = v
+        .state_dir
+        .as_ref()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| data_dir.join("vms"));
+    let supervisor: Arc<dyn blixard_host::Supervisor> = match v.supervisor {
+        config::SupervisorConfig::Process => Arc::new(
+            blixard_host::ProcessSupervisor::new(&root, v.console_max_mib << 20)
+                .map_err(|e| data_err(format!("vms.state_dir: {e}")))?,
+        ),
+        config::SupervisorConfig::Systemd => {
+            let s = blixard_host::SystemdSupervisor::new(
+                &root,
+                v.console_max_mib << 20,
+                Duration::from_millis(v.stop_timeout_ms),
+            )
+            .map_err(|e| data_err(format!("vms.state_dir: {e}")))?
+            .with_properties(v.unit_properties.clone());
+            s.check().map_err(|e| {
+                Failure::new(
+                    exit::CONFIG,
+                    format!("vms.supervisor = \"systemd\", but no system manager answers: {e}"),
+                )
+            })?;
+            Arc::new(s)
+        }
+    };
+    let mut hooks = blixard_host::HookChain::new();
+    hooks.push(Arc::new(crate::vms::hooks::QuotaAdmission(node.clone())));
+    for h in &v.hooks {
+        hooks.push(Arc::new(blixard_host::ExecHook::new(
+            h.into(),
+            Duration::from_millis(v.hook_timeout_ms),
+        )));
+    }
+    hooks.push(Arc::new(crate::vms::hooks::AuditHook(audit.clone())));
+    Ok(crate::vms::Vms {
+        supervisor,
+        root,
+        runner_store: config.images.store_dir.clone().into(),
+        hooks,
+        scheduler: blixard_core::SchedulerConfig {
+            strategy: match v.strategy {
+                config::StrategyConfig::BinPack => blixard_core::Strategy::BinPack,
+                config::StrategyConfig::Spread => blixard_core::Strategy::Spread,
+            },
+            cpu_overcommit_pct: v.cpu_overcommit_pct,
+            memory_overcommit_pct: v.memory_overcommit_pct,
+        },
+        down_after: Duration::from_millis(v.down_timeout_ms),
+        fence_after: Duration::from_millis(v.fence_timeout_ms),
+        stop_timeout: Duration::from_millis(v.stop_timeout_ms),
+        fetching: Default::default(),
+        wake: tokio::sync::Notify::new(),
+    })
+}
+
+/// Records this node's current addresses in cluster state if they changed (e.g. after a
+/// restart on another port).
+async fn keep_addrs_current(cluster: Arc<ClusterHandle>, me: NodeId, addrs: Vec<SocketAddr>) {
+    let node = &cluster.node;
+    loop {
+        let current = node.state().member(me).map(|m| m.addrs.clone());
+        match current {
+            Some(a) if a == addrs => return,
+            None => {}
+            Some(_) => {
+                let cmd = Command::UpdateAddrs {
+                    node: me,
+                    addrs: addrs.clone(),
+                };
+                match tokio::time::timeout(Duration::from_secs(5), node.propose(cmd)).await {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => tracing::debug!("address update not yet applied: {e}"),
+                    Err(_) => tracing::debug!("address update timed out"),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
