@@ -224,7 +224,7 @@ impl ExecHook {
             Ok(Err(e)) => format!("waiting for it failed: {e}"),
             Err(_) => format!("timed out after {:?}", self.timeout),
         };
-        group.kill().await;
+        group.kill();
         let _ = child.start_kill();
         let _ = tokio::time::timeout(REAP_WAIT, child.wait()).await;
         Err(veto(failed))
@@ -331,29 +331,16 @@ impl Group {
         self.0 = None;
     }
 
-    async fn kill(&mut self) {
+    fn kill(&mut self) {
         if let Some(pgid) = self.0.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pgid}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await;
+            crate::process::signal_group(pgid, rustix::process::Signal::KILL);
         }
     }
 }
 
 impl Drop for Group {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0.take() {
-            // Blocking, but only when a hook's future is dropped before it finished.
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pgid}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        // A hook's future dropped before it finished leaves nothing behind.
+        self.kill();
     }
 }

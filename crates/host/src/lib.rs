@@ -16,12 +16,17 @@
 //! dir's `cgroup` file names it, and it is removed after `stop`. Where cgroup v2 or one of its
 //! memory and cpu controllers is missing, the VM runs without that limit and a warning says why.
 //!
-//! Per VM the supervisor keeps a state dir, as microvm.nix's host module does: `current`
-//! (a link to the runner it should run), `booted` (the runner it started), `pid` (the
-//! process and its start time, for re-adoption after a daemon restart), and `console.log`.
+//! Per VM there is one state dir, [`VmDir`], as microvm.nix's host module keeps one: the
+//! runner links (`current`, `booted`), the console, what the host last did, and the
+//! supervisors' own files; `VmDir` is the only code that builds paths inside it.
 //!
-//! **Boundary:** knows nothing of Raft, the API or images; callers say which runner to run.
+//! The host agent (`agent`) keeps what runs here in line with cluster state, over a
+//! `Cluster` trait the node implements and the [`Supervisor`].
+//!
+//! **Boundary:** knows the domain's VM and image types (`blixard-core`), nothing of Raft,
+//! the API, Cedar or how images move; the node says which runner an image is.
 
+pub mod agent;
 mod cgroup;
 mod hooks;
 mod process;
@@ -29,12 +34,14 @@ pub mod reconcile;
 mod runner;
 mod systemd;
 mod taps;
+mod vmdir;
 
 pub use cgroup::Limits;
 pub use hooks::{ExecHook, HookChain, HookEvent, HookFuture, HookVm, Veto, VmLifecycleHook};
 pub use process::{ProcessSupervisor, VmState};
 pub use runner::Runner;
 pub use systemd::SystemdSupervisor;
+pub use vmdir::{VmDir, MAX_CONSOLE_READ};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,11 +52,7 @@ use std::time::Duration;
 /// daemon finds it running again.
 pub trait Supervisor: Send + Sync + std::fmt::Debug {
     /// The VM's state dir; the name is checked.
-    fn state_dir(&self, name: &str) -> Result<PathBuf, HostError>;
-
-    fn console_path(&self, name: &str) -> Result<PathBuf, HostError> {
-        Ok(self.state_dir(name)?.join("console.log"))
-    }
+    fn dir(&self, name: &str) -> Result<VmDir, HostError>;
 
     /// Starts `runner` as VM `name` (taps first, within `limits` where the host can
     /// enforce them); if it already runs, returns its pid and changes nothing.
@@ -66,13 +69,16 @@ pub trait Supervisor: Send + Sync + std::fmt::Debug {
     /// The VMs whose runners run, by name.
     fn running(&self) -> Vec<(String, u32)>;
 
+    /// The VMs that have a state dir here, by name.
+    fn local_dirs(&self) -> Vec<String>;
+
     /// Stops the VM (its `bin/microvm-shutdown`, else SIGTERM; SIGKILL after `timeout`),
     /// then gives back its taps and cgroup.
     fn stop(&self, name: &str, timeout: Duration) -> Result<VmState, HostError>;
 
     /// The last `lines` lines of the VM's console.
     fn console_tail(&self, name: &str, lines: usize) -> Result<Vec<String>, HostError> {
-        process::console_tail(name, &self.console_path(name)?, lines)
+        self.dir(name)?.console_tail(lines)
     }
 
     /// Keeps the console log near its cap.

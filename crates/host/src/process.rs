@@ -10,7 +10,6 @@
 //! given back after [`ProcessSupervisor::stop`].
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,6 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{self, Limits};
+use crate::vmdir::{io, VmDir};
 use crate::{taps, HostError, Runner, Supervisor};
 
 /// What the supervisor knows about a VM's process.
@@ -45,17 +45,6 @@ pub struct ProcessSupervisor {
     children: Mutex<HashMap<String, Child>>,
 }
 
-pub(crate) fn io<'a>(
-    vm: &'a str,
-    what: &'static str,
-) -> impl FnOnce(std::io::Error) -> HostError + 'a {
-    move |source| HostError::Io {
-        vm: vm.to_string(),
-        what,
-        source,
-    }
-}
-
 /// The kernel's start time of `pid` (field 22 of /proc/PID/stat), if it runs.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -68,13 +57,17 @@ fn start_time(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
-fn signal_group(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .args([signal, "--", &format!("-{pid}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+/// Sends `signal` to the process group `pgid` (a runner's group is its own pid).
+pub(crate) fn signal_group(pgid: u32, signal: rustix::process::Signal) {
+    let Some(pid) = i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    if let Err(e) = rustix::process::kill_process_group(pid, signal) {
+        tracing::debug!(pgid, "signalling the process group: {e}");
+    }
 }
 
 impl ProcessSupervisor {
@@ -98,12 +91,8 @@ impl ProcessSupervisor {
     }
 
     /// The VM's state dir (`<root>/<name>`); the name is checked.
-    pub fn state_dir(&self, name: &str) -> Result<PathBuf, HostError> {
-        state_dir_in(&self.root, name)
-    }
-
-    pub fn console_path(&self, name: &str) -> Result<PathBuf, HostError> {
-        Ok(self.state_dir(name)?.join("console.log"))
+    pub fn dir(&self, name: &str) -> Result<VmDir, HostError> {
+        VmDir::in_root(&self.root, name)
     }
 
     /// Starts `runner` as VM `name` without limits; if it already runs, returns its pid.
@@ -134,21 +123,17 @@ impl ProcessSupervisor {
         if let VmState::Running { pid } = self.state(name)? {
             return Ok(pid);
         }
-        let dir = self.state_dir(name)?;
-        let (tap_names, tap_flags) = prepare_start(name, &dir, runner)?;
-        self.release_cgroup(name, &dir);
-        let console = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("console.log"))
-            .map_err(io(name, "opening the console log"))?;
+        let dir = self.dir(name)?;
+        let (tap_names, tap_flags) = prepare_start(&dir, runner)?;
+        self.release_cgroup(&dir);
+        let console = dir.open_console()?;
         let err = console
             .try_clone()
             .map_err(io(name, "opening the console log"))?;
         let made = taps::create(name, &tap_names, &tap_flags)?;
         let cgroup = limits.and_then(|l| self.cgroup_for(name, l));
         let spawned = Command::new(runner.run())
-            .current_dir(&dir)
+            .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(err)
@@ -170,8 +155,7 @@ impl ProcessSupervisor {
         if let Some(cg) = cgroup {
             match cgroup::attach(&cg, pid) {
                 Ok(()) => {
-                    let text = format!("{}\n", cg.display());
-                    if let Err(e) = write_atomic(&dir.join("cgroup"), text.as_bytes()) {
+                    if let Err(e) = dir.write_cgroup(&cg) {
                         tracing::warn!(vm = name, "could not record the cgroup: {e}");
                     }
                 }
@@ -186,9 +170,8 @@ impl ProcessSupervisor {
             }
         }
         let started = start_time(pid).unwrap_or(0);
-        write_atomic(&dir.join("pid"), format!("{pid} {started}\n").as_bytes())
-            .map_err(io(name, "writing the pid file"))?;
-        relink(&dir.join("booted"), &runner.dir).map_err(io(name, "linking booted"))?;
+        dir.write_pid(pid, started)?;
+        dir.link_booted(runner)?;
         if let Ok(mut c) = self.children.lock() {
             c.insert(name.to_string(), child);
         }
@@ -226,20 +209,18 @@ impl ProcessSupervisor {
     }
 
     /// Removes the cgroup named in the state dir's `cgroup` file, if any, and the file.
-    fn release_cgroup(&self, name: &str, dir: &Path) {
-        let file = dir.join("cgroup");
-        let Ok(text) = std::fs::read_to_string(&file) else {
+    fn release_cgroup(&self, dir: &VmDir) {
+        let Some(text) = dir.cgroup() else {
             return;
         };
-        let cg = PathBuf::from(text.trim());
-        if text.trim().is_empty() || cgroup::remove(name, &cg) {
-            let _ = std::fs::remove_file(&file);
+        if text.is_empty() || cgroup::remove(dir.name(), Path::new(&text)) {
+            dir.remove_cgroup_file();
         }
     }
 
     /// The VM's process state. Reaps a runner this supervisor started once it exits.
     pub fn state(&self, name: &str) -> Result<VmState, HostError> {
-        let dir = self.state_dir(name)?;
+        let dir = self.dir(name)?;
         if let Ok(mut children) = self.children.lock() {
             if let Some(child) = children.get_mut(name) {
                 match child.try_wait() {
@@ -247,9 +228,8 @@ impl ProcessSupervisor {
                     Ok(Some(status)) => {
                         let code = status.code();
                         children.remove(name);
-                        let text = code.map(|c| c.to_string()).unwrap_or_default();
-                        let _ = write_atomic(&dir.join("exit"), text.as_bytes());
-                        let _ = std::fs::remove_file(dir.join("pid"));
+                        dir.write_exit(code);
+                        dir.remove_pid();
                         return Ok(VmState::Exited { code });
                     }
                     Err(e) => return Err(io(name, "waiting for the runner")(e)),
@@ -260,26 +240,21 @@ impl ProcessSupervisor {
         if let Some(pid) = self.adoptable(&dir) {
             return Ok(VmState::Running { pid });
         }
-        if let Ok(text) = std::fs::read_to_string(dir.join("exit")) {
-            return Ok(VmState::Exited {
-                code: text.trim().parse().ok(),
-            });
+        if let Some(code) = dir.exit() {
+            return Ok(VmState::Exited { code });
         }
-        if dir.join("pid").exists() {
+        if dir.has_pid() {
             // It ran under an earlier daemon and is gone; its exit code is unknown.
-            let _ = std::fs::remove_file(dir.join("pid"));
-            let _ = write_atomic(&dir.join("exit"), b"");
+            dir.remove_pid();
+            dir.write_exit(None);
             return Ok(VmState::Exited { code: None });
         }
         Ok(VmState::Absent)
     }
 
-    /// The pid in `dir/pid` if that process still runs (same start time).
-    fn adoptable(&self, dir: &Path) -> Option<u32> {
-        let text = std::fs::read_to_string(dir.join("pid")).ok()?;
-        let mut parts = text.split_whitespace();
-        let pid: u32 = parts.next()?.parse().ok()?;
-        let started: u64 = parts.next()?.parse().ok()?;
+    /// The pid in the `pid` file if that process still runs (same start time).
+    fn adoptable(&self, dir: &VmDir) -> Option<u32> {
+        let (pid, started) = dir.pid()?;
         (start_time(pid)? == started).then_some(pid)
     }
 
@@ -309,15 +284,15 @@ impl ProcessSupervisor {
         let VmState::Running { pid } = self.state(name)? else {
             return Err(HostError::NotRunning(name.to_string()));
         };
-        let dir = self.state_dir(name)?;
-        let booted = booted(&dir);
+        let dir = self.dir(name)?;
+        let booted = dir.booted();
         let shutdown = booted.as_ref().and_then(|r| r.shutdown());
         match shutdown {
             Some(cmd) => {
                 // Started, not waited for: a hanging shutdown script must not hold the
                 // stop past its timeout (the group is killed below if need be).
                 match Command::new(cmd)
-                    .current_dir(&dir)
+                    .current_dir(dir.path())
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -328,17 +303,17 @@ impl ProcessSupervisor {
                     }
                     Err(e) => {
                         tracing::warn!(vm = name, "bin/microvm-shutdown: {e}; sending SIGTERM");
-                        signal_group(pid, "-TERM");
+                        signal_group(pid, rustix::process::Signal::TERM);
                     }
                 }
             }
-            None => signal_group(pid, "-TERM"),
+            None => signal_group(pid, rustix::process::Signal::TERM),
         }
         let state = match self.wait_gone(name, timeout)? {
             Some(state) => state,
             None => {
                 tracing::warn!(vm = name, pid, "did not stop in {timeout:?}; killing it");
-                signal_group(pid, "-KILL");
+                signal_group(pid, rustix::process::Signal::KILL);
                 self.wait_gone(name, Duration::from_secs(10))?
                     .ok_or_else(|| {
                         io(name, "killing the runner")(std::io::ErrorKind::TimedOut.into())
@@ -346,7 +321,7 @@ impl ProcessSupervisor {
             }
         };
         delete_taps(name, booted.as_ref());
-        self.release_cgroup(name, &dir);
+        self.release_cgroup(&dir);
         Ok(state)
     }
 
@@ -365,18 +340,18 @@ impl ProcessSupervisor {
 
     /// The last `lines` lines of the VM's console.
     pub fn console_tail(&self, name: &str, lines: usize) -> Result<Vec<String>, HostError> {
-        console_tail(name, &self.console_path(name)?, lines)
+        self.dir(name)?.console_tail(lines)
     }
 
     /// Keeps the console log near its cap: past it, only the newest half stays.
     pub fn trim_console(&self, name: &str) -> Result<(), HostError> {
-        trim_console(name, &self.console_path(name)?, self.console_cap)
+        self.dir(name)?.trim_console(self.console_cap)
     }
 }
 
 impl Supervisor for ProcessSupervisor {
-    fn state_dir(&self, name: &str) -> Result<PathBuf, HostError> {
-        ProcessSupervisor::state_dir(self, name)
+    fn dir(&self, name: &str) -> Result<VmDir, HostError> {
+        ProcessSupervisor::dir(self, name)
     }
 
     fn start_with(
@@ -400,6 +375,10 @@ impl Supervisor for ProcessSupervisor {
         ProcessSupervisor::stop(self, name, timeout)
     }
 
+    fn local_dirs(&self) -> Vec<String> {
+        crate::vmdir::dirs_in(&self.root)
+    }
+
     fn trim_console(&self, name: &str) -> Result<(), HostError> {
         ProcessSupervisor::trim_console(self, name)
     }
@@ -409,8 +388,7 @@ impl Supervisor for ProcessSupervisor {
 /// and flags (a bad one fails the start before anything changes), makes the state dir,
 /// points `current` at the runner and forgets the last run's exit code.
 pub(crate) fn prepare_start(
-    name: &str,
-    dir: &Path,
+    dir: &VmDir,
     runner: &Runner,
 ) -> Result<(Vec<String>, Vec<&'static str>), HostError> {
     let tap_names = runner.tap_interfaces()?;
@@ -419,17 +397,10 @@ pub(crate) fn prepare_start(
     } else {
         taps::flags(runner)?
     };
-    std::fs::create_dir_all(dir).map_err(io(name, "creating the state dir"))?;
-    relink(&dir.join("current"), &runner.dir).map_err(io(name, "linking current"))?;
-    let _ = std::fs::remove_file(dir.join("exit"));
+    dir.create()?;
+    dir.link_current(runner)?;
+    dir.clear_exit();
     Ok((tap_names, tap_flags))
-}
-
-/// The runner a VM's last start used (`booted`), if it is still there.
-pub(crate) fn booted(dir: &Path) -> Option<Runner> {
-    std::fs::read_link(dir.join("booted"))
-        .ok()
-        .and_then(|r| Runner::new(&r).ok())
 }
 
 /// After a stop: deletes the tap interfaces the VM's runner lists.
@@ -438,126 +409,5 @@ pub(crate) fn delete_taps(name: &str, booted: Option<&Runner>) {
         Some(Ok(names)) => taps::delete(name, &names),
         Some(Err(e)) => tracing::warn!(vm = name, "not deleting tap interfaces: {e}"),
         None => {}
-    }
-}
-
-/// The VM's state dir under `root`; the name is checked (it becomes a path and, under
-/// systemd, a unit name).
-pub(crate) fn state_dir_in(root: &Path, name: &str) -> Result<PathBuf, HostError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
-    if ok {
-        Ok(root.join(name))
-    } else {
-        Err(HostError::BadName(name.to_string()))
-    }
-}
-
-/// The last `lines` lines of a console log (none if it does not exist yet).
-pub(crate) fn console_tail(
-    name: &str,
-    path: &Path,
-    lines: usize,
-) -> Result<Vec<String>, HostError> {
-    let text = match std::fs::read(path) {
-        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(io(name, "reading the console log")(e)),
-    };
-    let all: Vec<&str> = text.lines().collect();
-    Ok(all[all.len().saturating_sub(lines)..]
-        .iter()
-        .map(|l| l.to_string())
-        .collect())
-}
-
-/// Keeps a console log near `cap` bytes: past it, only the newest half stays. The runner
-/// appends (`O_APPEND`), so it goes on writing at the new end.
-pub(crate) fn trim_console(name: &str, path: &Path, cap: u64) -> Result<(), HostError> {
-    let Ok(mut f) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-    else {
-        return Ok(());
-    };
-    let len = f.metadata().map_err(io(name, "console size"))?.len();
-    if len <= cap {
-        return Ok(());
-    }
-    let keep = cap / 2;
-    let mut tail = Vec::with_capacity(keep as usize);
-    f.seek(SeekFrom::Start(len - keep))
-        .and_then(|_| f.take(keep).read_to_end(&mut tail))
-        .map_err(io(name, "reading the console log"))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(io(name, "trimming the console log"))?;
-    f.set_len(0)
-        .and_then(|_| f.seek(SeekFrom::Start(0)))
-        .and_then(|_| f.write_all(&tail))
-        .map_err(io(name, "trimming the console log"))?;
-    Ok(())
-}
-
-/// Points `link` at `target`, replacing what was there.
-pub(crate) fn relink(link: &Path, target: &Path) -> std::io::Result<()> {
-    // Each directory change costs a journal handle, and on a host whose raft log fsyncs
-    // all the time that is a large share of a start: make only the ones needed.
-    match std::fs::read_link(link) {
-        Ok(old) if old == target => return Ok(()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            match std::os::unix::fs::symlink(target, link) {
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                done => return done,
-            }
-        }
-        Err(_) => {}
-    }
-    let tmp = link.with_extension("new");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)?;
-    std::fs::rename(&tmp, link)
-}
-
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relink_makes_replaces_and_keeps_links() {
-        let dir = tempfile::tempdir().unwrap();
-        let link = dir.path().join("current");
-        let (a, b) = (dir.path().join("runner-a"), dir.path().join("runner-b"));
-        // Absent: made.
-        relink(&link, &a).unwrap();
-        assert_eq!(std::fs::read_link(&link).unwrap(), a);
-        // Already right: kept (same inode, nothing rewritten).
-        let ino =
-            |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p).unwrap());
-        let before = ino(&link);
-        relink(&link, &a).unwrap();
-        assert_eq!(ino(&link), before);
-        // Elsewhere: replaced, with no temporary link left behind.
-        relink(&link, &b).unwrap();
-        assert_eq!(std::fs::read_link(&link).unwrap(), b);
-        assert!(!link.with_extension("new").exists());
-        // A file in the way is replaced too.
-        std::fs::remove_file(&link).unwrap();
-        std::fs::write(&link, b"not a link").unwrap();
-        relink(&link, &a).unwrap();
-        assert_eq!(std::fs::read_link(&link).unwrap(), a);
     }
 }

@@ -21,9 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{
-    booted, delete_taps, io, prepare_start, relink, state_dir_in, trim_console, write_atomic,
-};
+use crate::process::{delete_taps, prepare_start};
+use crate::vmdir::{io, VmDir};
 use crate::{taps, HostError, Limits, Runner, Supervisor, VmState};
 
 const PREFIX: &str = "blixard-vm-";
@@ -152,11 +151,10 @@ impl SystemdSupervisor {
         let _ = systemctl(name, &["reset-failed", "--", &unit]);
     }
 
-    fn record_exit(&self, name: &str, dir: &Path, code: Option<i32>) {
-        let text = code.map(|c| c.to_string()).unwrap_or_default();
-        let _ = write_atomic(&dir.join("exit"), text.as_bytes());
-        let _ = std::fs::remove_file(dir.join("unit"));
-        self.release(name);
+    fn record_exit(&self, dir: &VmDir, code: Option<i32>) {
+        dir.write_exit(code);
+        dir.remove_unit();
+        self.release(dir.name());
     }
 }
 
@@ -189,8 +187,8 @@ fn run(vm: &str, program: &str, args: &[&str]) -> Result<String, HostError> {
 }
 
 impl Supervisor for SystemdSupervisor {
-    fn state_dir(&self, name: &str) -> Result<PathBuf, HostError> {
-        state_dir_in(&self.root, name)
+    fn dir(&self, name: &str) -> Result<VmDir, HostError> {
+        VmDir::in_root(&self.root, name)
     }
 
     fn start_with(
@@ -204,8 +202,8 @@ impl Supervisor for SystemdSupervisor {
         if let Some(VmState::Running { pid }) = held.as_ref().and_then(Unit::state) {
             return Ok(pid);
         }
-        let dir = self.state_dir(name)?;
-        let (tap_names, tap_flags) = prepare_start(name, &dir, runner)?;
+        let dir = self.dir(name)?;
+        let (tap_names, tap_flags) = prepare_start(&dir, runner)?;
         // A unit of an earlier run that systemd still holds (exited, failed).
         if held.is_some_and(|u| u.load != "not-found") {
             self.release(name);
@@ -213,20 +211,16 @@ impl Supervisor for SystemdSupervisor {
         let made = taps::create(name, &tap_names, &tap_flags)?;
 
         let unit = unit_name(name);
-        let console = dir.join("console.log");
+        let console = dir.console();
         // Made here, so it is the daemon's (systemd would make it as root, and the daemon,
         // which trims it, may not be).
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&console)
-            .map_err(io(name, "opening the console log"))?;
+        dir.open_console()?;
         let mut props = vec![
             format!("Description=Blixard VM {name}"),
             "RemainAfterExit=yes".to_string(),
             "KillMode=mixed".to_string(),
             format!("TimeoutStopSec={}ms", self.stop_timeout.as_millis().max(1)),
-            format!("WorkingDirectory={}", dir.display()),
+            format!("WorkingDirectory={}", dir.path().display()),
             format!("StandardOutput=append:{}", console.display()),
             format!("StandardError=append:{}", console.display()),
         ];
@@ -256,8 +250,8 @@ impl Supervisor for SystemdSupervisor {
             taps::delete(name, &made);
             return Err(e);
         }
-        let _ = write_atomic(&dir.join("unit"), format!("{unit}\n").as_bytes());
-        relink(&dir.join("booted"), &runner.dir).map_err(io(name, "linking booted"))?;
+        dir.write_unit(&unit);
+        dir.link_booted(runner)?;
         // systemd-run returns once the unit's main process is forked.
         match self.state(name)? {
             VmState::Running { pid } => {
@@ -270,23 +264,21 @@ impl Supervisor for SystemdSupervisor {
     }
 
     fn state(&self, name: &str) -> Result<VmState, HostError> {
-        let dir = self.state_dir(name)?;
+        let dir = self.dir(name)?;
         let unit = self.show(name)?;
         match unit.as_ref().and_then(Unit::state) {
             Some(VmState::Exited { code }) => {
-                self.record_exit(name, &dir, code);
+                self.record_exit(&dir, code);
                 Ok(VmState::Exited { code })
             }
             Some(state) => Ok(state),
             None => {
-                if let Ok(text) = std::fs::read_to_string(dir.join("exit")) {
-                    return Ok(VmState::Exited {
-                        code: text.trim().parse().ok(),
-                    });
+                if let Some(code) = dir.exit() {
+                    return Ok(VmState::Exited { code });
                 }
-                if dir.join("unit").exists() {
+                if dir.has_unit() {
                     // It ran and systemd no longer knows it: the exit code is unknown.
-                    self.record_exit(name, &dir, None);
+                    self.record_exit(&dir, None);
                     return Ok(VmState::Exited { code: None });
                 }
                 Ok(VmState::Absent)
@@ -314,7 +306,7 @@ impl Supervisor for SystemdSupervisor {
         let VmState::Running { .. } = self.state(name)? else {
             return Err(HostError::NotRunning(name.to_string()));
         };
-        let dir = self.state_dir(name)?;
+        let dir = self.dir(name)?;
         let unit = unit_name(name);
         if timeout != self.stop_timeout {
             let _ = systemctl(
@@ -338,12 +330,16 @@ impl Supervisor for SystemdSupervisor {
             }
             other => other,
         };
-        delete_taps(name, booted(&dir).as_ref());
+        delete_taps(name, dir.booted().as_ref());
         Ok(state)
     }
 
+    fn local_dirs(&self) -> Vec<String> {
+        crate::vmdir::dirs_in(&self.root)
+    }
+
     fn trim_console(&self, name: &str) -> Result<(), HostError> {
-        trim_console(name, &self.console_path(name)?, self.console_cap)
+        self.dir(name)?.trim_console(self.console_cap)
     }
 }
 

@@ -142,7 +142,7 @@ fn listed_taps_exist_before_the_runner_runs_and_are_gone_after_stop() {
     assert_eq!(r.tap_interfaces().unwrap(), vec![a.clone(), b.clone()]);
 
     let pid = s.start("net", &r).unwrap();
-    let dir = s.state_dir("net").unwrap();
+    let dir = s.dir("net").unwrap().path().to_path_buf();
     let links = wait_for("the runner's links.txt", Duration::from_secs(10), || {
         std::fs::read_to_string(dir.join("links.txt")).map_err(|e| e.to_string())
     });
@@ -209,7 +209,13 @@ fn a_bad_tap_list_refuses_to_start_and_nothing_runs() {
             "{msg}"
         );
         assert_eq!(s.state("bad").unwrap(), VmState::Absent);
-        assert!(!s.state_dir("bad").unwrap().join("ran").exists());
+        assert!(!s
+            .dir("bad")
+            .unwrap()
+            .path()
+            .to_path_buf()
+            .join("ran")
+            .exists());
         assert!(!link_exists(&good), "nothing is made for a bad list");
     }
     // Flags microvm.nix does not write are refused too.
@@ -247,7 +253,13 @@ fn a_bad_tap_list_refuses_to_start_and_nothing_runs() {
         !link_exists(&good),
         "the tap made before the failure is gone"
     );
-    assert!(!s.state_dir("bad").unwrap().join("ran").exists());
+    assert!(!s
+        .dir("bad")
+        .unwrap()
+        .path()
+        .to_path_buf()
+        .join("ran")
+        .exists());
     assert_eq!(s.state("bad").unwrap(), VmState::Absent);
 }
 
@@ -280,7 +292,15 @@ fn limits_put_the_runner_in_its_cgroup_which_goes_after_stop() {
     };
     let pid = first.start_with("lim", &r, Some(&limits)).unwrap();
 
-    let recorded = std::fs::read_to_string(first.state_dir("lim").unwrap().join("cgroup")).unwrap();
+    let recorded = std::fs::read_to_string(
+        first
+            .dir("lim")
+            .unwrap()
+            .path()
+            .to_path_buf()
+            .join("cgroup"),
+    )
+    .unwrap();
     assert_eq!(recorded.trim(), cg.display().to_string());
     let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
     assert!(
@@ -322,7 +342,13 @@ fn limits_put_the_runner_in_its_cgroup_which_goes_after_stop() {
     let stopped = second.stop("lim", Duration::from_secs(10)).unwrap();
     assert!(matches!(stopped, VmState::Exited { .. }), "{stopped:?}");
     assert!(!cg.exists(), "{} is still there", cg.display());
-    assert!(!second.state_dir("lim").unwrap().join("cgroup").exists());
+    assert!(!second
+        .dir("lim")
+        .unwrap()
+        .path()
+        .to_path_buf()
+        .join("cgroup")
+        .exists());
     // The parent stays for the next VM; it holds nothing now.
     std::fs::remove_dir(&parent).unwrap();
 }
@@ -354,7 +380,13 @@ fn without_a_usable_cgroup_the_vm_still_starts() {
             VmState::Running { pid },
             "{parent:?}"
         );
-        assert!(!s.state_dir("free").unwrap().join("cgroup").exists());
+        assert!(!s
+            .dir("free")
+            .unwrap()
+            .path()
+            .to_path_buf()
+            .join("cgroup")
+            .exists());
         assert_eq!(
             std::fs::read_dir(&plain).unwrap().count(),
             0,

@@ -169,7 +169,7 @@ fn microvm_shutdown_is_used_and_the_console_stays_under_its_cap() {
     .unwrap();
     std::fs::set_permissions(&shutdown, std::fs::Permissions::from_mode(0o755)).unwrap();
     s.start("chatty", &r).unwrap();
-    let path = s.console_path("chatty").unwrap();
+    let path = s.dir("chatty").unwrap().console();
     wait_for("console output", Duration::from_secs(10), || {
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         (len > 256 << 10)

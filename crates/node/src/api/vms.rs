@@ -11,7 +11,7 @@ use blixard_net::authz::{image_entity, vm_entity, vm_tenant, Principal};
 
 use super::Api;
 use crate::cluster::{now_ms, ClusterHandle};
-use crate::vms::{hook_vm, placement, read_console, Vms};
+use crate::vms::{hook_vm, placement, Vms};
 
 fn vetoed(v: Veto) -> ApiError {
     ApiError::Rejected(format!("vetoed by hook {v}"))
@@ -210,12 +210,12 @@ pub(super) async fn logs(
             .forward_to(host, request.into(), &ProgressSink::none())
             .await;
     }
-    let path = vms
+    let dir = vms
         .supervisor
-        .console_path(&Vms::local_name(&vm))
+        .dir(&blixard_host::agent::local_name(&vm))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let (lines, from) = (r.lines, r.from);
-    let (text, next) = tokio::task::spawn_blocking(move || read_console(&path, lines, from))
+    let (text, next) = tokio::task::spawn_blocking(move || dir.read_console(lines, from))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(format!("reading the console: {e}")))?;

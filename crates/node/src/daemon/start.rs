@@ -324,7 +324,6 @@ fn vms_of(
     hooks.push(Arc::new(crate::vms::hooks::AuditHook(audit.clone())));
     Ok(crate::vms::Vms {
         supervisor,
-        root,
         runner_store: config.images.store_dir.clone().into(),
         hooks,
         scheduler: blixard_core::SchedulerConfig {
@@ -338,8 +337,6 @@ fn vms_of(
         down_after: Duration::from_millis(v.down_timeout_ms),
         fence_after: Duration::from_millis(v.fence_timeout_ms),
         stop_timeout: Duration::from_millis(v.stop_timeout_ms),
-        fetching: Default::default(),
-        wake: tokio::sync::Notify::new(),
     })
 }
 

@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blixard_core::{Command, MemberStatus, NodeId};
+use blixard_core::{Command, MemberStatus, NodeId, SchedulerConfig, State};
 
-use super::{next_change, placement, Loops, Wake};
+use blixard_host::agent::{next_change, Wake};
+
+use super::{placement, Loops};
 use crate::cluster::now_ms;
 
 /// How often the leader samples its peers' activity.
@@ -51,6 +53,7 @@ pub async fn scheduler(ctx: Arc<Loops>) {
     }
 }
 
+/// Marks hosts down (or up again) in cluster state, as [`liveness_changes`] decides.
 async fn liveness(
     ctx: &Loops,
     active: &HashMap<u64, bool>,
@@ -58,77 +61,95 @@ async fn liveness(
     now: Instant,
 ) -> Result<(), String> {
     let members: Vec<(NodeId, Option<u64>)> = {
-        let state = ctx.cluster.node.state();
+        let state = ctx.cluster.state();
         state
             .members()
             .filter(|m| m.status == MemberStatus::Active)
             .map(|m| (m.id, state.down_since(m.id)))
             .collect()
     };
-    for (node, down_since) in members {
+    for (node, down) in liveness_changes(&members, active, seen, now, ctx.vms.down_after) {
+        tracing::warn!(%node, down, "host liveness changed");
+        ctx.cluster
+            .propose(Command::SetNodeDown {
+                node,
+                down,
+                now_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        ctx.audit
+            .record_node(node, if down { "marked down" } else { "marked up" });
+    }
+    Ok(())
+}
+
+/// The placements the leader proposes now, in key order: a host for every VM without one
+/// (each decision counted before the next, so they never overbook a host), or why there
+/// is none, unless that reason is already recorded.
+pub fn placements(state: &State, config: &SchedulerConfig, now_ms: u64) -> Vec<Command> {
+    let mut ledger = state.ledger();
+    let members: Vec<_> = state.members().cloned().collect();
+    let mut out = Vec::new();
+    for vm in state.vms().filter(|v| v.node.is_none()) {
+        let decision = placement(&members, &ledger, &vm.spec, config);
+        if let Ok(p) = &decision {
+            ledger.add_spec(&vm.spec, p.node);
+        }
+        let (node, reason) = match decision {
+            Ok(p) => (Some(p.node), None),
+            Err(why) => {
+                let why = format!("unschedulable: {why}");
+                // Already recorded: nothing to propose.
+                if vm.reason.as_deref() == Some(why.as_str()) {
+                    continue;
+                }
+                (None, Some(why))
+            }
+        };
+        out.push(Command::PlaceVm {
+            key: vm.id(),
+            generation: vm.generation,
+            node,
+            reason,
+            cpu_overcommit_pct: config.cpu_overcommit_pct,
+            memory_overcommit_pct: config.memory_overcommit_pct,
+            now_ms,
+        });
+    }
+    out
+}
+
+/// Which active members change liveness now: a host down that is active again comes up;
+/// a host up that has not been active for `down_after` (as this leader has seen it, from
+/// the first time it looked) goes down. `members`: (id, down since); `active`: raft's view
+/// of each peer; `seen`: when each was last seen active, kept across rounds.
+pub fn liveness_changes(
+    members: &[(NodeId, Option<u64>)],
+    active: &HashMap<u64, bool>,
+    seen: &mut HashMap<NodeId, Instant>,
+    now: Instant,
+    down_after: Duration,
+) -> Vec<(NodeId, bool)> {
+    let mut out = Vec::new();
+    for &(node, down_since) in members {
         let first = *seen.entry(node).or_insert(now);
         let up = active.get(&node.0).copied().unwrap_or(false);
         if up {
             seen.insert(node, now);
         }
-        let change = match (up, down_since) {
-            (true, Some(_)) => Some(false),
-            (false, None) if now.duration_since(first) >= ctx.vms.down_after => Some(true),
-            _ => None,
-        };
-        if let Some(down) = change {
-            tracing::warn!(%node, down, "host liveness changed");
-            ctx.cluster
-                .propose(Command::SetNodeDown {
-                    node,
-                    down,
-                    now_ms: now_ms(),
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            ctx.audit
-                .record_node(node, if down { "marked down" } else { "marked up" });
+        match (up, down_since) {
+            (true, Some(_)) => out.push((node, false)),
+            (false, None) if now.duration_since(first) >= down_after => out.push((node, true)),
+            _ => {}
         }
     }
-    Ok(())
+    out
 }
 
 /// Places every pending VM (or records why it cannot be placed), in key order.
 async fn schedule_round(ctx: &Loops) -> Result<(), String> {
-    let config = ctx.vms.scheduler;
-    let decisions: Vec<Command> = {
-        let state = ctx.cluster.node.state();
-        let mut ledger = state.ledger();
-        let members: Vec<_> = state.members().cloned().collect();
-        let mut out = Vec::new();
-        for vm in state.vms().filter(|v| v.node.is_none()) {
-            let decision = placement(&members, &ledger, &vm.spec, &config);
-            if let Ok(p) = &decision {
-                ledger.add_spec(&vm.spec, p.node);
-            }
-            let (node, reason) = match decision {
-                Ok(p) => (Some(p.node), None),
-                Err(why) => {
-                    let why = format!("unschedulable: {why}");
-                    // Already recorded: nothing to propose.
-                    if vm.reason.as_deref() == Some(why.as_str()) {
-                        continue;
-                    }
-                    (None, Some(why))
-                }
-            };
-            out.push(Command::PlaceVm {
-                key: vm.id(),
-                generation: vm.generation,
-                node,
-                reason,
-                cpu_overcommit_pct: config.cpu_overcommit_pct,
-                memory_overcommit_pct: config.memory_overcommit_pct,
-                now_ms: now_ms(),
-            });
-        }
-        out
-    };
+    let decisions = placements(&ctx.cluster.state(), &ctx.vms.scheduler, now_ms());
     for command in decisions {
         let (key, node, reason) = match &command {
             Command::PlaceVm {
@@ -149,4 +170,177 @@ async fn schedule_round(ctx: &Loops) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+
+    use blixard_core::{
+        BlobHash, Capacity, ClusterId, EndpointKey, Image, JoinRequest, MemberRole, NewMember,
+        RestartPolicy, Strategy, VmSpec,
+    };
+
+    use super::*;
+
+    fn member(n: u8, vcpus: u32) -> NewMember {
+        NewMember {
+            name: format!("n{n}"),
+            endpoint: EndpointKey([n; 32]),
+            addrs: vec![SocketAddr::from(([127, 0, 0, 1], 7000 + u16::from(n)))],
+            labels: BTreeMap::new(),
+            capacity: Capacity {
+                vcpus,
+                memory_mib: 4096,
+            },
+        }
+    }
+
+    /// Hosts with these vCPUs each, image `web`, and VMs of these vCPUs (created without a
+    /// placement, as a follower proposes them).
+    fn state(hosts: &[u32], vms: &[u32]) -> State {
+        let mut s = State::new();
+        s.apply(&Command::Bootstrap {
+            cluster_id: ClusterId([1; 16]),
+            name: "t".into(),
+            member: member(1, hosts[0]),
+            admin: EndpointKey([200; 32]),
+            now_ms: 1,
+        })
+        .unwrap();
+        for (i, vcpus) in hosts.iter().enumerate().skip(1) {
+            let n = i as u8 + 1;
+            s.apply(&Command::CreateJoinToken {
+                token_hash: [n; 32],
+                now_ms: 1,
+                expires_at_ms: 1_000,
+            })
+            .unwrap();
+            s.apply(&Command::Join(JoinRequest {
+                node: NodeId(u64::from(n)),
+                token_hash: [n; 32],
+                now_ms: 2,
+                member: member(n, *vcpus),
+                admin: EndpointKey([100 + n; 32]),
+            }))
+            .unwrap();
+            s.apply(&Command::SetRole {
+                node: NodeId(u64::from(n)),
+                role: MemberRole::Voter,
+            })
+            .unwrap();
+        }
+        s.apply(&Command::AddImage(Image {
+            name: "web".into(),
+            manifest: BlobHash([9; 32]),
+            root: "/nix/store/x-web".into(),
+            store_dir: "/nix/store".into(),
+            nar_count: 1,
+            nar_size: 10,
+            holders: [NodeId(1)].into(),
+            pinned: false,
+            tenant: None,
+            created_at_ms: 3,
+        }))
+        .unwrap();
+        for (i, vcpus) in vms.iter().enumerate() {
+            s.apply(&Command::CreateVm {
+                spec: VmSpec {
+                    name: format!("vm{i}"),
+                    tenant: "default".into(),
+                    image: "web".into(),
+                    vcpus: *vcpus,
+                    memory_mib: 64,
+                    labels: BTreeMap::new(),
+                    constraints: BTreeMap::new(),
+                    anti_affinity: None,
+                    restart: RestartPolicy::Always,
+                    ready_marker: None,
+                },
+                start: true,
+                now_ms: 4,
+                placement: None,
+            })
+            .unwrap();
+        }
+        s
+    }
+
+    fn config(strategy: Strategy) -> SchedulerConfig {
+        SchedulerConfig {
+            strategy,
+            cpu_overcommit_pct: 100,
+            memory_overcommit_pct: 100,
+        }
+    }
+
+    /// (vm, host or the reason) of each proposed placement.
+    fn decided(commands: &[Command]) -> Vec<(String, Result<u64, String>)> {
+        commands
+            .iter()
+            .map(|c| match c {
+                Command::PlaceVm {
+                    key, node, reason, ..
+                } => (
+                    key.clone(),
+                    node.map(|n| n.0).ok_or(reason.clone().unwrap_or_default()),
+                ),
+                other => panic!("not a placement: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_placement_counts_before_the_next_and_what_fits_nowhere_says_why() {
+        // Two hosts of 4 vCPUs; VMs of 3, 3 and 3: the third fits nowhere.
+        let s = state(&[4, 4], &[3, 3, 3]);
+        let got = decided(&placements(&s, &config(Strategy::BinPack), 9));
+        assert_eq!(got[0], ("default/vm0".into(), Ok(1)));
+        assert_eq!(got[1], ("default/vm1".into(), Ok(2)));
+        let why = got[2].1.clone().unwrap_err();
+        assert!(why.starts_with("unschedulable: "), "{why}");
+        // Bin-pack fills host 1 before host 2; spread takes the emptiest.
+        let s = state(&[4, 4], &[1, 1]);
+        let pack = decided(&placements(&s, &config(Strategy::BinPack), 9));
+        assert_eq!(
+            pack.iter().map(|(_, h)| h.clone()).collect::<Vec<_>>(),
+            [Ok(1), Ok(1)]
+        );
+        let spread = decided(&placements(&s, &config(Strategy::Spread), 9));
+        assert_eq!(
+            spread.iter().map(|(_, h)| h.clone()).collect::<Vec<_>>(),
+            [Ok(1), Ok(2)]
+        );
+    }
+
+    #[test]
+    fn a_reason_already_recorded_is_not_proposed_again() {
+        let mut s = state(&[2], &[4]);
+        let first = placements(&s, &config(Strategy::BinPack), 9);
+        assert_eq!(first.len(), 1);
+        s.apply(&first[0]).unwrap();
+        assert!(placements(&s, &config(Strategy::BinPack), 10).is_empty());
+    }
+
+    #[test]
+    fn liveness_marks_silent_hosts_down_after_the_timeout_and_up_again() {
+        let t0 = Instant::now();
+        let after = Duration::from_secs(30);
+        let members = [(NodeId(1), None), (NodeId(2), None), (NodeId(3), Some(5))];
+        let mut seen = HashMap::new();
+        let active: HashMap<u64, bool> = [(1, true), (2, false), (3, true)].into();
+        // A new leader gives every host the full timeout; a host down and active is up.
+        assert_eq!(
+            liveness_changes(&members, &active, &mut seen, t0, after),
+            [(NodeId(3), false)]
+        );
+        let later = t0 + Duration::from_secs(29);
+        assert!(liveness_changes(&members[..2], &active, &mut seen, later, after).is_empty());
+        let later = t0 + after;
+        assert_eq!(
+            liveness_changes(&members[..2], &active, &mut seen, later, after),
+            [(NodeId(2), true)]
+        );
+    }
 }
