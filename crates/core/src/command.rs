@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
 use crate::image::Image;
-use crate::state::{Capacity, User};
-use crate::vm::{Desired, Phase, Placement, Quota, VmSpec};
+use crate::member::{Capacity, MemberRole};
+use crate::scheduler::Placement;
+use crate::user::User;
+use crate::vm::{Desired, Phase, Quota, VmSpec};
 
 /// A command as it travels through the raft log: who proposed it, so that the proposing
 /// node can hand the result of `apply` back to its caller.
@@ -42,14 +44,6 @@ pub struct JoinRequest {
     pub member: NewMember,
     /// The admin credential the joining node writes into its own data dir.
     pub admin: EndpointKey,
-}
-
-/// A member's place in the raft configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MemberRole {
-    /// Receives the log but does not vote; a new member starts here.
-    Learner,
-    Voter,
 }
 
 /// Every operation that changes cluster state. Versioned through the envelope's encoding;

@@ -1,4 +1,4 @@
-//! Identifiers: nodes, clusters and endpoint keys.
+//! Identifiers: nodes, clusters, endpoint keys and blobs, and the rule for names.
 
 use std::fmt;
 use std::str::FromStr;
@@ -146,6 +146,20 @@ macro_rules! hex_serde {
 hex_serde!(EndpointKey, 32);
 hex_serde!(ClusterId, 16);
 hex_serde!(BlobHash, 32);
+
+/// Names of users, roles, tenants and images (and of VMs created before VM names became
+/// host names): 1 to 64 of `a-z 0-9 . _ -`, starting with a letter or digit.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+}
 
 #[cfg(test)]
 mod tests {

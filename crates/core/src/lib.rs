@@ -5,27 +5,38 @@
 //! numbers and does no IO. Times and ids arrive inside the command. That is what lets every
 //! node apply the same log to the same result, and what makes simulation testing possible.
 //!
+//! The modules are layered, each using only those before it: `ids`, `encoding`, `table`;
+//! the domain types (`member`, `user`, `image`, `vm`); the `scheduler`; `command`; and
+//! `state`, which applies commands.
+//!
 //! **Invariant:** this crate depends on no async runtime, no network and no storage crate.
 
 mod command;
 mod encoding;
 mod ids;
 mod image;
+mod member;
+mod scheduler;
 mod state;
 mod table;
+mod user;
 mod vm;
 
-pub use command::{Command, CommandOutput, Envelope, JoinRequest, MemberRole, NewMember};
+pub use command::{Command, CommandOutput, Envelope, JoinRequest, NewMember};
 pub use encoding::{decode_versioned, encode_versioned, DecodeError, FORMAT_VERSION};
-pub use ids::{BlobHash, ClusterId, EndpointKey, NodeId, ParseIdError};
+pub use ids::{valid_name, BlobHash, ClusterId, EndpointKey, NodeId, ParseIdError};
 pub use image::{Image, MAX_IMAGE_BYTES, MAX_IMAGE_NARS};
-pub use state::{
-    valid_name, AdminCredential, ApplyError, Capacity, ClusterMeta, JoinToken, LoadError, Member,
-    MemberStatus, State, User,
+pub use member::{
+    AdminCredential, Capacity, ClusterMeta, JoinToken, Member, MemberRole, MemberStatus,
 };
+pub use scheduler::{
+    fits, place, FitError, Ledger, PlaceError, Placement, SchedulerConfig, Strategy,
+};
+pub use state::{ApplyError, LoadError, State};
 pub use table::{Row, Table};
+pub use user::User;
 pub use vm::{
-    fits, place, valid_vm_name, Allocated, Desired, Ledger, Phase, Placement, Quota, RestartPolicy,
-    SchedulerConfig, Strategy, Tenant, Transition, Vm, VmSpec, DEFAULT_TENANT, HISTORY,
-    MAX_MEMORY_MIB, MAX_VCPUS, MAX_VM_NAME, MIN_MEMORY_MIB, NODE_CONSTRAINT, VM_NAME_RULE,
+    valid_vm_name, Allocated, Desired, Phase, Quota, QuotaError, RestartPolicy, Tenant, Transition,
+    Vm, VmSpec, DEFAULT_TENANT, HISTORY, MAX_MEMORY_MIB, MAX_VCPUS, MAX_VM_NAME, MIN_MEMORY_MIB,
+    NODE_CONSTRAINT, VM_NAME_RULE,
 };

@@ -1,8 +1,8 @@
 //! A state-machine table: an ordered map that remembers which keys changed.
 //!
 //! The state machine only touches [`Table`]s; after an `apply` the storage layer drains the
-//! changed rows and writes them in the same transaction as the applied index. Adding a
-//! table to the state is one field and one line in `State::tables`.
+//! changed rows and writes them in the same transaction as the applied index. The state's
+//! tables are listed once, in the `tables!` list in `state/mod.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -125,5 +125,36 @@ where
     pub fn clear(&mut self) {
         self.map.clear();
         self.dirty.clear();
+    }
+}
+
+/// A [`Table`] with its key and value types erased: what the state needs to list its
+/// tables as one array and turn them into rows and back.
+pub(crate) trait AnyTable {
+    fn name(&self) -> &'static str;
+    fn drain_changes(&mut self, out: &mut Vec<Row>);
+    fn all_rows(&self, out: &mut Vec<Row>);
+    fn load(&mut self, key: &[u8], value: &[u8]) -> Result<(), DecodeError>;
+}
+
+impl<K, V> AnyTable for Table<K, V>
+where
+    K: Ord + Clone + Serialize + DeserializeOwned,
+    V: Serialize + DeserializeOwned,
+{
+    fn name(&self) -> &'static str {
+        Table::name(self)
+    }
+
+    fn drain_changes(&mut self, out: &mut Vec<Row>) {
+        Table::drain_changes(self, out)
+    }
+
+    fn all_rows(&self, out: &mut Vec<Row>) {
+        Table::all_rows(self, out)
+    }
+
+    fn load(&mut self, key: &[u8], value: &[u8]) -> Result<(), DecodeError> {
+        Table::load(self, key, value)
     }
 }

@@ -1,12 +1,10 @@
-//! VMs, tenants and quotas as cluster state knows them, and the scheduler: a pure function
-//! from the state to a placement, which the leader proposes as a command.
+//! VMs, tenants and quotas as cluster state knows them.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{BlobHash, NodeId};
-use crate::state::{Capacity, Member, MemberStatus};
 
 /// The longest VM name: a DNS label's (RFC 1123), as a guest's host name is its VM name.
 pub const MAX_VM_NAME: usize = 63;
@@ -50,21 +48,40 @@ pub struct Quota {
 impl Quota {
     /// Whether one more VM of `vcpus` and `memory_mib` fits beside what the tenant's VMs
     /// use (`used`); if not, the limit it breaks ("11 VMs > 10").
-    pub fn admits(&self, used: Allocated, vcpus: u32, memory_mib: u64) -> Result<(), String> {
+    pub fn admits(&self, used: Allocated, vcpus: u32, memory_mib: u64) -> Result<(), QuotaError> {
         let count = u64::from(used.vms) + 1;
         let vcpus = used.vcpus + u64::from(vcpus);
-        let memory = used.memory_mib + memory_mib;
+        let memory_mib = used.memory_mib + memory_mib;
         if let Some(max) = self.max_vms.filter(|m| count > u64::from(*m)) {
-            return Err(format!("{count} VMs > {max}"));
+            return Err(QuotaError::Vms { count, max });
         }
         if let Some(max) = self.max_vcpus.filter(|m| vcpus > u64::from(*m)) {
-            return Err(format!("{vcpus} vCPUs > {max}"));
+            return Err(QuotaError::Vcpus { vcpus, max });
         }
-        if let Some(max) = self.max_memory_mib.filter(|m| memory > *m) {
-            return Err(format!("{memory} MiB > {max} MiB"));
+        if let Some(max) = self.max_memory_mib.filter(|m| memory_mib > *m) {
+            return Err(QuotaError::Memory { memory_mib, max });
         }
         Ok(())
     }
+}
+
+/// What VMs use together: on one host (for the scheduler) or of one tenant (for its quota).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocated {
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub vms: u32,
+}
+
+/// The limit of a [`Quota`] that one more VM would break.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaError {
+    #[error("{count} VMs > {max}")]
+    Vms { count: u64, max: u32 },
+    #[error("{vcpus} vCPUs > {max}")]
+    Vcpus { vcpus: u64, max: u32 },
+    #[error("{memory_mib} MiB > {max} MiB")]
+    Memory { memory_mib: u64, max: u64 },
 }
 
 /// What the host does when a VM's runner exits.
@@ -231,199 +248,6 @@ pub const DEFAULT_TENANT: &str = "default";
 pub const MAX_VCPUS: u32 = 256;
 pub const MIN_MEMORY_MIB: u64 = 16;
 pub const MAX_MEMORY_MIB: u64 = 4 << 20;
-
-/// A host chosen for a VM, with the overcommit the choice was made under (so `apply`
-/// re-checks the fit the same way on every node).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Placement {
-    pub node: NodeId,
-    pub cpu_overcommit_pct: u32,
-    pub memory_overcommit_pct: u32,
-}
-
-/// How the scheduler picks among hosts that fit.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Strategy {
-    /// Fill the fullest host that still fits (fewer hosts busy).
-    #[default]
-    BinPack,
-    /// The emptiest host (load spread out).
-    Spread,
-}
-
-/// The scheduler's settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SchedulerConfig {
-    pub strategy: Strategy,
-    /// How much of a host's vCPUs may be promised, in percent (100 = no overcommit).
-    pub cpu_overcommit_pct: u32,
-    /// The same for memory.
-    pub memory_overcommit_pct: u32,
-}
-
-impl Default for SchedulerConfig {
-    fn default() -> Self {
-        Self {
-            strategy: Strategy::BinPack,
-            cpu_overcommit_pct: 100,
-            memory_overcommit_pct: 100,
-        }
-    }
-}
-
-/// What is promised on one host.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Allocated {
-    pub vcpus: u64,
-    pub memory_mib: u64,
-    pub vms: u32,
-}
-
-/// The hosts' allocations and anti-affinity groups, built once per scheduling round so
-/// placing many VMs costs O(VMs × hosts), not O(VMs² × hosts).
-#[derive(Clone, Debug, Default)]
-pub struct Ledger {
-    pub allocated: BTreeMap<NodeId, Allocated>,
-    /// The hosts each anti-affinity group uses.
-    pub groups: BTreeMap<String, std::collections::BTreeSet<NodeId>>,
-    /// Hosts being drained: they take no new VMs.
-    pub drained: std::collections::BTreeSet<NodeId>,
-    /// Hosts the leader has marked down.
-    pub down: std::collections::BTreeSet<NodeId>,
-}
-
-impl Ledger {
-    pub fn from_vms<'a>(vms: impl IntoIterator<Item = &'a Vm>) -> Self {
-        let mut ledger = Ledger::default();
-        for vm in vms {
-            if let Some(node) = vm.node {
-                ledger.add(vm, node);
-            }
-        }
-        ledger
-    }
-
-    pub fn add(&mut self, vm: &Vm, node: NodeId) {
-        self.add_spec(&vm.spec, node);
-    }
-
-    /// Records a VM of `spec` on `node` (e.g. after each decision of a scheduling round).
-    pub fn add_spec(&mut self, spec: &VmSpec, node: NodeId) {
-        let a = self.allocated.entry(node).or_default();
-        a.vcpus += u64::from(spec.vcpus);
-        a.memory_mib += spec.memory_mib;
-        a.vms += 1;
-        if let Some(g) = &spec.anti_affinity {
-            self.groups.entry(g.clone()).or_default().insert(node);
-        }
-    }
-}
-
-fn limit(capacity: u64, pct: u32) -> u64 {
-    capacity.saturating_mul(u64::from(pct)) / 100
-}
-
-/// Whether `vm` fits on `member` given what is already there; the reason if not.
-pub fn fits(
-    member: &Member,
-    vm: &VmSpec,
-    ledger: &Ledger,
-    config: &SchedulerConfig,
-) -> Result<(), String> {
-    let used = ledger
-        .allocated
-        .get(&member.id)
-        .copied()
-        .unwrap_or_default();
-    let group = vm.anti_affinity.as_ref().and_then(|g| ledger.groups.get(g));
-    check(member, vm, used, group, ledger, config)
-}
-
-/// [`fits`] with the host's allocation and the VM's group already looked up.
-fn check(
-    member: &Member,
-    vm: &VmSpec,
-    used: Allocated,
-    group: Option<&std::collections::BTreeSet<NodeId>>,
-    ledger: &Ledger,
-    config: &SchedulerConfig,
-) -> Result<(), String> {
-    if member.status != MemberStatus::Active {
-        return Err("not active".into());
-    }
-    if ledger.drained.contains(&member.id) {
-        return Err("drained".into());
-    }
-    if ledger.down.contains(&member.id) {
-        return Err("down".into());
-    }
-    for (k, v) in &vm.constraints {
-        if k == NODE_CONSTRAINT {
-            if v.strip_prefix('n').and_then(|n| n.parse().ok()) != Some(member.id.0) {
-                return Err(format!("is not {v}"));
-            }
-        } else if member.labels.get(k) != Some(v) {
-            return Err(format!("lacks label {k}={v}"));
-        }
-    }
-    if group.is_some_and(|hosts| hosts.contains(&member.id)) {
-        let g = vm.anti_affinity.as_deref().unwrap_or_default();
-        return Err(format!("already runs a VM of group {g}"));
-    }
-    let Capacity { vcpus, memory_mib } = member.capacity;
-    if used.vcpus + u64::from(vm.vcpus) > limit(u64::from(vcpus), config.cpu_overcommit_pct) {
-        return Err("not enough vCPUs".into());
-    }
-    if used.memory_mib + vm.memory_mib > limit(memory_mib, config.memory_overcommit_pct) {
-        return Err("not enough memory".into());
-    }
-    Ok(())
-}
-
-/// Picks a host for `vm` among `members`: deterministic for the same inputs (ties go to
-/// the lowest node id). On failure, says why for every host, grouped ("3 hosts: not
-/// enough memory; 1 host: lacks label zone=a").
-pub fn place<'a>(
-    members: impl IntoIterator<Item = &'a Member>,
-    vm: &VmSpec,
-    ledger: &Ledger,
-    config: &SchedulerConfig,
-) -> Result<NodeId, String> {
-    let mut best: Option<(u64, NodeId)> = None;
-    let mut reasons: BTreeMap<String, u32> = BTreeMap::new();
-    let mut hosts = 0;
-    let group = vm.anti_affinity.as_ref().and_then(|g| ledger.groups.get(g));
-    for m in members {
-        hosts += 1;
-        let used = ledger.allocated.get(&m.id).copied().unwrap_or_default();
-        if let Err(why) = check(m, vm, used, group, ledger, config) {
-            *reasons.entry(why).or_default() += 1;
-            continue;
-        }
-        // Utilisation after placing, in parts per million of the larger dimension.
-        let cpu =
-            (used.vcpus + u64::from(vm.vcpus)) * 1_000_000 / u64::from(m.capacity.vcpus).max(1);
-        let mem = (used.memory_mib + vm.memory_mib) * 1_000_000 / m.capacity.memory_mib.max(1);
-        let load = cpu.max(mem);
-        let score = match config.strategy {
-            Strategy::BinPack => u64::MAX - load,
-            Strategy::Spread => load,
-        };
-        // Lower score wins; ties go to the lower node id (members come in id order).
-        if best.is_none_or(|(s, _)| score < s) {
-            best = Some((score, m.id));
-        }
-    }
-    match best {
-        Some((_, node)) => Ok(node),
-        None if hosts == 0 => Err("no hosts".into()),
-        None => Err(reasons
-            .into_iter()
-            .map(|(why, n)| format!("{n} host{}: {why}", if n == 1 { "" } else { "s" }))
-            .collect::<Vec<_>>()
-            .join("; ")),
-    }
-}
 
 #[cfg(test)]
 mod name_tests {

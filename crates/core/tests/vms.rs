@@ -109,7 +109,7 @@ fn create(s: &mut State, spec: VmSpec) -> Result<(), ApplyError> {
 /// Runs the scheduler for `key` and applies its decision, as the leader would.
 fn schedule(s: &mut State, key: &str, config: &SchedulerConfig) -> Result<NodeId, String> {
     let vm = s.vm(key).unwrap().clone();
-    let decision = place(s.members(), &vm.spec, &s.ledger(), config);
+    let decision = place(s.members(), &vm.spec, &s.ledger(), config).map_err(|e| e.to_string());
     s.apply(&Command::PlaceVm {
         key: key.into(),
         generation: vm.generation,

@@ -51,7 +51,7 @@ pub fn placement(
     ledger: &blixard_core::Ledger,
     spec: &VmSpec,
     config: &SchedulerConfig,
-) -> Result<Placement, String> {
+) -> Result<Placement, blixard_core::PlaceError> {
     blixard_core::place(members, spec, ledger, config).map(|node| Placement {
         node,
         cpu_overcommit_pct: config.cpu_overcommit_pct,

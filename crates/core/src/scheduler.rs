@@ -1,0 +1,236 @@
+//! The scheduler: a pure function from hosts, a [`Ledger`] of what is placed where and a
+//! VM to a host, or why there is none. The leader proposes its decision as a command;
+//! `apply` re-checks it with [`fits`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+use crate::member::{Capacity, Member, MemberStatus};
+use crate::vm::{Allocated, Vm, VmSpec, NODE_CONSTRAINT};
+
+/// A host chosen for a VM, with the overcommit the choice was made under (so `apply`
+/// re-checks the fit the same way on every node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: NodeId,
+    pub cpu_overcommit_pct: u32,
+    pub memory_overcommit_pct: u32,
+}
+
+/// How the scheduler picks among hosts that fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// Fill the fullest host that still fits (fewer hosts busy).
+    #[default]
+    BinPack,
+    /// The emptiest host (load spread out).
+    Spread,
+}
+
+/// The scheduler's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedulerConfig {
+    pub strategy: Strategy,
+    /// How much of a host's vCPUs may be promised, in percent (100 = no overcommit).
+    pub cpu_overcommit_pct: u32,
+    /// The same for memory.
+    pub memory_overcommit_pct: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::BinPack,
+            cpu_overcommit_pct: 100,
+            memory_overcommit_pct: 100,
+        }
+    }
+}
+
+/// The hosts' allocations and anti-affinity groups, built once per scheduling round so
+/// placing many VMs costs O(VMs × hosts), not O(VMs² × hosts).
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    pub allocated: BTreeMap<NodeId, Allocated>,
+    /// The hosts each anti-affinity group uses.
+    pub groups: BTreeMap<String, BTreeSet<NodeId>>,
+    /// Hosts being drained: they take no new VMs.
+    pub drained: BTreeSet<NodeId>,
+    /// Hosts the leader has marked down.
+    pub down: BTreeSet<NodeId>,
+}
+
+impl Ledger {
+    pub fn from_vms<'a>(vms: impl IntoIterator<Item = &'a Vm>) -> Self {
+        let mut ledger = Ledger::default();
+        for vm in vms {
+            if let Some(node) = vm.node {
+                ledger.add(vm, node);
+            }
+        }
+        ledger
+    }
+
+    pub fn add(&mut self, vm: &Vm, node: NodeId) {
+        self.add_spec(&vm.spec, node);
+    }
+
+    /// Records a VM of `spec` on `node` (e.g. after each decision of a scheduling round).
+    pub fn add_spec(&mut self, spec: &VmSpec, node: NodeId) {
+        let a = self.allocated.entry(node).or_default();
+        a.vcpus += u64::from(spec.vcpus);
+        a.memory_mib += spec.memory_mib;
+        a.vms += 1;
+        if let Some(g) = &spec.anti_affinity {
+            self.groups.entry(g.clone()).or_default().insert(node);
+        }
+    }
+}
+
+/// Why a VM does not fit on a host.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FitError {
+    #[error("not active")]
+    NotActive,
+    #[error("drained")]
+    Drained,
+    #[error("down")]
+    Down,
+    /// The VM is pinned to another node by [`NODE_CONSTRAINT`] (its value, e.g. `n2`).
+    #[error("is not {0}")]
+    NotNode(String),
+    #[error("lacks label {key}={value}")]
+    LacksLabel { key: String, value: String },
+    #[error("already runs a VM of group {0}")]
+    AntiAffinity(String),
+    #[error("not enough vCPUs")]
+    Vcpus,
+    #[error("not enough memory")]
+    Memory,
+}
+
+/// Why [`place`] found no host for a VM.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlaceError {
+    #[error("no hosts")]
+    NoHosts,
+    /// Every host refused: each reason with how many hosts gave it, ordered by the
+    /// reasons' text ("3 hosts: not enough memory; 1 host: lacks label zone=a").
+    #[error("{}", summary(.0))]
+    NoneFits(Vec<(FitError, u32)>),
+}
+
+fn summary(reasons: &[(FitError, u32)]) -> String {
+    reasons
+        .iter()
+        .map(|(why, n)| format!("{n} host{}: {why}", if *n == 1 { "" } else { "s" }))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn limit(capacity: u64, pct: u32) -> u64 {
+    capacity.saturating_mul(u64::from(pct)) / 100
+}
+
+/// Whether `vm` fits on `member` given what is already there; the reason if not.
+pub fn fits(
+    member: &Member,
+    vm: &VmSpec,
+    ledger: &Ledger,
+    config: &SchedulerConfig,
+) -> Result<(), FitError> {
+    let used = ledger
+        .allocated
+        .get(&member.id)
+        .copied()
+        .unwrap_or_default();
+    let group = vm.anti_affinity.as_ref().and_then(|g| ledger.groups.get(g));
+    check(member, vm, used, group, ledger, config)
+}
+
+/// [`fits`] with the host's allocation and the VM's group already looked up.
+fn check(
+    member: &Member,
+    vm: &VmSpec,
+    used: Allocated,
+    group: Option<&BTreeSet<NodeId>>,
+    ledger: &Ledger,
+    config: &SchedulerConfig,
+) -> Result<(), FitError> {
+    if member.status != MemberStatus::Active {
+        return Err(FitError::NotActive);
+    }
+    if ledger.drained.contains(&member.id) {
+        return Err(FitError::Drained);
+    }
+    if ledger.down.contains(&member.id) {
+        return Err(FitError::Down);
+    }
+    for (k, v) in &vm.constraints {
+        if k == NODE_CONSTRAINT {
+            if v.strip_prefix('n').and_then(|n| n.parse().ok()) != Some(member.id.0) {
+                return Err(FitError::NotNode(v.clone()));
+            }
+        } else if member.labels.get(k) != Some(v) {
+            return Err(FitError::LacksLabel {
+                key: k.clone(),
+                value: v.clone(),
+            });
+        }
+    }
+    if group.is_some_and(|hosts| hosts.contains(&member.id)) {
+        let g = vm.anti_affinity.clone().unwrap_or_default();
+        return Err(FitError::AntiAffinity(g));
+    }
+    let Capacity { vcpus, memory_mib } = member.capacity;
+    if used.vcpus + u64::from(vm.vcpus) > limit(u64::from(vcpus), config.cpu_overcommit_pct) {
+        return Err(FitError::Vcpus);
+    }
+    if used.memory_mib + vm.memory_mib > limit(memory_mib, config.memory_overcommit_pct) {
+        return Err(FitError::Memory);
+    }
+    Ok(())
+}
+
+/// Picks a host for `vm` among `members`: deterministic for the same inputs (ties go to
+/// the lowest node id). On failure, says why for every host, grouped.
+pub fn place<'a>(
+    members: impl IntoIterator<Item = &'a Member>,
+    vm: &VmSpec,
+    ledger: &Ledger,
+    config: &SchedulerConfig,
+) -> Result<NodeId, PlaceError> {
+    let mut best: Option<(u64, NodeId)> = None;
+    // Grouped by the reason's text, so reasons that read the same count as one.
+    let mut reasons: BTreeMap<String, (FitError, u32)> = BTreeMap::new();
+    let mut hosts = 0;
+    let group = vm.anti_affinity.as_ref().and_then(|g| ledger.groups.get(g));
+    for m in members {
+        hosts += 1;
+        let used = ledger.allocated.get(&m.id).copied().unwrap_or_default();
+        if let Err(why) = check(m, vm, used, group, ledger, config) {
+            reasons.entry(why.to_string()).or_insert((why, 0)).1 += 1;
+            continue;
+        }
+        // Utilisation after placing, in parts per million of the larger dimension.
+        let cpu =
+            (used.vcpus + u64::from(vm.vcpus)) * 1_000_000 / u64::from(m.capacity.vcpus).max(1);
+        let mem = (used.memory_mib + vm.memory_mib) * 1_000_000 / m.capacity.memory_mib.max(1);
+        let load = cpu.max(mem);
+        let score = match config.strategy {
+            Strategy::BinPack => u64::MAX - load,
+            Strategy::Spread => load,
+        };
+        // Lower score wins; ties go to the lower node id (members come in id order).
+        if best.is_none_or(|(s, _)| score < s) {
+            best = Some((score, m.id));
+        }
+    }
+    match best {
+        Some((_, node)) => Ok(node),
+        None if hosts == 0 => Err(PlaceError::NoHosts),
+        None => Err(PlaceError::NoneFits(reasons.into_values().collect())),
+    }
+}
