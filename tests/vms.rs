@@ -802,6 +802,15 @@ fn a_partitioned_host_stops_its_vm_before_it_runs_elsewhere() {
     assert_runs_only_on(&c, watcher, first, second, "m");
 }
 
+/// The JSON lines of `node`'s audit log.
+fn audit_lines(node: &Node) -> Vec<Value> {
+    std::fs::read_to_string(node.dir.join("audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 fn declare(path: &Path, vms: &[(&str, &Path, u32, &str)]) {
     let list: Vec<Value> = vms
         .iter()
@@ -854,6 +863,27 @@ fn declared_vms_follow_the_hosts_file_and_leave_the_rest_alone() {
     let web = wait_phase(&n1, "web", "running", Duration::from_secs(60));
     assert_eq!(web["node"], 2);
     assert_eq!(web["spec"]["labels"]["blixard.declared-by"], "n2");
+    // The declaration went through the choke point as n2's own configuration: authorized
+    // and audited like any caller's request; so did n2's reports of the VM's phases.
+    let host = "the configuration of host 2";
+    wait_for("n2's audit records", Duration::from_secs(30), || {
+        let lines = audit_lines(&n2);
+        let made = |request: &str| {
+            lines.iter().any(|l| {
+                l["principal"] == host
+                    && l["request"] == request
+                    && l["allowed"] == true
+                    && l["outcome"] == "ok"
+            })
+        };
+        match ["ImageImport", "VmCreate", "report_vm"]
+            .into_iter()
+            .find(|r| !made(r))
+        {
+            None => Ok(()),
+            Some(missing) => Err(format!("no {missing} by {host}")),
+        }
+    });
     import(&n1, &runner, "manual");
     n1.cli_ok(&[
         "vm", "create", "manual", "--image", "manual", "--memory", "64",

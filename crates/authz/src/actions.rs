@@ -31,6 +31,11 @@ pub const ACTIONS: &[&str] = &[
     "vm:read",
     "vm:manage",
     "node:manage",
+    "vm:report",
+    "vm:schedule",
+    "node:liveness",
+    "node:update",
+    "image:hold",
 ];
 
 /// One action of the schema, prepared once per policy set.
@@ -43,7 +48,7 @@ pub(crate) struct ActionInfo {
     pub(crate) grouped: bool,
     /// By principal and resource kind (`Kind as usize`); `None` where the schema does not
     /// let the action apply.
-    pub(crate) slices: [[Option<Slice>; 7]; 7],
+    pub(crate) slices: [[Option<Slice>; Kind::COUNT]; Kind::COUNT],
 }
 
 /// The policies that can decide requests for one action, kind of principal and kind of
@@ -145,7 +150,7 @@ impl Actions {
                 .resources_for_action(&uid)
                 .map(|i| i.collect())
                 .unwrap_or_default();
-            let mut slices: [[Option<Slice>; 7]; 7] = Default::default();
+            let mut slices: [[Option<Slice>; Kind::COUNT]; Kind::COUNT] = Default::default();
             for p in Kind::ALL {
                 let p_type = entities.type_of(p);
                 if !principals.contains(&p_type) {

@@ -15,6 +15,7 @@ use crate::types::{RequestContext, Resource, Subject};
 pub(crate) enum Kind {
     User,
     Node,
+    Host,
     Anonymous,
     Cluster,
     Tenant,
@@ -23,9 +24,13 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    pub(crate) const ALL: [Kind; 7] = [
+    /// How many kinds there are: the size of the tables indexed by `Kind as usize`.
+    pub(crate) const COUNT: usize = Kind::ALL.len();
+
+    pub(crate) const ALL: [Kind; 8] = [
         Kind::User,
         Kind::Node,
+        Kind::Host,
         Kind::Anonymous,
         Kind::Cluster,
         Kind::Tenant,
@@ -37,6 +42,7 @@ impl Kind {
         match self {
             Kind::User => "User",
             Kind::Node => "Node",
+            Kind::Host => "Host",
             Kind::Anonymous => "Anonymous",
             Kind::Cluster => "Cluster",
             Kind::Tenant => "Tenant",
@@ -49,6 +55,7 @@ impl Kind {
         match subject {
             Subject::User { .. } => Kind::User,
             Subject::Node { .. } => Kind::Node,
+            Subject::Host { .. } => Kind::Host,
             Subject::Anonymous { .. } => Kind::Anonymous,
         }
     }
@@ -94,7 +101,7 @@ pub(crate) struct Parts {
 #[derive(Debug)]
 pub(crate) struct EntityBuilder {
     /// Indexed by `Kind as usize`.
-    types: [EntityTypeName; 7],
+    types: [EntityTypeName; Kind::COUNT],
     cluster: Entity,
     /// The entities of users and nodes as principals: the same few callers (the node's
     /// admin credential, its peers, a handful of users) make most requests.
@@ -103,7 +110,7 @@ pub(crate) struct EntityBuilder {
 
 impl EntityBuilder {
     pub(crate) fn new() -> Result<Self, AuthzError> {
-        let types: [EntityTypeName; 7] = Kind::ALL
+        let types: [EntityTypeName; Kind::COUNT] = Kind::ALL
             .iter()
             .map(|k| type_name(k.name()))
             .collect::<Result<Vec<_>, _>>()?
@@ -159,6 +166,11 @@ impl EntityBuilder {
             } => self.user(name, roles, tenant.as_deref())?,
             Subject::Node { id } => {
                 let uid = self.uid(Kind::Node, &format!("n{id}"));
+                let attrs = [("node_id".to_string(), long(*id))];
+                (uid.clone(), entity(uid, attrs)?)
+            }
+            Subject::Host { id } => {
+                let uid = self.uid(Kind::Host, &format!("n{id}"));
                 let attrs = [("node_id".to_string(), long(*id))];
                 (uid.clone(), entity(uid, attrs)?)
             }

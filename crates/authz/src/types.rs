@@ -11,6 +11,11 @@ pub enum Subject {
     Node {
         id: u64,
     },
+    /// A host acting for itself, in process: its own configuration (declared VMs) and its
+    /// machinery (the scheduler, the host agent, the image janitor).
+    Host {
+        id: u64,
+    },
     /// An authenticated key unknown to the cluster (hex).
     Anonymous {
         key: String,

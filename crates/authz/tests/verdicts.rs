@@ -45,7 +45,18 @@ fn default_policies_validate_and_mean_what_they_say() {
         id: 2,
         labels: vec![],
     };
-    for action in ACTIONS.iter().filter(|a| **a != "blob:fetch") {
+    // What only a host does for itself (its machinery's changes) is not the admin's.
+    let host_only = [
+        "vm:report",
+        "vm:schedule",
+        "node:liveness",
+        "node:update",
+        "image:hold",
+    ];
+    for action in ACTIONS
+        .iter()
+        .filter(|a| **a != "blob:fetch" && !host_only.contains(a))
+    {
         let acme = Resource::Tenant {
             name: "acme".into(),
         };
@@ -70,6 +81,36 @@ fn default_policies_validate_and_mean_what_they_say() {
         "policy:set",
         &c
     ));
+    // A host acting for itself: its machinery, and its configuration's VMs and images,
+    // but not users, policies or tenants; its own addresses only. Neither a peer node nor
+    // an admin may speak as a host.
+    let me = Subject::Host { id: 2 };
+    let other = Resource::Node {
+        id: 3,
+        labels: vec![],
+    };
+    for action in ["vm:report", "vm:schedule"] {
+        assert!(allowed(&a, &me, action, &vm("acme")), "host may {action}");
+        assert!(!allowed(&a, &Subject::Node { id: 2 }, action, &vm("acme")));
+        assert!(!allowed(&a, &user(&["admin"], None), action, &vm("acme")));
+    }
+    assert!(allowed(&a, &me, "node:liveness", &other));
+    assert!(allowed(&a, &me, "image:hold", &web(Some("x"))));
+    assert!(allowed(&a, &me, "node:update", &host));
+    assert!(!allowed(&a, &me, "node:update", &other));
+    assert!(allowed(&a, &me, "vm:manage", &vm("acme")));
+    assert!(allowed(&a, &me, "image:manage", &web(None)));
+    assert!(!allowed(&a, &me, "user:manage", &c));
+    assert!(!allowed(&a, &me, "policy:set", &c));
+    assert!(!allowed(
+        &a,
+        &me,
+        "tenant:manage",
+        &Resource::Tenant {
+            name: "acme".into()
+        }
+    ));
+    assert!(!allowed(&a, &me, "node:manage", &other));
     assert!(allowed(&a, &Subject::Node { id: 2 }, "node:forward", &c));
     assert!(!allowed(&a, &Subject::Node { id: 2 }, "cluster:manage", &c));
     let anon = Subject::Anonymous { key: "k".into() };

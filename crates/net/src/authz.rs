@@ -49,12 +49,7 @@ impl Principal {
                 tenant: u.tenant.clone(),
             },
             Principal::Node(n, _) => Subject::Node { id: n.0 },
-            // Until the schema has a Host type: as the host's admin credential would.
-            Principal::Host(n, _) => Subject::User {
-                name: format!("host-n{n}"),
-                roles: vec!["admin".into()],
-                tenant: None,
-            },
+            Principal::Host(n, _) => Subject::Host { id: n.0 },
             Principal::Anonymous(k) => Subject::Anonymous { key: k.to_string() },
         }
     }
@@ -281,7 +276,7 @@ impl Principal {
     fn subject_name(&self) -> String {
         match self.subject() {
             Subject::User { name, .. } => name,
-            Subject::Node { id } => format!("n{id}"),
+            Subject::Node { id } | Subject::Host { id } => format!("n{id}"),
             Subject::Anonymous { key } => key,
         }
     }
@@ -319,6 +314,55 @@ pub fn authorize(
     lookup: &dyn Lookup,
 ) -> Result<Decision, ApiError> {
     let (action, resource) = action_of(principal, request, forwarded, lookup);
+    Ok(decide(authorizer, principal, action, &resource, context))
+}
+
+/// The Cedar action and resource of a change a host's machinery makes for itself (a
+/// command the node proposes outside any request): a report of a VM's phase, a
+/// placement, a host marked down or up, the node's own addresses, an image held or no
+/// longer. `None` for any other command: those are made only by requests, which the
+/// request's own action covers.
+pub fn command_action(
+    command: &blixard_core::Command,
+    lookup: &dyn Lookup,
+) -> Option<(&'static str, Resource)> {
+    use blixard_core::Command;
+    let vm = |key: &str| match lookup.vm(key) {
+        Some(vm) => vm_entity(&vm),
+        None => {
+            let (tenant, name) = key.split_once('/').unwrap_or(("", key));
+            Resource::Vm {
+                name: name.to_string(),
+                tenant: tenant.to_string(),
+                labels: Vec::new(),
+            }
+        }
+    };
+    Some(match command {
+        Command::ReportVm { key, .. } => ("vm:report", vm(key)),
+        Command::PlaceVm { key, .. } => ("vm:schedule", vm(key)),
+        Command::SetNodeDown { node, .. } => ("node:liveness", node_resource(*node, lookup)),
+        Command::UpdateAddrs { node, .. } => ("node:update", node_resource(*node, lookup)),
+        Command::SetImageHolder { name, .. } => ("image:hold", image_resource(name, lookup)),
+        _ => return None,
+    })
+}
+
+/// Decides whether `principal` may make `command` itself (see [`command_action`]); a
+/// command that only requests make is refused as a bad request.
+pub fn authorize_command(
+    authorizer: &Authorizer,
+    principal: &Principal,
+    command: &blixard_core::Command,
+    context: &RequestContext,
+    lookup: &(dyn Lookup + Sync),
+) -> Result<Decision, ApiError> {
+    let (action, resource) = command_action(command, lookup).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "{} is made only by a request, not by a host for itself",
+            command.kind()
+        ))
+    })?;
     Ok(decide(authorizer, principal, action, &resource, context))
 }
 
@@ -436,5 +480,118 @@ mod tests {
         assert!(ok(&node, &status, false));
         assert!(!ok(&node, &leave, false));
         assert!(ok(&node, &leave, true));
+    }
+
+    /// The host acting for itself: which of its own changes (commands) and which requests
+    /// of its configuration each principal may make. The rows are the principals, the
+    /// columns the commands, then the requests.
+    #[test]
+    fn the_host_matrix() {
+        use blixard_core::{BlobHash, Command, Phase};
+
+        use crate::api::{ImageImport, UserRemove, VmCreate, VmDelete, VmRef};
+        let a = Authorizer::with_defaults().unwrap();
+        let commands = [
+            Command::ReportVm {
+                key: "acme/web".into(),
+                node: NodeId(3),
+                generation: 1,
+                phase: Phase::Running,
+                reason: None,
+                now_ms: 0,
+            },
+            Command::PlaceVm {
+                key: "acme/web".into(),
+                generation: 1,
+                node: Some(NodeId(3)),
+                reason: None,
+                cpu_overcommit_pct: 100,
+                memory_overcommit_pct: 100,
+                now_ms: 0,
+            },
+            Command::SetNodeDown {
+                node: NodeId(2),
+                down: true,
+                now_ms: 0,
+            },
+            // its own addresses, then another host's
+            Command::UpdateAddrs {
+                node: NodeId(3),
+                addrs: vec![],
+            },
+            Command::UpdateAddrs {
+                node: NodeId(2),
+                addrs: vec![],
+            },
+            Command::SetImageHolder {
+                name: "web".into(),
+                manifest: BlobHash([0; 32]),
+                node: NodeId(3),
+                held: true,
+            },
+        ];
+        let vm = VmRef {
+            name: "web".into(),
+            tenant: Some("acme".into()),
+        };
+        let requests: Vec<Request> = vec![
+            ImageImport {
+                name: "declared-x".into(),
+                path: "/nix/store/x".into(),
+                tenant: None,
+                pin: false,
+            }
+            .into(),
+            VmCreate {
+                spec: Box::new(blixard_core::VmSpec {
+                    name: "web".into(),
+                    tenant: "acme".into(),
+                    image: "declared-x".into(),
+                    vcpus: 1,
+                    memory_mib: 64,
+                    labels: Default::default(),
+                    constraints: Default::default(),
+                    anti_affinity: None,
+                    restart: blixard_core::RestartPolicy::Always,
+                    ready_marker: None,
+                }),
+                start: true,
+            }
+            .into(),
+            VmDelete { vm }.into(),
+            UserRemove {
+                name: "bob".into(),
+            }
+            .into(),
+            Request::Leave(LeaveCluster { node: NodeId(2) }),
+        ];
+        let host = Principal::Host(NodeId(3), EndpointKey([3; 32]));
+        let node = Principal::Node(NodeId(3), EndpointKey([3; 32]));
+        let admin = Principal::Admin(EndpointKey([2; 32]), NodeId(1));
+        let stranger = Principal::Anonymous(EndpointKey([1; 32]));
+        let (t, f) = (true, false);
+        //            Report Place Down Addrs(own) Addrs(other) Hold | Import Create Delete URm Leave
+        let rows: [(&Principal, [bool; 11]); 4] = [
+            (&host, [t, t, t, t, f, t, t, t, t, f, f]),
+            (&node, [f, f, f, f, f, f, f, f, f, f, f]),
+            (&admin, [f, f, f, f, f, f, t, t, t, t, t]),
+            (&stranger, [f, f, f, f, f, f, f, f, f, f, f]),
+        ];
+        for (who, row) in rows {
+            let mut got = Vec::new();
+            for c in &commands {
+                got.push(authorize_command(&a, who, c, &ctx(), &NoUsers).unwrap().allowed);
+            }
+            for r in &requests {
+                got.push(authorize(&a, who, r, false, &ctx(), &NoUsers).unwrap().allowed);
+            }
+            assert_eq!(got, row, "{who}");
+        }
+        // A command only requests make is not a host's to make, whoever asks.
+        let meta = Command::SetMeta {
+            key: "k".into(),
+            value: None,
+        };
+        assert!(authorize_command(&a, &host, &meta, &ctx(), &NoUsers).is_err());
     }
 }

@@ -239,6 +239,49 @@ pub async fn call<S: Service>(
     result
 }
 
+/// The choke point for a change a node makes for itself, outside any request (its
+/// scheduler's placements, its agent's reports, its janitor's holdings, its addresses):
+/// authorization as `principal` (a [`Principal::Host`]; the command kind names one Cedar
+/// action and one resource, see [`crate::authz::command_action`]), an audit record of the
+/// decision and outcome, then `propose`. Commands that only requests make are refused.
+pub async fn command<T, F>(
+    authorizer: &blixard_authz::Authorizer,
+    lookup: &(dyn Lookup + Sync),
+    audit: &(dyn Fn(AuditEvent) + Send + Sync),
+    principal: &Principal,
+    command: blixard_core::Command,
+    propose: impl FnOnce(blixard_core::Command) -> F,
+) -> Result<T, ApiError>
+where
+    F: Future<Output = Result<T, ApiError>>,
+{
+    let key = principal.key().to_string();
+    let context = blixard_authz::RequestContext::now(key.clone());
+    let decision =
+        crate::authz::authorize_command(authorizer, principal, &command, &context, lookup)?;
+    let event = |outcome: Option<String>| AuditEvent {
+        principal: principal.to_string(),
+        key: key.clone(),
+        request: command.kind(),
+        decision: decision.clone(),
+        outcome,
+    };
+    if !decision.allowed {
+        audit(event(None));
+        return Err(decision.refusal(principal));
+    }
+    let refused = event(None);
+    let result = propose(command.clone()).await;
+    audit(AuditEvent {
+        outcome: Some(match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        }),
+        ..refused
+    });
+    result
+}
+
 /// Guards another protocol (the iroh-blobs ALPN) with the same choke point: a connection
 /// is handed to `inner` only if its caller may do `action` on the cluster. Refusals are
 /// audited and close the connection with code 1.

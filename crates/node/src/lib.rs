@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datadir;
 pub mod declared;
 pub mod exit;
+pub mod gate;
 pub mod images;
 pub mod peers;
 pub mod vms;

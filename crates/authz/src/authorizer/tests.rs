@@ -60,7 +60,7 @@ fn validate(
 }
 
 /// Every principal shape `authorize` is asked about: the admin credential, users with
-/// and without a tenant or roles, a host, an unknown key.
+/// and without a tenant or roles, a node, a host acting for itself, an unknown key.
 fn subjects() -> Vec<Subject> {
     vec![
         Subject::User {
@@ -82,6 +82,8 @@ fn subjects() -> Vec<Subject> {
             tenant: None,
         },
         Subject::Node { id: 3 },
+        // A host acting for itself, and the same id as a node resource below.
+        Subject::Host { id: 2 },
     ]
 }
 

@@ -8,7 +8,7 @@ mod images;
 mod tenants;
 mod vms;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use blixard_authz::{Authorizer, RequestContext, Resource};
@@ -17,9 +17,9 @@ use blixard_net::api::{ProgressSink, Request, RequestFrame, ResponseFrame};
 use blixard_net::authz::{Lookup, Principal};
 use blixard_net::server::{AuditEvent, Service};
 
-use crate::audit::AuditLog;
 use crate::cluster::ClusterHandle;
 use crate::config::ExpectedMember;
+use crate::gate::Gate;
 use crate::images::Images;
 use crate::vms::Vms;
 
@@ -39,36 +39,31 @@ pub(crate) fn principal_of(state: &State, caller: &EndpointKey) -> Principal {
 /// The API of one node.
 pub struct Api {
     pub cluster: Arc<ClusterHandle>,
-    pub audit: Arc<AuditLog>,
+    pub gate: Arc<Gate>,
     pub images: Arc<Images>,
     pub vms: Arc<Vms>,
     /// When set, only these keys (under these names) may join.
     pub expected: Option<Vec<ExpectedMember>>,
     /// How long a request may take (long-running ones: an hour).
     pub timeout: Duration,
-    /// The authorizer for the policy text it was built from (`None` = the defaults).
-    policies: Mutex<(Option<String>, Arc<Authorizer>)>,
 }
 
 impl Api {
     pub fn new(
-        cluster: Arc<ClusterHandle>,
-        audit: Arc<AuditLog>,
+        gate: Arc<Gate>,
         images: Arc<Images>,
         vms: Arc<Vms>,
         expected: Option<Vec<ExpectedMember>>,
         timeout: Duration,
-    ) -> Result<Self, String> {
-        let defaults = Authorizer::with_defaults().map_err(|e| e.to_string())?;
-        Ok(Self {
-            cluster,
-            audit,
+    ) -> Self {
+        Self {
+            cluster: gate.cluster.clone(),
+            gate,
             images,
             vms,
             expected,
             timeout,
-            policies: Mutex::new((None, Arc::new(defaults))),
-        })
+        }
     }
 
     /// Whether `principal` may do an action on a resource, under the policies in force
@@ -86,11 +81,9 @@ impl Api {
     /// same choke point as a request from the network (authorization as this host,
     /// an audit record, then the handler).
     pub async fn call_as_host(&self, request: Request, progress: ProgressSink) -> ResponseFrame {
-        let me = self.cluster.me();
-        let key = blixard_net::key_of(&self.cluster.client.endpoint().id());
         blixard_net::server::call(
             self,
-            Principal::Host(me, key),
+            self.gate.host(),
             RequestFrame::new(Some(self.cluster.cluster_id), request),
             self.timeout,
             progress,
@@ -101,16 +94,16 @@ impl Api {
 
 impl Lookup for Api {
     fn user(&self, name: &str) -> Option<User> {
-        self.cluster.state().user(name).cloned()
+        self.gate.user(name)
     }
     fn image(&self, name: &str) -> Option<blixard_core::Image> {
-        self.cluster.state().image(name).cloned()
+        self.gate.image(name)
     }
     fn vm(&self, key: &str) -> Option<blixard_core::Vm> {
-        self.cluster.state().vm(key).cloned()
+        self.gate.vm(key)
     }
     fn node_labels(&self, node: NodeId) -> Option<std::collections::BTreeMap<String, String>> {
-        self.cluster.state().member(node).map(|m| m.labels.clone())
+        self.gate.node_labels(node)
     }
 }
 
@@ -124,22 +117,11 @@ impl Service for Api {
     }
 
     fn authorizer(&self) -> Arc<Authorizer> {
-        let current = self.cluster.state().policies().cloned();
-        let mut cache = match self.policies.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if cache.0 != current {
-            match current.as_deref().map(Authorizer::new).unwrap_or_else(Authorizer::with_defaults) {
-                Ok(a) => *cache = (current, Arc::new(a)),
-                Err(e) => tracing::error!("stored policies do not validate with this version ({e}); keeping the previous ones"),
-            }
-        }
-        cache.1.clone()
+        self.gate.authorizer()
     }
 
     fn audit(&self, event: AuditEvent) {
-        self.audit.record(&event);
+        self.gate.audit.record(&event);
     }
 
     async fn handle(

@@ -30,6 +30,7 @@ use crate::cluster::ClusterHandle;
 use crate::config::{self, Config};
 use crate::datadir::{self, NodeInfo};
 use crate::exit::{self, Failure};
+use crate::gate::Gate;
 use crate::images::Images;
 use crate::peers::{Book, Seeds};
 use crate::vms::Loops;
@@ -116,6 +117,15 @@ pub(super) async fn start(
         ApiClient::new(ep.clone(), Some(cluster_id), timeout),
     ));
     let mut tasks = Vec::new();
+    let audit = Arc::new(AuditLog::new(data_dir, me).map_err(|e| {
+        Failure::new(
+            exit::ERROR,
+            format!("cannot start the audit log writer: {e}"),
+        )
+    })?);
+    let gate = Arc::new(
+        Gate::new(cluster.clone(), audit.clone()).map_err(|e| Failure::new(exit::ERROR, e))?,
+    );
 
     // Images and the binary cache.
     let store_dir = StoreDir::new(&config.images.store_dir)
@@ -145,7 +155,7 @@ pub(super) async fn start(
         None => None,
     };
     let images = Arc::new(Images::new(
-        cluster.clone(),
+        gate.clone(),
         image_store.clone(),
         cache_url,
         config.images.cache_size_mib.map(|m| m << 20),
@@ -160,24 +170,14 @@ pub(super) async fn start(
     ));
 
     // The audit log, the VM machinery, and the API on the router.
-    let audit = Arc::new(AuditLog::new(data_dir, me).map_err(|e| {
-        Failure::new(
-            exit::ERROR,
-            format!("cannot start the audit log writer: {e}"),
-        )
-    })?);
     let vms = Arc::new(vms_of(data_dir, config, &node, &audit)?);
-    let api = Arc::new(
-        Api::new(
-            cluster.clone(),
-            audit.clone(),
-            images.clone(),
-            vms.clone(),
-            expected,
-            timeout,
-        )
-        .map_err(|e| Failure::new(exit::ERROR, e))?,
-    );
+    let api = Arc::new(Api::new(
+        gate.clone(),
+        images.clone(),
+        vms.clone(),
+        expected,
+        timeout,
+    ));
     let blobs = iroh_blobs::BlobsProtocol::new(image_store.blobs(), None);
     let router = Router::builder(ep.clone())
         .accept(
@@ -194,6 +194,7 @@ pub(super) async fn start(
     // The loops.
     let loops = Arc::new(Loops {
         cluster: cluster.clone(),
+        gate: gate.clone(),
         vms,
         images: images.clone(),
         audit: audit.clone(),
@@ -220,7 +221,7 @@ pub(super) async fn start(
     };
     tasks.push(tokio::spawn(crate::vms::host::reconciler(loops)));
     tasks.push(tokio::spawn(keep_addrs_current(
-        cluster,
+        gate.clone(),
         me,
         advertise.clone(),
     )));
@@ -342,10 +343,9 @@ fn vms_of(
 
 /// Records this node's current addresses in cluster state if they changed (e.g. after a
 /// restart on another port).
-async fn keep_addrs_current(cluster: Arc<ClusterHandle>, me: NodeId, addrs: Vec<SocketAddr>) {
-    let node = &cluster.node;
+async fn keep_addrs_current(gate: Arc<Gate>, me: NodeId, addrs: Vec<SocketAddr>) {
     loop {
-        let current = node.state().member(me).map(|m| m.addrs.clone());
+        let current = gate.cluster.state().member(me).map(|m| m.addrs.clone());
         match current {
             Some(a) if a == addrs => return,
             None => {}
@@ -354,7 +354,8 @@ async fn keep_addrs_current(cluster: Arc<ClusterHandle>, me: NodeId, addrs: Vec<
                     node: me,
                     addrs: addrs.clone(),
                 };
-                match tokio::time::timeout(Duration::from_secs(5), node.propose(cmd)).await {
+                match tokio::time::timeout(Duration::from_secs(5), gate.propose_as_host(cmd)).await
+                {
                     Ok(Ok(_)) => return,
                     Ok(Err(e)) => tracing::debug!("address update not yet applied: {e}"),
                     Err(_) => tracing::debug!("address update timed out"),

@@ -17,6 +17,7 @@ use iroh_blobs::Hash;
 use rand::seq::SliceRandom;
 
 use crate::cluster::{member_addr_of, now_ms, ClusterHandle};
+use crate::gate::Gate;
 
 /// How long one raft step (a proposal, a read barrier) may take inside a long request.
 const RAFT_STEP: Duration = Duration::from_secs(15);
@@ -57,6 +58,8 @@ async fn retried<T, F: std::future::Future<Output = Result<T, ApiError>>>(
 /// The node's images and when each was last used here (for eviction).
 pub struct Images {
     pub cluster: Arc<ClusterHandle>,
+    /// Where this node's own changes (the images it holds) are authorized and audited.
+    pub gate: Arc<Gate>,
     pub store: ImageStore,
     /// `http://ADDR` of this node's binary cache, when it serves one.
     pub cache_url: Option<String>,
@@ -72,7 +75,7 @@ pub struct Images {
 
 impl Images {
     pub fn new(
-        cluster: Arc<ClusterHandle>,
+        gate: Arc<Gate>,
         store: ImageStore,
         cache_url: Option<String>,
         cache_bytes: Option<u64>,
@@ -80,7 +83,8 @@ impl Images {
         import_paths: Vec<PathBuf>,
     ) -> Self {
         Self {
-            cluster,
+            cluster: gate.cluster.clone(),
+            gate,
             store,
             cache_url,
             cache_bytes,
@@ -371,7 +375,7 @@ impl Images {
                 node: me,
                 held: true,
             };
-            self.bounded(|| self.cluster.propose(command.clone()))
+            self.bounded(|| self.gate.propose_as_host(command.clone()))
                 .await?;
         }
         held.report(PHASE_HELD, 1, 1);
@@ -497,8 +501,8 @@ impl Images {
     }
 
     async fn set_holder(&self, image: &Image, held: bool) -> Result<(), String> {
-        self.cluster
-            .propose(Command::SetImageHolder {
+        self.gate
+            .propose_as_host(Command::SetImageHolder {
                 name: image.name.clone(),
                 manifest: image.manifest,
                 node: self.cluster.me(),

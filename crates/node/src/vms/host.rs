@@ -64,7 +64,7 @@ impl Cluster for Loops {
             reason: reason.clone(),
             now_ms: now_ms(),
         };
-        match tokio::time::timeout(REPORT_TIMEOUT, self.cluster.propose(command)).await {
+        match tokio::time::timeout(REPORT_TIMEOUT, self.gate.propose_as_host(command)).await {
             Ok(Ok(_)) => self
                 .audit
                 .record_vm(&vm.id(), &phase.to_string(), reason.as_deref()),

@@ -17,11 +17,14 @@ use blixard_host::{HookChain, HookVm, Supervisor};
 
 use crate::audit::AuditLog;
 use crate::cluster::ClusterHandle;
+use crate::gate::Gate;
 use crate::images::Images;
 
 /// What the VM loops (the leader's scheduler, every host's reconciler) work with.
 pub struct Loops {
     pub cluster: Arc<ClusterHandle>,
+    /// Where the loops' changes to cluster state are authorized (as this host) and audited.
+    pub gate: Arc<Gate>,
     pub vms: Arc<Vms>,
     pub images: Arc<Images>,
     pub audit: Arc<AuditLog>,

@@ -70,8 +70,8 @@ async fn liveness(
     };
     for (node, down) in liveness_changes(&members, active, seen, now, ctx.vms.down_after) {
         tracing::warn!(%node, down, "host liveness changed");
-        ctx.cluster
-            .propose(Command::SetNodeDown {
+        ctx.gate
+            .propose_as_host(Command::SetNodeDown {
                 node,
                 down,
                 now_ms: now_ms(),
@@ -157,7 +157,7 @@ async fn schedule_round(ctx: &Loops) -> Result<(), String> {
             } => (key.clone(), *node, reason.clone()),
             _ => continue,
         };
-        match ctx.cluster.propose(command).await {
+        match ctx.gate.propose_as_host(command).await {
             // The leader's decisions are state changes too: in its audit log.
             Ok(_) => match node {
                 Some(n) => ctx

@@ -1,0 +1,96 @@
+//! The node's side of the choke point: the policies in force (one authorizer per policy
+//! text, rebuilt when cluster state's policies change), the audit log it records
+//! decisions in, and the way the node's own machinery changes cluster state. Requests
+//! reach handlers only through `blixard_net::server::call`; a change the node makes for
+//! itself outside a request (a placement, a report, a holding, its addresses) goes
+//! through [`Gate::propose_as_host`]: authorized as this host, audited, then proposed.
+
+use std::sync::{Arc, Mutex};
+
+use blixard_authz::Authorizer;
+use blixard_core::{Command, CommandOutput, NodeId, User};
+use blixard_net::api::ApiError;
+use blixard_net::authz::{Lookup, Principal};
+
+use crate::audit::AuditLog;
+use crate::cluster::ClusterHandle;
+
+/// The policies and the audit log, for requests and for the node's own changes.
+pub struct Gate {
+    pub cluster: Arc<ClusterHandle>,
+    pub audit: Arc<AuditLog>,
+    /// The authorizer for the policy text it was built from (`None` = the defaults).
+    policies: Mutex<(Option<String>, Arc<Authorizer>)>,
+}
+
+impl Gate {
+    pub fn new(
+        cluster: Arc<ClusterHandle>,
+        audit: Arc<AuditLog>,
+    ) -> Result<Self, blixard_authz::AuthzError> {
+        let defaults = Authorizer::with_defaults()?;
+        Ok(Self {
+            cluster,
+            audit,
+            policies: Mutex::new((None, Arc::new(defaults))),
+        })
+    }
+
+    /// The authorizer for the policies in force now.
+    pub fn authorizer(&self) -> Arc<Authorizer> {
+        let current = self.cluster.state().policies().cloned();
+        let mut cache = match self.policies.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if cache.0 != current {
+            match current
+                .as_deref()
+                .map(Authorizer::new)
+                .unwrap_or_else(Authorizer::with_defaults)
+            {
+                Ok(a) => *cache = (current, Arc::new(a)),
+                Err(e) => tracing::error!(
+                    "stored policies do not validate with this version ({e}); keeping the previous ones"
+                ),
+            }
+        }
+        cache.1.clone()
+    }
+
+    /// This host acting for itself: its configuration (declared VMs) and its machinery.
+    pub fn host(&self) -> Principal {
+        let key = blixard_net::key_of(&self.cluster.client.endpoint().id());
+        Principal::Host(self.cluster.me(), key)
+    }
+
+    /// Proposes a change this node makes for itself: authorized as this host (the
+    /// command's Cedar action, e.g. `vm:report`), audited with its outcome, then proposed.
+    pub async fn propose_as_host(&self, command: Command) -> Result<CommandOutput, ApiError> {
+        let audit = |event| self.audit.record(&event);
+        blixard_net::server::command(
+            &self.authorizer(),
+            self,
+            &audit,
+            &self.host(),
+            command,
+            |c| self.cluster.propose(c),
+        )
+        .await
+    }
+}
+
+impl Lookup for Gate {
+    fn user(&self, name: &str) -> Option<User> {
+        self.cluster.state().user(name).cloned()
+    }
+    fn image(&self, name: &str) -> Option<blixard_core::Image> {
+        self.cluster.state().image(name).cloned()
+    }
+    fn vm(&self, key: &str) -> Option<blixard_core::Vm> {
+        self.cluster.state().vm(key).cloned()
+    }
+    fn node_labels(&self, node: NodeId) -> Option<std::collections::BTreeMap<String, String>> {
+        self.cluster.state().member(node).map(|m| m.labels.clone())
+    }
+}
