@@ -147,17 +147,15 @@ impl ApiClient {
                 node: node.clone(),
                 detail: e.to_string(),
             };
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| ClientError::Connect {
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| ClientError::Connect {
                 node: node.clone(),
                 detail: e.to_string(),
             })?;
             frame::write(&mut send, &request).await.map_err(protocol)?;
             let _ = send.finish();
+            let mut recv = frame::Reader::new(recv);
             loop {
-                match frame::read::<ResponseItem>(&mut recv)
-                    .await
-                    .map_err(protocol)?
-                {
+                match recv.read::<ResponseItem>().await.map_err(protocol)? {
                     ResponseItem::Progress(p) => on_progress(&p),
                     ResponseItem::Done(answer) => return Ok(answer),
                 }

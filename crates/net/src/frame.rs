@@ -1,8 +1,33 @@
 //! Length-prefixed frames: a big-endian u32 length, then that many bytes of postcard.
+//!
+//! The length prefix is tokio-util's [`LengthDelimitedCodec`], configured for a 4-byte
+//! big-endian length and `max_frame_length(MAX_FRAME)`; this module adds postcard and maps
+//! the codec's errors to [`FrameError`]. Reading and writing use it differently, on purpose:
+//!
+//! * **Reads** go through a [`Reader`], a [`FramedRead`] over the stream. The codec reads
+//!   ahead into its buffer, so a stream that carries several frames (progress updates, raft
+//!   batches) must be read by one `Reader` for its whole life. The free [`read`] and
+//!   [`read_raw`] (kept for callers outside this crate, e.g. the process tests) drop theirs
+//!   after one frame, so they are for a stream's only (or last) frame.
+//! * **Writes** encode with the same codec into a `BytesMut` ([`encode`]) and `write_all`
+//!   it on the caller's [`SendStream`]. A `FramedWrite` would own the stream and buffer
+//!   frames until a flush, while every writer here needs the stream itself after its frames
+//!   (`finish()`, then waiting for `stopped()`) and wants each frame sent when written.
+//!
+//! The codec refuses a length over the limit before allocating or consuming anything, so
+//! [`FrameError::TooLarge`] still names the length the peer claimed.
 
+use std::io;
+
+use futures_util::StreamExt as _;
 use iroh::endpoint::{RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::io::AsyncRead;
+use tokio_util::bytes::BytesMut;
+use tokio_util::codec::{
+    Decoder, Encoder, FramedRead, LengthDelimitedCodec, LengthDelimitedCodecError,
+};
 
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -21,50 +46,133 @@ pub enum FrameError {
     Malformed(String),
 }
 
+/// A failure of the stream under a [`Reader`] (what [`FramedRead`] needs of its codec's
+/// error type).
+impl From<io::Error> for FrameError {
+    fn from(e: io::Error) -> Self {
+        FrameError::Read(e.to_string())
+    }
+}
+
+/// The wire format's length prefix.
+fn length_codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .big_endian()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
 /// Decodes a frame body. Shared by the stream reader, tests and the fuzz target.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     postcard::from_bytes(body).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// One whole frame: the length prefix and the postcard body.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
     let body = postcard::to_stdvec(value).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    if body.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge(body.len()));
-    }
-    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge(body.len()))?;
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
+    let mut out = BytesMut::with_capacity(4 + body.len());
+    // The codec's only refusal is a body over `max_frame_length`.
+    Encoder::<&[u8]>::encode(&mut length_codec(), &body, &mut out)
+        .map_err(|_| FrameError::TooLarge(body.len()))?;
+    Ok(Vec::from(out))
 }
 
-/// Reads one frame; `Ok(None)` when the peer finished the stream cleanly before a frame.
+/// [`LengthDelimitedCodec`] with [`FrameError`]s, and an end of stream inside a frame
+/// reported as such.
+#[derive(Debug)]
+struct FrameCodec {
+    length: LengthDelimitedCodec,
+    /// Bytes of a frame not yet returned have been seen (the codec may have consumed its
+    /// length prefix, so an empty buffer does not mean a clean end).
+    partial: bool,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        Self {
+            length: length_codec(),
+            partial: false,
+        }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        self.partial |= !src.is_empty();
+        match self.length.decode(src) {
+            Ok(Some(body)) => {
+                self.partial = false;
+                Ok(Some(body))
+            }
+            Ok(None) => Ok(None),
+            Err(e)
+                if e.get_ref()
+                    .is_some_and(|e| e.is::<LengthDelimitedCodecError>()) =>
+            {
+                // Refused before the prefix was consumed: it is still at the front.
+                let claimed = src
+                    .first_chunk::<4>()
+                    .map_or(MAX_FRAME + 1, |b| u32::from_be_bytes(*b) as usize);
+                Err(FrameError::TooLarge(claimed))
+            }
+            Err(e) => Err(FrameError::Malformed(e.to_string())),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        match self.decode(src)? {
+            Some(body) => Ok(Some(body)),
+            None if self.partial => Err(FrameError::Read(
+                "stream finished early, inside a frame".into(),
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Reads the frames of one stream. Keep one for the stream's life: it reads ahead, so its
+/// buffer may already hold the next frames.
+#[derive(Debug)]
+pub struct Reader<R = RecvStream> {
+    frames: FramedRead<R, FrameCodec>,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    pub fn new(recv: R) -> Self {
+        Self {
+            frames: FramedRead::new(recv, FrameCodec::default()),
+        }
+    }
+
+    /// Reads one frame's body; `Ok(None)` when the peer finished the stream cleanly before
+    /// a frame.
+    pub async fn read_raw(&mut self) -> Result<Option<BytesMut>, FrameError> {
+        self.frames.next().await.transpose()
+    }
+
+    /// Reads and decodes one frame; [`FrameError::Closed`] if the stream ended before it.
+    pub async fn read<T: DeserializeOwned>(&mut self) -> Result<T, FrameError> {
+        match self.read_raw().await? {
+            Some(body) => decode(&body),
+            None => Err(FrameError::Closed),
+        }
+    }
+}
+
+/// Reads a stream's only (or last) frame; `Ok(None)` when the peer finished the stream
+/// cleanly before a frame. Bytes after the frame are lost: read a stream of several frames
+/// with one [`Reader`].
 pub async fn read_raw(recv: &mut RecvStream) -> Result<Option<Vec<u8>>, FrameError> {
-    let mut len = [0u8; 4];
-    match recv.read(&mut len[..1]).await {
-        Ok(None) => return Ok(None),
-        Ok(Some(_)) => {}
-        Err(e) => return Err(FrameError::Read(e.to_string())),
-    }
-    recv.read_exact(&mut len[1..])
-        .await
-        .map_err(|e| FrameError::Read(e.to_string()))?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| FrameError::Read(e.to_string()))?;
-    Ok(Some(body))
+    Ok(Reader::new(recv).read_raw().await?.map(Vec::from))
 }
 
+/// Reads and decodes a stream's only (or last) frame; see [`read_raw`].
 pub async fn read<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T, FrameError> {
-    match read_raw(recv).await? {
-        Some(body) => decode(&body),
-        None => Err(FrameError::Closed),
-    }
+    Reader::new(recv).read().await
 }
 
 pub async fn write<T: Serialize>(send: &mut SendStream, value: &T) -> Result<(), FrameError> {
@@ -117,7 +225,115 @@ mod tests {
             let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
             prop_assert_eq!(len, bytes.len() - 4);
             let back: RequestFrame = decode(&bytes[4..]).unwrap();
-            prop_assert_eq!(back, frame);
+            prop_assert_eq!(&back, &frame);
+            // Byte for byte the format written before the codec: u32 BE length, postcard.
+            let body = postcard::to_stdvec(&frame).unwrap();
+            let mut expected = (body.len() as u32).to_be_bytes().to_vec();
+            expected.extend_from_slice(&body);
+            prop_assert_eq!(bytes, expected);
         }
+
+        // Frames split anywhere by the transport come out whole and in order.
+        #[test]
+        fn reader_reassembles_frames(
+            bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..6),
+            chunk in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            for b in &bodies {
+                wire.extend(encode(b).unwrap());
+            }
+            let mut mock = Chunked { rest: wire, chunk };
+            let got = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+                let mut reader = Reader::new(&mut mock);
+                let mut got = Vec::new();
+                while let Some(body) = reader.read_raw().await.unwrap() {
+                    got.push(decode::<Vec<u8>>(&body).unwrap());
+                }
+                got
+            });
+            prop_assert_eq!(got, bodies);
+        }
+    }
+
+    /// A stream that hands out its bytes `chunk` at a time.
+    struct Chunked {
+        rest: Vec<u8>,
+        chunk: usize,
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let n = self.chunk.min(self.rest.len()).min(buf.remaining());
+            let head: Vec<u8> = self.rest.drain(..n).collect();
+            buf.put_slice(&head);
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn read_all(wire: &[u8]) -> Result<Option<BytesMut>, FrameError> {
+        Reader::new(wire).read_raw().await
+    }
+
+    fn frame_of(len: usize) -> Vec<u8> {
+        let mut wire = u32::try_from(len).unwrap().to_be_bytes().to_vec();
+        wire.resize(4 + len, 0xab);
+        wire
+    }
+
+    #[tokio::test]
+    async fn a_frame_at_the_limit_is_read_and_one_byte_more_is_refused() {
+        let body = read_all(&frame_of(MAX_FRAME)).await.unwrap().unwrap();
+        assert_eq!(body.len(), MAX_FRAME);
+
+        // Refused from the prefix alone: the body need not arrive.
+        let over = (MAX_FRAME as u32 + 1).to_be_bytes();
+        match read_all(&over).await {
+            Err(e @ FrameError::TooLarge(n)) => {
+                assert_eq!(n, MAX_FRAME + 1);
+                assert_eq!(
+                    e.to_string(),
+                    "frame of 16777217 bytes exceeds the 16777216-byte limit"
+                );
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert!(matches!(
+            read_all(&u32::MAX.to_be_bytes()).await,
+            Err(FrameError::TooLarge(n)) if n == u32::MAX as usize
+        ));
+    }
+
+    #[test]
+    fn a_body_at_the_limit_is_encoded_and_one_byte_more_is_refused() {
+        // postcard writes a Vec<u8> of this size as a 4-byte varint length and its bytes.
+        let at = vec![0u8; MAX_FRAME - 4];
+        let bytes = encode(&at).unwrap();
+        assert_eq!(bytes.len(), 4 + MAX_FRAME);
+        assert_eq!(bytes[..4], (MAX_FRAME as u32).to_be_bytes());
+        let over = vec![0u8; MAX_FRAME - 3];
+        assert!(matches!(encode(&over), Err(FrameError::TooLarge(n)) if n == MAX_FRAME + 1));
+    }
+
+    #[tokio::test]
+    async fn a_clean_end_is_none_and_an_end_inside_a_frame_is_an_error() {
+        assert!(read_all(&[]).await.unwrap().is_none());
+        assert!(matches!(
+            Reader::new(&[][..]).read::<u8>().await,
+            Err(FrameError::Closed)
+        ));
+        // Inside the prefix, right after it, and inside the body.
+        for wire in [&[0, 0][..], &[0, 0, 1, 0], &[0, 0, 1, 0, 1, 2]] {
+            assert!(
+                matches!(read_all(wire).await, Err(FrameError::Read(_))),
+                "{wire:?}"
+            );
+        }
+        // An empty frame is a frame, not an end.
+        assert_eq!(read_all(&[0, 0, 0, 0]).await.unwrap().unwrap().len(), 0);
     }
 }

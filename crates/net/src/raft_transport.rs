@@ -181,12 +181,13 @@ impl Peer {
         .await
         .map_err(|_| SessionError::Other("connect timed out".into()))?
         .map_err(|e| SessionError::Other(e.to_string()))?;
-        let (mut send, mut recv) = conn
+        let (mut send, recv) = conn
             .open_bi()
             .await
             .map_err(|e| SessionError::Other(e.to_string()))?;
         frame::write(&mut send, &self.hello).await?;
-        let ack: Result<(), Refusal> = frame::read(&mut recv).await?;
+        let mut recv = frame::Reader::new(recv);
+        let ack: Result<(), Refusal> = recv.read().await?;
         ack.map_err(SessionError::Refused)?;
         let mut pending = vec![first];
         loop {
@@ -287,8 +288,10 @@ impl RaftHandler {
 impl ProtocolHandler for RaftHandler {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let key = key_of(&conn.remote_id());
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let hello: Hello = match frame::read(&mut recv).await {
+        while let Ok((mut send, recv)) = conn.accept_bi().await {
+            // One reader for the stream's life: it may already hold the first raft frames.
+            let mut recv = frame::Reader::new(recv);
+            let hello: Hello = match recv.read().await {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::debug!(peer = %key, "bad raft hello: {e}");
@@ -330,7 +333,7 @@ async fn receive(
     from: NodeId,
     key: EndpointKey,
     book: Arc<dyn PeerBook>,
-    mut recv: iroh::endpoint::RecvStream,
+    mut recv: frame::Reader,
 ) -> Result<(), FrameError> {
     let mut snapshot: Option<(Message, Vec<u8>, u64)> = None;
     let check = |m: &Message| {
@@ -342,7 +345,7 @@ async fn receive(
         }
         Ok(())
     };
-    while let Some(body) = frame::read_raw(&mut recv).await? {
+    while let Some(body) = recv.read_raw().await? {
         // A member removed while its stream is open is cut off at its next frame.
         if let Err(refusal) = book.admit(&key, from) {
             return Err(FrameError::Malformed(format!("{NO_LONGER}: {refusal}")));

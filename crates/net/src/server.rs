@@ -114,11 +114,11 @@ async fn serve_stream<S: Service>(
     service: Arc<S>,
     caller: EndpointKey,
     mut send: SendStream,
-    mut recv: RecvStream,
+    recv: RecvStream,
     timeout: Duration,
 ) {
-    let response = match tokio::time::timeout(timeout, frame::read::<RequestFrame>(&mut recv)).await
-    {
+    let mut recv = frame::Reader::new(recv);
+    let response = match tokio::time::timeout(timeout, recv.read::<RequestFrame>()).await {
         Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
         Ok(Err(FrameError::Closed)) => return,
         Ok(Err(e)) => Err(ApiError::BadRequest(e.to_string())),

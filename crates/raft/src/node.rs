@@ -14,6 +14,7 @@ use blixard_core::{
     ApplyError, Command, CommandOutput, Envelope, JoinRequest, MemberRole, NodeId, State,
 };
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
+use blixard_store::StoreError;
 use raft::StateRole;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
@@ -74,7 +75,7 @@ enum Input {
     ReadIndex(Reply<()>),
     Raft(Message),
     /// The store's writer made every `Ready` up to this number durable, or failed.
-    Persisted(Result<u64, String>),
+    Persisted(Result<u64, StoreError>),
     Status(oneshot::Sender<NodeStatus>),
     Campaign,
     Shutdown,

@@ -8,8 +8,19 @@
 //! **Invariant:** queued writes ([`Store::submit`]) reach the file in the order they were
 //! queued; until then their entries are served from memory, never lost from view.
 //! **Boundary:** only this crate touches redb.
+//!
+//! Modules, each using only those listed before it: `error` ([`StoreError`]), `batch`
+//! ([`WriteBatch`]), `tables` (the redb tables and value encodings), `persist` (the
+//! in-memory tail and the write queue), `storage` ([`Store`]: writes, raft-rs `Storage`,
+//! the writer thread).
 
+mod batch;
+mod error;
 mod persist;
 mod storage;
+mod tables;
 
-pub use storage::{NodeRecord, PersistNotify, Store, StoreError, WriteBatch};
+pub use batch::WriteBatch;
+pub use error::StoreError;
+pub use persist::PersistNotify;
+pub use storage::{NodeRecord, Store};

@@ -12,7 +12,8 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use raft::eraftpb::Entry;
 
-use crate::storage::WriteBatch;
+use crate::batch::WriteBatch;
+use crate::error::StoreError;
 
 /// Written entries kept in the tail beyond the ones still queued.
 pub(crate) const TAIL_KEEP: usize = 1024;
@@ -78,6 +79,10 @@ impl Tail {
     }
 }
 
+/// Told, from the writer thread, the highest `Ready` number that is now durable, or the
+/// error that stopped the writer.
+pub type PersistNotify = Box<dyn Fn(Result<u64, StoreError>) + Send>;
+
 /// One queued write.
 #[derive(Debug)]
 pub(crate) enum Job {
@@ -117,25 +122,6 @@ impl Queue {
         self.lock().jobs.push_back(job);
         self.changed.notify_all();
     }
-}
-
-/// Folds `next` into `into`, as if `into` had been written first.
-pub(crate) fn merge(into: &mut WriteBatch, next: WriteBatch) {
-    if let Some(first) = next.entries.first().map(|e| e.index) {
-        into.entries.retain(|e| e.index < first);
-    }
-    into.entries.extend(next.entries);
-    if next.hard_state.is_some() {
-        into.hard_state = next.hard_state;
-    }
-    into.rows.extend(next.rows);
-    if next.applied.is_some() {
-        into.applied = next.applied;
-    }
-    if next.conf_state.is_some() {
-        into.conf_state = next.conf_state;
-    }
-    into.sync |= next.sync;
 }
 
 #[cfg(test)]
@@ -182,25 +168,5 @@ mod tests {
         assert_eq!(t.last_index(), Some(n));
         t.compacted(n - 1);
         assert_eq!(indexes(&t), vec![(n, 1)]);
-    }
-
-    #[test]
-    fn merged_batches_keep_the_later_entries_and_state() {
-        let mut a = WriteBatch {
-            entries: vec![entry(1, 1), entry(2, 1), entry(3, 1)],
-            applied: Some((1, 1)),
-            ..Default::default()
-        };
-        let b = WriteBatch {
-            entries: vec![entry(3, 2), entry(4, 2)],
-            applied: Some((2, 1)),
-            sync: true,
-            ..Default::default()
-        };
-        merge(&mut a, b);
-        let got: Vec<(u64, u64)> = a.entries.iter().map(|e| (e.index, e.term)).collect();
-        assert_eq!(got, vec![(1, 1), (2, 1), (3, 2), (4, 2)]);
-        assert_eq!(a.applied, Some((2, 1)));
-        assert!(a.sync);
     }
 }

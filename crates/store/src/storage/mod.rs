@@ -1,0 +1,443 @@
+//! The redb-backed store: opening, the node record, the state rows, and the raft loop's
+//! writes (batches, snapshots, compaction). raft-rs's `Storage` is in `raft_storage`, the
+//! queue and its writer thread in `writer`.
+
+mod raft_storage;
+mod writer;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+
+use blixard_core::{decode_versioned, encode_versioned, ClusterId, NodeId, Row, State};
+use raft::eraftpb::{ConfState, HardState, Snapshot};
+use raft::StorageError as RaftStorageError;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::WriteBatch;
+use crate::error::{corrupt, StoreError};
+use crate::persist::{Queue, Tail};
+use crate::tables::{
+    decode_pair, encode_pair, pb_decode, pb_encode, APPLIED, CONF_STATE, HARD_STATE, LOG,
+    LOG_START, NODE, RAFT, STATE,
+};
+
+/// Who this node is, recorded when it initialises or joins a cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub cluster_id: ClusterId,
+    pub node_id: NodeId,
+    /// Set when the node learns it was removed; such a data dir never starts again.
+    pub removed: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Bounds {
+    /// The compaction point: entries at or below it are gone.
+    start_index: u64,
+    start_term: u64,
+    last_index: u64,
+}
+
+struct Inner {
+    db: Database,
+    durability: Durability,
+    bounds: RwLock<Bounds>,
+    /// The newest entries, including every one not yet written. Its lock also orders log
+    /// reads against compaction.
+    tail: Mutex<Tail>,
+    queue: Queue,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The redb-backed raft storage and state tables. Cheap to clone; clones share the file.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Makes every earlier commit durable (a synced empty commit), e.g. before shutdown.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let txn = self.begin_write()?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Opens (or creates) the database at `path` with durable commits.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, Durability::Immediate)
+    }
+
+    /// Opens with commits that are not fsynced: for simulations on throwaway files.
+    pub fn open_volatile(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, Durability::None)
+    }
+
+    fn open_with(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                path: path.to_path_buf(),
+            },
+            source => StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(durability)
+                .map_err(|e| corrupt("durability", e))?;
+            txn.open_table(LOG)?;
+            txn.open_table(RAFT)?;
+            txn.open_table(STATE)?;
+            txn.commit()?;
+        }
+        let store = Store {
+            inner: Arc::new(Inner {
+                db,
+                durability,
+                bounds: RwLock::new(Bounds::default()),
+                tail: Mutex::new(Tail::default()),
+                queue: Queue::default(),
+                writer: Mutex::new(None),
+            }),
+        };
+        let bounds = store.read_bounds()?;
+        store.set_bounds(bounds);
+        Ok(store)
+    }
+
+    fn read_bounds(&self) -> Result<Bounds, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let raft = txn.open_table(RAFT)?;
+        let (start_index, start_term) = match raft.get(LOG_START)? {
+            Some(v) => decode_pair("log start", v.value())?,
+            None => (0, 0),
+        };
+        let log = txn.open_table(LOG)?;
+        let last_index = match log.last()? {
+            Some((k, _)) => k.value().max(start_index),
+            None => start_index,
+        };
+        Ok(Bounds {
+            start_index,
+            start_term,
+            last_index,
+        })
+    }
+
+    fn bounds(&self) -> Bounds {
+        match self.inner.bounds.read() {
+            Ok(b) => *b,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    fn set_bounds(&self, b: Bounds) {
+        match self.inner.bounds.write() {
+            Ok(mut g) => *g = b,
+            Err(poisoned) => *poisoned.into_inner() = b,
+        }
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = self.inner.db.begin_write()?;
+        txn.set_durability(self.inner.durability)
+            .map_err(|e| corrupt("durability", e))?;
+        Ok(txn)
+    }
+
+    // ---- node identity ----
+
+    pub fn node_record(&self) -> Result<Option<NodeRecord>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let raft = txn.open_table(RAFT)?;
+        match raft.get(NODE)? {
+            Some(v) => Ok(Some(
+                decode_versioned(v.value()).map_err(|e| corrupt("node record", e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn set_node_record(&self, record: &NodeRecord) -> Result<(), StoreError> {
+        let txn = self.begin_write()?;
+        {
+            let mut raft = txn.open_table(RAFT)?;
+            raft.insert(NODE, encode_versioned(record).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    // ---- state ----
+
+    /// Loads the state machine as of the applied index.
+    pub fn load_state(&self) -> Result<(State, u64, u64), StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(STATE)?;
+        let mut rows: Vec<(String, Vec<u8>, Vec<u8>)> = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let (t, key) = k.value();
+            rows.push((t.to_string(), key.to_vec(), v.value().to_vec()));
+        }
+        let state = State::from_rows(
+            rows.iter()
+                .map(|(t, k, v)| (t.as_str(), k.as_slice(), v.as_slice())),
+        )
+        .map_err(|e| corrupt("state", e))?;
+        let raft = txn.open_table(RAFT)?;
+        let (applied, applied_term) = match raft.get(APPLIED)? {
+            Some(v) => decode_pair("applied index", v.value())?,
+            None => (0, 0),
+        };
+        Ok((state, applied, applied_term))
+    }
+
+    /// Writes the first snapshot of a new cluster: `state` at index 1, term 1, with the
+    /// given voters. Refuses a store that already holds a log or state.
+    pub fn bootstrap(&self, state: &State, voters: &[u64]) -> Result<(), StoreError> {
+        let (existing, applied, _) = self.load_state()?;
+        if applied != 0 || existing.cluster().is_some() || self.bounds().last_index != 0 {
+            return Err(corrupt(
+                "bootstrap",
+                "the data dir already holds a cluster; refusing to initialise over it",
+            ));
+        }
+        let mut snap = Snapshot::default();
+        let meta = snap.mut_metadata();
+        meta.index = 1;
+        meta.term = 1;
+        meta.mut_conf_state().voters = voters.to_vec();
+        snap.data = encode_versioned(&state.all_rows()).into();
+        self.apply_snapshot(&snap)
+    }
+
+    // ---- the raft loop's writes ----
+
+    /// Writes a batch in one transaction: appended entries (replacing any conflicting
+    /// tail), the hard state, state rows, the applied index and the configuration.
+    pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut bounds = self.bounds();
+        let mut txn = self.begin_write()?;
+        if !batch.sync {
+            // Lost on a crash together with everything after it, never torn: redb commits
+            // are atomic and ordered. Made durable by the next synced commit.
+            txn.set_durability(Durability::None)
+                .map_err(|e| corrupt("durability", e))?;
+        }
+        {
+            let mut log = txn.open_table(LOG)?;
+            if let Some(first) = batch.entries.first() {
+                if first.index <= bounds.start_index {
+                    return Err(StoreError::Raft(raft::Error::Store(
+                        RaftStorageError::Compacted,
+                    )));
+                }
+                if first.index > bounds.last_index + 1 {
+                    return Err(corrupt(
+                        "append",
+                        format!(
+                            "gap in the log: last index {}, appending {}",
+                            bounds.last_index, first.index
+                        ),
+                    ));
+                }
+                // Drop the conflicting tail.
+                if first.index <= bounds.last_index {
+                    log.retain_in(first.index.., |_, _| false)?;
+                }
+                for e in &batch.entries {
+                    log.insert(e.index, pb_encode(e)?.as_slice())?;
+                }
+                if let Some(last) = batch.entries.last() {
+                    bounds.last_index = last.index;
+                }
+            }
+            let mut raft = txn.open_table(RAFT)?;
+            if let Some(hs) = &batch.hard_state {
+                raft.insert(HARD_STATE, pb_encode(hs)?.as_slice())?;
+            }
+            if let Some(cs) = &batch.conf_state {
+                raft.insert(CONF_STATE, pb_encode(cs)?.as_slice())?;
+            }
+            if let Some((index, term)) = batch.applied {
+                raft.insert(APPLIED, encode_pair(index, term).as_slice())?;
+            }
+            let mut state = txn.open_table(STATE)?;
+            for row in &batch.rows {
+                match &row.value {
+                    Some(v) => {
+                        state.insert((row.table.as_str(), row.key.as_slice()), v.as_slice())?;
+                    }
+                    None => {
+                        state.remove((row.table.as_str(), row.key.as_slice()))?;
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        self.set_bounds(bounds);
+        if let Some(last) = batch.entries.last() {
+            self.tail().written(last.index, last.term);
+        }
+        Ok(())
+    }
+
+    /// Replaces log, configuration and state with a snapshot received from the leader.
+    pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
+        let meta = snap.get_metadata();
+        let rows: Vec<Row> =
+            decode_versioned(&snap.data).map_err(|e| corrupt("snapshot data", e))?;
+        // Validate before touching anything.
+        State::from_rows(rows.iter().map(|r| {
+            (
+                r.table.as_str(),
+                r.key.as_slice(),
+                r.value.as_deref().unwrap_or_default(),
+            )
+        }))
+        .map_err(|e| corrupt("snapshot data", e))?;
+        if meta.index <= self.bounds().start_index {
+            return Err(StoreError::Raft(raft::Error::Store(
+                RaftStorageError::SnapshotOutOfDate,
+            )));
+        }
+        let mut hs = self.hard_state()?;
+        if meta.term > hs.term {
+            // A vote belongs to its term.
+            hs.vote = 0;
+        }
+        hs.term = hs.term.max(meta.term);
+        hs.commit = hs.commit.max(meta.index);
+        let mut tail = self.tail();
+        let txn = self.begin_write()?;
+        {
+            let mut log = txn.open_table(LOG)?;
+            log.retain(|_, _| false)?;
+            let mut state = txn.open_table(STATE)?;
+            state.retain(|_, _| false)?;
+            for row in &rows {
+                if let Some(v) = &row.value {
+                    state.insert((row.table.as_str(), row.key.as_slice()), v.as_slice())?;
+                }
+            }
+            let mut raft = txn.open_table(RAFT)?;
+            raft.insert(HARD_STATE, pb_encode(&hs)?.as_slice())?;
+            raft.insert(CONF_STATE, pb_encode(meta.get_conf_state())?.as_slice())?;
+            raft.insert(LOG_START, encode_pair(meta.index, meta.term).as_slice())?;
+            raft.insert(APPLIED, encode_pair(meta.index, meta.term).as_slice())?;
+        }
+        txn.commit()?;
+        self.set_bounds(Bounds {
+            start_index: meta.index,
+            start_term: meta.term,
+            last_index: meta.index,
+        });
+        tail.clear();
+        Ok(())
+    }
+
+    /// Discards log entries up to and including `index`, which must be applied.
+    pub fn compact(&self, index: u64) -> Result<(), StoreError> {
+        let bounds = self.bounds();
+        if index <= bounds.start_index {
+            return Ok(());
+        }
+        let (applied, _) = self.applied()?;
+        if index > applied || index > bounds.last_index {
+            return Err(corrupt(
+                "compaction",
+                format!(
+                    "cannot compact to {index}: applied {applied}, last {}",
+                    bounds.last_index
+                ),
+            ));
+        }
+        let term = raft::Storage::term(self, index)?;
+        // Readers check the bounds and read under the tail's lock: none sees the entries
+        // gone before the bounds say so.
+        let mut tail = self.tail();
+        let txn = self.begin_write()?;
+        {
+            let mut log = txn.open_table(LOG)?;
+            log.retain_in(..=index, |_, _| false)?;
+            let mut raft = txn.open_table(RAFT)?;
+            raft.insert(LOG_START, encode_pair(index, term).as_slice())?;
+        }
+        txn.commit()?;
+        self.set_bounds(Bounds {
+            start_index: index,
+            start_term: term,
+            last_index: bounds.last_index,
+        });
+        tail.compacted(index);
+        Ok(())
+    }
+
+    /// The applied index and its term.
+    pub fn applied(&self) -> Result<(u64, u64), StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let raft = txn.open_table(RAFT)?;
+        let (i, t) = match raft.get(APPLIED)? {
+            Some(v) => decode_pair("applied index", v.value())?,
+            None => (0, 0),
+        };
+        Ok((i, t))
+    }
+
+    pub fn hard_state(&self) -> Result<HardState, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let raft = txn.open_table(RAFT)?;
+        match raft.get(HARD_STATE)? {
+            Some(v) => pb_decode("hard state", v.value()),
+            None => Ok(HardState::default()),
+        }
+    }
+
+    pub fn conf_state(&self) -> Result<ConfState, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let raft = txn.open_table(RAFT)?;
+        match raft.get(CONF_STATE)? {
+            Some(v) => pb_decode("conf state", v.value()),
+            None => Ok(ConfState::default()),
+        }
+    }
+
+    /// The number of entries in the log (for compaction decisions).
+    pub fn log_len(&self) -> u64 {
+        let tail = self.tail();
+        self.last_index_in(&tail)
+            .saturating_sub(self.bounds().start_index)
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Tail> {
+        match self.inner.tail.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The log's last index: the tail's (it holds every entry not yet written), else the
+    /// database's.
+    fn last_index_in(&self, tail: &Tail) -> u64 {
+        tail.last_index().unwrap_or(self.bounds().last_index)
+    }
+
+    /// The first index still in the log.
+    pub fn first_index(&self) -> u64 {
+        self.bounds().start_index + 1
+    }
+}
