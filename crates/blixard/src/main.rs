@@ -10,12 +10,7 @@ macro_rules! out {
 }
 
 mod cli;
-mod delivery;
-mod image_cli;
-mod output;
 mod run_args;
-mod tenant_cli;
-mod vm_cli;
 
 use blixard_node::{config, daemon, declared, exit};
 
@@ -25,8 +20,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cli::format::Format;
 use crate::exit::Failure;
-use crate::output::Format;
 
 /// Blixard: microVMs on a cluster of NixOS hosts.
 #[derive(Parser, Debug)]
@@ -78,16 +73,16 @@ enum Command {
     #[command(subcommand)]
     Audit(AuditCommand),
     #[command(subcommand)]
-    Image(image_cli::ImageCommand),
+    Image(cli::images::ImageCommand),
     /// VMs: create, inspect, start, stop, restart, delete, and read their consoles.
     #[command(subcommand)]
-    Vm(vm_cli::VmCommand),
+    Vm(cli::vms::VmCommand),
     /// Tenants: who owns images and VMs.
     #[command(subcommand)]
-    Tenant(tenant_cli::TenantCommand),
+    Tenant(cli::tenants::TenantCommand),
     /// A tenant's limits on VMs, vCPUs and memory.
     #[command(subcommand)]
-    Quota(tenant_cli::QuotaCommand),
+    Quota(cli::tenants::QuotaCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -301,25 +296,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 declared::load(std::path::Path::new(f))
                     .map_err(|e| Failure::new(exit::CONFIG, e))?;
             }
-            output::json(&config).map_err(|e| Failure::new(exit::ERROR, e))
+            cli::format::json(&config).map_err(|e| Failure::new(exit::ERROR, e))
         }
         Command::Node(NodeCommand::Run(args)) => {
             init_logging();
             daemon::run(&cli.data_dir, (*args).into()).await
         }
         Command::Cluster(cmd) => match cmd {
-            ClusterCommand::Status(a) => cli::status(&ctx, a.stale).await,
+            ClusterCommand::Status(a) => cli::cluster::status(&ctx, a.stale).await,
             ClusterCommand::Token(TokenCommand::Create { ttl }) => {
-                cli::token_create(&ctx, &ttl).await
+                cli::cluster::token_create(&ctx, &ttl).await
             }
-            ClusterCommand::Leave { id } => cli::leave(&ctx, &id).await,
-            ClusterCommand::RotateAdminKey => cli::rotate_admin_key(&ctx).await,
+            ClusterCommand::Leave { id } => cli::cluster::leave(&ctx, &id).await,
+            ClusterCommand::RotateAdminKey => cli::cluster::rotate_admin_key(&ctx).await,
             ClusterCommand::Meta(MetaCommand::Set { name, value }) => {
-                cli::meta_set(&ctx, name, Some(value)).await
+                cli::cluster::meta_set(&ctx, name, Some(value)).await
             }
-            ClusterCommand::Meta(MetaCommand::Rm { name }) => cli::meta_set(&ctx, name, None).await,
+            ClusterCommand::Meta(MetaCommand::Rm { name }) => {
+                cli::cluster::meta_set(&ctx, name, None).await
+            }
             ClusterCommand::Meta(MetaCommand::Get { name, stale }) => {
-                cli::meta_get(&ctx, name, stale).await
+                cli::cluster::meta_get(&ctx, name, stale).await
             }
         },
         Command::Whoami => cli::whoami(&ctx),
@@ -328,36 +325,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             public_key,
             roles,
             tenant,
-        }) => cli::user_add(&ctx, name, &public_key, roles, tenant).await,
-        Command::User(UserCommand::List { stale }) => cli::user_list(&ctx, stale).await,
-        Command::User(UserCommand::Rm { name }) => cli::user_rm(&ctx, name).await,
+        }) => cli::cluster::user_add(&ctx, name, &public_key, roles, tenant).await,
+        Command::User(UserCommand::List { stale }) => cli::cluster::user_list(&ctx, stale).await,
+        Command::User(UserCommand::Rm { name }) => cli::cluster::user_rm(&ctx, name).await,
         Command::User(UserCommand::SetKey { name, public_key }) => {
-            cli::user_set_key(&ctx, name, &public_key).await
+            cli::cluster::user_set_key(&ctx, name, &public_key).await
         }
-        Command::Policy(PolicyCommand::Show) => cli::policy_show(&ctx).await,
-        Command::Policy(PolicyCommand::Set { file }) => cli::policy_set(&ctx, &file).await,
+        Command::Policy(PolicyCommand::Show) => cli::cluster::policy_show(&ctx).await,
+        Command::Policy(PolicyCommand::Set { file }) => cli::cluster::policy_set(&ctx, &file).await,
         Command::Policy(PolicyCommand::Test {
             principal,
             action,
             resource,
-        }) => cli::policy_test(&ctx, principal, action, resource).await,
+        }) => cli::cluster::policy_test(&ctx, principal, action, resource).await,
         Command::Audit(AuditCommand::Tail { lines, follow }) => {
-            cli::audit_tail(&ctx, lines, follow).await
+            cli::cluster::audit_tail(&ctx, lines, follow).await
         }
-        Command::Image(cmd) => image_cli::run(&ctx, cmd).await,
-        Command::Tenant(cmd) => tenant_cli::tenant(&ctx, cmd).await,
-        Command::Quota(cmd) => tenant_cli::quota(&ctx, cmd).await,
-        Command::Node(NodeCommand::List { stale }) => tenant_cli::node_list(&ctx, stale).await,
+        Command::Image(cmd) => cli::images::run(&ctx, cmd).await,
+        Command::Tenant(cmd) => cli::tenants::tenant(&ctx, cmd).await,
+        Command::Quota(cmd) => cli::tenants::quota(&ctx, cmd).await,
+        Command::Node(NodeCommand::List { stale }) => cli::tenants::node_list(&ctx, stale).await,
         Command::Node(NodeCommand::Drain {
             id,
             wait,
             wait_timeout,
         }) => {
             let wait = wait.then(|| std::time::Duration::from_secs(wait_timeout));
-            vm_cli::drain(&ctx, id, true, wait).await
+            cli::vms::drain(&ctx, id, true, wait).await
         }
-        Command::Node(NodeCommand::Undrain { id }) => vm_cli::drain(&ctx, id, false, None).await,
-        Command::Vm(cmd) => vm_cli::run(&ctx, cmd).await,
+        Command::Node(NodeCommand::Undrain { id }) => cli::vms::drain(&ctx, id, false, None).await,
+        Command::Vm(cmd) => cli::vms::run(&ctx, cmd).await,
     }
 }
 

@@ -31,7 +31,7 @@ pub struct RunCommand {
     #[arg(long, env = "BLIXARD_NAME")]
     pub name: Option<String>,
     /// A node label, KEY=VALUE; repeatable.
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = crate::cli::parse::parse_label)]
     pub labels: Vec<(String, String)>,
     /// An Iroh relay URL (relays are off by default).
     #[arg(long, env = "BLIXARD_RELAY_URL")]
@@ -73,12 +73,4 @@ fn parse_cache_listen(s: &str) -> Result<CacheListen, String> {
     s.parse()
         .map(CacheListen::At)
         .map_err(|e| format!("expected HOST:PORT or off: {e}"))
-}
-
-/// `KEY=VALUE` (labels, constraints).
-pub fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
-    }
 }

@@ -559,10 +559,7 @@ mod tests {
             }
             .into(),
             VmDelete { vm }.into(),
-            UserRemove {
-                name: "bob".into(),
-            }
-            .into(),
+            UserRemove { name: "bob".into() }.into(),
             Request::Leave(LeaveCluster { node: NodeId(2) }),
         ];
         let host = Principal::Host(NodeId(3), EndpointKey([3; 32]));
@@ -580,10 +577,18 @@ mod tests {
         for (who, row) in rows {
             let mut got = Vec::new();
             for c in &commands {
-                got.push(authorize_command(&a, who, c, &ctx(), &NoUsers).unwrap().allowed);
+                got.push(
+                    authorize_command(&a, who, c, &ctx(), &NoUsers)
+                        .unwrap()
+                        .allowed,
+                );
             }
             for r in &requests {
-                got.push(authorize(&a, who, r, false, &ctx(), &NoUsers).unwrap().allowed);
+                got.push(
+                    authorize(&a, who, r, false, &ctx(), &NoUsers)
+                        .unwrap()
+                        .allowed,
+                );
             }
             assert_eq!(got, row, "{who}");
         }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use blixard_core::{
     ApplyError, Command, CommandOutput, Envelope, JoinRequest, MemberRole, NodeId, State,
 };
-use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
 use blixard_store::StoreError;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
 use raft::StateRole;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};

@@ -4,10 +4,10 @@ use blixard_core::Quota;
 use blixard_net::api::{NodeList, QuotaSet, QuotaShow, TenantCreate, TenantInfo, TenantList};
 use clap::Subcommand;
 
-use crate::cli::{client, parse_scaled, Context};
-use crate::image_cli::human_bytes;
-use crate::output::{self, Format};
-use blixard_node::exit::{self, Failure};
+use super::format::{self as output, human_bytes, Format};
+use super::parse::parse_mib;
+use super::{client, fail, Context};
+use blixard_node::exit::Failure;
 
 #[derive(Subcommand, Debug)]
 pub enum TenantCommand {
@@ -39,26 +39,6 @@ pub enum QuotaCommand {
         #[arg(long)]
         stale: bool,
     },
-}
-
-fn fail(e: impl std::fmt::Display) -> Failure {
-    Failure::new(exit::ERROR, e)
-}
-
-/// Parses 8GiB, 512MiB, 1TiB or plain MiB.
-pub fn parse_mib(s: &str) -> Result<u64, Failure> {
-    let bad = || {
-        Failure::new(
-            exit::USAGE,
-            format!("invalid size {s:?}: use e.g. 512MiB, 8GiB"),
-        )
-    };
-    parse_scaled(s, bad, |unit| match unit.to_ascii_lowercase().as_str() {
-        "" | "m" | "mib" => Some(1),
-        "g" | "gib" => Some(1024),
-        "t" | "tib" => Some(1024 * 1024),
-        _ => None,
-    })
 }
 
 fn limit<T: std::fmt::Display>(v: Option<T>) -> String {

@@ -91,12 +91,8 @@ impl ProgressView {
         } else {
             done as f64 * 100.0 / total as f64
         };
-        let sizes = format!(
-            "{} / {}",
-            crate::image_cli::human_bytes(done),
-            crate::image_cli::human_bytes(total)
-        );
-        let rate = format!("{}/s", crate::image_cli::human_bytes(rate as u64));
+        let sizes = format!("{} / {}", human_bytes(done), human_bytes(total));
+        let rate = format!("{}/s", human_bytes(rate as u64));
         if self.tty {
             let width = 30;
             let filled = ((pct / 100.0) * width as f64) as usize;
@@ -121,4 +117,25 @@ impl ProgressView {
             self.drawn = false;
         }
     }
+}
+
+/// A byte count for people: `512 B`, `1.5 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `1 NAR`, `2 NARs`.
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

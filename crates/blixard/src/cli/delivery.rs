@@ -17,9 +17,8 @@ use iroh::EndpointAddr;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::cli::{client, Context};
-use crate::image_cli::{count, human_bytes, print_pulled};
-use crate::output::{self, Format};
+use super::format::{self as output, count, human_bytes, Format};
+use super::{client, Context};
 use blixard_node::exit::{self, Failure};
 
 /// Which nodes pull next.
@@ -374,6 +373,40 @@ async fn run(
         );
     }
     outcome
+}
+
+/// One line for a node's pull, then one per holder: what it served, or why it was dropped.
+pub fn print_pulled(name: &str, p: &ImagePulled) {
+    if p.fetched_blobs == 0 {
+        eprintln!("n{} already held {name}", p.node);
+    } else {
+        let secs = (p.millis as f64 / 1000.0).max(0.001);
+        eprintln!(
+            "n{} fetched {name}: {}, {} in {:.1} s ({}/s)",
+            p.node,
+            count(p.fetched_blobs as usize, "NAR", "NARs"),
+            human_bytes(p.fetched_bytes),
+            secs,
+            human_bytes((p.fetched_bytes as f64 / secs) as u64)
+        );
+    }
+    for h in &p.holders {
+        match &h.error {
+            Some(e) => eprintln!("  n{}: dropped: {e}", h.node),
+            None => eprintln!(
+                "  n{}: {}, {}",
+                h.node,
+                count(h.blobs as usize, "piece", "pieces"),
+                human_bytes(h.bytes)
+            ),
+        }
+    }
+    if !p.materialised.is_empty() {
+        eprintln!(
+            "  unpacked {}",
+            count(p.materialised.len(), "store path", "store paths")
+        );
+    }
 }
 
 #[cfg(test)]

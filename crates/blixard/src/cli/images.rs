@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use blixard_core::{Image, NodeId};
 use blixard_net::api::{
-    CacheKeyGet, ImageImport, ImageList, ImagePin, ImagePull, ImagePulled, ImageRemove, ImageShow,
-    PHASE_HELD,
+    CacheKeyGet, ImageImport, ImageList, ImagePin, ImagePull, ImageRemove, ImageShow, PHASE_HELD,
 };
 use clap::Subcommand;
 
-use crate::cli::{client, Context};
-use crate::output::{self, Format};
+use super::delivery::print_pulled;
+use super::format::{self as output, count, human_bytes, Format};
+use super::{client, fail, Context};
 use blixard_node::exit::{self, Failure};
 
 #[derive(Subcommand, Debug)]
@@ -67,25 +67,6 @@ pub enum ImageCommand {
     CacheKey,
 }
 
-fn fail(e: impl std::fmt::Display) -> Failure {
-    Failure::new(exit::ERROR, e)
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 fn holders(i: &Image) -> String {
     if i.holders.is_empty() {
         return "-".into();
@@ -95,45 +76,6 @@ fn holders(i: &Image) -> String {
         .map(|n| format!("n{n}"))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// `1 NAR`, `2 NARs`.
-pub fn count(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
-/// One line for a node's pull, then one per holder: what it served, or why it was dropped.
-pub fn print_pulled(name: &str, p: &ImagePulled) {
-    if p.fetched_blobs == 0 {
-        eprintln!("n{} already held {name}", p.node);
-    } else {
-        let secs = (p.millis as f64 / 1000.0).max(0.001);
-        eprintln!(
-            "n{} fetched {name}: {}, {} in {:.1} s ({}/s)",
-            p.node,
-            count(p.fetched_blobs as usize, "NAR", "NARs"),
-            human_bytes(p.fetched_bytes),
-            secs,
-            human_bytes((p.fetched_bytes as f64 / secs) as u64)
-        );
-    }
-    for h in &p.holders {
-        match &h.error {
-            Some(e) => eprintln!("  n{}: dropped: {e}", h.node),
-            None => eprintln!(
-                "  n{}: {}, {}",
-                h.node,
-                count(h.blobs as usize, "piece", "pieces"),
-                human_bytes(h.bytes)
-            ),
-        }
-    }
-    if !p.materialised.is_empty() {
-        eprintln!(
-            "  unpacked {}",
-            count(p.materialised.len(), "store path", "store paths")
-        );
-    }
 }
 
 /// Long-running commands wait up to an hour unless `--timeout` asks for more.
@@ -256,7 +198,7 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
         ImageCommand::Pull { name, to, all } => {
             let ctx = long(ctx);
             if all || !to.is_empty() {
-                return crate::delivery::deliver(&ctx, &name, to, all).await;
+                return super::delivery::deliver(&ctx, &name, to, all).await;
             }
             let (client, to) = client(&ctx).await?;
             let mut view = output::ProgressView::new();

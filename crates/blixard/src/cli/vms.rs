@@ -11,9 +11,9 @@ use blixard_net::client::ApiClient;
 use blixard_net::EndpointAddr;
 use clap::{Subcommand, ValueEnum};
 
-use crate::cli::{client, Context};
-use crate::output::{self, Format};
-use crate::tenant_cli::parse_mib;
+use super::format::{self as output, Format};
+use super::parse::parse_mib;
+use super::{client, fail, Context};
 use blixard_node::exit::{self, Failure};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -47,10 +47,10 @@ pub enum VmCommand {
         #[arg(long)]
         tenant: Option<String>,
         /// A label on the VM, KEY=VALUE; repeatable.
-        #[arg(long = "label", value_parser = crate::run_args::parse_label)]
+        #[arg(long = "label", value_parser = super::parse::parse_label)]
         labels: Vec<(String, String)>,
         /// Only hosts with this label, KEY=VALUE; repeatable.
-        #[arg(long = "constraint", value_parser = crate::run_args::parse_label)]
+        #[arg(long = "constraint", value_parser = super::parse::parse_label)]
         constraints: Vec<(String, String)>,
         /// VMs of the same group never share a host.
         #[arg(long)]
@@ -126,10 +126,6 @@ pub struct VmArgs {
     /// How long to wait for the host, in seconds.
     #[arg(long, default_value_t = 120)]
     wait_timeout: u64,
-}
-
-fn fail(e: impl std::fmt::Display) -> Failure {
-    Failure::new(exit::ERROR, e)
 }
 
 fn age(ms: u64) -> String {
