@@ -1,0 +1,61 @@
+//! A harness for process tests: starts real `blixard` daemons in temp dirs on loopback
+//! and drives them through the real CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod cluster;
+mod node;
+mod process;
+
+pub mod bench;
+pub mod runners;
+pub mod systemd;
+
+pub use cluster::Cluster;
+pub use node::Node;
+pub use process::*;
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The `blixard` binary: `BLIXARD_BIN`, or the one next to this test's target dir.
+pub fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("BLIXARD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/blixard
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile_dir.join("blixard");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bin blixard` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free UDP port on loopback.
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some`, or fails the test after `timeout` with `what` and
+/// the last thing observed.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match f() {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,51 @@
+//! Runners for the VM tests and benchmarks.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// The test guest's kernel (`vmlinuz`) and initramfs (`initrd`), built once per
+/// machine by `tests/fixtures/guest/build.sh` (in BLIXARD_GUEST_DIR, default
+/// $TMPDIR/blixard-guest; needs apt-get, busybox-static, cpio).
+pub fn guest_dir() -> PathBuf {
+    let guest = std::env::var("BLIXARD_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir().join("blixard-guest"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/guest/build.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&guest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the test guest failed (needs apt-get, busybox-static, cpio): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    guest
+}
+
+/// Writes `dir/bin/microvm-run` running `script` (sh).
+pub fn write_runner(dir: &Path, script: &str) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    let run = dir.join("bin/microvm-run");
+    std::fs::write(&run, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A runner the way microvm.nix writes one for QEMU, carrying its kernel and initrd (a
+/// plain directory image, self-contained). The accelerator comes from
+/// BLIXARD_TEST_ACCEL: tcg here, where KVM guests hang; kvm:tcg on real hosts.
+pub fn guest_runner(dir: &Path) {
+    let guest = guest_dir();
+    std::fs::create_dir_all(dir.join("share")).unwrap();
+    for f in ["vmlinuz", "initrd"] {
+        std::fs::copy(guest.join(f), dir.join("share").join(f)).unwrap();
+    }
+    write_runner(
+        dir,
+        "d=$(dirname \"$0\")/../share\n\
+         exec qemu-system-x86_64 -machine pc,accel=${BLIXARD_TEST_ACCEL:-kvm:tcg} -m 128 \
+         -display none -nodefaults -serial stdio -no-reboot \
+         -kernel \"$d/vmlinuz\" -initrd \"$d/initrd\" -append 'console=ttyS0 quiet panic=-1'",
+    );
+}
