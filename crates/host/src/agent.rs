@@ -19,7 +19,7 @@ use blixard_core::{Desired, Image, Phase, RestartPolicy, Vm};
 use tokio::sync::{watch, Notify};
 
 use crate::reconcile::{self, Action, Observed, Record, Restart, Want};
-use crate::{Limits, Runner, Supervisor, VmDir, VmState};
+use crate::{HostError, Limits, Runner, Supervisor, VmDir, VmState};
 
 /// How often the agent looks even when nothing was applied.
 pub const IDLE: Duration = Duration::from_secs(1);
@@ -68,8 +68,10 @@ pub trait Cluster: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
     /// Where `image`'s runner is on this host, whether or not it is there yet.
     fn runner_dir(&self, image: &Image) -> PathBuf;
+    /// Why a fetch failed (it becomes the VM's reason).
+    type FetchError: std::error::Error + Send + 'static;
     /// Fetches `image` onto this host.
-    fn fetch(&self, image: &Image) -> impl Future<Output = Result<(), String>> + Send;
+    fn fetch(&self, image: &Image) -> impl Future<Output = Result<(), Self::FetchError>> + Send;
     /// Runs `vm`'s after-start hooks (their outcome is theirs: a VM runs on either way).
     fn after_start(&self, vm: &Vm) -> impl Future<Output = ()> + Send;
 }
@@ -319,15 +321,12 @@ impl<C: Cluster> Agent<C> {
         while steps.join_next().await.is_some() {}
     }
 
-    async fn stop(&self, name: &str) -> Result<(), String> {
+    async fn stop(&self, name: &str) -> Result<(), HostError> {
         let supervisor = self.supervisor.clone();
         let name = name.to_string();
         let timeout = self.config.stop_timeout;
-        tokio::task::spawn_blocking(move || supervisor.stop(&name, timeout))
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        tokio::task::spawn_blocking(move || supervisor.stop(&name, timeout)).await??;
+        Ok(())
     }
 
     /// Reports `phase` for `vm` unless cluster state already says so.
@@ -339,10 +338,10 @@ impl<C: Cluster> Agent<C> {
     }
 
     /// Converges one VM assigned to this host.
-    pub async fn step(self: &Arc<Self>, name: &str, vm: &Vm) -> Result<(), String> {
-        let dir = self.supervisor.dir(name).map_err(|e| e.to_string())?;
+    pub async fn step(self: &Arc<Self>, name: &str, vm: &Vm) -> Result<(), HostError> {
+        let dir = self.supervisor.dir(name)?;
         let mut record = dir.record();
-        let state = self.supervisor.state(name).map_err(|e| e.to_string())?;
+        let state = self.supervisor.state(name)?;
         let observed = match state {
             VmState::Running { .. } => Observed::Running,
             VmState::Exited { code } => Observed::Exited { code },
@@ -467,7 +466,7 @@ impl<C: Cluster> Agent<C> {
         vm: &Vm,
         record: Option<Record>,
         after_exit: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), HostError> {
         let Some(image) = self.cluster.image(&vm.spec.image) else {
             let why = format!("image {} is gone", vm.spec.image);
             self.report(vm, Phase::Failed, Some(why)).await;
@@ -518,10 +517,10 @@ impl<C: Cluster> Agent<C> {
             supervisor.start_with(&name, &runner, Some(&limits))
         })
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        .map_err(HostError::from)
+        .and_then(|r| r);
         if let Err(e) = started {
-            self.report(vm, Phase::Failed, Some(e)).await;
+            self.report(vm, Phase::Failed, Some(e.to_string())).await;
             return Ok(());
         }
         write_record(

@@ -103,4 +103,6 @@ pub enum HostError {
     BadName(String),
     #[error("VM {vm}: systemd: {detail}")]
     Systemd { vm: String, detail: String },
+    #[error("a supervisor task ended abnormally: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }

@@ -121,10 +121,11 @@ impl Cluster for FakeCluster {
     fn runner_dir(&self, image: &Image) -> PathBuf {
         self.runners.join(&image.name)
     }
-    async fn fetch(&self, image: &Image) -> Result<(), String> {
+    type FetchError = std::io::Error;
+    async fn fetch(&self, image: &Image) -> Result<(), std::io::Error> {
         self.fetches.lock().unwrap().push(image.name.clone());
         if self.fetch_fails.load(Ordering::SeqCst) {
-            return Err("no holder answered".into());
+            return Err(std::io::Error::other("no holder answered"));
         }
         runner(&self.runners, &image.name);
         Ok(())

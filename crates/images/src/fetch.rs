@@ -203,7 +203,7 @@ pub async fn fetch(
         let conn = match connect(endpoint, &holders[i].addr).await {
             Ok(c) => c,
             Err(e) => {
-                stats[i].error = Some(e);
+                stats[i].error = Some(e.to_string());
                 continue;
             }
         };
@@ -437,7 +437,7 @@ impl Source {
                     // source serves no more.
                     self.work.give_back(piece);
                     self.failed.store(true, Ordering::Relaxed);
-                    mine.error = Some(e);
+                    mine.error = Some(e.to_string());
                     break;
                 }
             }
@@ -472,7 +472,38 @@ fn failure_summary(what: &str, stats: &[HolderStats]) -> String {
 /// How long to wait for a holder to answer at all.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn connect(endpoint: &Endpoint, addr: &EndpointAddr) -> Result<Connection, String> {
+/// Why one holder did not serve a request (it goes into that holder's stats).
+#[derive(Debug, thiserror::Error)]
+enum HolderError {
+    #[error("cannot connect: {0}")]
+    Connect(#[source] iroh::endpoint::ConnectError),
+    #[error("no answer within {} s", CONNECT_TIMEOUT.as_secs())]
+    NoAnswer,
+    #[error("refused: this node may not fetch blobs from it")]
+    Refused,
+    /// The provider found its own copy corrupt (it re-hashes before sending).
+    #[error("holder sent bad data or failed ({0})")]
+    Failed(#[source] iroh_blobs::get::GetError),
+    #[error("holder sent data that does not match the hash ({0})")]
+    Mismatch(#[source] iroh_blobs::get::GetError),
+    #[error("{0}")]
+    Transfer(#[source] iroh_blobs::get::GetError),
+    #[error("the transfer ended without an answer")]
+    Ended,
+}
+
+impl From<iroh_blobs::get::GetError> for HolderError {
+    fn from(e: iroh_blobs::get::GetError) -> Self {
+        match e.iroh_error_code().map(u64::from) {
+            Some(1) => Self::Refused,
+            Some(3) => Self::Failed(e),
+            _ if e.to_string().to_ascii_lowercase().contains("mismatch") => Self::Mismatch(e),
+            _ => Self::Transfer(e),
+        }
+    }
+}
+
+async fn connect(endpoint: &Endpoint, addr: &EndpointAddr) -> Result<Connection, HolderError> {
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
         endpoint.connect(addr.clone(), iroh_blobs::ALPN),
@@ -480,13 +511,17 @@ async fn connect(endpoint: &Endpoint, addr: &EndpointAddr) -> Result<Connection,
     .await
     {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(format!("cannot connect: {e}")),
-        Err(_) => Err(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())),
+        Ok(Err(e)) => Err(HolderError::Connect(e)),
+        Err(_) => Err(HolderError::NoAnswer),
     }
 }
 
 /// One request to one holder.
-async fn get(store: &ImageStore, conn: &Connection, request: GetRequest) -> Result<u64, String> {
+async fn get(
+    store: &ImageStore,
+    conn: &Connection,
+    request: GetRequest,
+) -> Result<u64, HolderError> {
     get_counted(store, conn, request, &Progress::none()).await
 }
 
@@ -497,7 +532,7 @@ async fn get_counted(
     conn: &Connection,
     request: GetRequest,
     progress: &Progress,
-) -> Result<u64, String> {
+) -> Result<u64, HolderError> {
     use iroh_blobs::api::remote::GetProgressItem;
     use n0_future::StreamExt;
     let mut items = store
@@ -513,23 +548,10 @@ async fn get_counted(
                 seen = seen.max(total);
             }
             GetProgressItem::Done(stats) => return Ok(stats.payload_bytes_read),
-            GetProgressItem::Error(e) => return Err(describe(&e)),
+            GetProgressItem::Error(e) => return Err(e.into()),
         }
     }
-    Err("the transfer ended without an answer".into())
-}
-
-fn describe(e: &iroh_blobs::get::GetError) -> String {
-    let text = e.to_string();
-    match e.iroh_error_code().map(u64::from) {
-        Some(1) => "refused: this node may not fetch blobs from it".into(),
-        // The provider found its own copy corrupt (it re-hashes before sending).
-        Some(3) => format!("holder sent bad data or failed ({text})"),
-        _ if text.contains("Mismatch") || text.contains("mismatch") => {
-            format!("holder sent data that does not match the hash ({text})")
-        }
-        _ => text,
-    }
+    Err(HolderError::Ended)
 }
 
 /// Fetches only an image's hash sequence and manifest (for `image show` on a node that
@@ -568,7 +590,7 @@ async fn head(
                 Ok(m) => return Ok(m),
                 Err(e) => stats[i].error = Some(e.to_string()),
             },
-            Err(e) => stats[i].error = Some(e),
+            Err(e) => stats[i].error = Some(e.to_string()),
         }
     }
     Err(ImageError::Fetch(failure_summary(

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -42,22 +42,65 @@ pub struct ExpectedMember {
     pub addresses: Vec<String>,
 }
 
-/// Reads an expected-members file; the error names the file.
-pub fn load_members(path: &Path) -> Result<Vec<ExpectedMember>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("expected members {}: {e}", path.display()))?;
-    let map: BTreeMap<String, ExpectedMember> = serde_json::from_str(&text)
-        .map_err(|e| format!("expected members {}: {e}", path.display()))?;
+/// A JSON file the daemon reads besides its config (the expected members, the declared
+/// VMs) that it refused; the message names the file and the entry.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}: {problem}", path.display())]
+pub struct InputFileError {
+    /// What the file holds, e.g. "declared VMs".
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub problem: InputProblem,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InputProblem {
+    #[error("{0}")]
+    Read(#[source] std::io::Error),
+    #[error("{0}")]
+    Syntax(#[source] serde_json::Error),
+    /// One entry breaks a rule.
+    #[error("{entry}: {rule}")]
+    Entry { entry: String, rule: String },
+}
+
+impl InputFileError {
+    /// Reads and parses the JSON file at `path`.
+    pub fn read_json<T: serde::de::DeserializeOwned>(
+        what: &'static str,
+        path: &Path,
+    ) -> Result<T, Self> {
+        let fail = |problem| Self {
+            what,
+            path: path.to_path_buf(),
+            problem,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(InputProblem::Read(e)))?;
+        serde_json::from_str(&text).map_err(|e| fail(InputProblem::Syntax(e)))
+    }
+
+    /// An entry of the file at `path` that breaks `rule`.
+    pub fn entry(what: &'static str, path: &Path, entry: String, rule: String) -> Self {
+        Self {
+            what,
+            path: path.to_path_buf(),
+            problem: InputProblem::Entry { entry, rule },
+        }
+    }
+}
+
+/// Reads an expected-members file.
+pub fn load_members(path: &Path) -> Result<Vec<ExpectedMember>, InputFileError> {
+    const WHAT: &str = "expected members";
+    let map: BTreeMap<String, ExpectedMember> = InputFileError::read_json(WHAT, path)?;
     for (key, m) in &map {
         if let Some(bad) = m
             .addresses
             .iter()
             .find(|a| a.parse::<std::net::SocketAddr>().is_err())
         {
-            return Err(format!(
-                "expected members {}: {key}: address {bad:?} is not IP:PORT",
-                path.display()
-            ));
+            let rule = format!("address {bad:?} is not IP:PORT");
+            return Err(InputFileError::entry(WHAT, path, key.clone(), rule));
         }
     }
     Ok(map.into_values().collect())
@@ -232,8 +275,32 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid config {path}: {detail}")]
-    Parse { path: String, detail: String },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: BadConfig,
+    },
+}
+
+/// Why a config text was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BadConfig {
+    /// Not TOML, or a key or value the schema does not know (serde's message).
+    #[error("{0}")]
+    Toml(String),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Invalid(#[from] InvalidSetting),
+}
+
+/// A setting that parses but breaks a rule.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{setting}: {rule}")]
+pub struct InvalidSetting {
+    pub setting: &'static str,
+    pub rule: String,
 }
 
 impl Config {
@@ -248,61 +315,69 @@ impl Config {
         } else {
             Self::parse(&text)
         };
-        parsed.map_err(|detail| ConfigError::Parse { path: p, detail })
+        parsed.map_err(|source| ConfigError::Parse { path: p, source })
     }
 
     /// The same configuration as JSON (what the NixOS module's pure functions produce).
-    pub fn parse_json(text: &str) -> Result<Self, String> {
-        let config: Config = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse_json(text: &str) -> Result<Self, BadConfig> {
+        let config: Config = serde_json::from_str(text)?;
         config.validate()?;
         Ok(config)
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let config: Config = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    pub fn parse(text: &str) -> Result<Self, BadConfig> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| BadConfig::Toml(e.message().to_string()))?;
         config.validate()?;
         Ok(config)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the rules a parsed config must follow.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let bad = |setting: &'static str, rule: String| Err(InvalidSetting { setting, rule });
         let r = &self.raft;
         if r.tick_ms == 0 || r.tick_ms > 10_000 {
-            return Err("raft.tick_ms must be between 1 and 10000".into());
+            return bad("raft.tick_ms", "must be between 1 and 10000".into());
         }
         if r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
-            return Err(
-                "raft.election_ticks must be greater than raft.heartbeat_ticks (≥ 1)".into(),
+            return bad(
+                "raft.election_ticks",
+                "must be greater than raft.heartbeat_ticks (≥ 1)".into(),
             );
         }
         if r.snapshot_threshold == 0 {
-            return Err("raft.snapshot_threshold must be at least 1".into());
+            return bad("raft.snapshot_threshold", "must be at least 1".into());
         }
-        blixard_images::nix::StoreDir::new(&self.images.store_dir)
-            .map_err(|e| format!("images.store_dir: {e}"))?;
+        if let Err(e) = blixard_images::nix::StoreDir::new(&self.images.store_dir) {
+            return bad("images.store_dir", e.to_string());
+        }
         if let Some(p) = self
             .images
             .import_paths
             .iter()
             .find(|p| !p.starts_with('/'))
         {
-            return Err(format!(
-                "images.import_paths: {p:?} is not an absolute path"
-            ));
+            return bad(
+                "images.import_paths",
+                format!("{p:?} is not an absolute path"),
+            );
         }
         if self.images.materialise == Materialise::Nix && self.images.cache_listen.is_none() {
-            return Err(
-                "images.materialise = \"nix\" copies from this node's binary cache; set images.cache_listen".into(),
+            return bad(
+                "images.materialise",
+                "\"nix\" copies from this node's binary cache; set images.cache_listen".into(),
             );
         }
         let v = &self.vms;
-        if let Some(bad) = v
+        if let Some(p) = v
             .unit_properties
             .iter()
             .find(|p| !p.contains('=') || p.contains('\n'))
         {
-            return Err(format!(
-                "vms.unit_properties: {bad:?} is not a Key=value property"
-            ));
+            return bad(
+                "vms.unit_properties",
+                format!("{p:?} is not a Key=value property"),
+            );
         }
         // raft-rs randomises the election timeout up to twice the configured one.
         let election_ms = r
@@ -314,32 +389,40 @@ impl Config {
             .saturating_add(v.stop_timeout_ms)
             .saturating_add(election_ms);
         if needed >= v.down_timeout_ms {
-            return Err(format!(
-                "vms.fence_timeout_ms ({}) + vms.stop_timeout_ms ({}) + the longest election timeout ({election_ms}) must be less than vms.down_timeout_ms ({}): a partitioned host must have stopped its VMs before the leader starts them elsewhere",
-                v.fence_timeout_ms, v.stop_timeout_ms, v.down_timeout_ms
-            ));
+            return bad(
+                "vms.down_timeout_ms",
+                format!(
+                    "vms.fence_timeout_ms ({}) + vms.stop_timeout_ms ({}) + the longest election timeout ({election_ms}) must be less than vms.down_timeout_ms ({}): a partitioned host must have stopped its VMs before the leader starts them elsewhere",
+                    v.fence_timeout_ms, v.stop_timeout_ms, v.down_timeout_ms
+                ),
+            );
         }
         if v.cpu_overcommit_pct == 0 || v.memory_overcommit_pct == 0 {
-            return Err(
+            return bad(
+                "vms.cpu_overcommit_pct",
                 "vms.cpu_overcommit_pct and vms.memory_overcommit_pct must be at least 1".into(),
             );
         }
         if let Some(f) = v.declared_file.as_ref().filter(|f| !f.starts_with('/')) {
-            return Err(format!("vms.declared_file: {f:?} is not an absolute path"));
+            return bad(
+                "vms.declared_file",
+                format!("{f:?} is not an absolute path"),
+            );
         }
         if let Some(h) = v.hooks.iter().find(|p| !p.starts_with('/')) {
-            return Err(format!("vms.hooks: {h:?} is not an absolute path"));
+            return bad("vms.hooks", format!("{h:?} is not an absolute path"));
         }
         if let Some(f) = self
             .expected_members
             .as_ref()
             .filter(|f| !f.starts_with('/'))
         {
-            return Err(format!("expected_members: {f:?} is not an absolute path"));
+            return bad("expected_members", format!("{f:?} is not an absolute path"));
         }
         if let Some(url) = &self.relay_url {
-            url.parse::<iroh::RelayUrl>()
-                .map_err(|e| format!("relay_url {url:?}: {e}"))?;
+            if let Err(e) = url.parse::<iroh::RelayUrl>() {
+                return bad("relay_url", format!("{url:?}: {e}"));
+            }
         }
         Ok(())
     }
@@ -360,8 +443,15 @@ mod tests {
         assert_eq!(c.labels["zone"], "a");
         assert!(Config::parse("lsiten = \"x\"")
             .unwrap_err()
+            .to_string()
             .contains("lsiten"));
-        assert!(Config::parse("[raft]\nelection_ticks = 1\nheartbeat_ticks = 2").is_err());
+        assert!(matches!(
+            Config::parse("[raft]\nelection_ticks = 1\nheartbeat_ticks = 2"),
+            Err(BadConfig::Invalid(InvalidSetting {
+                setting: "raft.election_ticks",
+                ..
+            }))
+        ));
         assert!(Config::parse("listen = \"nope\"").is_err());
         let j =
             Config::parse_json(r#"{"listen": "127.0.0.1:7001", "raft": {"tick_ms": 50}}"#).unwrap();
@@ -369,6 +459,7 @@ mod tests {
         assert_eq!(j.raft.election_ticks, 10);
         assert!(Config::parse_json(r#"{"lisen": 1}"#)
             .unwrap_err()
+            .to_string()
             .contains("lisen"));
     }
 }

@@ -18,6 +18,7 @@ use blixard_net::api::{ImageImport, ProgressSink, Request, VmCreate, VmDelete, V
 use serde::Deserialize;
 
 use crate::api::Api;
+use crate::config::InputFileError;
 
 /// The label that marks a VM as declared by a host's configuration.
 pub const DECLARED_BY: &str = "blixard.declared-by";
@@ -53,11 +54,9 @@ pub struct DeclaredVm {
 }
 
 /// Reads and checks a declared-VM file; the error names the file and the VM.
-pub fn load(path: &Path) -> Result<Vec<DeclaredVm>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("declared VMs {}: {e}", path.display()))?;
-    let entries: Vec<serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| format!("declared VMs {}: {e}", path.display()))?;
+pub fn load(path: &Path) -> Result<Vec<DeclaredVm>, InputFileError> {
+    const WHAT: &str = "declared VMs";
+    let entries: Vec<serde_json::Value> = InputFileError::read_json(WHAT, path)?;
     // One entry at a time, so an error names the VM it is in.
     let vms = entries
         .into_iter()
@@ -68,17 +67,14 @@ pub fn load(path: &Path) -> Result<Vec<DeclaredVm>, String> {
                 .and_then(|n| n.as_str())
                 .map_or_else(|| format!("number {}", i + 1), |n| format!("{n:?}"));
             serde_json::from_value::<DeclaredVm>(entry)
-                .map_err(|e| format!("declared VMs {}: VM {name}: {e}", path.display()))
+                .map_err(|e| InputFileError::entry(WHAT, path, format!("VM {name}"), e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut names = BTreeSet::new();
     for v in &vms {
-        let bad = |what: String| {
-            Err(format!(
-                "declared VMs {}: VM {:?}: {what}",
-                path.display(),
-                v.name
-            ))
+        let bad = |rule: String| {
+            let entry = format!("VM {:?}", v.name);
+            Err(InputFileError::entry(WHAT, path, entry, rule))
         };
         if !valid_vm_name(&v.name) {
             return bad(VM_NAME_RULE.into());
@@ -345,11 +341,12 @@ mod tests {
             ("[{".into(), "EOF"),
         ] {
             let (_d, p) = write(&text);
-            let err = load(&p).unwrap_err();
+            let err = load(&p).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
         assert!(load(Path::new("/nonexistent/vms.json"))
             .unwrap_err()
+            .to_string()
             .contains("/nonexistent/vms.json"));
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use blixard_core::{BlobHash, Command, Image, MemberStatus, NodeId, State};
 use blixard_images::nix::SigningKey;
-use blixard_images::{fetch, Holder, ImageStore, Progress};
+use blixard_images::{fetch, Holder, ImageError, ImageStore, Progress};
 use blixard_net::api::{ApiError, HolderReport, ImagePulled, ProgressSink, PHASE_HELD};
 use blixard_raft::RaftNode;
 use iroh_blobs::Hash;
@@ -448,21 +448,21 @@ impl Images {
     /// One round of housekeeping: drop local copies of images the cluster no longer has,
     /// stop claiming images this node lost, and evict least-recently-used unpinned images
     /// beyond the cache size.
-    pub async fn janitor_round(&self) -> Result<(), String> {
+    pub async fn janitor_round(&self) -> Result<(), JanitorError> {
         let me = self.cluster.me();
         let store = &self.store;
-        let held = store.held().await.map_err(|e| e.to_string())?;
+        let held = store.held().await?;
         let images: Vec<Image> = self.cluster.state().images().cloned().collect();
         for hash in &held {
             let known = images.iter().any(|i| blob_hash(i.manifest) == *hash);
             if !known {
                 tracing::info!(%hash, "dropping the blobs of a removed image");
-                store.forget(*hash).await.map_err(|e| e.to_string())?;
+                store.forget(*hash).await?;
             }
         }
         for image in images.iter().filter(|i| i.holders.contains(&me)) {
             let hash = blob_hash(image.manifest);
-            if !store.is_complete(hash).await.map_err(|e| e.to_string())? {
+            if !store.is_complete(hash).await? {
                 tracing::warn!(image = %image.name, "this node lost its copy; no longer a holder");
                 self.set_holder(image, false).await?;
             }
@@ -491,16 +491,13 @@ impl Images {
             }
             tracing::info!(image = %image.name, bytes = image.nar_size, "evicting");
             self.set_holder(image, false).await?;
-            store
-                .forget(blob_hash(image.manifest))
-                .await
-                .map_err(|e| e.to_string())?;
+            store.forget(blob_hash(image.manifest)).await?;
             total = total.saturating_sub(image.nar_size);
         }
         Ok(())
     }
 
-    async fn set_holder(&self, image: &Image, held: bool) -> Result<(), String> {
+    async fn set_holder(&self, image: &Image, held: bool) -> Result<(), ApiError> {
         self.gate
             .propose_as_host(Command::SetImageHolder {
                 name: image.name.clone(),
@@ -510,8 +507,16 @@ impl Images {
             })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
+}
+
+/// Why a janitor round stopped early (the next round tries again).
+#[derive(Debug, thiserror::Error)]
+pub enum JanitorError {
+    #[error("image store: {0}")]
+    Store(#[from] ImageError),
+    #[error("recording a holder: {0}")]
+    Holder(#[from] ApiError),
 }
 
 /// Runs the janitor every few seconds until the node stops.

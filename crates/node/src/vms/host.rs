@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use blixard_core::{Command, Image, Phase, Vm};
 use blixard_host::agent::{local_name, Agent, AgentConfig, Cluster};
-use blixard_net::api::ProgressSink;
+use blixard_net::api::{ApiError, ProgressSink};
 
 use super::{hook_vm, Loops};
 use crate::cluster::now_ms;
@@ -78,12 +78,12 @@ impl Cluster for Loops {
         self.vms.runner_store.join(base)
     }
 
-    async fn fetch(&self, image: &Image) -> Result<(), String> {
+    type FetchError = ApiError;
+    async fn fetch(&self, image: &Image) -> Result<(), ApiError> {
         self.images
             .pull_here(image, ProgressSink::none())
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 
     async fn after_start(&self, vm: &Vm) {
