@@ -319,7 +319,7 @@ in
       blockSize = mkOption { type = types.ints.positive; default = 128; description = "dm-thin block size in 512-byte sectors (a multiple of 128)."; };
     };
 
-    # The daemon's `[vms]` section (crates/blixard/src/config.rs, VmsConfig), plus the
+    # The daemon's `[vms]` section (crates/node/src/config.rs, VmsConfig), plus the
     # declared-VM list under `vms.declared`. null: the daemon's default applies (the
     # supervisor has a default of its own, written out).
     vms = {

@@ -53,13 +53,13 @@ in
 rec {
   inherit dropNulls recursiveMerge isSocketAddr portOf duplicates;
 
-  # The daemon's defaults for the values the module checks (crates/blixard/src/config.rs).
+  # The daemon's defaults for the values the module checks (crates/node/src/config.rs).
   daemonDefaults = {
     raft = { tick_ms = 100; election_ticks = 10; };
     vms = { down_timeout_ms = 30000; fence_timeout_ms = 15000; stop_timeout_ms = 10000; supervisor = "process"; };
   };
 
-  # Module option values -> the daemon's config (crates/blixard/src/config.rs), exact keys.
+  # Module option values -> the daemon's config (crates/node/src/config.rs), exact keys.
   #   { listen, name, relayUrl, labels, capacity = { vcpus, memoryMib };
   #     raft = { tickMs, electionTicks, heartbeatTicks, snapshotThreshold };
   #     images = { storeDir, cacheListen, cacheSizeMib, materialise, nixStore, importPaths };
@@ -451,10 +451,10 @@ rec {
       }
     ];
 
-  # The daemon's VM limits (crates/core/src/vm.rs, state.rs).
+  # The daemon's VM limits (crates/core/src/vm.rs).
   vmLimits = { minMemoryMib = 16; maxMemoryMib = 4194304; maxVcpus = 256; };
 
-  # The daemon's rule for names (crates/core/src/state.rs, valid_name): 1 to 64 of
+  # The daemon's rule for names (crates/core/src/ids.rs, valid_name): 1 to 64 of
   # a-z 0-9 . _ -, starting with a letter or digit.
   validName = n: builtins.isString n && builtins.stringLength n <= 64 && match "[a-z0-9][a-z0-9._-]*" n != null;
 
