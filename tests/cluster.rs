@@ -435,3 +435,57 @@ fn a_joined_node_restarts_without_its_ticket_and_a_lost_one_asks_for_a_new_one()
         assert!(out.contains(needle), "{needle}: {out}");
     }
 }
+
+#[test]
+fn a_node_told_to_stop_while_it_joins_stops_at_once() {
+    // A ticket whose only member does not answer: n1's port is held by a silent socket.
+    let mut c = Cluster::start(1, &[]);
+    let ticket = c.token();
+    let port = c.nodes[0].port;
+    c.nodes[0].stop();
+    let _silent = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+
+    let joiner = Node::new(c.root.path(), "n2");
+    let log = std::fs::File::create(joiner.log_path()).unwrap();
+    let mut child = std::process::Command::new(blixard_tests::binary())
+        .args(["--data-dir", joiner.dir.to_str().unwrap(), "node", "run"])
+        .args(["--listen", &format!("127.0.0.1:{}", joiner.port)])
+        .args(["--join", &ticket])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Its key exists once its signal handlers are in place and it is about to join.
+    wait_for("n2's key", LONG, || {
+        joiner
+            .dir
+            .join("node.key")
+            .exists()
+            .then_some(())
+            .ok_or_else(|| joiner.log())
+    });
+    let sent = std::time::Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Well within the 10 s a join waits for an answer.
+    let code = wait_for("n2 to stop", Duration::from_secs(5), || {
+        child
+            .try_wait()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "still running".to_string())
+    });
+    assert!(
+        code.success(),
+        "{code} after {:?}: {}",
+        sent.elapsed(),
+        joiner.log()
+    );
+    assert!(
+        joiner.log().contains("SIGTERM while starting"),
+        "{}",
+        joiner.log()
+    );
+}

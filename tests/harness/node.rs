@@ -196,11 +196,16 @@ impl Node {
     /// Waits for the daemon to exit by itself; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
         let name = self.name.clone();
+        let log_path = self.log_path();
         let child = self.child.as_mut().expect("not running");
         let code = wait_for(&format!("{name} to exit"), timeout, || {
             match child.try_wait() {
                 Ok(Some(status)) => Ok(status.code().unwrap_or(-1)),
-                Ok(None) => Err("still running".into()),
+                // The log's end says where a shutdown is stuck.
+                Ok(None) => Err(format!(
+                    "still running; its log ends:\n{}",
+                    tail(&std::fs::read_to_string(&log_path).unwrap_or_default(), 30)
+                )),
                 Err(e) => Err(e.to_string()),
             }
         });
@@ -353,4 +358,10 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -11,6 +11,11 @@
 //!    connections and let in-flight API requests finish (the router's shutdown does both,
 //!    then closes the endpoint), close the blob store, stop the raft thread after its
 //!    current step, flush the audit log, remove `node.json`.
+//!
+//! The signal handlers are in place before phase 1, so no signal is lost or fatal while
+//! the node starts: SIGTERM or SIGINT during phase 3 (a join may wait long for an
+//! answer) stops it at once with exit 0; one during phase 4 lets the start finish and is
+//! then acted on, with the shutdown in order; a SIGHUP is kept for phase 5.
 
 mod identity;
 mod open;
@@ -72,14 +77,24 @@ fn store_err(e: StoreError) -> Failure {
 }
 
 pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
+    // First of all, so that no signal during start-up is lost or, for SIGHUP (a reload
+    // right after READY=1), fatal: the streams keep what arrives until `wait` reads it.
+    let mut signals = Signals::install()?;
     let config = settings::load(data_dir, &args)?;
     let opened = open::open(data_dir, &config).await?;
     let ep = opened.ep.clone();
     let result = async {
-        let (record, seeds) = identity::establish(data_dir, &args, &config, &opened).await?;
+        // Joining may wait for a long time; a stop signal ends it (nothing runs yet).
+        let (record, seeds) = tokio::select! {
+            r = identity::establish(data_dir, &args, &config, &opened) => r?,
+            s = signals.stop() => {
+                tracing::info!("{s} while starting: stopping");
+                return Ok(());
+            }
+        };
         let store = opened.store.clone();
         let mut running = start::start(data_dir, &config, opened, record, seeds).await?;
-        let removed = wait(&mut running).await?;
+        let removed = wait(&mut running, &mut signals).await?;
         shutdown(data_dir, running, removed, &store).await
     }
     .await;
@@ -90,23 +105,46 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
     result
 }
 
+/// The signals the daemon acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, Failure> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let installed = |e: std::io::Error| {
+            Failure::new(exit::ERROR, format!("cannot install signal handler: {e}"))
+        };
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(installed)?,
+            int: signal(SignalKind::interrupt()).map_err(installed)?,
+            hup: signal(SignalKind::hangup()).map_err(installed)?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; says which.
+    async fn stop(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
 /// Serves until SIGTERM or SIGINT (false) or until this node is removed from its cluster
 /// (true); reloads the declared VMs on every SIGHUP meanwhile.
-async fn wait(running: &mut Running) -> Result<bool, Failure> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let installed = |e: std::io::Error| {
-        Failure::new(exit::ERROR, format!("cannot install signal handler: {e}"))
-    };
-    let mut sigterm = signal(SignalKind::terminate()).map_err(installed)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(installed)?;
+async fn wait(running: &mut Running, signals: &mut Signals) -> Result<bool, Failure> {
     let mut removed_by_raft = running.node.removed();
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(false) }
-            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); return Ok(false) }
+            _ = signals.term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(false) }
+            _ = signals.int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(false) }
             _ = removed_by_raft.wait_for(|r| *r) => return Ok(true),
             _ = running.removed_by_peer.wait_for(|r| *r) => return Ok(true),
-            _ = sighup.recv() => match &running.reload {
+            _ = signals.hup.recv() => match &running.reload {
                 Some(reload) => {
                     tracing::info!("SIGHUP: reading the declared VMs again");
                     // A reload already pending covers this one too.
