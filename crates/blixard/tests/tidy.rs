@@ -82,3 +82,108 @@ fn every_cli_command_appears_in_the_readme() {
         "README.md does not mention these commands: {missing:?}"
     );
 }
+
+/// The top-level modules of `crate::…` paths in `text`: `crate::a::b` and
+/// `crate::{a, b::c}` name `a` (and `b`).
+fn crate_modules(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    for (at, _) in text.match_indices("crate::") {
+        let rest = &text[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // Names at the group's own depth.
+            let (mut depth, mut start) = (0, true);
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => start = true,
+                    c if start && !c.is_whitespace() => {
+                        out.push(ident(&group[i..]));
+                        start = false;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            out.push(ident(rest));
+        }
+    }
+    out
+}
+
+/// Module circles inside each crate: module `a` uses `b` when a file of `a` names
+/// `crate::b` outside its unit tests. Each crate's top-level modules must form no circle.
+#[test]
+fn no_crate_has_module_circles() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut circles = Vec::new();
+    let mut crates_read = 0;
+    for entry in std::fs::read_dir(root.join("crates")).unwrap() {
+        let src = entry.unwrap().path().join("src");
+        if !src.is_dir() {
+            continue;
+        }
+        crates_read += 1;
+        // Top-level module -> the modules its files name.
+        let mut uses: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut stack = vec![src.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|x| x != "rs") {
+                    continue;
+                }
+                let rel = path.strip_prefix(&src).unwrap();
+                let first = rel.components().next().unwrap().as_os_str();
+                let module = Path::new(first)
+                    .file_stem()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                if ["lib", "main"].contains(&module.as_str()) && rel.components().count() == 1 {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+                let named = uses.entry(module.clone()).or_default();
+                named.extend(crate_modules(code).into_iter().filter(|m| *m != module));
+            }
+        }
+        // A circle: a module that reaches itself.
+        for start in uses.keys() {
+            let mut seen = BTreeSet::new();
+            let mut todo: Vec<&String> = uses[start].iter().collect();
+            while let Some(m) = todo.pop() {
+                if m == start {
+                    circles.push(format!("{}: {start}", src.display()));
+                    break;
+                }
+                if seen.insert(m.clone()) {
+                    todo.extend(uses.get(m).into_iter().flatten());
+                }
+            }
+        }
+    }
+    assert!(crates_read >= 9, "read only {crates_read} crates");
+    assert!(circles.is_empty(), "modules in a circle: {circles:?}");
+}
+
+#[test]
+fn crate_paths_are_read_as_modules() {
+    assert_eq!(crate_modules("use crate::a::b;"), ["a"]);
+    assert_eq!(
+        crate_modules("use crate::{a, b::{c, d}, e};\nlet x = crate::f(1);"),
+        ["a", "b", "e", "f"]
+    );
+}
