@@ -187,7 +187,9 @@ in
           # cluster refused the join ticket) will not fix themselves: the unit stays failed,
           # with the reason in the journal, until the operator acts.
           RestartPreventExitStatus = [ 5 7 8 ];
-          TimeoutStopSec = "30s";
+          # The daemon's own stop bound (`shutdown_timeout_ms`, as rendered) and a margin:
+          # systemd's SIGKILL comes only after the daemon has given up by itself.
+          TimeoutStopSec = "${toString (blib.stopTimeoutSec daemonConfig)}s";
           # Stop only the daemon's main process. With the systemd supervisor, VMs are units
           # of their own (blixard-vm-*.service), outside this unit's cgroup: restarting or
           # stopping blixard never touches them, and this matters only for what the daemon

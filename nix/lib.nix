@@ -55,6 +55,7 @@ rec {
 
   # The daemon's defaults for the values the module checks (crates/node/src/config.rs).
   daemonDefaults = {
+    shutdown_timeout_ms = 5000;
     raft = { tick_ms = 100; election_ticks = 10; };
     vms = { down_timeout_ms = 30000; fence_timeout_ms = 15000; stop_timeout_ms = 10000; supervisor = "process"; };
   };
@@ -329,6 +330,12 @@ rec {
   # `images.cache_listen`), from a rendered config: what `net.ipv4.ip_local_reserved_ports`
   # must hold when the ephemeral port range is widened, so that no outgoing connection
   # takes one of them before the daemon binds it.
+  # systemd's TimeoutStopSec for a rendered config: the daemon's stop bound, in whole
+  # seconds, plus 5.
+  stopTimeoutSec = config:
+    let ms = orDefault (config.shutdown_timeout_ms or null) daemonDefaults.shutdown_timeout_ms;
+    in (ms + 999) / 1000 + 5;
+
   daemonPorts = config:
     let
       cache = (config.images or { }).cache_listen or "127.0.0.1:7380";

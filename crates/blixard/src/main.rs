@@ -269,9 +269,15 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
+    let daemon = matches!(cli.command, Command::Node(NodeCommand::Run(_)));
     let result = runtime.block_on(run(cli));
-    // Don't wait for background tasks (e.g. connections still closing).
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if daemon {
+        // Its shutdown is done, or over its bound: nothing left is waited for.
+        runtime.shutdown_background();
+    } else {
+        // Don't wait long for background tasks (e.g. connections still closing).
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(failure) => {

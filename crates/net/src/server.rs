@@ -10,6 +10,7 @@ use blixard_core::{ClusterId, EndpointKey};
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{ApiError, ProgressSink, RequestFrame, ResponseFrame, ResponseItem, API_VERSION};
 use crate::authz::{authorize, is_mutating, Decision, Lookup, Principal};
@@ -53,8 +54,12 @@ const MAX_IN_FLIGHT: u32 = 1024;
 pub struct ApiHandler<S> {
     service: Arc<S>,
     timeout: Duration,
+    /// How long a shutdown lets requests in flight finish before it cancels them.
+    grace: Duration,
     in_flight: Arc<Semaphore>,
     closing: Arc<AtomicBool>,
+    /// Cancels the requests still in flight when the grace is over.
+    cancel: CancellationToken,
 }
 
 impl<S> std::fmt::Debug for ApiHandler<S> {
@@ -64,12 +69,16 @@ impl<S> std::fmt::Debug for ApiHandler<S> {
 }
 
 impl<S: Service> ApiHandler<S> {
-    pub fn new(service: Arc<S>, timeout: Duration) -> Self {
+    /// Serves `service`, each request within `timeout`; a shutdown lets requests in
+    /// flight finish for up to `grace`, then answers them "shutting down".
+    pub fn new(service: Arc<S>, timeout: Duration, grace: Duration) -> Self {
         Self {
             service,
             timeout,
+            grace,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
             closing: Arc::new(AtomicBool::new(false)),
+            cancel: CancellationToken::new(),
         }
     }
 }
@@ -90,23 +99,30 @@ impl<S: Service> ProtocolHandler for ApiHandler<S> {
             };
             let service = self.service.clone();
             let timeout = self.timeout;
+            let cancel = self.cancel.clone();
             tokio::spawn(async move {
-                serve_stream(service, caller, send, recv, timeout).await;
+                serve_stream(service, caller, send, recv, timeout, cancel).await;
                 drop(permit);
             });
         }
     }
 
-    /// Stops taking requests and waits (up to the request timeout) for those in flight.
+    /// Stops taking requests, lets those in flight finish for up to the grace, then
+    /// answers the rest "shutting down" (a long image pull, say) and waits for them to go.
     async fn shutdown(&self) {
         self.closing.store(true, Ordering::Relaxed);
-        let all = tokio::time::timeout(self.timeout, self.in_flight.acquire_many(MAX_IN_FLIGHT));
-        if all.await.is_err() {
-            tracing::warn!(
-                "shutdown: requests still in flight after {:?}",
-                self.timeout
-            );
+        let all = || self.in_flight.acquire_many(MAX_IN_FLIGHT);
+        if tokio::time::timeout(self.grace, all()).await.is_ok() {
+            return;
         }
+        let left = MAX_IN_FLIGHT as usize - self.in_flight.available_permits();
+        tracing::info!(
+            "shutdown: cancelling {left} request(s) still running after {:?}",
+            self.grace
+        );
+        self.cancel.cancel();
+        // Each answers at once; its caller gets a moment to read the answer.
+        let _ = tokio::time::timeout(Duration::from_secs(1), all()).await;
     }
 }
 
@@ -116,33 +132,16 @@ async fn serve_stream<S: Service>(
     mut send: SendStream,
     recv: RecvStream,
     timeout: Duration,
+    cancel: CancellationToken,
 ) {
     let mut recv = frame::Reader::new(recv);
-    let response = match tokio::time::timeout(timeout, recv.read::<RequestFrame>()).await {
-        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
-        Ok(Err(FrameError::Closed)) => return,
-        Ok(Err(e)) => Err(ApiError::BadRequest(e.to_string())),
-        // Short requests report no progress: no channel, no second task on the hot path.
-        Ok(Ok(frame)) if !frame.request.is_long_running() => {
-            dispatch(&*service, caller, frame, timeout, ProgressSink::none()).await
-        }
-        Ok(Ok(frame)) => {
-            // Progress updates go out while the request runs.
-            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-            let work = dispatch(&*service, caller, frame, timeout, ProgressSink::new(tx));
-            tokio::pin!(work);
-            loop {
-                tokio::select! {
-                    r = &mut work => break r,
-                    Some(update) = rx.recv() => {
-                        let item = ResponseItem::Progress(update);
-                        if frame::write(&mut send, &item).await.is_err() {
-                            tracing::debug!(%caller, "caller gone while its request runs");
-                        }
-                    }
-                }
-            }
-        }
+    let work = serve_request(&*service, caller, &mut send, &mut recv, timeout);
+    let response = tokio::select! {
+        r = work => match r {
+            Some(r) => r,
+            None => return,
+        },
+        _ = cancel.cancelled() => Err(ApiError::Unavailable("the node is shutting down".into())),
     };
     if let Err(e) = &response {
         tracing::debug!(%caller, "request failed: {e}");
@@ -151,8 +150,50 @@ async fn serve_stream<S: Service>(
         tracing::debug!(%caller, "could not answer: {e}");
     }
     let _ = send.finish();
-    // Let the peer read the answer before the stream is dropped.
-    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    // Let the peer read the answer before the stream is dropped (not past a shutdown).
+    let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped());
+    tokio::select! {
+        _ = stopped => {}
+        _ = cancel.cancelled() => {}
+    }
+}
+
+/// Reads one request and answers it, sending progress as it goes; `None` when the caller
+/// closed the stream without a request.
+async fn serve_request<S: Service>(
+    service: &S,
+    caller: EndpointKey,
+    send: &mut SendStream,
+    recv: &mut frame::Reader<RecvStream>,
+    timeout: Duration,
+) -> Option<ResponseFrame> {
+    let response = match tokio::time::timeout(timeout, recv.read::<RequestFrame>()).await {
+        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+        Ok(Err(FrameError::Closed)) => return None,
+        Ok(Err(e)) => Err(ApiError::BadRequest(e.to_string())),
+        // Short requests report no progress: no channel, no second task on the hot path.
+        Ok(Ok(frame)) if !frame.request.is_long_running() => {
+            dispatch(service, caller, frame, timeout, ProgressSink::none()).await
+        }
+        Ok(Ok(frame)) => {
+            // Progress updates go out while the request runs.
+            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            let work = dispatch(service, caller, frame, timeout, ProgressSink::new(tx));
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    Some(update) = rx.recv() => {
+                        let item = ResponseItem::Progress(update);
+                        if frame::write(send, &item).await.is_err() {
+                            tracing::debug!(%caller, "caller gone while its request runs");
+                        }
+                    }
+                }
+            }
+        }
+    };
+    Some(response)
 }
 
 /// The choke point: version, cluster and authorization checks, then the handler.
@@ -284,7 +325,7 @@ where
 
 /// Guards another protocol (the iroh-blobs ALPN) with the same choke point: a connection
 /// is handed to `inner` only if its caller may do `action` on the cluster. Refusals are
-/// audited and close the connection with code 1.
+/// audited and close the connection with code 1. `inner`'s own shutdown is not called.
 pub struct Gated<S, H> {
     service: Arc<S>,
     inner: H,
@@ -333,7 +374,8 @@ impl<S: Service, H: ProtocolHandler> ProtocolHandler for Gated<S, H> {
         self.inner.accept(conn).await
     }
 
-    async fn shutdown(&self) {
-        self.inner.shutdown().await;
-    }
+    /// Stops taking connections (the router's part). What the guarded protocol holds,
+    /// e.g. iroh-blobs' store, is its owner's to close, in the owner's order: after the
+    /// router, so no connection still reads from it.
+    async fn shutdown(&self) {}
 }

@@ -24,6 +24,10 @@ pub struct Config {
     pub raft: RaftConfig,
     /// How long an API request may take, in milliseconds.
     pub request_timeout_ms: Option<u64>,
+    /// How long a stop (SIGTERM, SIGINT) may take, in milliseconds, before the daemon
+    /// exits anyway (default 5000). Requests still running halfway through are answered
+    /// "shutting down".
+    pub shutdown_timeout_ms: Option<u64>,
     pub images: ImagesConfig,
     pub vms: VmsConfig,
     /// The cluster's expected members (a JSON object of `{name, endpointId, addresses}`, as
@@ -303,7 +307,18 @@ pub struct InvalidSetting {
     pub rule: String,
 }
 
+/// `shutdown_timeout_ms` when unset.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 5000;
+
 impl Config {
+    /// How long a stop may take.
+    pub fn shutdown_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.shutdown_timeout_ms
+                .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS),
+        )
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -418,6 +433,9 @@ impl Config {
             .filter(|f| !f.starts_with('/'))
         {
             return bad("expected_members", format!("{f:?} is not an absolute path"));
+        }
+        if self.shutdown_timeout_ms == Some(0) {
+            return bad("shutdown_timeout_ms", "must be at least 1".into());
         }
         if let Some(url) = &self.relay_url {
             if let Err(e) = url.parse::<iroh::RelayUrl>() {

@@ -56,11 +56,13 @@ in
 {
   init-node = {
     modules = node { init = true; };
-    expect = { config, ... }: [
+    expect = { config, extend, ... }: [
       { what = "ExecStart"; got = unstore (sc config).ExecStart; want = ''"<store>/blixard/bin/blixard" "node" "run" "--data-dir" "/var/lib/blixard" "--config" "<store>/blixard.toml" "--init"''; }
       { what = "no credential"; got = (sc config) ? LoadCredential; want = false; }
       { what = "exit codes that stay down"; got = (sc config).RestartPreventExitStatus; want = [ 5 7 8 ]; }
       { what = "reload by SIGHUP"; got = hasSuffix "/bin/kill -HUP $MAINPID" (sc config).ExecReload; want = true; }
+      { what = "systemd waits the daemon's stop bound and 5 s"; got = (sc config).TimeoutStopSec; want = "10s"; }
+      { what = "a longer stop bound in settings"; got = (sc (extend [ { services.blixard.settings.shutdown_timeout_ms = 20500; } ]).config).TimeoutStopSec; want = "26s"; }
       { what = "a system user"; got = config.users.users.blixard.isSystemUser; want = true; }
       { what = "config restarts, declared VMs reload"; got = map builtins.length [ (unit config).restartTriggers (unit config).reloadTriggers ]; want = [ 1 1 ]; }
     ];

@@ -7,10 +7,11 @@
 //! 4. [`start`]: raft, images, VMs, the API on the router, the loops; then READY=1;
 //! 5. [`wait`]: until SIGTERM/SIGINT, or this node is removed (SIGHUP reloads the
 //!    declared VMs meanwhile);
-//! 6. [`shutdown`], in order: stop the loops (VMs keep running), stop accepting
-//!    connections and let in-flight API requests finish (the router's shutdown does both,
-//!    then closes the endpoint), close the blob store, stop the raft thread after its
-//!    current step, flush the audit log, remove `node.json`.
+//! 6. [`shutdown`], within `shutdown_timeout_ms` ([`stop`]), in order: stop the loops
+//!    (VMs keep running), stop accepting connections and let in-flight API requests
+//!    finish for half the bound, then answer the rest "shutting down" (the router's
+//!    shutdown does both, then closes the endpoint), close the blob store, stop the raft
+//!    thread after its current step, flush the audit log, remove `node.json`.
 //!
 //! The signal handlers are in place before phase 1, so no signal is lost or fatal while
 //! the node starts: SIGTERM or SIGINT during phase 3 (a join may wait long for an
@@ -95,7 +96,8 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
         let store = opened.store.clone();
         let mut running = start::start(data_dir, &config, opened, record, seeds).await?;
         let removed = wait(&mut running, &mut signals).await?;
-        shutdown(data_dir, running, removed, &store).await
+        let bound = config.shutdown_timeout();
+        stop(data_dir, running, removed, &store, bound, &mut signals).await
     }
     .await;
     if result.is_err() {
@@ -156,27 +158,84 @@ async fn wait(running: &mut Running, signals: &mut Signals) -> Result<bool, Fail
     }
 }
 
+/// Where a shutdown is, for the message when it takes too long.
+#[derive(Default)]
+struct Step(std::sync::Mutex<&'static str>);
+
+impl Step {
+    fn set(&self, step: &'static str) {
+        tracing::debug!("shutdown: {step}");
+        if let Ok(mut s) = self.0.lock() {
+            *s = step;
+        }
+    }
+
+    fn get(&self) -> &'static str {
+        self.0.lock().map(|s| *s).unwrap_or("unknown")
+    }
+}
+
+/// The shutdown, bounded: done within `bound`, or the daemon exits anyway (exit 1, naming
+/// the step it was at); a second SIGTERM or SIGINT exits at once.
+async fn stop(
+    data_dir: &Path,
+    running: Running,
+    removed: bool,
+    store: &blixard_store::Store,
+    bound: std::time::Duration,
+    signals: &mut Signals,
+) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
+    let step = Step::default();
+    let result = tokio::select! {
+        r = tokio::time::timeout(bound, shutdown(data_dir, running, removed, store, &step)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(Failure::new(
+                exit::ERROR,
+                format!(
+                    "the shutdown took longer than {} ms (at: {}); exiting anyway",
+                    bound.as_millis(),
+                    step.get()
+                ),
+            )),
+        },
+        s = signals.stop() => Err(Failure::new(
+            exit::ERROR,
+            format!("{s} again while stopping (at: {}): exiting at once", step.get()),
+        )),
+    };
+    if result.is_ok() {
+        tracing::info!("stopped in {} ms", started.elapsed().as_millis());
+    }
+    result
+}
+
 /// The shutdown order (see the module doc).
 async fn shutdown(
     data_dir: &Path,
     running: Running,
     removed: bool,
     store: &blixard_store::Store,
+    step: &Step,
 ) -> Result<(), Failure> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // The VMs keep running: a restarted daemon adopts them.
+    step.set("stopping the loops");
     for task in &running.tasks {
         task.abort();
     }
-    // The router's shutdown also closes the blob store (through the blobs handler).
+    step.set("closing connections and finishing requests");
     if let Err(e) = running.router.shutdown().await {
         tracing::warn!("router shutdown: {e}");
     }
+    step.set("closing the blob store");
     running.image_store.shutdown().await;
+    step.set("stopping raft and writing its queue");
     running.node.shutdown();
     let raft_thread = running.raft_thread;
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
     // Every line recorded so far goes to disk before the process exits.
+    step.set("writing the audit log");
     let audit = running.audit.clone();
     let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     let _ = std::fs::remove_file(datadir::node_info(data_dir));
@@ -193,6 +252,5 @@ async fn shutdown(
             record.node_id, record.cluster_id
         )));
     }
-    tracing::info!("stopped");
     Ok(())
 }

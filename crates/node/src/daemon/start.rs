@@ -184,7 +184,10 @@ pub(super) async fn start(
             RAFT_ALPN,
             RaftHandler::new(node.clone(), cluster_id, book.clone()),
         )
-        .accept(API_ALPN, ApiHandler::new(api.clone(), timeout))
+        .accept(
+            API_ALPN,
+            ApiHandler::new(api.clone(), timeout, config.shutdown_timeout() / 2),
+        )
         .accept(
             iroh_blobs::ALPN,
             Gated::new(api.clone(), blobs, "blob:fetch"),
