@@ -10,22 +10,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blixard_core::EndpointKey;
 use blixard_net::api::{MetaSet, StatusRequest};
 use blixard_net::client::ApiClient;
-use blixard_net::{endpoint, keys, member_addr, EndpointAddr};
+use blixard_net::EndpointAddr;
+use blixard_tests::api::{self, Writers};
 use blixard_tests::bench::{check_binary_fresh, machine};
 use blixard_tests::{
-    binary, clock_ticks_per_sec, cpu_ticks, proc_cpu_ticks, proc_status_kib, Cluster, Node,
+    binary, clock_ticks_per_sec, cpu_ticks, proc_cpu_ticks, proc_status_kib, Cluster,
 };
 
 const WARMUP: Duration = Duration::from_secs(2);
 const IDLE: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writers per follower in the failover rounds.
+const FAILOVER_WRITERS: usize = 32;
+/// The cluster's election timeout (default raft settings).
+const ELECTION_MS: u64 = 1000;
 
 /// Targets from the issue.
 const TARGET_COMMITS_64: f64 = 10_000.0;
@@ -104,19 +107,6 @@ fn bench_secs() -> u64 {
             .unwrap_or_else(|_| panic!("BENCH_SECS={s:?} is not a number of seconds")),
         Err(_) => 10,
     }
-}
-
-/// The address of a running node, from its `node.json`.
-fn addr_of(node: &Node) -> (u64, EndpointAddr) {
-    let info = node.info().unwrap();
-    let id = info["node_id"].as_u64().expect("node_id in node.json");
-    let key: EndpointKey = info["endpoint_id"]
-        .as_str()
-        .expect("endpoint_id in node.json")
-        .parse()
-        .unwrap();
-    let addrs: Vec<SocketAddr> = serde_json::from_value(info["addrs"].clone()).unwrap();
-    (id, member_addr(&key, &addrs).expect("a valid endpoint id"))
 }
 
 async fn run_level(
@@ -214,11 +204,11 @@ fn main() {
     let ticks_per_sec = clock_ticks_per_sec();
 
     eprintln!("bench: starting a 3-node cluster");
-    let cluster = Cluster::start(3, &[]);
+    let mut cluster = Cluster::start(3, &[]);
     let machine = machine(cluster.root.path());
 
     let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.pid().unwrap()).collect();
-    let addrs: Vec<(u64, EndpointAddr)> = cluster.nodes.iter().map(addr_of).collect();
+    let addrs: Vec<(u64, EndpointAddr)> = cluster.nodes.iter().map(api::addr_of).collect();
 
     eprintln!("bench: idle for {IDLE:?}");
     std::thread::sleep(IDLE);
@@ -229,11 +219,8 @@ fn main() {
         .build()
         .unwrap();
     let (results, leader_before, leader_after) = runtime.block_on(async {
-        let secret = keys::load(&cluster.nodes[0].dir.join("admin.key")).unwrap();
-        let ep = endpoint::bind(secret, SocketAddr::from(([127, 0, 0, 1], 0)), None, vec![])
-            .await
-            .unwrap();
-        let client = Arc::new(ApiClient::new(ep, None, REQUEST_TIMEOUT));
+        let client =
+            Arc::new(api::client(&cluster.nodes[0].dir.join("admin.key"), REQUEST_TIMEOUT).await);
 
         let leader_of = |s: blixard_net::api::ClusterStatus| s.raft.leader.expect("a leader");
         let status = client
@@ -284,6 +271,7 @@ fn main() {
     });
     let rss_after: Vec<Option<u64>> = pids.iter().map(|p| proc_status_kib(*p, "VmRSS")).collect();
     let hwm_after: Vec<Option<u64>> = pids.iter().map(|p| proc_status_kib(*p, "VmHWM")).collect();
+    let failovers = failovers(&runtime, &mut cluster, &addrs);
 
     // Report.
     println!();
@@ -342,6 +330,28 @@ fn main() {
         "(about {total_keys} metadata keys were written in the measured windows, plus warm-ups)"
     );
 
+    println!();
+    println!(
+        "Failover: {FAILOVER_WRITERS} writers through each follower; the leader killed (-9) \
+         once they run, then restarted and caught up before the next round. Election \
+         timeout {ELECTION_MS} ms (10 ticks of 100 ms, randomised by raft-rs up to twice that)."
+    );
+    println!();
+    println!(
+        "| round | in flight at the kill | new leader seen after (s) | last in-flight write done after (s) | writes failed |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for (i, f) in failovers.iter().enumerate() {
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {} |",
+            i + 1,
+            f.in_flight,
+            f.elected.as_secs_f64(),
+            f.slowest.as_secs_f64(),
+            f.failed
+        );
+    }
+
     // Targets.
     let find = |via, writers| {
         results
@@ -366,5 +376,81 @@ fn main() {
         "- idle daemon RSS <= {TARGET_IDLE_RSS_MIB} MiB: max {idle_max:.1} MiB -> {}",
         verdict(idle_max <= TARGET_IDLE_RSS_MIB)
     );
+    let worst = failovers
+        .iter()
+        .map(|f| f.slowest)
+        .max()
+        .unwrap_or_default();
+    let failed: usize = failovers.iter().map(|f| f.failed).sum();
+    println!(
+        "- writes in flight at a leader kill done within 2 election timeouts ({} ms), none \
+         failed: slowest {:.2} s, {failed} failed -> {}",
+        2 * ELECTION_MS,
+        worst.as_secs_f64(),
+        verdict(worst <= Duration::from_millis(2 * ELECTION_MS) && failed == 0)
+    );
     drop(cluster);
+}
+
+/// One leader kill under load.
+struct Failover {
+    in_flight: usize,
+    elected: Duration,
+    slowest: Duration,
+    failed: usize,
+}
+
+/// Kills the leader under writes through the followers, `BENCH_FAILOVERS` times (default
+/// 5), restarting it after each.
+fn failovers(
+    rt: &tokio::runtime::Runtime,
+    cluster: &mut Cluster,
+    addrs: &[(u64, EndpointAddr)],
+) -> Vec<Failover> {
+    let rounds: usize = std::env::var("BENCH_FAILOVERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let key = cluster.nodes[0].dir.join("admin.key");
+    let client = Arc::new(rt.block_on(api::client(&key, REQUEST_TIMEOUT)));
+    let mut out = Vec::new();
+    for round in 0..rounds {
+        let leader = cluster.leader();
+        let followers: Vec<EndpointAddr> = (0..addrs.len())
+            .filter(|i| *i != leader)
+            .map(|i| addrs[i].1.clone())
+            .collect();
+        eprintln!("bench: failover {}: killing n{}", round + 1, leader + 1);
+        let writers = Writers::start(
+            rt,
+            &client,
+            &followers,
+            FAILOVER_WRITERS,
+            &format!("f{round}-"),
+        );
+        writers.wait_done(0, 500, Duration::from_secs(60));
+        let killed = Instant::now();
+        cluster.nodes[leader].kill9();
+        cluster.leader();
+        let elected = killed.elapsed();
+        writers.wait_done(writers.done(), 500, Duration::from_secs(60));
+        let writes = writers.stop(rt);
+        let all: Vec<&api::Write> = writes.iter().collect();
+        let (in_flight, slowest) = api::in_flight_at(&all, killed);
+        let failed = writes.iter().filter(|w| w.result.is_err()).count();
+        if let Some(w) = writes.iter().find(|w| w.result.is_err()) {
+            eprintln!("bench: first failed write: {}: {:?}", w.name, w.result);
+        }
+        out.push(Failover {
+            in_flight,
+            elected,
+            slowest,
+            failed,
+        });
+        cluster.nodes[leader].start(&[]);
+        cluster.nodes[leader].wait_knows_leader(Duration::from_secs(60));
+        cluster.wait_voters(3);
+    }
+    rt.block_on(client.endpoint().close());
+    out
 }

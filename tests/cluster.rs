@@ -489,3 +489,162 @@ fn a_node_told_to_stop_while_it_joins_stops_at_once() {
         joiner.log()
     );
 }
+
+#[test]
+fn writes_in_flight_when_the_leader_dies_complete_and_apply_once() {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use blixard_net::api::{MetaSet, TenantCreate, TenantList};
+    use blixard_tests::api;
+
+    const WRITERS_PER_NODE: usize = 4;
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.leader();
+    let addrs: Vec<_> = c.nodes.iter().map(api::addr_of).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = c.nodes[0].dir.join("admin.key");
+    let client = Arc::new(rt.block_on(api::client(&key, Duration::from_secs(10))));
+
+    // Writers through every node.
+    let targets: Vec<_> = addrs.iter().map(|(_, a)| a.clone()).collect();
+    let writers = api::Writers::start(&rt, &client, &targets, WRITERS_PER_NODE, "w");
+    writers.wait_done(0, 100, LONG);
+    let killed = Instant::now();
+    c.nodes[leader].kill9();
+    let new_leader = c.leader();
+    writers.wait_done(writers.done(), 100, LONG);
+    let writes = writers.stop(&rt);
+
+    // Through the survivors every write succeeded, those in flight at the kill included:
+    // a retry of a write applied before the kill got its first result, not "exists".
+    let survivors: Vec<&api::Write> = writes.iter().filter(|w| w.node != leader).collect();
+    let failed: Vec<String> = survivors
+        .iter()
+        .filter_map(|w| w.result.as_ref().err().map(|e| format!("{}: {e}", w.name)))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "writes through survivors failed: {failed:?}"
+    );
+    let (in_flight, slowest) = api::in_flight_at(&survivors, killed);
+    eprintln!(
+        "{} writes, {} through survivors, {} in flight at the kill; the last of those \
+         completed {slowest:?} after it",
+        writes.len(),
+        survivors.len(),
+        in_flight
+    );
+    // Not waiting out the client timeout (10 s) is the point; the 2-election-timeout
+    // target is measured by the bench.
+    assert!(
+        slowest < Duration::from_secs(5),
+        "a write in flight at the kill took {slowest:?} after it"
+    );
+
+    // Every acknowledged write is there, read linearizably from the new leader.
+    let to = &addrs[new_leader].1;
+    let (meta, tenants) = rt.block_on(async {
+        let meta = client
+            .call(
+                to,
+                blixard_net::api::MetaGet {
+                    key: None,
+                    stale: false,
+                },
+            )
+            .await
+            .unwrap();
+        let tenants = client.call(to, TenantList { stale: false }).await.unwrap();
+        (meta, tenants)
+    });
+    let meta: std::collections::HashSet<String> =
+        meta.entries.into_iter().map(|(k, _)| k).collect();
+    let tenants: std::collections::HashSet<String> =
+        tenants.tenants.into_iter().map(|t| t.tenant.name).collect();
+    for w in writes.iter().filter(|w| w.result.is_ok()) {
+        assert!(
+            meta.contains(&w.name) || tenants.contains(&w.name),
+            "acknowledged write {} is missing",
+            w.name
+        );
+    }
+
+    // A retry of an applied write (the same request id, as the client sends after an
+    // ambiguous answer) gets the first result and changes nothing; without the id the
+    // same creation is refused.
+    let follower = (0..3).find(|i| *i != leader && *i != new_leader).unwrap();
+    let to = &addrs[follower].1;
+    let frame = |id: u8, request: blixard_net::api::Request| {
+        let mut f = blixard_net::api::RequestFrame::new(None, request);
+        f.id = Some(blixard_core::RequestId([id; 16]));
+        f
+    };
+    let create = || TenantCreate {
+        name: "replayed".into(),
+    };
+    let set = |v: &str| MetaSet {
+        key: "replayed".into(),
+        value: Some(v.into()),
+    };
+    rt.block_on(async {
+        for _ in 0..2 {
+            let r = client
+                .call_frame(to, frame(1, create().into()))
+                .await
+                .unwrap();
+            assert!(r.is_ok(), "a replayed creation: {r:?}");
+        }
+        let r = client
+            .call_frame(to, frame(2, create().into()))
+            .await
+            .unwrap();
+        assert!(r.is_err(), "a second creation under another id: {r:?}");
+        client
+            .call_frame(to, frame(3, set("1").into()))
+            .await
+            .unwrap()
+            .unwrap();
+        client
+            .call_frame(to, frame(4, set("2").into()))
+            .await
+            .unwrap()
+            .unwrap();
+        client
+            .call_frame(to, frame(3, set("1").into()))
+            .await
+            .unwrap()
+            .unwrap();
+    });
+    wait_meta(&c.nodes[follower], "replayed", "2");
+    assert_eq!(c.nodes[new_leader].meta(false).unwrap()["replayed"], "2");
+
+    // No request was applied twice: each survivor's audit log names every request id
+    // it applied once.
+    for (i, node) in c.nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+        let audit = std::fs::read_to_string(node.dir.join("audit.log")).unwrap();
+        let mut seen = std::collections::HashMap::new();
+        for line in audit.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let (Some(request), Some(index)) = (v["request"].as_str(), v["index"].as_u64()) {
+                if let Some(first) = seen.insert(request.to_string(), index) {
+                    panic!(
+                        "n{}: request {request} applied at {first} and at {index}",
+                        i + 1
+                    );
+                }
+            }
+        }
+        assert!(
+            seen.len() >= survivors.len(),
+            "n{}: {} applied requests recorded, fewer than the {} acknowledged",
+            i + 1,
+            seen.len(),
+            survivors.len()
+        );
+    }
+    rt.block_on(client.endpoint().close());
+}

@@ -6,6 +6,7 @@ mod cluster;
 mod node;
 mod process;
 
+pub mod api;
 pub mod bench;
 pub mod runners;
 pub mod systemd;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
+use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId, RequestId};
 use crate::image::Image;
 use crate::member::{Capacity, MemberRole};
 use crate::scheduler::Placement;
@@ -176,6 +176,15 @@ pub enum Command {
         reason: Option<String>,
         now_ms: u64,
     },
+    /// `command`, applied at most once under `id`: a second `Once` with an id applied
+    /// before (within the dedup window, see `state::requests`) returns the first one's
+    /// result and changes nothing. What a client's retry of a write, or a node's
+    /// re-proposal after a leader change, is wrapped in.
+    Once {
+        id: RequestId,
+        now_ms: u64,
+        command: Box<Command>,
+    },
 }
 
 impl Command {
@@ -209,6 +218,15 @@ impl Command {
             Command::SetNodeDown { .. } => "set_node_down",
             Command::SetVmDesired { .. } => "set_vm_desired",
             Command::ReportVm { .. } => "report_vm",
+            Command::Once { command, .. } => command.kind(),
+        }
+    }
+
+    /// The client request id it is applied once under (`Command::Once`).
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            Command::Once { id, .. } => Some(*id),
+            _ => None,
         }
     }
 }

@@ -38,6 +38,8 @@ pub enum ParseIdError {
     Cluster(String),
     #[error("invalid blob hash {0:?}: expected 64 hex characters")]
     Blob(String),
+    #[error("invalid request id {0:?}: expected 32 hex characters")]
+    Request(String),
 }
 
 fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -113,6 +115,44 @@ impl FromStr for ClusterId {
     }
 }
 
+/// A client's id for one write: a retry of the write carries the same id, and the state
+/// machine applies a command under a given id once (see `Command::Once`). 16 random
+/// bytes, displayed as lowercase hex.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct RequestId(pub [u8; 16]);
+
+impl RequestId {
+    /// The id of the `n`th command a request with this id proposes: the request's own id
+    /// for the first, a derivation for the others, so a retried request names each of
+    /// its commands as the first attempt did.
+    pub fn nth(&self, n: u32) -> RequestId {
+        if n == 0 {
+            return *self;
+        }
+        let mut out = self.0;
+        for (i, b) in n.to_le_bytes().iter().enumerate() {
+            out[i] ^= b.rotate_left(3) ^ 0xa5;
+        }
+        out[15] ^= 0x5a;
+        RequestId(out)
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+impl FromStr for RequestId {
+    type Err = ParseIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        decode_hex::<16>(s)
+            .map(RequestId)
+            .ok_or_else(|| ParseIdError::Request(s.to_string()))
+    }
+}
+
 /// The BLAKE3 hash of a blob in the iroh-blobs store (an image's manifest, a NAR).
 /// Displayed as lowercase hex.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -145,6 +185,7 @@ macro_rules! hex_serde {
 }
 hex_serde!(EndpointKey, 32);
 hex_serde!(ClusterId, 16);
+hex_serde!(RequestId, 16);
 hex_serde!(BlobHash, 32);
 
 /// Names of users, roles, tenants and images (and of VMs created before VM names became

@@ -24,7 +24,7 @@ mod vm;
 
 pub use command::{Command, CommandOutput, Envelope, JoinRequest, NewMember};
 pub use encoding::{decode_versioned, encode_versioned, DecodeError, FORMAT_VERSION};
-pub use ids::{valid_name, BlobHash, ClusterId, EndpointKey, NodeId, ParseIdError};
+pub use ids::{valid_name, BlobHash, ClusterId, EndpointKey, NodeId, ParseIdError, RequestId};
 pub use image::{Image, MAX_IMAGE_BYTES, MAX_IMAGE_NARS};
 pub use member::{
     AdminCredential, Capacity, ClusterMeta, JoinToken, Member, MemberRole, MemberStatus,

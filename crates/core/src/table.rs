@@ -89,6 +89,16 @@ where
         self.map.len()
     }
 
+    /// The entry with the smallest key.
+    pub fn first(&self) -> Option<(&K, &V)> {
+        self.map.first_key_value()
+    }
+
+    /// The entry with the largest key.
+    pub fn last(&self) -> Option<(&K, &V)> {
+        self.map.last_key_value()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

@@ -5,15 +5,15 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use blixard_core::{
-    Allocated, Capacity, ClusterId, EndpointKey, Image, Member, NodeId, Quota, Tenant, User, Vm,
-    VmSpec,
+    Allocated, Capacity, ClusterId, EndpointKey, Image, Member, NodeId, Quota, RequestId, Tenant,
+    User, Vm, VmSpec,
 };
 use blixard_raft::NodeStatus;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The API version spoken inside `blixard/api/1` frames.
-pub const API_VERSION: u16 = 1;
+pub const API_VERSION: u16 = 2;
 
 /// A request names its response type.
 pub trait Rpc: Serialize + DeserializeOwned + Into<Request> {
@@ -115,6 +115,10 @@ pub struct RequestFrame {
     /// Set when a node forwards a request to the leader; a forwarded request is never
     /// forwarded again.
     pub forwarded: bool,
+    /// The caller's id for a write: a retry carries the same id, and the cluster applies
+    /// the write's commands once (`Command::Once`). The client sets it on every mutating
+    /// request; a node forwarding a request passes it on.
+    pub id: Option<RequestId>,
     pub request: Request,
 }
 
@@ -124,6 +128,7 @@ impl RequestFrame {
             version: API_VERSION,
             cluster,
             forwarded: false,
+            id: None,
             request,
         }
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use blixard_core::ClusterId;
+use blixard_core::{ClusterId, RequestId};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 
@@ -67,31 +67,33 @@ impl ApiClient {
         request: R,
         on_progress: impl FnMut(&ProgressUpdate) + Send,
     ) -> Result<R::Response, ClientError> {
-        let response = self
-            .exchange(
-                to,
-                RequestFrame::new(self.cluster, request.into()),
-                on_progress,
-            )
-            .await??;
+        let mut frame = RequestFrame::new(self.cluster, request.into());
+        if crate::authz::is_mutating(&frame.request) {
+            frame.id = Some(RequestId(rand::random()));
+        }
+        let response = self.exchange_retrying(to, frame, on_progress).await??;
         R::from_response(response).ok_or_else(|| ClientError::Protocol {
             node: to.id.fmt_short().to_string(),
             detail: "response of the wrong kind".into(),
         })
     }
 
-    /// Forwards an already-framed request (node to leader, or to the node a pull is
-    /// for), passing its progress on.
+    /// Forwards a request (node to leader, or to the node a pull is for) under the
+    /// caller's request id, passing its progress on.
     pub async fn forward(
         &self,
         to: &EndpointAddr,
         request: Request,
+        id: Option<RequestId>,
         progress: &ProgressSink,
     ) -> Result<ResponseFrame, ClientError> {
         let mut frame = RequestFrame::new(self.cluster, request);
         frame.forwarded = true;
-        self.exchange(to, frame, |p| progress.report(&p.phase, p.done, p.total))
-            .await
+        frame.id = id;
+        self.exchange(to, frame, &mut |p| {
+            progress.report(&p.phase, p.done, p.total)
+        })
+        .await
     }
 
     async fn connection(&self, to: &EndpointAddr) -> Result<Connection, ClientError> {
@@ -125,21 +127,58 @@ impl ApiClient {
         to: &EndpointAddr,
         request: RequestFrame,
     ) -> Result<ResponseFrame, ClientError> {
-        self.exchange(to, request, |_| {}).await
+        self.exchange(to, request, &mut |_| {}).await
+    }
+
+    /// [`Self::exchange`], sent again under the same request id while the answer is
+    /// ambiguous (no answer, a broken connection, no leader) and the client's timeout
+    /// allows: the cluster applies the write once, and a retry of an applied write
+    /// gets the first one's result. Requests without an id are sent once.
+    async fn exchange_retrying(
+        &self,
+        to: &EndpointAddr,
+        request: RequestFrame,
+        mut on_progress: impl FnMut(&ProgressUpdate) + Send,
+    ) -> Result<ResponseFrame, ClientError> {
+        let started = std::time::Instant::now();
+        // Retries stay within the caller's own timeout, also for long-running requests.
+        let budget = self.timeout;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let result = self.exchange(to, request.clone(), &mut on_progress).await;
+            // Ambiguous: the request may not have arrived, its answer was lost, or the
+            // cluster had no leader to apply it. Any other error is the request's answer.
+            let ambiguous = matches!(
+                &result,
+                Err(ClientError::Connect { .. } | ClientError::Protocol { .. })
+                    | Ok(Err(ApiError::Timeout(_) | ApiError::NoLeader))
+            );
+            if request.id.is_none() || !ambiguous || started.elapsed() + pause >= budget {
+                return result;
+            }
+            tracing::debug!(id = ?request.id, "no clear answer; sending the write again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// How long one request may take.
+    fn timeout_for(&self, request: &RequestFrame) -> Duration {
+        if request.request.is_long_running() {
+            self.timeout.max(crate::api::LONG_REQUEST)
+        } else {
+            self.timeout
+        }
     }
 
     async fn exchange(
         &self,
         to: &EndpointAddr,
         request: RequestFrame,
-        mut on_progress: impl FnMut(&ProgressUpdate) + Send,
+        on_progress: &mut (dyn FnMut(&ProgressUpdate) + Send),
     ) -> Result<ResponseFrame, ClientError> {
         let node = to.id.fmt_short().to_string();
-        let timeout = if request.request.is_long_running() {
-            self.timeout.max(crate::api::LONG_REQUEST)
-        } else {
-            self.timeout
-        };
+        let timeout = self.timeout_for(&request);
         let ms = timeout.as_millis() as u64;
         let attempt = async {
             let conn = self.connection(to).await?;

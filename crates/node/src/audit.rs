@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use blixard_core::NodeId;
+use blixard_core::{NodeId, RequestId};
 use blixard_net::server::AuditEvent;
 use serde::Serialize;
 
@@ -79,6 +79,9 @@ struct ChangeLine<'a> {
     change: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     proposer: Option<NodeId>,
+    /// The client request it was made for (a retried request is applied once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request: Option<RequestId>,
 }
 
 #[derive(Serialize)]
@@ -171,11 +174,18 @@ impl AuditLog {
     }
 
     /// Records a state change this node applied (every node records every change).
-    pub fn record_change(&self, index: u64, change: &str, proposer: Option<NodeId>) {
+    pub fn record_change(
+        &self,
+        index: u64,
+        change: &str,
+        proposer: Option<NodeId>,
+        request: Option<RequestId>,
+    ) {
         self.write(&ChangeLine {
             index,
             change,
             proposer,
+            request,
         });
     }
 
@@ -513,7 +523,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = started(dir.path(), 1024, MAX_BYTES);
         for i in 0..300 {
-            log.record_change(i, "meta_set", Some(NodeId(1)));
+            log.record_change(i, "meta_set", Some(NodeId(1)), None);
         }
         drop(log);
         let got = lines(&path(dir.path()));

@@ -3,13 +3,58 @@
 //! and a request handed to another member (the leader, or a VM's host). Written once here.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use blixard_core::{ClusterId, Command, CommandOutput, EndpointKey, NodeId, State};
+use blixard_core::{ClusterId, Command, CommandOutput, EndpointKey, NodeId, RequestId, State};
 use blixard_net::api::{ApiError, ProgressSink, Request, ResponseFrame};
 use blixard_net::client::ApiClient;
 use blixard_net::{member_addr, EndpointAddr};
 use blixard_raft::{ProposeError, RaftNode};
+
+tokio::task_local! {
+    /// The request id of the API request being handled (see [`with_request_id`]).
+    static REQUEST: RequestScope;
+}
+
+/// A request's id and how many commands it has proposed so far.
+struct RequestScope {
+    id: RequestId,
+    proposed: AtomicU32,
+}
+
+/// Runs `work` (the handling of one request) so that the commands it proposes are applied
+/// once under `id` (the `n`th as `id.nth(n)`), and the requests it forwards carry `id`.
+/// Without an id, `work` runs as it is.
+pub async fn with_request_id<F: std::future::Future>(id: Option<RequestId>, work: F) -> F::Output {
+    match id {
+        Some(id) => {
+            let scope = RequestScope {
+                id,
+                proposed: AtomicU32::new(0),
+            };
+            REQUEST.scope(scope, work).await
+        }
+        None => work.await,
+    }
+}
+
+/// The id of the request being handled, if it has one.
+fn request_id() -> Option<RequestId> {
+    REQUEST.try_with(|r| r.id).ok()
+}
+
+/// `command` as the request being handled proposes it: under the next of its ids.
+fn once(command: Command) -> Command {
+    match REQUEST.try_with(|r| r.id.nth(r.proposed.fetch_add(1, Ordering::Relaxed))) {
+        Ok(id) => Command::Once {
+            id,
+            now_ms: now_ms(),
+            command: Box::new(command),
+        },
+        Err(_) => command,
+    }
+}
 
 /// Milliseconds since the Unix epoch: what commands carry as their time (`apply` reads no
 /// clock).
@@ -82,8 +127,13 @@ impl ClusterHandle {
     }
 
     /// Proposes `command`; returns `apply`'s result once it is committed and applied here.
+    /// Inside a request with an id ([`with_request_id`]) it is applied once under that id,
+    /// and proposed again if the leader changes before it is applied.
     pub async fn propose(&self, command: Command) -> Result<CommandOutput, ApiError> {
-        self.node.propose(command).await.map_err(propose_error)
+        self.node
+            .propose(once(command))
+            .await
+            .map_err(propose_error)
     }
 
     /// Every member: id, key, addresses.
@@ -105,7 +155,7 @@ impl ClusterHandle {
     ) -> Result<ResponseFrame, ForwardError> {
         let addr = member_addr_of(&self.state(), node).ok_or(ForwardError::NoAddress(node))?;
         self.client
-            .forward(&addr, request, sink)
+            .forward(&addr, request, request_id(), sink)
             .await
             .map_err(|e| ForwardError::Failed(node, e))
     }
@@ -130,7 +180,23 @@ impl ClusterHandle {
         sink: &ProgressSink,
     ) -> Option<Result<ResponseFrame, ForwardError>> {
         let leader = self.leader().filter(|l| *l != self.me())?;
-        Some(self.forward(leader, request, sink).await)
+        let mut watch = self.node.leader_watch();
+        // A leader that dies leaves its connection silent until it times out; once
+        // another leader is known, the caller proposes from here instead (under the same
+        // request id, so a write the old leader did apply is not applied again).
+        let moved = async move {
+            while watch.changed().await.is_ok() {
+                let now = *watch.borrow();
+                if now != 0 && now != leader.0 {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            answer = self.forward(leader, request, sink) => Some(answer),
+            () = moved => Some(Err(ForwardError::LeaderChanged(leader))),
+        }
     }
 }
 
@@ -139,6 +205,8 @@ impl ClusterHandle {
 pub enum ForwardError {
     #[error("node {0} has no known address")]
     NoAddress(NodeId),
+    #[error("node {0} stopped being the leader before it answered")]
+    LeaderChanged(NodeId),
     #[error("asking node {0}: {1}")]
     Failed(NodeId, blixard_net::client::ClientError),
 }

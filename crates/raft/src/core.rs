@@ -6,7 +6,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use blixard_core::{
-    decode_versioned, encode_versioned, ApplyError, CommandOutput, Envelope, NodeId, State,
+    decode_versioned, encode_versioned, ApplyError, CommandOutput, Envelope, NodeId, RequestId,
+    State,
 };
 use blixard_store::{Store, StoreError, WriteBatch};
 use protobuf::Message as _;
@@ -67,6 +68,8 @@ pub struct Change {
     pub kind: &'static str,
     /// The node that proposed it (`None` for commands without a waiting caller).
     pub proposer: Option<NodeId>,
+    /// The client request it was made for (`Command::Once`).
+    pub request: Option<RequestId>,
 }
 
 /// What one round of `Ready` handling produced for the caller.
@@ -85,19 +88,22 @@ pub struct Output {
 }
 
 impl Output {
-    /// Keeps the result of an entry this node proposed, for its waiting caller.
+    /// Keeps the result of an entry this node proposed, for its waiting caller, and the
+    /// change it made unless it was a `repeat` (a request id applied before: no change).
     fn hand_back(
         &mut self,
         me: u64,
         index: u64,
         env: &Envelope,
         result: Result<CommandOutput, ApplyError>,
+        repeat: bool,
     ) {
-        if result.is_ok() && !matches!(env.command, blixard_core::Command::Noop) {
+        if result.is_ok() && !repeat && !matches!(env.command, blixard_core::Command::Noop) {
             self.changes.push(Change {
                 index,
                 kind: env.command.kind(),
                 proposer: env.proposer,
+                request: env.command.request_id(),
             });
         }
         if env.proposer.map(|p| p.0) == Some(me) {
@@ -464,8 +470,8 @@ impl RaftCore {
                             continue;
                         }
                     };
-                    let result = state.apply(&env.command);
-                    out.hand_back(me, entry.index, &env, result);
+                    let applied = state.apply_entry(&env.command);
+                    out.hand_back(me, entry.index, &env, applied.result, applied.repeat);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = match ConfChangeV2::parse_from_bytes(&entry.data) {
@@ -512,7 +518,7 @@ impl RaftCore {
                     if let Err(e) = &result {
                         tracing::info!(index = entry.index, "configuration change refused: {e}");
                     }
-                    out.hand_back(me, entry.index, &env, result);
+                    out.hand_back(me, entry.index, &env, result, false);
                 }
                 EntryType::EntryConfChange => {
                     tracing::error!(

@@ -184,6 +184,11 @@ impl RaftNode {
         (id != 0).then_some(NodeId(id))
     }
 
+    /// The leader's id as the raft thread publishes it (0: none known), to wait on.
+    pub fn leader_watch(&self) -> watch::Receiver<u64> {
+        self.leader.clone()
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -256,12 +261,37 @@ enum ConfWork {
 
 /// Ticks after which an unanswered ReadIndex request is sent again.
 const READ_RETRY_TICKS: u64 = 20;
+/// Ticks after which a proposal under a request id (`Command::Once`) that has not been
+/// applied is proposed again, though the leader did not change (its forward may have been
+/// lost on the way).
+const ONCE_RETRY_TICKS: u64 = 20;
+
+/// A proposal whose caller waits for its result.
+struct Pending {
+    reply: Reply<CommandOutput>,
+    /// What happens when the leader changes before it is applied.
+    on_leader_change: OnLeaderChange,
+    /// The leader it was last handed to (0: none yet) and when (in ticks).
+    leader: u64,
+    at_tick: u64,
+}
+
+enum OnLeaderChange {
+    /// A `Command::Once`: proposed again to the new leader (applied once whatever
+    /// happens to the earlier copy).
+    Repropose(Box<Envelope>),
+    /// Any other command: the caller hears at once that the outcome is unknown, rather
+    /// than at its timeout.
+    Fail,
+    /// A configuration change: left to its timeout (only the leader proposes them).
+    Wait,
+}
 
 struct Worker {
     core: RaftCore,
     transport: Arc<dyn Transport>,
     tick: Duration,
-    pending: HashMap<u64, Reply<CommandOutput>>,
+    pending: HashMap<u64, Pending>,
     next_request: u64,
     conf_queue: VecDeque<ConfWork>,
     /// ReadIndex requests sent to raft, by context, with the leader and tick they were
@@ -355,18 +385,40 @@ impl Worker {
             Input::Propose(command, reply) => {
                 let request_id = self.next_request;
                 self.next_request = self.next_request.wrapping_add(1);
+                let once = matches!(command, Command::Once { .. });
                 let env = Envelope {
                     proposer: Some(NodeId(self.core.id())),
                     request_id,
                     command,
                 };
-                if self.core.leader_id() == 0 {
+                let leader = self.core.leader_id();
+                if leader == 0 && !once {
                     let _ = reply.send(Err(ProposeError::NoLeader));
                     return true;
                 }
-                match self.core.propose(&env) {
+                // A write under a request id waits for a leader (within its caller's
+                // timeout) instead of failing: it is proposed once one is known.
+                let proposed = if leader == 0 {
+                    Ok(())
+                } else {
+                    self.core.propose(&env)
+                };
+                match proposed {
                     Ok(()) => {
-                        self.pending.insert(request_id, reply);
+                        let on_leader_change = if once {
+                            OnLeaderChange::Repropose(Box::new(env))
+                        } else {
+                            OnLeaderChange::Fail
+                        };
+                        self.pending.insert(
+                            request_id,
+                            Pending {
+                                reply,
+                                on_leader_change,
+                                leader,
+                                at_tick: self.ticks,
+                            },
+                        );
                     }
                     Err(raft::Error::ProposalDropped) => {
                         let _ = reply.send(Err(ProposeError::NoLeader));
@@ -476,7 +528,8 @@ impl Worker {
 
     fn housekeeping(&mut self) {
         self.ticks += 1;
-        self.pending.retain(|_, r| !r.is_closed());
+        self.pending.retain(|_, p| !p.reply.is_closed());
+        self.follow_leader_change();
         self.reads.retain(|_, (_, _, r)| !r.is_closed());
         let leader = self.core.leader_id();
         if leader != 0 {
@@ -512,6 +565,47 @@ impl Worker {
                 .any(|w| matches!(w, ConfWork::Promote(n) if n.0 == id));
             if caught_up && !queued {
                 self.conf_queue.push_back(ConfWork::Promote(NodeId(id)));
+            }
+        }
+    }
+
+    /// Proposals handed to a leader that is no longer the leader (or, for writes under a
+    /// request id, not applied for a while): writes under a request id go to the current
+    /// leader again (the state machine applies them once); others fail at once with an
+    /// unknown outcome, so their callers need not wait for their timeout.
+    fn follow_leader_change(&mut self) {
+        let leader = self.core.leader_id();
+        if leader == 0 {
+            return;
+        }
+        let ticks = self.ticks;
+        let mut failed = Vec::new();
+        for (id, p) in &mut self.pending {
+            let moved = p.leader != leader;
+            match &p.on_leader_change {
+                OnLeaderChange::Repropose(env) => {
+                    if moved || ticks >= p.at_tick + ONCE_RETRY_TICKS {
+                        if let Err(e) = self.core.propose(env) {
+                            tracing::debug!("proposing a write again: {e}");
+                            continue;
+                        }
+                        if p.leader != 0 {
+                            tracing::debug!(from = p.leader, to = leader, "proposed a write again");
+                        }
+                        p.leader = leader;
+                        p.at_tick = ticks;
+                    }
+                }
+                OnLeaderChange::Fail if moved => failed.push(*id),
+                OnLeaderChange::Fail | OnLeaderChange::Wait => {}
+            }
+        }
+        for id in failed {
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = p.reply.send(Err(ProposeError::Dropped(
+                    "the leader changed before the write was applied; its outcome is unknown"
+                        .into(),
+                )));
             }
         }
     }
@@ -585,7 +679,15 @@ impl Worker {
             match self.core.propose_conf_change(&env, cc) {
                 Ok(()) => {
                     if let Some(reply) = reply {
-                        self.pending.insert(request_id, reply);
+                        self.pending.insert(
+                            request_id,
+                            Pending {
+                                reply,
+                                on_leader_change: OnLeaderChange::Wait,
+                                leader: self.core.leader_id(),
+                                at_tick: self.ticks,
+                            },
+                        );
                     }
                 }
                 Err(e) => {
@@ -617,8 +719,8 @@ impl Worker {
             self.transport.send(messages);
         }
         for a in applied {
-            if let Some(reply) = self.pending.remove(&a.request_id) {
-                let _ = reply.send(a.result.map_err(ProposeError::Rejected));
+            if let Some(p) = self.pending.remove(&a.request_id) {
+                let _ = p.reply.send(a.result.map_err(ProposeError::Rejected));
             }
         }
         for rs in read_states {

@@ -79,4 +79,6 @@ pub enum ApplyError {
         node: NodeId,
         why: String,
     },
+    #[error("{0} cannot be applied once per request id")]
+    NotOnce(String),
 }

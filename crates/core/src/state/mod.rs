@@ -4,11 +4,13 @@
 //! [`State::apply`] hands each command to one method, kept with its family: `members.rs`
 //! (the cluster, its metadata, members, join tokens, admin credentials, drained and down
 //! hosts), `users.rs` (users and policies), `images.rs` (images and the binary-cache key),
-//! `vms.rs` (tenants, quotas and VMs). `rows.rs` turns the tables into rows and back.
+//! `vms.rs` (tenants, quotas and VMs), `requests.rs` (commands applied once per client
+//! request id). `rows.rs` turns the tables into rows and back.
 
 mod error;
 mod images;
 mod members;
+mod requests;
 mod rows;
 mod users;
 mod vms;
@@ -17,10 +19,11 @@ mod vms;
 mod tests;
 
 pub use error::ApplyError;
+pub use requests::Outcome;
 pub use rows::LoadError;
 
 use crate::command::{Command, CommandOutput};
-use crate::ids::{EndpointKey, NodeId};
+use crate::ids::{EndpointKey, NodeId, RequestId};
 use crate::image::Image;
 use crate::member::{AdminCredential, ClusterMeta, JoinToken, Member};
 use crate::scheduler::Placement;
@@ -90,6 +93,10 @@ tables! {
     drained: Table<NodeId, bool> = "drained",
     /// Hosts marked down by the leader, and since when.
     down: Table<NodeId, u64> = "down",
+    /// The results of commands applied under a client request id (`Command::Once`).
+    requests: Table<RequestId, requests::Done> = "requests",
+    /// The same ids in the order they were applied, for expiry.
+    request_order: Table<u64, RequestId> = "request_order",
 }
 
 impl Default for State {
@@ -190,6 +197,28 @@ impl State {
                 reason,
                 now_ms,
             } => self.report_vm(key, *node, *generation, *phase, reason, *now_ms),
+            // Commands applied once per request id (requests.rs).
+            Command::Once {
+                id,
+                now_ms,
+                command,
+            } => self.apply_once(*id, *now_ms, command).result,
+        }
+    }
+
+    /// [`Self::apply`] for a committed log entry, saying also whether it was the repeat
+    /// of a request id applied before (which changed nothing).
+    pub fn apply_entry(&mut self, command: &Command) -> Outcome {
+        match command {
+            Command::Once {
+                id,
+                now_ms,
+                command,
+            } if self.cluster().is_some() => self.apply_once(*id, *now_ms, command),
+            _ => Outcome {
+                result: self.apply(command),
+                repeat: false,
+            },
         }
     }
 }

@@ -471,3 +471,97 @@ fn an_admin_credential_is_rotated_in_place() {
         Err(ApplyError::UnknownMember(_))
     ));
 }
+
+fn once(id: u8, now_ms: u64, command: Command) -> Command {
+    Command::Once {
+        id: crate::ids::RequestId([id; 16]),
+        now_ms,
+        command: Box::new(command),
+    }
+}
+
+fn set(key: &str, value: &str) -> Command {
+    Command::SetMeta {
+        key: key.into(),
+        value: Some(value.into()),
+    }
+}
+
+#[test]
+fn a_command_under_a_request_id_is_applied_once() {
+    let mut s = bootstrapped();
+    s.drain_changes();
+    assert_eq!(
+        s.apply(&once(1, 2_000, set("k", "a"))),
+        Ok(CommandOutput::Done)
+    );
+    assert_eq!(s.meta_get("k").map(String::as_str), Some("a"));
+    assert!(!s.drain_changes().is_empty());
+    // Another write in between; the retry of the first changes nothing, returns the same.
+    s.apply(&set("k", "b")).unwrap();
+    s.drain_changes();
+    assert_eq!(
+        s.apply(&once(1, 2_500, set("k", "a"))),
+        Ok(CommandOutput::Done)
+    );
+    assert_eq!(s.meta_get("k").map(String::as_str), Some("b"));
+    assert!(s.drain_changes().is_empty(), "a duplicate writes no row");
+    // A refused command is not remembered: its retry is judged again.
+    let bad = Command::RemoveUser {
+        name: "nobody".into(),
+    };
+    assert!(s.apply(&once(2, 3_000, bad.clone())).is_err());
+    assert!(s.applied_request(&crate::ids::RequestId([2; 16])).is_none());
+    // What cannot be wrapped is refused.
+    for inner in [
+        once(4, 1, Command::Noop),
+        Command::Join(JoinRequest {
+            node: NodeId(9),
+            token_hash: [0; 32],
+            now_ms: 1,
+            member: new_member(9),
+            admin: EndpointKey([9; 32]),
+        }),
+    ] {
+        assert!(matches!(
+            s.apply(&once(3, 3_000, inner)),
+            Err(ApplyError::NotOnce(_))
+        ));
+    }
+}
+
+#[test]
+fn request_ids_expire_after_the_window_and_survive_a_snapshot() {
+    use super::requests::WINDOW_MS;
+    let mut s = bootstrapped();
+    s.apply(&once(1, 1_000, set("a", "1"))).unwrap();
+    s.apply(&once(2, 2_000, set("b", "1"))).unwrap();
+    // The rows carry the ids: a node restored from them deduplicates the same way.
+    let rows = s.all_rows();
+    let mut restored = State::from_rows(rows.iter().map(|r| {
+        (
+            r.table.as_str(),
+            r.key.as_slice(),
+            r.value.as_deref().unwrap(),
+        )
+    }))
+    .unwrap();
+    restored.apply(&set("a", "2")).unwrap();
+    restored.apply(&once(1, 3_000, set("a", "1"))).unwrap();
+    assert_eq!(restored.meta_get("a").map(String::as_str), Some("2"));
+    // Past the window, id 1 is forgotten (and id 2 with it once its time is up).
+    s.apply(&once(3, 1_000 + WINDOW_MS + 1, set("c", "1")))
+        .unwrap();
+    assert!(s.applied_request(&crate::ids::RequestId([1; 16])).is_none());
+    assert!(s.applied_request(&crate::ids::RequestId([2; 16])).is_some());
+    assert!(s.applied_request(&crate::ids::RequestId([3; 16])).is_some());
+}
+
+#[test]
+fn the_nth_request_id_is_distinct_and_stable() {
+    let id = crate::ids::RequestId([7; 16]);
+    assert_eq!(id.nth(0), id);
+    let ids: std::collections::BTreeSet<_> = (0..1000).map(|n| id.nth(n)).collect();
+    assert_eq!(ids.len(), 1000);
+    assert_eq!(id.nth(5), id.nth(5));
+}

@@ -84,6 +84,7 @@ async fn on_leader(
                 ForwardError::Failed(_, e) => Err(ApiError::Unavailable(format!(
                     "forwarding to leader {leader}: {e}"
                 ))),
+                e @ ForwardError::LeaderChanged(_) => Err(ApiError::Unavailable(e.to_string())),
             })),
         other => other.map_err(|e| Err(propose_error(e))),
     }

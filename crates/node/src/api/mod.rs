@@ -130,6 +130,18 @@ impl Service for Api {
         frame: RequestFrame,
         progress: ProgressSink,
     ) -> ResponseFrame {
+        crate::cluster::with_request_id(frame.id, self.dispatch(principal, frame, progress)).await
+    }
+}
+
+impl Api {
+    /// Hands `frame` to the function that answers its request.
+    async fn dispatch(
+        &self,
+        principal: Principal,
+        frame: RequestFrame,
+        progress: ProgressSink,
+    ) -> ResponseFrame {
         let c = &*self.cluster;
         let p = &principal;
         match &frame.request {

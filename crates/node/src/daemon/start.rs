@@ -272,10 +272,10 @@ async fn audit_changes(
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match changes.recv().await {
-            Ok(c) => audit.record_change(c.index, c.kind, c.proposer),
+            Ok(c) => audit.record_change(c.index, c.kind, c.proposer, c.request),
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!("the audit log missed {n} state changes (they are in the raft log)");
-                audit.record_change(0, &format!("{n} changes not recorded (lagged)"), None);
+                audit.record_change(0, &format!("{n} changes not recorded (lagged)"), None, None);
             }
             Err(RecvError::Closed) => return,
         }
