@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use blixard_images::cache::Limits as CacheLimits;
 use serde::{Deserialize, Serialize};
 
 /// The `blixard node run` configuration file. Unknown keys are an error, so a typo is
@@ -204,6 +205,16 @@ pub struct ImagesConfig {
     pub cache_listen: Option<SocketAddr>,
     /// Evict unpinned images least-recently-used beyond this many MiB; unset keeps all.
     pub cache_size_mib: Option<u64>,
+    /// The binary cache's connections at once; more are answered 503 and closed.
+    pub cache_max_connections: usize,
+    /// NAR downloads the binary cache sends at once; more are answered 503.
+    pub cache_max_streams: usize,
+    /// How long a binary-cache client may take to send a request head (from connecting,
+    /// or from the head's first byte), in milliseconds.
+    pub cache_header_timeout_ms: u64,
+    /// How long a binary-cache connection may sit with nothing moving while the cache
+    /// waits on the client (its next request, or reading a response), in milliseconds.
+    pub cache_idle_timeout_ms: u64,
     /// How fetched closures reach the host's store: `unpack` them into `store_dir`
     /// (hosts without a Nix daemon), or hand them to `nix` through this node's own binary
     /// cache (`nix copy --from`), so Nix registers them.
@@ -232,11 +243,31 @@ impl Default for ImagesConfig {
             store_dir: "/nix/store".into(),
             cache_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7380))),
             cache_size_mib: None,
+            cache_max_connections: CacheLimits::DEFAULT_MAX_CONNECTIONS,
+            cache_max_streams: CacheLimits::DEFAULT_MAX_STREAMS,
+            cache_header_timeout_ms: millis(CacheLimits::DEFAULT_HEADER_TIMEOUT),
+            cache_idle_timeout_ms: millis(CacheLimits::DEFAULT_IDLE_TIMEOUT),
             materialise: Materialise::Unpack,
             nix_store: None,
             import_paths: vec!["/nix/store".into()],
         }
     }
+}
+
+impl ImagesConfig {
+    /// The binary cache's limits and timeouts.
+    pub fn cache_limits(&self) -> CacheLimits {
+        CacheLimits {
+            max_connections: self.cache_max_connections,
+            max_streams: self.cache_max_streams,
+            header_timeout: std::time::Duration::from_millis(self.cache_header_timeout_ms),
+            idle_timeout: std::time::Duration::from_millis(self.cache_idle_timeout_ms),
+        }
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What this node offers to VMs; detected from the host when unset.
@@ -383,6 +414,30 @@ impl Config {
                 "\"nix\" copies from this node's binary cache; set images.cache_listen".into(),
             );
         }
+        let i = &self.images;
+        if !(1..=65_536).contains(&i.cache_max_connections) {
+            return bad(
+                "images.cache_max_connections",
+                "must be between 1 and 65536".into(),
+            );
+        }
+        if i.cache_max_streams == 0 || i.cache_max_streams > i.cache_max_connections {
+            return bad(
+                "images.cache_max_streams",
+                format!(
+                    "must be between 1 and images.cache_max_connections ({})",
+                    i.cache_max_connections
+                ),
+            );
+        }
+        for (setting, ms) in [
+            ("images.cache_header_timeout_ms", i.cache_header_timeout_ms),
+            ("images.cache_idle_timeout_ms", i.cache_idle_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&ms) {
+                return bad(setting, "must be between 100 and 3600000 (an hour)".into());
+            }
+        }
         let v = &self.vms;
         if let Some(p) = v
             .unit_properties
@@ -479,5 +534,48 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("lisen"));
+    }
+
+    #[test]
+    fn cache_limits_default_parse_and_are_checked() {
+        let d = Config::default().images.cache_limits();
+        assert_eq!(d, CacheLimits::default());
+        let c = Config::parse(
+            "[images]\ncache_max_connections = 10\ncache_max_streams = 10\ncache_header_timeout_ms = 500\ncache_idle_timeout_ms = 700\n",
+        )
+        .unwrap();
+        let l = c.images.cache_limits();
+        assert_eq!((l.max_connections, l.max_streams), (10, 10));
+        assert_eq!(l.header_timeout, std::time::Duration::from_millis(500));
+        assert_eq!(l.idle_timeout, std::time::Duration::from_millis(700));
+        let refused = |text: &str| match Config::parse(text) {
+            Err(BadConfig::Invalid(InvalidSetting { setting, .. })) => setting,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(
+            refused("[images]\ncache_max_connections = 0"),
+            "images.cache_max_connections"
+        );
+        assert_eq!(
+            refused("[images]\ncache_max_connections = 100000"),
+            "images.cache_max_connections"
+        );
+        assert_eq!(
+            refused("[images]\ncache_max_streams = 0"),
+            "images.cache_max_streams"
+        );
+        assert_eq!(
+            refused("[images]\ncache_max_connections = 8\ncache_max_streams = 9"),
+            "images.cache_max_streams"
+        );
+        assert_eq!(
+            refused("[images]\ncache_header_timeout_ms = 0"),
+            "images.cache_header_timeout_ms"
+        );
+        assert_eq!(
+            refused("[images]\ncache_idle_timeout_ms = 3600001"),
+            "images.cache_idle_timeout_ms"
+        );
+        assert!(Config::parse("[images]\ncache_max_streams = -1").is_err());
     }
 }

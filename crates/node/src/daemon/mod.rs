@@ -82,6 +82,7 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
     // right after READY=1), fatal: the streams keep what arrives until `wait` reads it.
     let mut signals = Signals::install()?;
     let config = settings::load(data_dir, &args)?;
+    raise_fd_limit();
     let opened = open::open(data_dir, &config).await?;
     let ep = opened.ep.clone();
     let result = async {
@@ -105,6 +106,35 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
         ep.close().await;
     }
     result
+}
+
+/// Raises this process's open-file limit to its hard limit. The soft limit (often 1024)
+/// is meant for programs that never ask; the daemon holds a descriptor per binary-cache
+/// connection (up to `images.cache_max_connections`), per open blob and per VM runner's
+/// pipes, and a cache that ran out would refuse connections (it backs off and says so).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current == now.maximum {
+        return;
+    }
+    let raised = Rlimit {
+        current: now.maximum,
+        maximum: now.maximum,
+    };
+    let show = |l: Option<u64>| l.map_or("unlimited".to_string(), |n| n.to_string());
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(
+            "open-file limit raised from {} to {}",
+            show(now.current),
+            show(now.maximum)
+        ),
+        Err(e) => tracing::warn!(
+            "cannot raise the open-file limit from {} to {}: {e}",
+            show(now.current),
+            show(now.maximum)
+        ),
+    }
 }
 
 /// The signals the daemon acts on.

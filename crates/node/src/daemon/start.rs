@@ -140,6 +140,7 @@ pub(super) async fn start(
                 image_store.clone(),
                 StoreDir::default(),
                 Arc::new(crate::images::StateKeys(node.clone())),
+                config.images.cache_limits(),
             )
             .await
             .map_err(|e| {
