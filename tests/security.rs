@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use blixard_core::{EndpointKey, NodeId};
@@ -757,4 +758,415 @@ fn whoami_creates_a_user_key_once() {
         std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
         0o600
     );
+}
+
+/// `DATA_DIR/audit.log` as a named pipe, read in a thread of its own as a slow log shipper
+/// would: not before [`PipeReader::start`], then at most `rate` bytes a second. This is
+/// the throttle on the audit writer: while the pipe is full, its `write` blocks in the
+/// kernel, exactly as on a disk that cannot keep up.
+struct PipeReader {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    start: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PipeReader {
+    fn new(path: &std::path::Path, rate: u64) -> Self {
+        use std::io::Read;
+        let made = std::process::Command::new("mkfifo")
+            .args(["-m", "600"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo {}", path.display());
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (start, started) = std::sync::mpsc::channel::<()>();
+        let path = path.to_owned();
+        let (lines_w, bytes_w) = (lines.clone(), bytes.clone());
+        let thread = std::thread::spawn(move || {
+            // Opened once the node's audit writer opens it for writing.
+            let mut pipe = std::fs::File::open(&path).unwrap();
+            let _ = started.recv();
+            let since = std::time::Instant::now();
+            let (mut buf, mut partial, mut total) = (vec![0u8; 4096], Vec::new(), 0u64);
+            loop {
+                let n = pipe.read(&mut buf).unwrap();
+                if n == 0 {
+                    return; // the node exited
+                }
+                total += n as u64;
+                bytes_w.store(total, std::sync::atomic::Ordering::Relaxed);
+                partial.extend_from_slice(&buf[..n]);
+                while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = partial.drain(..=end).collect();
+                    let v = serde_json::from_slice(&line).unwrap();
+                    lines_w.lock().unwrap().push(v);
+                }
+                // The throttle itself: no faster than `rate` bytes a second.
+                let due = Duration::from_secs_f64(total as f64 / rate as f64);
+                if let Some(ahead) = due.checked_sub(since.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
+            }
+        });
+        Self {
+            lines,
+            bytes,
+            start: Some(start),
+            thread: Some(thread),
+        }
+    }
+
+    /// Starts reading.
+    fn start(&mut self) {
+        self.start.take();
+    }
+
+    /// Waits until `n` lines read so far match `matches`; returns every line read so far.
+    fn wait_for(
+        &self,
+        what: &str,
+        n: usize,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        wait_for(what, Duration::from_secs(120), || {
+            let lines = self.lines.lock().unwrap().clone();
+            let got = lines.iter().filter(|l| matches(l)).count();
+            if got >= n {
+                Ok(lines)
+            } else {
+                Err(format!("{got} of {n}"))
+            }
+        })
+    }
+
+    /// Every line, once the node has exited (the pipe's end).
+    fn finish(mut self) -> Vec<serde_json::Value> {
+        self.start();
+        self.thread.take().unwrap().join().unwrap();
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+/// One node (`--init`) with `config` as its config file and its audit log a named pipe
+/// read at `rate` bytes a second (paused until [`PipeReader::start`]).
+async fn node_with_piped_audit(config: &str, rate: u64) -> (tempfile::TempDir, Node, PipeReader) {
+    let root = tempfile::Builder::new()
+        .prefix("blixard-test")
+        .tempdir()
+        .unwrap();
+    let file = root.path().join("n1.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut n = Node::new(root.path(), "n1");
+    std::fs::create_dir(&n.dir).unwrap();
+    std::fs::set_permissions(&n.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let reader = PipeReader::new(&n.dir.join("audit.log"), rate);
+    let n = tokio::task::spawn_blocking(move || {
+        n.start(&["--init", "--config", file.to_str().unwrap()]);
+        n
+    })
+    .await
+    .unwrap();
+    (root, n, reader)
+}
+
+/// Sends every `(client, request)`, `at_once` at a time; the answers, in the same order.
+async fn burst(
+    clients: std::sync::Arc<Vec<ApiClient>>,
+    to: &EndpointAddr,
+    requests: Vec<(usize, Request)>,
+    at_once: usize,
+) -> Vec<Result<(), ApiError>> {
+    let requests = std::sync::Arc::new(requests);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..at_once {
+        let (requests, next, clients, to) =
+            (requests.clone(), next.clone(), clients.clone(), to.clone());
+        tasks.spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((who, request)) = requests.get(i) else {
+                    return answers;
+                };
+                let frame = RequestFrame::new(None, request.clone());
+                let answer = match clients[*who].call_frame(&to, frame).await {
+                    Ok(r) => r.map(|_| ()),
+                    Err(e) => panic!("request {i}: {e}"),
+                };
+                answers.push((i, answer));
+            }
+        });
+    }
+    let mut all: Vec<(usize, Result<(), ApiError>)> = Vec::new();
+    while let Some(answers) = tasks.join_next().await {
+        all.extend(answers.unwrap());
+    }
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, a)| a).collect()
+}
+
+/// The audit log reader's rate in the burst test: 1 MiB/s.
+const SLOW_READER: u64 = 1 << 20;
+
+/// A burst of 10,000 requests against a node whose audit log cannot keep up loses no
+/// record.
+///
+/// The throttle: `audit.log` is a named pipe that the test reads at 1 MiB/s, and the node
+/// runs with `[audit] queue = 16` (`on_full` is the default, `block`). The burst makes
+/// about 5 MB of lines (12,000 of them), so the writer spends most of the burst blocked
+/// in `write`, and callers wait for room. That they did is checked twice: the burst
+/// cannot end sooner than the reader lets the lines through (all but what the pipe, the
+/// writer's buffer and the queues hold), and the daemon's log says that records waited
+/// for room.
+///
+/// The requests: 9,000 from a stranger's key, all denied, half of them reads (`vm show`)
+/// and half mutations (`vm delete`), each naming a VM of its own so each denial is one
+/// line to find; and 1,000 `meta set` with the admin credential, each a decision, an
+/// outcome and an applied change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_against_a_slow_audit_log_loses_no_record() {
+    use blixard_net::api::{VmDelete, VmRef, VmShow};
+    let (_root, mut n, mut reader) =
+        node_with_piped_audit("[audit]\nqueue = 16\n", SLOW_READER).await;
+    reader.start();
+    let to = addr_of(&n);
+    let admin_key = keys::load(&n.dir.join("admin.key")).unwrap();
+    let stranger_key = SecretKey::generate();
+    let (admin_hex, stranger_hex) = (key_hex(&admin_key), key_hex(&stranger_key));
+    let clients = std::sync::Arc::new(vec![client(admin_key).await, client(stranger_key).await]);
+    let vm = |i: usize| VmRef {
+        name: format!("s{i}"),
+        tenant: None,
+    };
+    let requests: Vec<(usize, Request)> = (0..10_000)
+        .map(|i| match i {
+            i if i % 10 == 0 => (
+                0,
+                MetaSet {
+                    key: format!("burst-{i}"),
+                    value: Some("1".into()),
+                }
+                .into(),
+            ),
+            i if i % 2 == 1 => (
+                1,
+                VmShow {
+                    vm: vm(i),
+                    stale: true,
+                }
+                .into(),
+            ),
+            i => (1, VmDelete { vm: vm(i) }.into()),
+        })
+        .collect();
+    let kinds: Vec<&str> = requests.iter().map(|(_, r)| r.kind()).collect();
+    let started = std::time::Instant::now();
+    let answers = burst(clients, &to, requests, 64).await;
+    let took = started.elapsed();
+    for (i, a) in answers.iter().enumerate() {
+        match (i % 10 == 0, a) {
+            (true, Ok(())) | (false, Err(ApiError::Unauthorized { .. })) => {}
+            _ => panic!("request {i} ({}): {a:?}", kinds[i]),
+        }
+    }
+
+    // Every denial: one line each, naming its own VM.
+    let lines = reader.wait_for("9,000 denials in the audit log", 9_000, |l| {
+        l["key"] == stranger_hex.as_str()
+    });
+    let mut denied: BTreeMap<usize, usize> = BTreeMap::new();
+    for l in lines.iter().filter(|l| l["key"] == stranger_hex.as_str()) {
+        assert_eq!(l["allowed"], false, "{l}");
+        let resource = l["decision"]["resource"].as_str().unwrap();
+        let i: usize = resource.rsplit_once("/s").unwrap().1.parse().unwrap();
+        assert_eq!(l["request"], kinds[i], "{l}");
+        *denied.entry(i).or_default() += 1;
+    }
+    assert_eq!(denied.len(), 9_000, "denials recorded");
+    assert!(denied.values().all(|n| *n == 1), "a denial recorded twice");
+    // Every mutation: its decision, its outcome, and the change it applied.
+    let lines = reader.wait_for("1,000 applied changes in the audit log", 1_000, |l| {
+        l["change"] == "set_meta"
+    });
+    let admin_sets = |outcome: serde_json::Value| {
+        lines
+            .iter()
+            .filter(|l| {
+                l["key"] == admin_hex.as_str()
+                    && l["request"] == "MetaSet"
+                    && l["allowed"] == true
+                    && l["outcome"] == outcome
+            })
+            .count()
+    };
+    assert_eq!(admin_sets(serde_json::Value::Null), 1_000, "decisions");
+    assert_eq!(admin_sets("ok".into()), 1_000, "outcomes");
+    let mut indexes: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["change"] == "set_meta")
+        .map(|l| l["index"].as_u64().unwrap())
+        .collect();
+    indexes.sort();
+    indexes.dedup();
+    assert_eq!(indexes.len(), 1_000, "applied changes");
+
+    // The writer really was held up: the answers could not all be sent sooner than the
+    // reader let their lines through, less what the pipe (64 KiB), the writer's buffer
+    // (64 KiB) and the queues (16 lines of requests' records, 1,024 of the node's own)
+    // may hold: 1 MiB is ample.
+    let bytes = reader.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let floor = Duration::from_secs_f64(bytes.saturating_sub(1 << 20) as f64 / SLOW_READER as f64);
+    println!(
+        "10,000 requests answered in {took:?} (the reader's floor: {floor:?}); {} audit lines, {bytes} bytes",
+        lines.len()
+    );
+    assert!(
+        took >= floor,
+        "the burst took {took:?}, less than {floor:?}"
+    );
+    assert!(n.log().contains("records waited for room"), "{}", n.log());
+    // A clean stop still writes its last lines into the pipe.
+    assert_eq!(n.stop(), 0, "{}", n.log());
+    let all = reader.finish();
+    assert!(all.len() >= lines.len());
+}
+
+/// With `[audit] on_full = "fail"`, a mutation that finds the audit log behind is refused
+/// at once with the documented error (`not run: the audit log is behind ([audit] on_full
+/// = "fail"); try again`, exit code 6 from the CLI) and does not run; a denied request is
+/// still answered at once; reads go on; and every refusal is in the log once it catches
+/// up. The log is held up for real: its named pipe is not read until the end, so once the
+/// pipe and the writer's buffer are full, the writer's `write` blocks and the queue (2
+/// lines) stays full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_audit_log_set_to_fail_refuses_and_records_the_refusal() {
+    const BEHIND: &str = "not run: the audit log is behind ([audit] on_full = \"fail\"); try again";
+    let (_root, mut n, mut reader) =
+        node_with_piped_audit("[audit]\non_full = \"fail\"\nqueue = 2\n", u64::MAX).await;
+    let to = addr_of(&n);
+    let admin_key = keys::load(&n.dir.join("admin.key")).unwrap();
+    let admin_hex = key_hex(&admin_key);
+    let stranger_key = SecretKey::generate();
+    let stranger_hex = key_hex(&stranger_key);
+    let admin = client(admin_key).await;
+    let stranger = client(stranger_key).await;
+    let set = |key: String| {
+        RequestFrame::new(
+            None,
+            MetaSet {
+                key,
+                value: Some("1".into()),
+            }
+            .into(),
+        )
+    };
+
+    // Mutations until five in a row are refused: the pipe (64 KiB) and the writer's
+    // buffer (64 KiB) are full, a few hundred lines in. (One may be refused before, while
+    // the writer is merely behind; those are refusals like the others.)
+    let mut ran: Vec<String> = Vec::new();
+    let mut refused: Vec<String> = Vec::new();
+    let mut in_a_row = 0;
+    for i in 0..5_000 {
+        let key = format!("fail-{i}");
+        match admin.call_frame(&to, set(key.clone())).await.unwrap() {
+            Ok(_) => {
+                ran.push(key);
+                in_a_row = 0;
+            }
+            Err(ApiError::Unavailable(m)) if m == BEHIND => {
+                refused.push(key);
+                in_a_row += 1;
+                if in_a_row == 5 {
+                    break;
+                }
+            }
+            Err(e) => panic!("meta set {key}: {e}"),
+        }
+    }
+    assert_eq!(in_a_row, 5, "{} ran, {} refused", ran.len(), refused.len());
+    println!(
+        "{} mutations ran, then the audit log was full ({} refused)",
+        ran.len(),
+        refused.len()
+    );
+    // The same through the CLI: exit code 6 and one line saying why.
+    wait_for("the CLI to be refused", Duration::from_secs(30), || {
+        let key = format!("cli-{}", ran.len() + refused.len());
+        let out = n.cli(&["cluster", "meta", "set", &key, "1"]);
+        if out.status.success() {
+            ran.push(key);
+            return Err("it ran".into());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(6), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(BEHIND), "{stderr}");
+        refused.push(key);
+        Ok(())
+    });
+    // A denial is answered at once, and reads go on.
+    let frame = RequestFrame::new(
+        None,
+        MetaSet {
+            key: "stranger".into(),
+            value: Some("1".into()),
+        }
+        .into(),
+    );
+    let denied = stranger.call_frame(&to, frame).await.unwrap();
+    assert!(
+        matches!(denied, Err(ApiError::Unauthorized { .. })),
+        "{denied:?}"
+    );
+    n.cli_ok(&["cluster", "meta", "get", "--output", "json"]);
+
+    // Once the log is read, every refusal is in it, with the decisions, outcomes and
+    // changes of the requests that ran.
+    reader.start();
+    let not_run = "not run: the audit log is behind ([audit] on_full = \"fail\")";
+    reader.wait_for("every refusal in the audit log", refused.len(), |l| {
+        l["outcome"] == not_run
+    });
+    reader.wait_for("the stranger's denial in the audit log", 1, |l| {
+        l["key"] == stranger_hex.as_str() && l["allowed"] == false
+    });
+    let lines = reader.wait_for("every applied change in the audit log", ran.len(), |l| {
+        l["change"] == "set_meta"
+    });
+    let count = |outcome: serde_json::Value| {
+        lines
+            .iter()
+            .filter(|l| l["key"] == admin_hex.as_str() && l["request"] == "MetaSet")
+            .filter(|l| l["outcome"] == outcome)
+            .count()
+    };
+    assert_eq!(count(not_run.into()), refused.len(), "refusals, each once");
+    assert_eq!(
+        count(serde_json::Value::Null),
+        ran.len(),
+        "decisions of those that ran"
+    );
+    assert_eq!(count("ok".into()), ran.len(), "outcomes");
+    let changes = lines.iter().filter(|l| l["change"] == "set_meta").count();
+    assert_eq!(changes, ran.len(), "only those that ran changed anything");
+    // The refused ones did not run: their keys are not set.
+    let meta = n.cli_ok(&["cluster", "meta", "get", "--output", "json"]);
+    for key in &ran {
+        assert!(
+            meta.contains(&format!("\"{key}\"")),
+            "{key} missing: {meta}"
+        );
+    }
+    for key in &refused {
+        assert!(!meta.contains(&format!("\"{key}\"")), "{key} set: {meta}");
+    }
+    // Caught up, it takes mutations again.
+    n.cli_ok(&["cluster", "meta", "set", "after", "1"]);
+    assert_eq!(n.stop(), 0, "{}", n.log());
+    reader.finish();
 }

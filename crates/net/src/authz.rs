@@ -282,7 +282,8 @@ impl Principal {
     }
 }
 
-/// Whether a request changes state (its decisions are audited).
+/// Whether a request changes state: its decisions and outcomes are audited (of the other
+/// requests, only the denials).
 pub fn is_mutating(request: &Request) -> bool {
     !matches!(
         request,

@@ -17,27 +17,56 @@ use crate::authz::{authorize, is_mutating, Decision, Lookup, Principal};
 use crate::frame::{self, FrameError};
 use crate::key_of;
 
-/// One audited event: an authorization decision for a mutating request, and its outcome.
+/// One audited event: an authorization decision (every denial, and every decision on a
+/// mutating request), and its outcome.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct AuditEvent {
     pub principal: String,
     pub key: String,
     pub request: &'static str,
     pub decision: Decision,
-    /// `None` when the request was refused before it ran; else "ok" or the error.
+    /// `None` for the decision itself (and a denial); else what became of the request:
+    /// "ok", the error, or why it did not run or finish.
     pub outcome: Option<String>,
+}
+
+/// The audit log had no room and is set to refuse rather than wait (`on_full = "fail"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the audit log is behind ([audit] on_full = \"fail\")")]
+pub struct AuditBehind;
+
+/// Room in the audit log for lines not yet written. It is taken before the event it is for
+/// happens, so recording the event never waits and never fails for lack of room; room not
+/// used is given back when the value is dropped.
+pub trait AuditRoom: Send {
+    /// Records `event` in one line of this room.
+    fn record(&mut self, event: &AuditEvent);
+}
+
+/// The audit log as the choke point uses it (the node's `AuditLog`).
+pub trait Audit: Send + Sync {
+    type Room: AuditRoom;
+    /// Room for `lines` lines of a caller's records: at once when the log keeps up;
+    /// otherwise it waits for room or, set to refuse (`on_full = "fail"`), says
+    /// [`AuditBehind`] at once.
+    fn room(&self, lines: u32) -> impl Future<Output = Result<Self::Room, AuditBehind>> + Send;
+    /// Room for `lines` lines, waiting for it whatever `on_full` says: for records that
+    /// must be written though nobody is left to refuse (a refusal already answered, the
+    /// node's own changes).
+    fn wait_room(&self, lines: u32) -> impl Future<Output = Self::Room> + Send;
 }
 
 /// What a node does with authorized requests.
 pub trait Service: Lookup + Send + Sync + 'static {
+    type Audit: Audit;
     /// The cluster this node belongs to.
     fn cluster_id(&self) -> Option<ClusterId>;
     /// Who the caller is, from its authenticated key.
     fn principal(&self, caller: &EndpointKey) -> Principal;
     /// The policies in force.
     fn authorizer(&self) -> Arc<blixard_authz::Authorizer>;
-    /// Records an audited event.
-    fn audit(&self, event: AuditEvent);
+    /// Where audited events go.
+    fn audit(&self) -> &Self::Audit;
     /// Handles an authorized request; long-running ones report through `progress`.
     fn handle(
         &self,
@@ -46,6 +75,10 @@ pub trait Service: Lookup + Send + Sync + 'static {
         progress: ProgressSink,
     ) -> impl Future<Output = ResponseFrame> + Send;
 }
+
+/// A request's answer, and the record of its refusal when that is written after the
+/// answer (see [`answer`]).
+type Answered = (ResponseFrame, Option<AuditEvent>);
 
 /// The most requests handled at once per node.
 const MAX_IN_FLIGHT: u32 = 1024;
@@ -136,12 +169,12 @@ async fn serve_stream<S: Service>(
 ) {
     let mut recv = frame::Reader::new(recv);
     let work = serve_request(&*service, caller, &mut send, &mut recv, timeout);
-    let response = tokio::select! {
+    let (response, later) = tokio::select! {
         r = work => match r {
             Some(r) => r,
             None => return,
         },
-        _ = cancel.cancelled() => Err(ApiError::Unavailable("the node is shutting down".into())),
+        _ = cancel.cancelled() => (Err(ApiError::Unavailable("the node is shutting down".into())), None),
     };
     if let Err(e) = &response {
         tracing::debug!(%caller, "request failed: {e}");
@@ -150,6 +183,15 @@ async fn serve_stream<S: Service>(
         tracing::debug!(%caller, "could not answer: {e}");
     }
     let _ = send.finish();
+    // A refusal answered before its record was queued (`on_full = "fail"`): the request
+    // stays in flight until the record is, so at most `MAX_IN_FLIGHT` such records wait.
+    if let Some(event) = later {
+        tokio::select! {
+            mut room = service.audit().wait_room(1) => room.record(&event),
+            // A stop gave up on it; the audit log counts what was abandoned.
+            _ = cancel.cancelled() => {}
+        }
+    }
     // Let the peer read the answer before the stream is dropped (not past a shutdown).
     let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped());
     tokio::select! {
@@ -166,11 +208,11 @@ async fn serve_request<S: Service>(
     send: &mut SendStream,
     recv: &mut frame::Reader<RecvStream>,
     timeout: Duration,
-) -> Option<ResponseFrame> {
-    let response = match tokio::time::timeout(timeout, recv.read::<RequestFrame>()).await {
-        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+) -> Option<Answered> {
+    let answered = match tokio::time::timeout(timeout, recv.read::<RequestFrame>()).await {
+        Err(_) => (Err(ApiError::Timeout(timeout.as_millis() as u64)), None),
         Ok(Err(FrameError::Closed)) => return None,
-        Ok(Err(e)) => Err(ApiError::BadRequest(e.to_string())),
+        Ok(Err(e)) => (Err(ApiError::BadRequest(e.to_string())), None),
         // Short requests report no progress: no channel, no second task on the hot path.
         Ok(Ok(frame)) if !frame.request.is_long_running() => {
             dispatch(service, caller, frame, timeout, ProgressSink::none()).await
@@ -193,7 +235,7 @@ async fn serve_request<S: Service>(
             }
         }
     };
-    Some(response)
+    Some(answered)
 }
 
 /// The choke point: version, cluster and authorization checks, then the handler.
@@ -203,28 +245,29 @@ async fn dispatch<S: Service>(
     frame: RequestFrame,
     timeout: Duration,
     progress: ProgressSink,
-) -> ResponseFrame {
+) -> Answered {
     if frame.version != API_VERSION {
-        return Err(ApiError::Version(frame.version));
+        return (Err(ApiError::Version(frame.version)), None);
     }
     if let (Some(expected), Some(actual)) = (frame.cluster, service.cluster_id()) {
         if expected != actual {
-            return Err(ApiError::WrongCluster {
+            let wrong = ApiError::WrongCluster {
                 expected: expected.to_string(),
                 actual: actual.to_string(),
-            });
+            };
+            return (Err(wrong), None);
         }
     }
     let principal = service.principal(&caller);
-    call(service, principal, frame, timeout, progress).await
+    answer(service, principal, frame, timeout, progress).await
 }
 
 /// The choke point for a caller already known: authorization (the request kind names one
-/// Cedar action and one resource, the cluster's policies decide), an audit record of the
-/// decision and outcome for mutating requests, then the handler, within `timeout` (an
-/// hour for long-running requests). Requests from the network come here once their
-/// caller's key is mapped to a principal; in-process callers (a host's own
-/// configuration) come here directly. There is no other way into [`Service::handle`].
+/// Cedar action and one resource, the cluster's policies decide), an audit record of every
+/// denial and of the decision and outcome of every mutating request, then the handler,
+/// within `timeout` (an hour for long-running requests). Requests from the network come
+/// here once their caller's key is mapped to a principal; in-process callers (a host's
+/// own configuration) come here directly. There is no other way into [`Service::handle`].
 pub async fn call<S: Service>(
     service: &S,
     principal: Principal,
@@ -232,63 +275,146 @@ pub async fn call<S: Service>(
     timeout: Duration,
     progress: ProgressSink,
 ) -> ResponseFrame {
+    let (response, later) = answer(service, principal, frame, timeout, progress).await;
+    if let Some(event) = later {
+        service.audit().wait_room(1).await.record(&event);
+    }
+    response
+}
+
+/// [`call`], but a refusal's record that found no room in an audit log set to refuse
+/// (`on_full = "fail"`) is handed back, to be written after the answer: the caller is
+/// answered at once, and the record is not lost. Allowed reads are not recorded.
+async fn answer<S: Service>(
+    service: &S,
+    principal: Principal,
+    frame: RequestFrame,
+    timeout: Duration,
+    progress: ProgressSink,
+) -> Answered {
     let caller = *principal.key();
     let context = blixard_authz::RequestContext::now(caller.to_string());
     let authorizer = service.authorizer();
-    let decision = authorize(
+    let decision = match authorize(
         &authorizer,
         &principal,
         &frame.request,
         frame.forwarded,
         &context,
         service,
-    )?;
-    let kind = frame.request.kind();
-    let audited = is_mutating(&frame.request);
+    ) {
+        Ok(decision) => decision,
+        Err(e) => return (Err(e), None),
+    };
+    if decision.allowed && !is_mutating(&frame.request) {
+        return (
+            run(service, principal, frame, timeout, progress).await,
+            None,
+        );
+    }
     let event = |outcome: Option<String>| AuditEvent {
         principal: principal.to_string(),
         key: caller.to_string(),
-        request: kind,
+        request: frame.request.kind(),
         decision: decision.clone(),
         outcome,
     };
-    if !decision.allowed {
-        if audited {
-            service.audit(event(None));
+    // Room first: for a denial's line, or for a mutation's decision and outcome, so that
+    // the request runs only once its outcome can be recorded without waiting.
+    let lines = if decision.allowed { 2 } else { 1 };
+    let mut room = match service.audit().room(lines).await {
+        Ok(room) => room,
+        Err(behind) if decision.allowed => {
+            let record = event(Some(format!("not run: {behind}")));
+            let refused = ApiError::Unavailable(format!("not run: {behind}; try again"));
+            return (Err(refused), Some(record));
         }
-        return Err(decision.refusal(&principal));
+        Err(_) => return (Err(decision.refusal(&principal)), Some(event(None))),
+    };
+    room.record(&event(None));
+    if !decision.allowed {
+        return (Err(decision.refusal(&principal)), None);
     }
-    tracing::debug!(%principal, kind, "request");
+    let outcome = Outcome {
+        room,
+        event: Some(event(None)),
+    };
+    let result = run(service, principal, frame, timeout, progress).await;
+    outcome.finish(&result);
+    (result, None)
+}
+
+/// Hands an authorized request to the handler, within its timeout.
+async fn run<S: Service>(
+    service: &S,
+    principal: Principal,
+    frame: RequestFrame,
+    timeout: Duration,
+    progress: ProgressSink,
+) -> ResponseFrame {
+    tracing::debug!(%principal, kind = frame.request.kind(), "request");
     let timeout = if frame.request.is_long_running() {
         timeout.max(crate::api::LONG_REQUEST)
     } else {
         timeout
     };
-    let result =
-        match tokio::time::timeout(timeout, service.handle(principal.clone(), frame, progress))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
-        };
-    if audited {
-        service.audit(event(Some(match &result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => e.to_string(),
-        })));
+    match tokio::time::timeout(timeout, service.handle(principal, frame, progress)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
     }
-    result
 }
+
+/// The outcome of a request or command that runs, in room taken before it ran: recorded
+/// by [`Outcome::finish`], or, if the run is dropped before it finishes (a stop that gives
+/// up on it, a caller's own timeout), as cancelled.
+struct Outcome<R: AuditRoom> {
+    room: R,
+    /// The decision's event, until its outcome is recorded.
+    event: Option<AuditEvent>,
+}
+
+impl<R: AuditRoom> Outcome<R> {
+    fn finish<T>(mut self, result: &Result<T, ApiError>) {
+        if let Some(event) = self.event.take() {
+            let outcome = match result {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.to_string(),
+            };
+            self.room.record(&AuditEvent {
+                outcome: Some(outcome),
+                ..event
+            });
+        }
+    }
+}
+
+impl<R: AuditRoom> Drop for Outcome<R> {
+    fn drop(&mut self) {
+        if let Some(event) = self.event.take() {
+            self.room.record(&AuditEvent {
+                outcome: Some(CANCELLED.into()),
+                ..event
+            });
+        }
+    }
+}
+
+/// The outcome of a run dropped before it finished.
+const CANCELLED: &str =
+    "cancelled before it finished: its result is unknown here (a change it proposed may still be applied)";
 
 /// The choke point for a change a node makes for itself, outside any request (its
 /// scheduler's placements, its agent's reports, its janitor's holdings, its addresses):
 /// authorization as `principal` (a [`Principal::Host`]; the command kind names one Cedar
 /// action and one resource, see [`crate::authz::command_action`]), an audit record of the
 /// decision and outcome, then `propose`. Commands that only requests make are refused.
-pub async fn command<T, F>(
+/// Room for both records is taken first, waiting for it (there is no caller to refuse):
+/// a command dropped while it waits has done nothing, and one dropped later is recorded
+/// as cancelled.
+pub async fn command<T, F, A: Audit>(
     authorizer: &blixard_authz::Authorizer,
     lookup: &(dyn Lookup + Sync),
-    audit: &(dyn Fn(AuditEvent) + Send + Sync),
+    audit: &A,
     principal: &Principal,
     command: blixard_core::Command,
     propose: impl FnOnce(blixard_core::Command) -> F,
@@ -296,30 +422,28 @@ pub async fn command<T, F>(
 where
     F: Future<Output = Result<T, ApiError>>,
 {
+    let mut room = audit.wait_room(2).await;
     let key = principal.key().to_string();
     let context = blixard_authz::RequestContext::now(key.clone());
     let decision =
         crate::authz::authorize_command(authorizer, principal, &command, &context, lookup)?;
-    let event = |outcome: Option<String>| AuditEvent {
+    let event = AuditEvent {
         principal: principal.to_string(),
-        key: key.clone(),
+        key,
         request: command.kind(),
-        decision: decision.clone(),
-        outcome,
+        decision,
+        outcome: None,
     };
-    if !decision.allowed {
-        audit(event(None));
-        return Err(decision.refusal(principal));
+    room.record(&event);
+    if !event.decision.allowed {
+        return Err(event.decision.refusal(principal));
     }
-    let refused = event(None);
-    let result = propose(command.clone()).await;
-    audit(AuditEvent {
-        outcome: Some(match &result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => e.to_string(),
-        }),
-        ..refused
-    });
+    let outcome = Outcome {
+        room,
+        event: Some(event),
+    };
+    let result = propose(command).await;
+    outcome.finish(&result);
     result
 }
 
@@ -361,14 +485,25 @@ impl<S: Service, H: ProtocolHandler> ProtocolHandler for Gated<S, H> {
             &caller,
         );
         if !decision.allowed {
-            self.service.audit(AuditEvent {
+            let event = AuditEvent {
                 principal: principal.to_string(),
                 key: caller.to_string(),
                 request: "Connect",
                 decision,
                 outcome: None,
-            });
-            conn.close(1u32.into(), b"not authorized");
+            };
+            let audit = self.service.audit();
+            match audit.room(1).await {
+                Ok(mut room) => {
+                    room.record(&event);
+                    conn.close(1u32.into(), b"not authorized");
+                }
+                // `on_full = "fail"`: closed at once, recorded once there is room.
+                Err(_) => {
+                    conn.close(1u32.into(), b"not authorized");
+                    audit.wait_room(1).await.record(&event);
+                }
+            }
             return Ok(());
         }
         self.inner.accept(conn).await
@@ -378,4 +513,79 @@ impl<S: Service, H: ProtocolHandler> ProtocolHandler for Gated<S, H> {
     /// e.g. iroh-blobs' store, is its owner's to close, in the owner's order: after the
     /// router, so no connection still reads from it.
     async fn shutdown(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Waker};
+
+    use blixard_core::{Command, NodeId, Phase, User};
+
+    use super::*;
+
+    /// An audit log that keeps what it is given, always with room.
+    #[derive(Clone, Default)]
+    struct Recorded(Arc<Mutex<Vec<AuditEvent>>>);
+
+    impl AuditRoom for Recorded {
+        fn record(&mut self, event: &AuditEvent) {
+            self.0.lock().unwrap().push(event.clone());
+        }
+    }
+
+    impl Audit for Recorded {
+        type Room = Recorded;
+        async fn room(&self, _: u32) -> Result<Recorded, AuditBehind> {
+            Ok(self.clone())
+        }
+        async fn wait_room(&self, _: u32) -> Recorded {
+            self.clone()
+        }
+    }
+
+    struct Nothing;
+    impl Lookup for Nothing {
+        fn user(&self, _: &str) -> Option<User> {
+            None
+        }
+        fn image(&self, _: &str) -> Option<blixard_core::Image> {
+            None
+        }
+        fn vm(&self, _: &str) -> Option<blixard_core::Vm> {
+            None
+        }
+        fn node_labels(&self, _: NodeId) -> Option<std::collections::BTreeMap<String, String>> {
+            None
+        }
+    }
+
+    /// A host's own change dropped while it is proposed (a loop's timeout, a stop) has its
+    /// decision and an outcome in the log.
+    #[test]
+    fn a_command_dropped_while_it_runs_is_recorded_as_cancelled() {
+        let authorizer = blixard_authz::Authorizer::with_defaults().unwrap();
+        let audit = Recorded::default();
+        let host = Principal::Host(NodeId(3), EndpointKey([3; 32]));
+        let report = Command::ReportVm {
+            key: "acme/web".into(),
+            node: NodeId(3),
+            generation: 1,
+            phase: Phase::Running,
+            reason: None,
+            now_ms: 0,
+        };
+        {
+            let never = |_| std::future::pending::<Result<(), ApiError>>();
+            let mut run = pin!(command(&authorizer, &Nothing, &audit, &host, report, never));
+            let poll = run.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            assert!(poll.is_pending());
+        }
+        let events = audit.0.lock().unwrap();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(events[0].decision.allowed);
+        assert_eq!(events[0].outcome, None);
+        assert_eq!(events[1].outcome.as_deref(), Some(CANCELLED));
+    }
 }

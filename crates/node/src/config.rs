@@ -31,6 +31,7 @@ pub struct Config {
     pub shutdown_timeout_ms: Option<u64>,
     pub images: ImagesConfig,
     pub vms: VmsConfig,
+    pub audit: AuditConfig,
     /// The cluster's expected members (a JSON object of `{name, endpointId, addresses}`, as
     /// the NixOS module writes /etc/blixard/members.json). When set, a join from a key not
     /// listed under that name is refused, whatever the ticket.
@@ -302,6 +303,39 @@ impl Default for RaftConfig {
     }
 }
 
+/// The audit log (`docs/security.md`, "Audit log").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// What a request does when the audit log is behind: wait for room (`block`, the
+    /// default) or be refused at once (`fail`). Either way nothing runs unrecorded.
+    pub on_full: OnFullConfig,
+    /// Lines of callers' records that may wait for the writer (at least 2: a mutating
+    /// request takes room for its decision and its outcome before it runs).
+    pub queue: usize,
+    /// The longest a written line waits for an fsync, in milliseconds.
+    pub sync_interval_ms: u64,
+}
+
+/// See [`AuditConfig::on_full`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFullConfig {
+    #[default]
+    Block,
+    Fail,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            on_full: OnFullConfig::Block,
+            queue: 4096,
+            sync_interval_ms: 1000,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -492,6 +526,16 @@ impl Config {
         if self.shutdown_timeout_ms == Some(0) {
             return bad("shutdown_timeout_ms", "must be at least 1".into());
         }
+        let a = &self.audit;
+        if !(2..=1 << 20).contains(&a.queue) {
+            return bad("audit.queue", "must be between 2 and 1048576".into());
+        }
+        if !(1..=60_000).contains(&a.sync_interval_ms) {
+            return bad(
+                "audit.sync_interval_ms",
+                "must be between 1 and 60000".into(),
+            );
+        }
         if let Some(url) = &self.relay_url {
             if let Err(e) = url.parse::<iroh::RelayUrl>() {
                 return bad("relay_url", format!("{url:?}: {e}"));
@@ -577,5 +621,29 @@ mod tests {
             "images.cache_idle_timeout_ms"
         );
         assert!(Config::parse("[images]\ncache_max_streams = -1").is_err());
+    }
+
+    #[test]
+    fn the_audit_section_has_defaults_and_limits() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.audit, AuditConfig::default());
+        assert_eq!(c.audit.on_full, OnFullConfig::Block);
+        let c = Config::parse("[audit]\non_full = \"fail\"\nqueue = 16\nsync_interval_ms = 5\n")
+            .unwrap();
+        assert_eq!(
+            (c.audit.on_full, c.audit.queue, c.audit.sync_interval_ms),
+            (OnFullConfig::Fail, 16, 5)
+        );
+        for (text, setting) in [
+            ("[audit]\nqueue = 1", "audit.queue"),
+            ("[audit]\nsync_interval_ms = 0", "audit.sync_interval_ms"),
+        ] {
+            assert!(
+                matches!(Config::parse(text), Err(BadConfig::Invalid(InvalidSetting { setting: s, .. })) if s == setting),
+                "{text}"
+            );
+        }
+        assert!(Config::parse("[audit]\non_full = \"drop\"").is_err());
+        assert!(Config::parse("[audit]\nqeue = 16").is_err());
     }
 }

@@ -6,7 +6,7 @@
 //! | `node.key` | the node's Iroh secret key (its identity) | 0600 |
 //! | `admin.key` | the admin credential the CLI uses | 0600 |
 //! | `node.json` | where the running node listens, for the CLI | 0644 |
-//! | `audit.log` | authorization decisions of mutating requests (JSON lines) | 0600 |
+//! | `audit.log` | denials, decisions and outcomes of mutating requests, applied changes (JSON lines; `.1`–`.3` rotated) | 0600 |
 //! | `blobs/` | the iroh-blobs store: image manifests and NARs | 0700 |
 
 use std::net::SocketAddr;

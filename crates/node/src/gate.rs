@@ -67,11 +67,10 @@ impl Gate {
     /// Proposes a change this node makes for itself: authorized as this host (the
     /// command's Cedar action, e.g. `vm:report`), audited with its outcome, then proposed.
     pub async fn propose_as_host(&self, command: Command) -> Result<CommandOutput, ApiError> {
-        let audit = |event| self.audit.record(&event);
         blixard_net::server::command(
             &self.authorizer(),
             self,
-            &audit,
+            &*self.audit,
             &self.host(),
             command,
             |c| self.cluster.propose(c),

@@ -19,7 +19,7 @@ use raft::StateRole;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
-use crate::core::{Output, RaftCore};
+use crate::core::{Change, Output, RaftCore};
 
 /// Sends raft messages to peers. Must not block: queue and return.
 pub trait Transport: Send + Sync + 'static {
@@ -89,7 +89,6 @@ pub struct RaftNode {
     applied: watch::Receiver<u64>,
     removed: watch::Receiver<bool>,
     leader: watch::Receiver<u64>,
-    changes: tokio::sync::broadcast::Sender<crate::core::Change>,
     id: NodeId,
 }
 
@@ -100,11 +99,15 @@ impl std::fmt::Debug for RaftNode {
 }
 
 impl RaftNode {
-    /// Starts the raft thread. `tick` is the interval of one raft tick.
+    /// Starts the raft thread. `tick` is the interval of one raft tick. Every change the
+    /// node applies from now on goes to `changes` (for the audit log), in order, none
+    /// skipped: when its reader falls behind by the channel's capacity, the raft thread
+    /// waits for it. The thread drops the sender when it ends, after its last change.
     pub fn spawn(
         core: RaftCore,
         transport: Arc<dyn Transport>,
         tick: Duration,
+        changes: Option<tokio::sync::mpsc::Sender<Change>>,
     ) -> Result<(Self, JoinHandle<()>), std::io::Error> {
         let (tx, rx) = mpsc::channel();
         let persisted = tx.clone();
@@ -115,7 +118,6 @@ impl RaftNode {
         let (applied_tx, applied) = watch::channel(core.applied_index());
         let (removed_tx, removed) = watch::channel(false);
         let (leader_tx, leader) = watch::channel(0);
-        let (changes, _) = tokio::sync::broadcast::channel(4096);
         let id = NodeId(core.id());
         let worker = Worker {
             core,
@@ -130,7 +132,8 @@ impl RaftNode {
             next_read: 0,
             applied_tx,
             removed_tx,
-            changes: changes.clone(),
+            changes,
+            feed_warned: None,
             leader_tx,
             logged_term: 0,
         };
@@ -144,7 +147,6 @@ impl RaftNode {
                 applied,
                 removed,
                 leader,
-                changes,
                 id,
             },
             handle,
@@ -153,11 +155,6 @@ impl RaftNode {
 
     pub fn id(&self) -> NodeId {
         self.id
-    }
-
-    /// Every state change this node applies from now on (for the audit log).
-    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<crate::core::Change> {
-        self.changes.subscribe()
     }
 
     /// The local state machine, as of the last applied entry (a stale read).
@@ -304,7 +301,10 @@ struct Worker {
     next_read: u64,
     applied_tx: watch::Sender<u64>,
     removed_tx: watch::Sender<bool>,
-    changes: tokio::sync::broadcast::Sender<crate::core::Change>,
+    /// Where applied changes go (see [`RaftNode::spawn`]); `None` once its reader is gone.
+    changes: Option<tokio::sync::mpsc::Sender<Change>>,
+    /// When the thread last said it waits for the change feed's reader.
+    feed_warned: Option<Instant>,
     /// The leader this node knows of (0: none), published after every round.
     leader_tx: watch::Sender<u64>,
     /// The term of the last leadership change logged, so each is logged once.
@@ -712,8 +712,7 @@ impl Worker {
             removed_self,
         } = self.core.process_ready()?;
         for change in changes {
-            // Nobody listening is fine; a slow listener is told how much it missed.
-            let _ = self.changes.send(change);
+            self.feed(change);
         }
         if !messages.is_empty() {
             self.transport.send(messages);
@@ -745,6 +744,38 @@ impl Worker {
             return Ok(false);
         }
         Ok(true)
+    }
+}
+
+impl Worker {
+    /// Hands one applied change to the feed's reader, waiting while the feed is full, so
+    /// none is skipped.
+    fn feed(&mut self, change: Change) {
+        use tokio::sync::mpsc::error::TrySendError;
+        let Some(tx) = &self.changes else { return };
+        let sent = match tx.try_send(change) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(change)) => {
+                if self
+                    .feed_warned
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+                {
+                    tracing::warn!(
+                        "the applied-change feed is full: the raft thread waits for its reader (the audit log)"
+                    );
+                    self.feed_warned = Some(Instant::now());
+                }
+                // Off any async runtime: this thread is the raft thread.
+                tx.blocking_send(change).map_err(|_| ())
+            }
+            Err(TrySendError::Closed(_)) => Err(()),
+        };
+        if sent.is_err() {
+            tracing::error!(
+                "the applied-change feed's reader is gone; applied changes are no longer handed on"
+            );
+            self.changes = None;
+        }
     }
 }
 

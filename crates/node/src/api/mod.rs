@@ -15,8 +15,9 @@ use blixard_authz::{Authorizer, RequestContext, Resource};
 use blixard_core::{ClusterId, EndpointKey, NodeId, State, User};
 use blixard_net::api::{ProgressSink, Request, RequestFrame, ResponseFrame};
 use blixard_net::authz::{Lookup, Principal};
-use blixard_net::server::{AuditEvent, Service};
+use blixard_net::server::Service;
 
+use crate::audit::AuditLog;
 use crate::cluster::ClusterHandle;
 use crate::config::ExpectedMember;
 use crate::gate::Gate;
@@ -108,6 +109,8 @@ impl Lookup for Api {
 }
 
 impl Service for Api {
+    type Audit = AuditLog;
+
     fn cluster_id(&self) -> Option<ClusterId> {
         Some(self.cluster.cluster_id)
     }
@@ -120,8 +123,8 @@ impl Service for Api {
         self.gate.authorizer()
     }
 
-    fn audit(&self, event: AuditEvent) {
-        self.gate.audit.record(&event);
+    fn audit(&self) -> &AuditLog {
+        &self.gate.audit
     }
 
     async fn handle(

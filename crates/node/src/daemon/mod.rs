@@ -11,7 +11,8 @@
 //!    (VMs keep running), stop accepting connections and let in-flight API requests
 //!    finish for half the bound, then answer the rest "shutting down" (the router's
 //!    shutdown does both, then closes the endpoint), close the blob store, stop the raft
-//!    thread after its current step, flush the audit log, remove `node.json`.
+//!    thread after its current step, audit the changes it applied up to its last, flush
+//!    (and fsync) the audit log, remove `node.json`.
 //!
 //! The signal handlers are in place before phase 1, so no signal is lost or fatal while
 //! the node starts: SIGTERM or SIGINT during phase 3 (a join may wait long for an
@@ -264,10 +265,11 @@ async fn shutdown(
     running.node.shutdown();
     let raft_thread = running.raft_thread;
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
-    // Every line recorded so far goes to disk before the process exits.
+    // Every change raft applied, then every line recorded, goes to disk before the
+    // process exits.
     step.set("writing the audit log");
-    let audit = running.audit.clone();
-    let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+    let _ = running.audit_changes.await;
+    running.audit.flush().await;
     let _ = std::fs::remove_file(datadir::node_info(data_dir));
     let record = running.record;
     if removed {

@@ -43,6 +43,8 @@ pub(super) struct Running {
     pub router: Router,
     pub image_store: ImageStore,
     pub audit: Arc<AuditLog>,
+    /// The audit of applied changes: it ends after the raft thread, with its last change.
+    pub audit_changes: JoinHandle<()>,
     /// The loops and the binary cache, aborted at shutdown (VMs keep running).
     pub tasks: Vec<JoinHandle<()>>,
     /// A peer told this node it was removed.
@@ -102,10 +104,14 @@ pub(super) async fn start(
         book.clone(),
         tokio::runtime::Handle::current(),
     );
+    // Every change applied from the first on is audited: the feed holds them until the
+    // audit task below reads them (the raft thread waits for it when it is full).
+    let (changes_tx, changes) = tokio::sync::mpsc::channel(crate::audit::CHANGE_FEED);
     let (node, raft_thread) = RaftNode::spawn(
         core,
         Arc::new(transport),
         Duration::from_millis(config.raft.tick_ms),
+        Some(changes_tx),
     )
     .map_err(|e| Failure::new(exit::ERROR, format!("cannot start the raft thread: {e}")))?;
     if solo {
@@ -117,12 +123,14 @@ pub(super) async fn start(
         ApiClient::new(ep.clone(), Some(cluster_id), timeout),
     ));
     let mut tasks = Vec::new();
-    let audit = Arc::new(AuditLog::new(data_dir, me).map_err(|e| {
-        Failure::new(
-            exit::ERROR,
-            format!("cannot start the audit log writer: {e}"),
-        )
-    })?);
+    let audit = Arc::new(
+        AuditLog::new(data_dir, me, &audit_settings(config)).map_err(|e| {
+            Failure::new(
+                exit::ERROR,
+                format!("cannot start the audit log writer: {e}"),
+            )
+        })?,
+    );
     let gate = Arc::new(
         Gate::new(cluster.clone(), audit.clone()).map_err(|e| Failure::new(exit::ERROR, e))?,
     );
@@ -207,7 +215,7 @@ pub(super) async fn start(
     tasks.push(tokio::spawn(crate::vms::scheduler::scheduler(
         loops.clone(),
     )));
-    tasks.push(tokio::spawn(audit_changes(node.changes(), audit.clone())));
+    let audit_changes = tokio::spawn(audit_changes(changes, audit.clone()));
     let reload = match &config.vms.declared_file {
         Some(f) => {
             let declared =
@@ -259,27 +267,36 @@ pub(super) async fn start(
         router,
         image_store,
         audit,
+        audit_changes,
         tasks,
         removed_by_peer,
         reload,
     })
 }
 
-/// Writes every state change this node applies into its audit log.
+/// Writes every state change this node applies into its audit log, in order, none
+/// skipped; ends once the raft thread has ended and its last change is recorded.
 async fn audit_changes(
-    mut changes: tokio::sync::broadcast::Receiver<blixard_raft::Change>,
-    audit: Arc<crate::audit::AuditLog>,
+    mut changes: tokio::sync::mpsc::Receiver<blixard_raft::Change>,
+    audit: Arc<AuditLog>,
 ) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        match changes.recv().await {
-            Ok(c) => audit.record_change(c.index, c.kind, c.proposer, c.request),
-            Err(RecvError::Lagged(n)) => {
-                tracing::warn!("the audit log missed {n} state changes (they are in the raft log)");
-                audit.record_change(0, &format!("{n} changes not recorded (lagged)"), None, None);
-            }
-            Err(RecvError::Closed) => return,
-        }
+    while let Some(c) = changes.recv().await {
+        audit
+            .record_change(c.index, c.kind, c.proposer, c.request)
+            .await;
+    }
+}
+
+/// The audit log's settings, from the `[audit]` config.
+fn audit_settings(config: &Config) -> crate::audit::Settings {
+    let a = &config.audit;
+    crate::audit::Settings {
+        on_full: match a.on_full {
+            config::OnFullConfig::Block => crate::audit::OnFull::Block,
+            config::OnFullConfig::Fail => crate::audit::OnFull::Fail,
+        },
+        queue: a.queue,
+        sync_interval: Duration::from_millis(a.sync_interval_ms),
     }
 }
 

@@ -40,9 +40,12 @@ pub struct AuditHook(pub Arc<crate::audit::AuditLog>);
 
 impl AuditHook {
     fn event<'a>(&'a self, event: &'static str, vm: &'a HookVm) -> HookFuture<'a> {
-        self.0
-            .record_vm(&Vm::key(&vm.tenant, &vm.name), event, None);
-        Box::pin(async { Ok(()) })
+        Box::pin(async move {
+            self.0
+                .record_vm(&Vm::key(&vm.tenant, &vm.name), event, None)
+                .await;
+            Ok(())
+        })
     }
 }
 

@@ -65,9 +65,11 @@ impl Cluster for Loops {
             now_ms: now_ms(),
         };
         match tokio::time::timeout(REPORT_TIMEOUT, self.gate.propose_as_host(command)).await {
-            Ok(Ok(_)) => self
-                .audit
-                .record_vm(&vm.id(), &phase.to_string(), reason.as_deref()),
+            Ok(Ok(_)) => {
+                self.audit
+                    .record_vm(&vm.id(), &phase.to_string(), reason.as_deref())
+                    .await
+            }
             Ok(Err(e)) => tracing::debug!(vm = %vm.id(), %phase, "report not recorded: {e}"),
             Err(_) => tracing::debug!(vm = %vm.id(), %phase, "report timed out"),
         }

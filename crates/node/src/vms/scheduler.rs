@@ -79,7 +79,8 @@ async fn liveness(
             .await
             .map_err(|e| e.to_string())?;
         ctx.audit
-            .record_node(node, if down { "marked down" } else { "marked up" });
+            .record_node(node, if down { "marked down" } else { "marked up" })
+            .await;
     }
     Ok(())
 }
@@ -160,10 +161,15 @@ async fn schedule_round(ctx: &Loops) -> Result<(), String> {
         match ctx.gate.propose_as_host(command).await {
             // The leader's decisions are state changes too: in its audit log.
             Ok(_) => match node {
-                Some(n) => ctx
-                    .audit
-                    .record_vm(&key, "scheduled", Some(&format!("placed on n{n}"))),
-                None => ctx.audit.record_vm(&key, "pending", reason.as_deref()),
+                Some(n) => {
+                    let placed = format!("placed on n{n}");
+                    ctx.audit.record_vm(&key, "scheduled", Some(&placed)).await
+                }
+                None => {
+                    ctx.audit
+                        .record_vm(&key, "pending", reason.as_deref())
+                        .await
+                }
             },
             // A decision overtaken by another change is made again next round.
             Err(e) => tracing::debug!("placement refused: {e}"),
