@@ -648,3 +648,65 @@ fn writes_in_flight_when_the_leader_dies_complete_and_apply_once() {
     }
     rt.block_on(client.endpoint().close());
 }
+
+#[test]
+fn a_member_whose_state_differs_raises_the_alarm() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("checks.toml");
+    std::fs::write(&config, "[raft]\nstate_check_interval_ms = 300\n").unwrap();
+    let mut c = Cluster::start(3, &["--config", config.to_str().unwrap()]);
+    c.nodes[0].cli_ok(&["cluster", "meta", "set", "color", "blue"]);
+    wait_meta(&c.nodes[2], "color", "blue");
+
+    // n3's copy of the value changes behind raft's back (a valid row, so its file
+    // passes the open checks).
+    assert_eq!(c.nodes[2].stop(), 0);
+    {
+        const STATE: redb::TableDefinition<(&str, &[u8]), &[u8]> =
+            redb::TableDefinition::new("state");
+        use redb::ReadableTable as _;
+        let db = redb::Database::create(c.nodes[2].dir.join("blixard.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(STATE).unwrap();
+            let rows: Vec<(String, Vec<u8>, Vec<u8>)> = table
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    let (t, key) = k.value();
+                    (t.to_string(), key.to_vec(), v.value().to_vec())
+                })
+                .collect();
+            let (t, key, mut value) = rows
+                .into_iter()
+                .find(|(t, _, v)| t == "kv" && v.windows(4).any(|w| w == b"blue"))
+                .expect("the kv row");
+            let at = value.windows(4).position(|w| w == b"blue").unwrap();
+            value[at + 3] = b'd';
+            table
+                .insert((t.as_str(), key.as_slice()), value.as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    c.nodes[2].start(&[]);
+    assert_eq!(c.nodes[2].meta(true).unwrap()["color"], "blud");
+
+    // The leader's next checks find it out: n3 raises the alarm, the others do not.
+    wait_for("n3's alarm", LONG, || {
+        let s = c.nodes[2].status(true)?;
+        s["raft"]["alarm"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or(format!("no alarm yet: {}", s["raft"]))
+    });
+    let text = c.nodes[2].cli_ok(&["cluster", "status", "--stale"]);
+    assert!(text.contains("ALARM"), "{text}");
+    assert!(c.nodes[2].log().contains("this node's state differs"));
+    for n in &c.nodes[..2] {
+        let s = n.status(true).unwrap();
+        assert!(s["raft"]["alarm"].is_null(), "{}: {}", n.name, s["raft"]);
+        assert!(s["raft"]["state_check"]["index"].as_u64().is_some());
+    }
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blixard_tests::{binary, free_port, wait_for};
+use blixard_tests::{binary, env_or, free_port, next, wait_for};
 
 /// Whether process `pid` catches signal `sig` (its `SigCgt` mask in /proc).
 fn catches(pid: u32, sig: u32) -> bool {
@@ -73,21 +73,6 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| "still running".to_string())
     })
-}
-
-/// A small deterministic generator for the delays (seeded, so a failing run repeats).
-fn next(seed: &mut u64) -> u64 {
-    *seed = seed
-        .wrapping_mul(6_364_136_223_846_793_005)
-        .wrapping_add(1_442_695_040_888_963_407);
-    *seed >> 33
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// SIGTERM at a random moment from 0 to BLIXARD_TEST_STOP_MAX_MS after the daemon can

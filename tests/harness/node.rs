@@ -93,6 +93,14 @@ impl Node {
 
     /// Starts the daemon with `args` after the common ones.
     pub fn start(&mut self, args: &[&str]) {
+        if let Err((status, log)) = self.try_start(args) {
+            panic!("{} exited with {status:?}: {log}", self.name);
+        }
+    }
+
+    /// Starts the daemon like [`Self::start`], or returns its exit code and log if it
+    /// exits before it serves.
+    pub fn try_start(&mut self, args: &[&str]) -> Result<(), (Option<i32>, String)> {
         assert!(self.child.is_none(), "{} already running", self.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -130,7 +138,7 @@ impl Node {
         let started = wait_for(&format!("{name} to serve"), Duration::from_secs(30), || {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Ok(Err(format!("{name} exited with {status}: {log}")));
+                return Ok(Err((status.code(), log)));
             }
             let text = std::fs::read_to_string(&info).map_err(|e| e.to_string())?;
             let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
@@ -150,7 +158,16 @@ impl Node {
             }
         });
         self.child = Some(child);
-        self.wrapped_pid = started.unwrap_or_else(|e| panic!("{e}"));
+        match started {
+            Ok(pid) => {
+                self.wrapped_pid = pid;
+                Ok(())
+            }
+            Err(e) => {
+                self.child = None;
+                Err(e)
+            }
+        }
     }
 
     /// Runs the daemon expecting it to fail; returns (exit code, output).

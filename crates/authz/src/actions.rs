@@ -34,6 +34,7 @@ pub const ACTIONS: &[&str] = &[
     "vm:report",
     "vm:schedule",
     "node:liveness",
+    "cluster:check",
     "node:update",
     "image:hold",
 ];

@@ -50,6 +50,7 @@ fn default_policies_validate_and_mean_what_they_say() {
         "vm:report",
         "vm:schedule",
         "node:liveness",
+        "cluster:check",
         "node:update",
         "image:hold",
     ];

@@ -185,6 +185,18 @@ pub enum Command {
         now_ms: u64,
         command: Box<Command>,
     },
+    /// The leader's periodic state check (as etcd's corruption check): every member
+    /// records a digest of its state as it applies this entry, and compares `previous`
+    /// (the proposer's record of an earlier check entry) with its own record of that
+    /// entry. Changes nothing.
+    CheckState { previous: Option<StateDigest> },
+}
+
+/// A digest of the state machine as a member applied the check entry at `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDigest {
+    pub index: u64,
+    pub digest: u64,
 }
 
 impl Command {
@@ -219,6 +231,7 @@ impl Command {
             Command::SetVmDesired { .. } => "set_vm_desired",
             Command::ReportVm { .. } => "report_vm",
             Command::Once { command, .. } => command.kind(),
+            Command::CheckState { .. } => "check_state",
         }
     }
 

@@ -22,7 +22,7 @@ mod table;
 mod user;
 mod vm;
 
-pub use command::{Command, CommandOutput, Envelope, JoinRequest, NewMember};
+pub use command::{Command, CommandOutput, Envelope, JoinRequest, NewMember, StateDigest};
 pub use encoding::{decode_versioned, encode_versioned, DecodeError, FORMAT_VERSION};
 pub use ids::{valid_name, BlobHash, ClusterId, EndpointKey, NodeId, ParseIdError, RequestId};
 pub use image::{Image, MAX_IMAGE_BYTES, MAX_IMAGE_NARS};

@@ -229,7 +229,7 @@ pub struct ClusterStatus {
     pub name: String,
     /// The node that answered.
     pub node: NodeId,
-    pub raft: NodeStatus,
+    pub raft: Box<NodeStatus>,
     pub members: Vec<Member>,
     pub stale: bool,
 }

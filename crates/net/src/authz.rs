@@ -343,6 +343,7 @@ pub fn command_action(
         Command::ReportVm { key, .. } => ("vm:report", vm(key)),
         Command::PlaceVm { key, .. } => ("vm:schedule", vm(key)),
         Command::SetNodeDown { node, .. } => ("node:liveness", node_resource(*node, lookup)),
+        Command::CheckState { .. } => ("cluster:check", Resource::Cluster),
         Command::UpdateAddrs { node, .. } => ("node:update", node_resource(*node, lookup)),
         Command::SetImageHolder { name, .. } => ("image:hold", image_resource(name, lookup)),
         _ => return None,
@@ -515,6 +516,7 @@ mod tests {
                 down: true,
                 now_ms: 0,
             },
+            Command::CheckState { previous: None },
             // its own addresses, then another host's
             Command::UpdateAddrs {
                 node: NodeId(3),
@@ -568,12 +570,12 @@ mod tests {
         let admin = Principal::Admin(EndpointKey([2; 32]), NodeId(1));
         let stranger = Principal::Anonymous(EndpointKey([1; 32]));
         let (t, f) = (true, false);
-        //            Report Place Down Addrs(own) Addrs(other) Hold | Import Create Delete URm Leave
-        let rows: [(&Principal, [bool; 11]); 4] = [
-            (&host, [t, t, t, t, f, t, t, t, t, f, f]),
-            (&node, [f, f, f, f, f, f, f, f, f, f, f]),
-            (&admin, [f, f, f, f, f, f, t, t, t, t, t]),
-            (&stranger, [f, f, f, f, f, f, f, f, f, f, f]),
+        //            Report Place Down Check Addrs(own) Addrs(other) Hold | Import Create Delete URm Leave
+        let rows: [(&Principal, [bool; 12]); 4] = [
+            (&host, [t, t, t, t, t, f, t, t, t, t, f, f]),
+            (&node, [f, f, f, f, f, f, f, f, f, f, f, f]),
+            (&admin, [f, f, f, f, f, f, f, t, t, t, t, t]),
+            (&stranger, [f, f, f, f, f, f, f, f, f, f, f, f]),
         ];
         for (who, row) in rows {
             let mut got = Vec::new();

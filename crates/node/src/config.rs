@@ -290,6 +290,8 @@ pub struct RaftConfig {
     pub heartbeat_ticks: usize,
     /// Compact the log when it grows past this many applied entries.
     pub snapshot_threshold: u64,
+    /// How often the leader has the members compare digests of their state (0: never).
+    pub state_check_interval_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -299,7 +301,16 @@ impl Default for RaftConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_threshold: 10_000,
+            state_check_interval_ms: 60_000,
         }
+    }
+}
+
+impl RaftConfig {
+    /// `state_check_interval_ms`, or `None` when checks are off.
+    pub fn state_check_interval(&self) -> Option<std::time::Duration> {
+        (self.state_check_interval_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.state_check_interval_ms))
     }
 }
 

@@ -93,3 +93,26 @@ impl Lookup for Gate {
         self.cluster.state().member(node).map(|m| m.labels.clone())
     }
 }
+
+/// The leader's periodic state check, every `interval`: proposes `Command::CheckState`
+/// with this node's digest at the last check it applied, so every member compares its
+/// own (`RaftCore::check_state`; a member that differs raises its alarm). Idle on
+/// followers.
+pub async fn check_states(gate: Arc<Gate>, interval: std::time::Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Ok(status) = gate.cluster.node.status().await else {
+            return;
+        };
+        if status.leader != Some(gate.cluster.me().0) {
+            continue;
+        }
+        let previous = status.state_check;
+        if let Err(e) = gate.propose_as_host(Command::CheckState { previous }).await {
+            tracing::debug!("state check: {e}");
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use blixard_core::{
     decode_versioned, encode_versioned, ApplyError, CommandOutput, Envelope, NodeId, RequestId,
-    State,
+    State, StateDigest,
 };
 use blixard_store::{Store, StoreError, WriteBatch};
 use protobuf::Message as _;
@@ -130,7 +130,14 @@ pub struct RaftCore {
     persisted: u64,
     /// The last compaction queued.
     compact_queued: u64,
+    /// This node's digests at the last few check entries it applied.
+    checks: VecDeque<StateDigest>,
+    /// Set when a check found this node's state unlike the proposer's.
+    alarm: Option<String>,
 }
+
+/// How many check digests a node keeps to compare with later checks.
+const CHECKS_KEPT: usize = 8;
 
 fn lock_write(state: &RwLock<State>) -> std::sync::RwLockWriteGuard<'_, State> {
     match state.write() {
@@ -140,6 +147,49 @@ fn lock_write(state: &RwLock<State>) -> std::sync::RwLockWriteGuard<'_, State> {
 }
 
 impl RaftCore {
+    /// Records this node's digest at check entry `index`, and compares the proposer's
+    /// digest at an earlier check entry with its own.
+    fn check_state(
+        checks: &mut VecDeque<StateDigest>,
+        alarm: &mut Option<String>,
+        index: u64,
+        digest: u64,
+        previous: Option<StateDigest>,
+        proposer: Option<NodeId>,
+    ) {
+        if let Some(p) = previous {
+            match checks.iter().find(|c| c.index == p.index) {
+                Some(mine) if mine.digest != p.digest => {
+                    let text = format!(
+                        "this node's state differs from node {}'s at index {}: digest {:016x}, theirs {:016x}; its data may be damaged (check it with `blixard node check-data` once stopped)",
+                        proposer.map_or(0, |n| n.0),
+                        p.index,
+                        mine.digest,
+                        p.digest
+                    );
+                    tracing::error!("{text}");
+                    *alarm = Some(text);
+                }
+                Some(_) => tracing::debug!(index = p.index, "state check: digests agree"),
+                None => {}
+            }
+        }
+        if checks.len() == CHECKS_KEPT {
+            checks.pop_front();
+        }
+        checks.push_back(StateDigest { index, digest });
+    }
+
+    /// This node's digest at the last check entry it applied.
+    pub fn last_check(&self) -> Option<StateDigest> {
+        self.checks.back().copied()
+    }
+
+    /// Why this node's state is suspect, if a check found it so.
+    pub fn alarm(&self) -> Option<&str> {
+        self.alarm.as_deref()
+    }
+
     /// Opens a node from its store. A store that was never bootstrapped or joined starts
     /// empty and waits for a leader to send it a snapshot.
     pub fn open(store: Store, cfg: CoreConfig, logger: &slog::Logger) -> Result<Self, CoreError> {
@@ -168,6 +218,8 @@ impl RaftCore {
             held: VecDeque::new(),
             persisted: 0,
             compact_queued: 0,
+            checks: VecDeque::new(),
+            alarm: None,
         })
     }
 
@@ -471,6 +523,16 @@ impl RaftCore {
                         }
                     };
                     let applied = state.apply_entry(&env.command);
+                    if let blixard_core::Command::CheckState { previous } = &env.command {
+                        Self::check_state(
+                            &mut self.checks,
+                            &mut self.alarm,
+                            entry.index,
+                            state.digest(),
+                            *previous,
+                            env.proposer,
+                        );
+                    }
                     out.hand_back(me, entry.index, &env, applied.result, applied.repeat);
                 }
                 EntryType::EntryConfChangeV2 => {

@@ -64,6 +64,12 @@ pub struct NodeStatus {
     pub learners: Vec<u64>,
     /// Filled on the leader only.
     pub peers: Vec<PeerStatus>,
+    /// This node's digest at the last state check it applied.
+    #[serde(default)]
+    pub state_check: Option<blixard_core::StateDigest>,
+    /// Set when a state check found this node's state unlike another member's.
+    #[serde(default)]
+    pub alarm: Option<String>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
@@ -506,6 +512,8 @@ impl Worker {
             voters,
             learners,
             peers,
+            state_check: self.core.last_check(),
+            alarm: self.core.alarm().map(str::to_string),
         }
     }
 

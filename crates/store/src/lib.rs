@@ -23,4 +23,4 @@ mod tables;
 pub use batch::WriteBatch;
 pub use error::StoreError;
 pub use persist::PersistNotify;
-pub use storage::{NodeRecord, Store};
+pub use storage::{CheckReport, NodeRecord, Store};

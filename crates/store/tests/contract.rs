@@ -1141,3 +1141,109 @@ fn bootstrap_refuses_a_store_with_a_log_or_state() {
         .unwrap();
     assert!(store.bootstrap(&bootstrapped_state(), &[1]).is_err());
 }
+
+#[test]
+fn the_open_check_names_what_does_not_hold_together() {
+    const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("raft_log");
+    const RAFT: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("raft_meta");
+    let dir = tempfile::tempdir().unwrap();
+    let good = db_path(&dir);
+    {
+        let store = open(&good);
+        store.bootstrap(&bootstrapped_state(), &[1]).unwrap();
+        let hs = HardState {
+            term: 2,
+            commit: 3,
+            ..Default::default()
+        };
+        store
+            .write(WriteBatch {
+                entries: vec![new_entry(2, 1), new_entry(3, 2), new_entry(4, 2)],
+                hard_state: Some(hs),
+                ..Default::default()
+            })
+            .unwrap();
+        let report = store.check().unwrap();
+        assert_eq!((report.first_index, report.last_index), (1, 4));
+        assert_eq!((report.term, report.commit, report.applied), (2, 3, 1));
+        assert_eq!(report.entries, 3);
+        assert_eq!(report.voters, vec![1]);
+    }
+    // Each damage on a copy of the good file, and what the check must say.
+    let hs = |term: u64, commit: u64| {
+        HardState {
+            term,
+            commit,
+            ..Default::default()
+        }
+        .write_to_bytes()
+        .unwrap()
+    };
+    type Damage = Box<dyn Fn(&redb::WriteTransaction)>;
+    let cases: Vec<(Damage, &str)> = vec![
+        (
+            Box::new(move |t| {
+                t.open_table(RAFT)
+                    .unwrap()
+                    .insert("hard_state", hs(2, 9).as_slice())
+                    .unwrap();
+            }),
+            "commit index 9 is outside the log",
+        ),
+        (
+            Box::new(|t| {
+                t.open_table(LOG).unwrap().remove(3).unwrap();
+            }),
+            "gap",
+        ),
+        (
+            Box::new(move |t| {
+                t.open_table(RAFT)
+                    .unwrap()
+                    .insert("hard_state", hs(1, 3).as_slice())
+                    .unwrap();
+            }),
+            "above the hard state's term 1",
+        ),
+        (
+            Box::new(|t| {
+                let e = new_entry(7, 2).write_to_bytes().unwrap();
+                t.open_table(LOG).unwrap().insert(4, e.as_slice()).unwrap();
+            }),
+            "stored at 4 says index 7",
+        ),
+        (
+            Box::new(|t| {
+                let mut pair = [0u8; 16];
+                pair[..8].copy_from_slice(&4u64.to_be_bytes());
+                pair[8..].copy_from_slice(&2u64.to_be_bytes());
+                t.open_table(RAFT)
+                    .unwrap()
+                    .insert("applied", pair.as_slice())
+                    .unwrap();
+            }),
+            "applied index 4 is outside",
+        ),
+        (
+            Box::new(|t| {
+                t.open_table(RAFT)
+                    .unwrap()
+                    .insert("hard_stat", [1u8].as_slice())
+                    .unwrap();
+            }),
+            "unknown key",
+        ),
+    ];
+    for (i, (damage, says)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("copy{i}.redb"));
+        std::fs::copy(&good, &path).unwrap();
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            damage(&txn);
+            txn.commit().unwrap();
+        }
+        let err = open(&path).check().unwrap_err().to_string();
+        assert!(err.contains(says), "case {i}: {err}");
+    }
+}

@@ -41,6 +41,16 @@ pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
         s.raft.applied,
         if s.stale { " (stale read)" } else { "" }
     );
+    if let Some(c) = &s.raft.state_check {
+        out!(
+            "state    digest {:016x} at check entry {}",
+            c.digest,
+            c.index
+        );
+    }
+    if let Some(alarm) = &s.raft.alarm {
+        out!("ALARM    {alarm}");
+    }
     out!();
     let rows: Vec<Vec<String>> = s
         .members

@@ -169,6 +169,26 @@ pub fn whoami(ctx: &Context) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Prints what `node check-data` found in a data file that passed.
+pub fn node_check_data(ctx: &Context, r: &blixard_node::daemon::CheckReport) -> anyhow::Result<()> {
+    if ctx.output == Format::Json {
+        return format::json(r);
+    }
+    out!("ok: the data file holds together");
+    out!(
+        "log        entries {}..={} ({} kept), term {}",
+        r.first_index + 1,
+        r.last_index,
+        r.entries,
+        r.term
+    );
+    out!("commit     {}", r.commit);
+    out!("applied    {}", r.applied);
+    out!("voters     {:?}", r.voters);
+    out!("state      {} rows, digest {:016x}", r.rows, r.state_digest);
+    Ok(())
+}
+
 pub async fn client(ctx: &Context) -> Result<(ApiClient, EndpointAddr), Failure> {
     let to = target(ctx).await?;
     client_to(ctx, to).await

@@ -203,6 +203,7 @@ impl State {
                 now_ms,
                 command,
             } => self.apply_once(*id, *now_ms, command).result,
+            Command::CheckState { .. } => Ok(CommandOutput::Done),
         }
     }
 

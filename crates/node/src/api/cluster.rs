@@ -29,7 +29,7 @@ pub(super) async fn status(cluster: &ClusterHandle, r: &StatusRequest) -> Respon
         cluster_id: meta.cluster_id,
         name: meta.name,
         node: cluster.me(),
-        raft,
+        raft: Box::new(raft),
         members: state.members().cloned().collect(),
         stale: r.stale,
     }))

@@ -27,6 +27,7 @@ mod start;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use blixard_store::CheckReport;
 use blixard_store::{NodeRecord, StoreError};
 
 use crate::datadir;
@@ -76,6 +77,17 @@ fn data_err(e: impl std::fmt::Display) -> Failure {
 
 fn store_err(e: StoreError) -> Failure {
     data_err(e)
+}
+
+/// `node check-data`: opens a stopped node's data file as the daemon would and checks
+/// every page, the log against the hard state, and the state rows (exit 7 if it fails).
+pub fn check_data(data_dir: &Path) -> Result<CheckReport, Failure> {
+    let path = datadir::db(data_dir);
+    if !path.exists() {
+        return Err(data_err(format!("{} does not exist", path.display())));
+    }
+    let store = blixard_store::Store::open(&path).map_err(store_err)?;
+    store.check().map_err(store_err)
 }
 
 pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {

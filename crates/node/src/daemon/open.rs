@@ -30,6 +30,10 @@ pub(super) async fn open(data_dir: &Path, config: &Config) -> Result<Opened, Fai
         ))
     })?;
     let store = Store::open(&datadir::db(data_dir)).map_err(store_err)?;
+    // raft-rs asserts what the file says (a commit index past the log panics it): check
+    // it all first, and refuse a file that does not hold together.
+    let check = store.check().map_err(store_err)?;
+    tracing::debug!(?check, "data file checked");
     let record = store.node_record().map_err(store_err)?;
     if let Some(r) = record.as_ref().filter(|r| r.removed) {
         return Err(data_err(format!(

@@ -212,6 +212,9 @@ pub(super) async fn start(
         audit: audit.clone(),
     });
     tasks.push(tokio::spawn(crate::images::janitor(images)));
+    if let Some(every) = config.raft.state_check_interval() {
+        tasks.push(tokio::spawn(crate::gate::check_states(gate.clone(), every)));
+    }
     tasks.push(tokio::spawn(crate::vms::scheduler::scheduler(
         loops.clone(),
     )));

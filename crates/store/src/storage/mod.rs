@@ -2,8 +2,11 @@
 //! writes (batches, snapshots, compaction). raft-rs's `Storage` is in `raft_storage`, the
 //! queue and its writer thread in `writer`.
 
+mod check;
 mod raft_storage;
 mod writer;
+
+pub use check::CheckReport;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -82,7 +85,19 @@ impl Store {
     }
 
     fn open_with(path: &Path, durability: Durability) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|source| match source {
+        // Every page's checksum is verified at open: a file changed outside redb is an
+        // error here, where a plain open may panic on it later.
+        let db = Database::builder()
+            .set_check_integrity_on_open(true)
+            .set_repair_callback(|session| {
+                if session.progress() > 0.0 && session.progress() < 0.5 {
+                    tracing::warn!(
+                        "the data file's last commit does not verify (a write cut short by a crash); going back to the commit before it"
+                    );
+                }
+            })
+            .create(path)
+            .map_err(|source| match source {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
                 path: path.to_path_buf(),
             },
