@@ -658,38 +658,20 @@ fn a_member_whose_state_differs_raises_the_alarm() {
     c.nodes[0].cli_ok(&["cluster", "meta", "set", "color", "blue"]);
     wait_meta(&c.nodes[2], "color", "blue");
 
-    // n3's copy of the value changes behind raft's back (a valid row, so its file
-    // passes the open checks).
+    // n3's copy of the value changes behind raft's back, first without its checksum:
+    // the row is an error, the node refuses to start (exit 7).
     assert_eq!(c.nodes[2].stop(), 0);
-    {
-        const STATE: redb::TableDefinition<(&str, &[u8]), &[u8]> =
-            redb::TableDefinition::new("state");
-        use redb::ReadableTable as _;
-        let db = redb::Database::create(c.nodes[2].dir.join("blixard.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(STATE).unwrap();
-            let rows: Vec<(String, Vec<u8>, Vec<u8>)> = table
-                .iter()
-                .unwrap()
-                .map(|r| {
-                    let (k, v) = r.unwrap();
-                    let (t, key) = k.value();
-                    (t.to_string(), key.to_vec(), v.value().to_vec())
-                })
-                .collect();
-            let (t, key, mut value) = rows
-                .into_iter()
-                .find(|(t, _, v)| t == "kv" && v.windows(4).any(|w| w == b"blue"))
-                .expect("the kv row");
-            let at = value.windows(4).position(|w| w == b"blue").unwrap();
-            value[at + 3] = b'd';
-            table
-                .insert((t.as_str(), key.as_slice()), value.as_slice())
-                .unwrap();
+    let db_file = c.nodes[2].dir.join("blixard.redb");
+    edit_kv_row(&db_file, false);
+    match c.nodes[2].try_start(&[]) {
+        Err((code, log)) => {
+            assert_eq!(code, Some(7), "{log}");
+            assert!(log.contains("checksum mismatch"), "{log}");
         }
-        txn.commit().unwrap();
+        Ok(()) => panic!("n3 started on a row whose checksum does not match"),
     }
+    // Then as a valid row with a valid checksum: the file passes the open checks.
+    edit_kv_row(&db_file, true);
     c.nodes[2].start(&[]);
     assert_eq!(c.nodes[2].meta(true).unwrap()["color"], "blud");
 
@@ -709,4 +691,40 @@ fn a_member_whose_state_differs_raises_the_alarm() {
         assert!(s["raft"]["alarm"].is_null(), "{}: {}", n.name, s["raft"]);
         assert!(s["raft"]["state_check"]["index"].as_u64().is_some());
     }
+}
+
+/// Changes the stored value "blue" of the node's `kv` row to "blud", with a checksum
+/// to match (`seal`) or keeping the old one.
+fn edit_kv_row(db_file: &std::path::Path, seal: bool) {
+    use redb::ReadableTable as _;
+    const STATE: redb::TableDefinition<(&str, &[u8]), &[u8]> = redb::TableDefinition::new("state");
+    let db = redb::Database::create(db_file).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(STATE).unwrap();
+        let rows: Vec<(String, Vec<u8>, Vec<u8>)> = table
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                let (t, key) = k.value();
+                (t.to_string(), key.to_vec(), v.value().to_vec())
+            })
+            .collect();
+        let (t, key, mut stored) = rows
+            .into_iter()
+            .find(|(t, _, v)| t == "kv" && v.windows(3).any(|w| w == b"blu"))
+            .expect("the kv row");
+        let at = stored.windows(3).position(|w| w == b"blu").unwrap();
+        stored[at + 3] = b'd';
+        if seal {
+            let slot = blixard_store::Slot::Row(&t, &key);
+            // The checksum is the first 8 bytes (see blixard_store::seal).
+            stored = blixard_store::seal(slot, &stored[8..]);
+        }
+        table
+            .insert((t.as_str(), key.as_slice()), stored.as_slice())
+            .unwrap();
+    }
+    txn.commit().unwrap();
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use blixard_core::{
     encode_versioned, Capacity, ClusterId, Command, EndpointKey, NewMember, NodeId, Row, State,
 };
-use blixard_store::{NodeRecord, Store, StoreError, WriteBatch};
+use blixard_store::{seal, NodeRecord, Slot, Store, StoreError, WriteBatch};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{Error as RaftError, GetEntriesContext, Storage, StorageError};
@@ -1185,7 +1185,10 @@ fn the_open_check_names_what_does_not_hold_together() {
             Box::new(move |t| {
                 t.open_table(RAFT)
                     .unwrap()
-                    .insert("hard_state", hs(2, 9).as_slice())
+                    .insert(
+                        "hard_state",
+                        seal(Slot::Meta("hard_state"), &hs(2, 9)).as_slice(),
+                    )
                     .unwrap();
             }),
             "commit index 9 is outside the log",
@@ -1200,14 +1203,17 @@ fn the_open_check_names_what_does_not_hold_together() {
             Box::new(move |t| {
                 t.open_table(RAFT)
                     .unwrap()
-                    .insert("hard_state", hs(1, 3).as_slice())
+                    .insert(
+                        "hard_state",
+                        seal(Slot::Meta("hard_state"), &hs(1, 3)).as_slice(),
+                    )
                     .unwrap();
             }),
             "above the hard state's term 1",
         ),
         (
             Box::new(|t| {
-                let e = new_entry(7, 2).write_to_bytes().unwrap();
+                let e = seal(Slot::Log(4), &new_entry(7, 2).write_to_bytes().unwrap());
                 t.open_table(LOG).unwrap().insert(4, e.as_slice()).unwrap();
             }),
             "stored at 4 says index 7",
@@ -1219,7 +1225,7 @@ fn the_open_check_names_what_does_not_hold_together() {
                 pair[8..].copy_from_slice(&2u64.to_be_bytes());
                 t.open_table(RAFT)
                     .unwrap()
-                    .insert("applied", pair.as_slice())
+                    .insert("applied", seal(Slot::Meta("applied"), &pair).as_slice())
                     .unwrap();
             }),
             "applied index 4 is outside",
@@ -1246,4 +1252,84 @@ fn the_open_check_names_what_does_not_hold_together() {
         let err = open(&path).check().unwrap_err().to_string();
         assert!(err.contains(says), "case {i}: {err}");
     }
+}
+
+#[test]
+fn a_file_written_before_checksums_is_upgraded_in_place() {
+    use redb::ReadableTable as _;
+    const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("raft_log");
+    const RAFT: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("raft_meta");
+    const STATE: redb::TableDefinition<(&str, &[u8]), &[u8]> = redb::TableDefinition::new("state");
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let before = {
+        let store = open(&path);
+        store.bootstrap(&bootstrapped_state(), &[1]).unwrap();
+        store
+            .write(WriteBatch {
+                entries: vec![new_entry(2, 1), new_entry(3, 1)],
+                hard_state: Some(HardState {
+                    term: 1,
+                    commit: 3,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .unwrap();
+        store.check().unwrap()
+    };
+    // Strip every checksum and the format mark: the file as an older blixard wrote it.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut raft = txn.open_table(RAFT).unwrap();
+            raft.remove("format").unwrap();
+            let metas: Vec<(String, Vec<u8>)> = raft
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    (k.value().to_string(), v.value()[8..].to_vec())
+                })
+                .collect();
+            for (k, v) in metas {
+                raft.insert(k.as_str(), v.as_slice()).unwrap();
+            }
+            let mut log = txn.open_table(LOG).unwrap();
+            let entries: Vec<(u64, Vec<u8>)> = log
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    (k.value(), v.value()[8..].to_vec())
+                })
+                .collect();
+            for (k, v) in entries {
+                log.insert(k, v.as_slice()).unwrap();
+            }
+            let mut state = txn.open_table(STATE).unwrap();
+            let rows: Vec<(String, Vec<u8>, Vec<u8>)> = state
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    let (t, key) = k.value();
+                    (t.to_string(), key.to_vec(), v.value()[8..].to_vec())
+                })
+                .collect();
+            for (t, key, v) in rows {
+                state
+                    .insert((t.as_str(), key.as_slice()), v.as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = open(&path);
+    assert_eq!(store.check().unwrap(), before);
+    assert_eq!(store.term(3), Ok(1));
+    drop(store);
+    // Upgraded once: the next open reads checksummed values as they are.
+    assert_eq!(open(&path).check().unwrap(), before);
 }

@@ -9,7 +9,8 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use super::{NodeRecord, Store};
 use crate::error::{corrupt, StoreError};
 use crate::tables::{
-    decode_pair, pb_decode, APPLIED, CONF_STATE, HARD_STATE, LOG, LOG_START, NODE, RAFT, STATE,
+    decode_pair, meta, pb_decode, unseal, Slot, APPLIED, CONF_STATE, FORMAT, HARD_STATE, LOG,
+    LOG_START, NODE, RAFT, STATE,
 };
 
 /// What a check read: the figures `node check-data` prints.
@@ -29,7 +30,7 @@ pub struct CheckReport {
 }
 
 /// The keys `raft_meta` may hold.
-const META_KEYS: [&str; 5] = [HARD_STATE, CONF_STATE, LOG_START, APPLIED, NODE];
+const META_KEYS: [&str; 6] = [HARD_STATE, CONF_STATE, LOG_START, APPLIED, NODE, FORMAT];
 
 fn bad(detail: String) -> StoreError {
     corrupt("raft log", detail)
@@ -50,9 +51,7 @@ impl Store {
                 ));
             }
         }
-        let get = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(raft.get(key)?.map(|v| v.value().to_vec()))
-        };
+        let get = |key: &str| meta(&raft, key);
         let hs: HardState = match get(HARD_STATE)? {
             Some(v) => pb_decode("hard state", &v)?,
             None => HardState::default(),
@@ -82,7 +81,7 @@ impl Store {
         for item in log.iter()? {
             let (k, v) = item?;
             let index = k.value();
-            let e: Entry = pb_decode("raft log entry", v.value())?;
+            let e: Entry = pb_decode("raft log entry", unseal(Slot::Log(index), v.value())?)?;
             if e.index != index {
                 return Err(bad(format!(
                     "the entry stored at {index} says index {}",

@@ -22,8 +22,8 @@ use crate::batch::WriteBatch;
 use crate::error::{corrupt, StoreError};
 use crate::persist::{Queue, Tail};
 use crate::tables::{
-    decode_pair, encode_pair, pb_decode, pb_encode, APPLIED, CONF_STATE, HARD_STATE, LOG,
-    LOG_START, NODE, RAFT, STATE,
+    decode_pair, encode_pair, meta, pb_decode, pb_encode, put_meta, seal, unseal, Slot, APPLIED,
+    CONF_STATE, FORMAT, FORMAT_CHECKSUMMED, HARD_STATE, LOG, LOG_START, NODE, RAFT, STATE,
 };
 
 /// Who this node is, recorded when it initialises or joins a cluster.
@@ -113,6 +113,7 @@ impl Store {
             txn.open_table(LOG)?;
             txn.open_table(RAFT)?;
             txn.open_table(STATE)?;
+            upgrade(&txn)?;
             txn.commit()?;
         }
         let store = Store {
@@ -133,8 +134,8 @@ impl Store {
     fn read_bounds(&self) -> Result<Bounds, StoreError> {
         let txn = self.inner.db.begin_read()?;
         let raft = txn.open_table(RAFT)?;
-        let (start_index, start_term) = match raft.get(LOG_START)? {
-            Some(v) => decode_pair("log start", v.value())?,
+        let (start_index, start_term) = match meta(&raft, LOG_START)? {
+            Some(v) => decode_pair("log start", &v)?,
             None => (0, 0),
         };
         let log = txn.open_table(LOG)?;
@@ -175,9 +176,9 @@ impl Store {
     pub fn node_record(&self) -> Result<Option<NodeRecord>, StoreError> {
         let txn = self.inner.db.begin_read()?;
         let raft = txn.open_table(RAFT)?;
-        match raft.get(NODE)? {
+        match meta(&raft, NODE)? {
             Some(v) => Ok(Some(
-                decode_versioned(v.value()).map_err(|e| corrupt("node record", e))?,
+                decode_versioned(&v).map_err(|e| corrupt("node record", e))?,
             )),
             None => Ok(None),
         }
@@ -187,7 +188,7 @@ impl Store {
         let txn = self.begin_write()?;
         {
             let mut raft = txn.open_table(RAFT)?;
-            raft.insert(NODE, encode_versioned(record).as_slice())?;
+            put_meta(&mut raft, NODE, &encode_versioned(record))?;
         }
         txn.commit()?;
         Ok(())
@@ -203,7 +204,8 @@ impl Store {
         for item in table.iter()? {
             let (k, v) = item?;
             let (t, key) = k.value();
-            rows.push((t.to_string(), key.to_vec(), v.value().to_vec()));
+            let value = unseal(Slot::Row(t, key), v.value())?;
+            rows.push((t.to_string(), key.to_vec(), value.to_vec()));
         }
         let state = State::from_rows(
             rows.iter()
@@ -211,8 +213,8 @@ impl Store {
         )
         .map_err(|e| corrupt("state", e))?;
         let raft = txn.open_table(RAFT)?;
-        let (applied, applied_term) = match raft.get(APPLIED)? {
-            Some(v) => decode_pair("applied index", v.value())?,
+        let (applied, applied_term) = match meta(&raft, APPLIED)? {
+            Some(v) => decode_pair("applied index", &v)?,
             None => (0, 0),
         };
         Ok((state, applied, applied_term))
@@ -275,7 +277,7 @@ impl Store {
                     log.retain_in(first.index.., |_, _| false)?;
                 }
                 for e in &batch.entries {
-                    log.insert(e.index, pb_encode(e)?.as_slice())?;
+                    log.insert(e.index, seal(Slot::Log(e.index), &pb_encode(e)?).as_slice())?;
                 }
                 if let Some(last) = batch.entries.last() {
                     bounds.last_index = last.index;
@@ -283,19 +285,21 @@ impl Store {
             }
             let mut raft = txn.open_table(RAFT)?;
             if let Some(hs) = &batch.hard_state {
-                raft.insert(HARD_STATE, pb_encode(hs)?.as_slice())?;
+                put_meta(&mut raft, HARD_STATE, &pb_encode(hs)?)?;
             }
             if let Some(cs) = &batch.conf_state {
-                raft.insert(CONF_STATE, pb_encode(cs)?.as_slice())?;
+                put_meta(&mut raft, CONF_STATE, &pb_encode(cs)?)?;
             }
             if let Some((index, term)) = batch.applied {
-                raft.insert(APPLIED, encode_pair(index, term).as_slice())?;
+                put_meta(&mut raft, APPLIED, &encode_pair(index, term))?;
             }
             let mut state = txn.open_table(STATE)?;
             for row in &batch.rows {
                 match &row.value {
                     Some(v) => {
-                        state.insert((row.table.as_str(), row.key.as_slice()), v.as_slice())?;
+                        let sealed = seal(Slot::Row(&row.table, &row.key), v);
+                        state
+                            .insert((row.table.as_str(), row.key.as_slice()), sealed.as_slice())?;
                     }
                     None => {
                         state.remove((row.table.as_str(), row.key.as_slice()))?;
@@ -346,14 +350,15 @@ impl Store {
             state.retain(|_, _| false)?;
             for row in &rows {
                 if let Some(v) = &row.value {
-                    state.insert((row.table.as_str(), row.key.as_slice()), v.as_slice())?;
+                    let sealed = seal(Slot::Row(&row.table, &row.key), v);
+                    state.insert((row.table.as_str(), row.key.as_slice()), sealed.as_slice())?;
                 }
             }
             let mut raft = txn.open_table(RAFT)?;
-            raft.insert(HARD_STATE, pb_encode(&hs)?.as_slice())?;
-            raft.insert(CONF_STATE, pb_encode(meta.get_conf_state())?.as_slice())?;
-            raft.insert(LOG_START, encode_pair(meta.index, meta.term).as_slice())?;
-            raft.insert(APPLIED, encode_pair(meta.index, meta.term).as_slice())?;
+            put_meta(&mut raft, HARD_STATE, &pb_encode(&hs)?)?;
+            put_meta(&mut raft, CONF_STATE, &pb_encode(meta.get_conf_state())?)?;
+            put_meta(&mut raft, LOG_START, &encode_pair(meta.index, meta.term))?;
+            put_meta(&mut raft, APPLIED, &encode_pair(meta.index, meta.term))?;
         }
         txn.commit()?;
         self.set_bounds(Bounds {
@@ -390,7 +395,7 @@ impl Store {
             let mut log = txn.open_table(LOG)?;
             log.retain_in(..=index, |_, _| false)?;
             let mut raft = txn.open_table(RAFT)?;
-            raft.insert(LOG_START, encode_pair(index, term).as_slice())?;
+            put_meta(&mut raft, LOG_START, &encode_pair(index, term))?;
         }
         txn.commit()?;
         self.set_bounds(Bounds {
@@ -406,8 +411,8 @@ impl Store {
     pub fn applied(&self) -> Result<(u64, u64), StoreError> {
         let txn = self.inner.db.begin_read()?;
         let raft = txn.open_table(RAFT)?;
-        let (i, t) = match raft.get(APPLIED)? {
-            Some(v) => decode_pair("applied index", v.value())?,
+        let (i, t) = match meta(&raft, APPLIED)? {
+            Some(v) => decode_pair("applied index", &v)?,
             None => (0, 0),
         };
         Ok((i, t))
@@ -416,8 +421,8 @@ impl Store {
     pub fn hard_state(&self) -> Result<HardState, StoreError> {
         let txn = self.inner.db.begin_read()?;
         let raft = txn.open_table(RAFT)?;
-        match raft.get(HARD_STATE)? {
-            Some(v) => pb_decode("hard state", v.value()),
+        match meta(&raft, HARD_STATE)? {
+            Some(v) => pb_decode("hard state", &v),
             None => Ok(HardState::default()),
         }
     }
@@ -425,8 +430,8 @@ impl Store {
     pub fn conf_state(&self) -> Result<ConfState, StoreError> {
         let txn = self.inner.db.begin_read()?;
         let raft = txn.open_table(RAFT)?;
-        match raft.get(CONF_STATE)? {
-            Some(v) => pb_decode("conf state", v.value()),
+        match meta(&raft, CONF_STATE)? {
+            Some(v) => pb_decode("conf state", &v),
             None => Ok(ConfState::default()),
         }
     }
@@ -455,4 +460,60 @@ impl Store {
     pub fn first_index(&self) -> u64 {
         self.bounds().start_index + 1
     }
+}
+
+/// Brings a file to the checksummed value format: a new file is marked, a file written
+/// before checksums (no `format` key) has every value sealed in this one transaction,
+/// and a file of an unknown (newer) format is refused.
+fn upgrade(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut raft = txn.open_table(RAFT)?;
+    if let Some(v) = meta(&raft, FORMAT)? {
+        return match v.as_slice() {
+            [FORMAT_CHECKSUMMED] => Ok(()),
+            other => Err(corrupt(
+                "format",
+                format!("unknown value format {other:?} (written by a newer blixard?)"),
+            )),
+        };
+    }
+    let mut sealed = 0u64;
+    let metas: Vec<(String, Vec<u8>)> = raft
+        .iter()?
+        .map(|r| r.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    for (k, v) in metas {
+        put_meta(&mut raft, &k, &v)?;
+        sealed += 1;
+    }
+    let mut log = txn.open_table(LOG)?;
+    let entries: Vec<(u64, Vec<u8>)> = log
+        .iter()?
+        .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    for (i, v) in entries {
+        log.insert(i, seal(Slot::Log(i), &v).as_slice())?;
+        sealed += 1;
+    }
+    let mut state = txn.open_table(STATE)?;
+    let rows: Vec<(String, Vec<u8>, Vec<u8>)> = state
+        .iter()?
+        .map(|r| {
+            r.map(|(k, v)| {
+                let (t, key) = k.value();
+                (t.to_string(), key.to_vec(), v.value().to_vec())
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    for (t, key, v) in rows {
+        state.insert(
+            (t.as_str(), key.as_slice()),
+            seal(Slot::Row(&t, &key), &v).as_slice(),
+        )?;
+        sealed += 1;
+    }
+    put_meta(&mut raft, FORMAT, &[FORMAT_CHECKSUMMED])?;
+    if sealed > 0 {
+        tracing::info!("data file upgraded: {sealed} values now carry checksums");
+    }
+    Ok(())
 }

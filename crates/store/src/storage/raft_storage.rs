@@ -9,7 +9,9 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use super::Store;
 use crate::error::{corrupt, StoreError};
-use crate::tables::{decode_pair, pb_decode, APPLIED, CONF_STATE, LOG, RAFT, STATE};
+use crate::tables::{
+    decode_pair, meta, pb_decode, unseal, Slot, APPLIED, CONF_STATE, LOG, RAFT, STATE,
+};
 
 impl Store {
     fn read_entries(
@@ -24,7 +26,7 @@ impl Store {
         let mut size = 0u64;
         for item in log.range(low..high)? {
             let (k, v) = item?;
-            let entry: Entry = pb_decode("log entry", v.value())?;
+            let entry: Entry = pb_decode("log entry", unseal(Slot::Log(k.value()), v.value())?)?;
             if entry.index != k.value() {
                 return Err(corrupt(
                     "log entry",
@@ -53,12 +55,12 @@ impl Store {
         // One read transaction: rows, applied index and configuration agree.
         let txn = self.inner.db.begin_read()?;
         let raft = txn.open_table(RAFT)?;
-        let (index, term) = match raft.get(APPLIED)? {
-            Some(v) => decode_pair("applied index", v.value())?,
+        let (index, term) = match meta(&raft, APPLIED)? {
+            Some(v) => decode_pair("applied index", &v)?,
             None => (0, 0),
         };
-        let conf: ConfState = match raft.get(CONF_STATE)? {
-            Some(v) => pb_decode("conf state", v.value())?,
+        let conf: ConfState = match meta(&raft, CONF_STATE)? {
+            Some(v) => pb_decode("conf state", &v)?,
             None => ConfState::default(),
         };
         let table = txn.open_table(STATE)?;
@@ -69,7 +71,7 @@ impl Store {
             rows.push(Row {
                 table: t.to_string(),
                 key: key.to_vec(),
-                value: Some(v.value().to_vec()),
+                value: Some(unseal(Slot::Row(t, key), v.value())?.to_vec()),
             });
         }
         let mut snap = Snapshot::default();
