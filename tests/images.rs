@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use blixard_tests::{wait_for, Cluster, Node};
+use blixard_tests::{random_file, wait_for, Cluster, Node};
 use serde_json::Value;
 
 const NIX_CONFIG: &str =
@@ -545,18 +545,6 @@ fn two_nodes(root: &Path, n2_config: &str) -> (Node, Node) {
 }
 
 /// Writes `mib` MiB of incompressible bytes (different per `seed`).
-fn random_file(path: &Path, mib: usize, seed: u64) {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut bytes = vec![0u8; mib << 20];
-    for chunk in bytes.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(path, bytes).unwrap();
-}
-
 /// Unpinned images beyond a node's cache size are evicted least-recently-used first;
 /// pinned ones stay, and the cluster stops listing the node as their holder.
 #[test]

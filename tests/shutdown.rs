@@ -200,3 +200,70 @@ async fn requests_in_flight_do_not_hold_a_stop_and_a_second_signal_ends_it() {
         }
     }
 }
+
+/// A stop while an image is being fetched, on the fetching node and then on the node
+/// serving it: each ends with status 0 within the 5 s bound and no warning, and the
+/// fetch, asked again, completes with the same bytes.
+#[test]
+fn a_stop_during_an_image_fetch_ends_within_the_bound() {
+    use blixard_tests::{dir_bytes, random_file, Cluster};
+
+    let bound = Duration::from_secs(5);
+    let mut c = Cluster::start(3, &[]);
+    let dir = c.root.path().join("big");
+    std::fs::create_dir_all(&dir).unwrap();
+    random_file(&dir.join("disk.img"), 160, 11);
+    c.nodes[0].cli_ok(&["image", "import", dir.to_str().unwrap(), "--name", "big"]);
+
+    let stop_while_fetching = |c: &mut Cluster, fetcher: usize, stopped: usize| {
+        let blobs = c.nodes[fetcher].dir.join("blobs");
+        let before = dir_bytes(&blobs);
+        let mut pull = std::process::Command::new(binary())
+            .arg("--data-dir")
+            .arg(&c.nodes[fetcher].dir)
+            .args(["image", "pull", "big"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("the fetch to be under way", Duration::from_secs(60), || {
+            let got = dir_bytes(&blobs) - before;
+            (got > 4 << 20).then_some(()).ok_or(format!("{got} bytes"))
+        });
+        let sent = Instant::now();
+        let code = c.nodes[stopped].stop();
+        let took = sent.elapsed();
+        let log = c.nodes[stopped].log();
+        assert_eq!(code, 0, "{log}");
+        assert!(took < bound, "the stop took {took:?}: {log}");
+        assert!(!log.contains(" WARN "), "{log}");
+        eprintln!(
+            "{} stopped in {took:?} while n{} fetched",
+            c.nodes[stopped].name,
+            fetcher + 1
+        );
+        let _ = pull.kill();
+        let _ = pull.wait();
+    };
+    // The serving node (the only holder) stops while n3 fetches from it.
+    stop_while_fetching(&mut c, 2, 0);
+    c.nodes[0].start(&[]);
+    c.nodes[2].cli_ok(&["image", "pull", "big"]);
+    // The fetching node stops; restarted, it fetches the image whole.
+    stop_while_fetching(&mut c, 1, 1);
+    c.nodes[1].start(&[]);
+    c.nodes[1].cli_ok(&["image", "pull", "big"]);
+    let original = std::fs::read(dir.join("disk.img")).unwrap();
+    for n in &c.nodes[1..] {
+        let root = n.cli_ok(&["--output", "json", "image", "show", "big"]);
+        let root: serde_json::Value = serde_json::from_str(&root).unwrap();
+        let base = std::path::PathBuf::from(root["image"]["root"].as_str().unwrap());
+        let copy = std::fs::read(
+            n.store_dir()
+                .join(base.file_name().unwrap())
+                .join("disk.img"),
+        )
+        .unwrap();
+        assert!(copy == original, "{} has different bytes", n.name);
+    }
+}
