@@ -104,6 +104,7 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
             r = identity::establish(data_dir, &args, &config, &opened) => r?,
             s = signals.stop() => {
                 tracing::info!("{s} while starting: stopping");
+                opened.ep.close().await;
                 return Ok(());
             }
         };
