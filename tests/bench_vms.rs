@@ -14,17 +14,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use blixard_core::{EndpointKey, RestartPolicy, VmSpec};
+use blixard_core::{RestartPolicy, VmSpec};
 use blixard_net::api::{VmCreate, VmDelete, VmRef};
-use blixard_net::client::ApiClient;
-use blixard_net::{endpoint, keys, member_addr, EndpointAddr};
 use blixard_tests::bench::{check_binary_fresh, machine};
 use blixard_tests::runners::{guest_runner, write_runner};
-use blixard_tests::{binary, Cluster, Node};
+use blixard_tests::{api, binary, Cluster, Node};
 
 const TARGET_P99_MS: f64 = 20.0;
 
@@ -43,13 +40,6 @@ fn now_ns() -> u128 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos()
-}
-
-fn addr_of(node: &Node) -> EndpointAddr {
-    let info = node.info().unwrap();
-    let key: EndpointKey = info["endpoint_id"].as_str().unwrap().parse().unwrap();
-    let addrs: Vec<SocketAddr> = serde_json::from_value(info["addrs"].clone()).unwrap();
-    member_addr(&key, &addrs).unwrap()
 }
 
 /// Waits (polling every 200 µs) for `file` in the state dir of VM `name` on any node.
@@ -212,13 +202,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let to = addr_of(&c.nodes[1]);
+    let to = api::addr_of(&c.nodes[1]).1;
     let (acked, exec, hosts) = runtime.block_on(async {
-        let secret = keys::load(&c.nodes[0].dir.join("admin.key")).unwrap();
-        let ep = endpoint::bind(secret, SocketAddr::from(([127, 0, 0, 1], 0)), None, vec![])
-            .await
-            .unwrap();
-        let client = ApiClient::new(ep, None, Duration::from_secs(30));
+        let key = c.nodes[0].dir.join("admin.key");
+        let client = api::client(&key, Duration::from_secs(30)).await;
         let (mut acked, mut exec, mut hosts) = (Vec::new(), Vec::new(), [0usize; 3]);
         for i in 0..count {
             let name = format!("vm{i}");
@@ -272,11 +259,8 @@ fn main() {
     // Guest boots under TCG: exec → the initramfs's first line on the console.
     let mut boot = Vec::new();
     runtime.block_on(async {
-        let secret = keys::load(&c.nodes[0].dir.join("admin.key")).unwrap();
-        let ep = endpoint::bind(secret, SocketAddr::from(([127, 0, 0, 1], 0)), None, vec![])
-            .await
-            .unwrap();
-        let client = ApiClient::new(ep, None, Duration::from_secs(30));
+        let key = c.nodes[0].dir.join("admin.key");
+        let client = api::client(&key, Duration::from_secs(30)).await;
         for i in 0..boots {
             let name = format!("g{i}");
             client

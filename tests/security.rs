@@ -13,8 +13,8 @@ use blixard_net::api::{
     TokenCreate, UserAdd, UserList, UserRemove,
 };
 use blixard_net::client::{ApiClient, ClientError};
-use blixard_net::{endpoint, key_of, keys, member_addr, EndpointAddr, SecretKey};
-use blixard_tests::{wait_for, Cluster, Node};
+use blixard_net::{endpoint, key_of, keys, EndpointAddr, SecretKey};
+use blixard_tests::{api, wait_for, Cluster, Node};
 
 fn key_hex(k: &SecretKey) -> String {
     key_of(&k.public()).to_string()
@@ -30,16 +30,11 @@ fn add_user(admin: &Node, name: &str, key: &SecretKey, role: &str, tenant: Optio
 }
 
 fn addr_of(node: &Node) -> EndpointAddr {
-    let info = node.info().unwrap();
-    let key: EndpointKey = info["endpoint_id"].as_str().unwrap().parse().unwrap();
-    member_addr(&key, &[format!("127.0.0.1:{}", node.port).parse().unwrap()]).unwrap()
+    api::addr_of(node).1
 }
 
 async fn client(secret: SecretKey) -> ApiClient {
-    let ep = endpoint::bind(secret, "127.0.0.1:0".parse().unwrap(), None, vec![])
-        .await
-        .unwrap();
-    ApiClient::new(ep, None, Duration::from_secs(10))
+    api::client_as(secret, Duration::from_secs(10)).await
 }
 
 /// One request of every kind. Each is harmless when allowed (it names nothing that exists,

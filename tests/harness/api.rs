@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use blixard_core::EndpointKey;
 use blixard_net::api::{MetaSet, TenantCreate};
 use blixard_net::client::ApiClient;
-use blixard_net::{endpoint, keys, member_addr, EndpointAddr};
+use blixard_net::{endpoint, keys, member_addr, EndpointAddr, SecretKey};
 
 use crate::Node;
 
@@ -30,7 +30,11 @@ pub fn addr_of(node: &Node) -> (u64, EndpointAddr) {
 /// A client on a fresh loopback endpoint with the identity in `key_file` (e.g. a node's
 /// `admin.key`).
 pub async fn client(key_file: &Path, timeout: Duration) -> ApiClient {
-    let secret = keys::load(key_file).unwrap();
+    client_as(keys::load(key_file).unwrap(), timeout).await
+}
+
+/// A client on a fresh loopback endpoint with identity `secret`.
+pub async fn client_as(secret: SecretKey, timeout: Duration) -> ApiClient {
     let ep = endpoint::bind(secret, SocketAddr::from(([127, 0, 0, 1], 0)), None, vec![])
         .await
         .unwrap();
