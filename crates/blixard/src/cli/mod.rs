@@ -185,7 +185,10 @@ pub fn node_check_data(ctx: &Context, r: &blixard_node::daemon::CheckReport) -> 
     out!("commit     {}", r.commit);
     out!("applied    {}", r.applied);
     out!("voters     {:?}", r.voters);
-    out!("state      {} rows, digest {:016x}", r.rows, r.state_digest);
+    match r.state_digest {
+        Some(d) => out!("state      {} rows, digest {d:016x}", r.rows),
+        None => out!("state      {} rows", r.rows),
+    }
     Ok(())
 }
 

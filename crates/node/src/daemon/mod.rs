@@ -87,7 +87,7 @@ pub fn check_data(data_dir: &Path) -> Result<CheckReport, Failure> {
         return Err(data_err(format!("{} does not exist", path.display())));
     }
     let store = blixard_store::Store::open(&path).map_err(store_err)?;
-    store.check().map_err(store_err)
+    store.check_with_digest().map_err(store_err)
 }
 
 pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
