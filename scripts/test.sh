@@ -12,14 +12,16 @@ if ! need cargo; then
 fi
 # Nix (image tests, Nix checks), QEMU + busybox + cpio (a real guest for the supervisor
 # and VM tests; tests/fixtures/guest/build.sh fetches the Debian cloud kernel with
-# apt-get), iptables (the partition test), systemd and util-linux (the systemd supervisor
-# tests run systemd as PID 1 of a private namespace; it is not started on the host).
+# apt-get), iptables and iproute2 (the partition test; the stability suite's network
+# namespaces), systemd and util-linux (the systemd supervisor tests run systemd as PID 1
+# of a private namespace; it is not started on the host; nsenter).
 missing=()
 need nix-instantiate || missing+=(nix-bin)
 need qemu-system-x86_64 || missing+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 need cpio || missing+=(cpio)
 need iptables || missing+=(iptables)
+need ip || missing+=(iproute2)
 [ -x /lib/systemd/systemd ] && need systemd-run || missing+=(systemd)
 need nsenter || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -38,8 +40,11 @@ if ! python3 -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("ty"
   python3 -m pip install -q ty==1.2.0 ruff==0.17.6 || { echo "test.sh: pip install ty ruff failed" >&2; exit 1; }
 fi
 
-# Build the binary the process tests and the Nix checks start.
+# Build the binary the process tests and the Nix checks start, and the stability suite's
+# local Iroh relay (a workspace of its own; tests/relay/Cargo.toml says why). The
+# stability suite's short run is part of the nextest run below (docs/stability.md).
 cargo build --locked --bin blixard
+cargo build --locked --manifest-path tests/relay/Cargo.toml --target-dir "${CARGO_TARGET_DIR:-target}"
 status=0
 if need cargo-nextest; then
   cargo nextest run --workspace --locked --no-fail-fast || status=1

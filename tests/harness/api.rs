@@ -30,14 +30,21 @@ pub fn addr_of(node: &Node) -> (u64, EndpointAddr) {
 /// A client on a fresh loopback endpoint with the identity in `key_file` (e.g. a node's
 /// `admin.key`).
 pub async fn client(key_file: &Path, timeout: Duration) -> ApiClient {
-    client_as(keys::load(key_file).unwrap(), timeout).await
+    client_on(key_file, SocketAddr::from(([127, 0, 0, 1], 0)), timeout).await
+}
+
+/// A client on a fresh endpoint bound to `bind`, with the identity in `key_file`.
+pub async fn client_on(key_file: &Path, bind: SocketAddr, timeout: Duration) -> ApiClient {
+    client_bound(keys::load(key_file).unwrap(), bind, timeout).await
 }
 
 /// A client on a fresh loopback endpoint with identity `secret`.
 pub async fn client_as(secret: SecretKey, timeout: Duration) -> ApiClient {
-    let ep = endpoint::bind(secret, SocketAddr::from(([127, 0, 0, 1], 0)), None, vec![])
-        .await
-        .unwrap();
+    client_bound(secret, SocketAddr::from(([127, 0, 0, 1], 0)), timeout).await
+}
+
+async fn client_bound(secret: SecretKey, bind: SocketAddr, timeout: Duration) -> ApiClient {
+    let ep = endpoint::bind(secret, bind, None, vec![]).await.unwrap();
     ApiClient::new(ep, None, timeout)
 }
 

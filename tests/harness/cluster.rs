@@ -24,6 +24,13 @@ impl Cluster {
         for node in &mut nodes {
             node.extra = extra.iter().map(|s| s.to_string()).collect();
         }
+        Self::start_nodes(root, nodes)
+    }
+
+    /// Starts `nodes` (made under `root`, set up as the caller wants): the first with
+    /// `--init`, the others joining with fresh tokens; waits until all are voters.
+    pub fn start_nodes(root: tempfile::TempDir, mut nodes: Vec<Node>) -> Self {
+        let n = nodes.len();
         nodes[0].start(&["--init"]);
         let mut cluster = Self { root, nodes };
         for i in 1..n {

@@ -8,6 +8,10 @@ mod process;
 
 pub mod api;
 pub mod bench;
+pub mod linear;
+pub mod load;
+pub mod netns;
+pub mod proxy;
 pub mod runners;
 pub mod systemd;
 

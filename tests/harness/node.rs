@@ -22,6 +22,11 @@ pub struct Node {
     pub wrap: Option<Vec<String>>,
     /// A wrapped daemon's pid in this process's pid namespace, while it runs.
     wrapped_pid: Option<u32>,
+    /// The network namespace the daemon runs in (`nsenter --net`, which execs: `child`
+    /// is the daemon itself). The CLI runs where the test's thread is.
+    pub netns: Option<String>,
+    /// The address `--listen` binds (the port is `port`).
+    pub listen_ip: String,
 }
 
 impl Node {
@@ -35,11 +40,20 @@ impl Node {
             extra: Vec::new(),
             wrap: None,
             wrapped_pid: None,
+            netns: None,
+            listen_ip: "127.0.0.1".into(),
         }
     }
 
     /// `blixard`, or the wrapper running it.
     fn command(&self) -> Command {
+        if let Some(ns) = &self.netns {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(binary());
+            return cmd;
+        }
         match &self.wrap {
             Some(wrap) => {
                 let (program, args) = wrap.split_first().expect("an empty wrap");
@@ -113,7 +127,7 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.dir)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.listen_ip, self.port))
             .arg("--name")
             .arg(&self.name)
             .args(self.defaults(args))
@@ -181,7 +195,7 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.dir)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.listen_ip, self.port))
             .args(args)
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
