@@ -2,7 +2,7 @@
 # Runs the whole test suite: unit tests, the storage contract suite, the seeded raft
 # simulation, the process tests that start real `blixard` daemons on loopback, and the
 # Nix checks (every .nix file parses; the module's pure functions evaluate to the expected
-# JSON; the daemon accepts the config they produce).
+# JSON; the daemon accepts the config they produce), and a short run of every fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -55,4 +55,7 @@ fi
 # The module against the real nixpkgs lib and microvm.nix: only where both are given
 # (NIXPKGS_LIB, MICROVM_SRC); otherwise it says loudly that it did not run.
 ./scripts/nix-eval.sh || status=1
+# Every fuzz target for a short run from its committed corpus (FUZZ_SECONDS each, default
+# 20); a crash fails the run and names its reproducer.
+./scripts/fuzz.sh || status=1
 exit $status

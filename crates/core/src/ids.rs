@@ -43,7 +43,8 @@ pub enum ParseIdError {
 }
 
 fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != N * 2 || !s.is_ascii() {
+    // Hex digits only: `from_str_radix` alone would also take a sign (`+f`).
+    if s.len() != N * 2 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; N];
@@ -217,5 +218,22 @@ mod tests {
         assert!("0".parse::<NodeId>().is_err());
         assert!("zz".parse::<EndpointKey>().is_err());
         assert!("é".repeat(32).parse::<EndpointKey>().is_err());
+    }
+
+    // Found by the join_ticket fuzz target: a `+` passed for a hex digit.
+    #[test]
+    fn only_hex_digits_make_an_id() {
+        let signed = "755555555505555555+5555555555550";
+        assert!(signed.parse::<ClusterId>().is_err());
+        assert!("+f".repeat(32).parse::<EndpointKey>().is_err());
+        assert!("+f".repeat(16).parse::<RequestId>().is_err());
+        assert!("+f".repeat(32).parse::<BlobHash>().is_err());
+        assert_eq!(
+            "0123456789abcdefABCDEF0123456789".parse::<ClusterId>(),
+            Ok(ClusterId([
+                0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45,
+                0x67, 0x89
+            ]))
+        );
     }
 }

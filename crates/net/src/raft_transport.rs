@@ -49,8 +49,9 @@ pub enum Refusal {
     WrongNode { expected: NodeId, actual: NodeId },
 }
 
+/// A frame on a raft stream after the hello (public for the fuzz corpus and tests).
 #[derive(Debug, Serialize, Deserialize)]
-enum RaftFrame {
+pub enum RaftFrame {
     Batch(Vec<Vec<u8>>),
     /// A message whose snapshot data follows in chunks.
     SnapshotStart {
@@ -328,6 +329,85 @@ impl ProtocolHandler for RaftHandler {
 
 const NO_LONGER: &str = "no longer admitted";
 
+/// The largest snapshot a receiver reassembles.
+pub const MAX_SNAPSHOT: u64 = 4 * 1024 * 1024 * 1024;
+
+/// What a receiver makes of a raft stream's frames after the hello: the messages to step,
+/// each checked against the stream's ends, with snapshots reassembled from their chunks.
+/// Pure, so the fuzz target runs exactly what a node runs on a peer's bytes.
+#[derive(Debug)]
+pub struct Inbound {
+    from: NodeId,
+    to: NodeId,
+    /// A snapshot being received: its message, the data so far, the announced length.
+    snapshot: Option<(Message, Vec<u8>, u64)>,
+}
+
+impl Inbound {
+    /// A stream from member `from` to this node, `to`.
+    pub fn new(from: NodeId, to: NodeId) -> Self {
+        Self {
+            from,
+            to,
+            snapshot: None,
+        }
+    }
+
+    fn check(&self, m: &Message) -> Result<(), FrameError> {
+        if m.from != self.from.0 || m.to != self.to.0 {
+            return Err(FrameError::Malformed(format!(
+                "message from {} to {} on the stream of node {}",
+                m.from, m.to, self.from
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decodes one frame body; returns the messages it completes, in order.
+    pub fn frame(&mut self, body: &[u8]) -> Result<Vec<Message>, FrameError> {
+        let decode =
+            |bytes: &[u8]| decode_message(bytes).map_err(|e| FrameError::Malformed(e.to_string()));
+        match frame::decode::<RaftFrame>(body)? {
+            RaftFrame::Batch(msgs) => {
+                let mut out = Vec::with_capacity(msgs.len());
+                for bytes in msgs {
+                    // Safe to decode: the peer is an authenticated member (see `admit`).
+                    let msg = decode(&bytes)?;
+                    self.check(&msg)?;
+                    out.push(msg);
+                }
+                Ok(out)
+            }
+            RaftFrame::SnapshotStart { message, len } => {
+                let msg = decode(&message)?;
+                self.check(&msg)?;
+                if len > MAX_SNAPSHOT {
+                    return Err(FrameError::TooLarge(
+                        usize::try_from(len).unwrap_or(usize::MAX),
+                    ));
+                }
+                self.snapshot = Some((msg, Vec::new(), len));
+                Ok(Vec::new())
+            }
+            RaftFrame::SnapshotChunk(chunk) => match self.snapshot.as_mut() {
+                Some((_, data, len)) if (data.len() + chunk.len()) as u64 <= *len => {
+                    data.extend_from_slice(&chunk);
+                    Ok(Vec::new())
+                }
+                _ => Err(FrameError::Malformed("unexpected snapshot chunk".into())),
+            },
+            RaftFrame::SnapshotEnd => match self.snapshot.take() {
+                Some((mut msg, data, len)) if data.len() as u64 == len => {
+                    tracing::info!(from = %self.from, bytes = len, "received snapshot");
+                    msg.mut_snapshot().data = data.into();
+                    Ok(vec![msg])
+                }
+                _ => Err(FrameError::Malformed("incomplete snapshot".into())),
+            },
+        }
+    }
+}
+
 async fn receive(
     node: RaftNode,
     from: NodeId,
@@ -335,55 +415,98 @@ async fn receive(
     book: Arc<dyn PeerBook>,
     mut recv: frame::Reader,
 ) -> Result<(), FrameError> {
-    let mut snapshot: Option<(Message, Vec<u8>, u64)> = None;
-    let check = |m: &Message| {
-        if m.from != from.0 || m.to != node.id().0 {
-            return Err(FrameError::Malformed(format!(
-                "message from {} to {} on the stream of node {from}",
-                m.from, m.to
-            )));
-        }
-        Ok(())
-    };
+    let mut inbound = Inbound::new(from, node.id());
     while let Some(body) = recv.read_raw().await? {
         // A member removed while its stream is open is cut off at its next frame.
         if let Err(refusal) = book.admit(&key, from) {
             return Err(FrameError::Malformed(format!("{NO_LONGER}: {refusal}")));
         }
-        match frame::decode::<RaftFrame>(&body)? {
-            RaftFrame::Batch(msgs) => {
-                for bytes in msgs {
-                    // Safe to decode: the peer is an authenticated member (see `admit`).
-                    let msg =
-                        decode_message(&bytes).map_err(|e| FrameError::Malformed(e.to_string()))?;
-                    check(&msg)?;
-                    node.step(msg);
-                }
-            }
-            RaftFrame::SnapshotStart { message, len } => {
-                let msg =
-                    decode_message(&message).map_err(|e| FrameError::Malformed(e.to_string()))?;
-                check(&msg)?;
-                if len > 4 * 1024 * 1024 * 1024 {
-                    return Err(FrameError::TooLarge(len as usize));
-                }
-                snapshot = Some((msg, Vec::new(), len));
-            }
-            RaftFrame::SnapshotChunk(chunk) => match snapshot.as_mut() {
-                Some((_, data, len)) if (data.len() + chunk.len()) as u64 <= *len => {
-                    data.extend_from_slice(&chunk)
-                }
-                _ => return Err(FrameError::Malformed("unexpected snapshot chunk".into())),
-            },
-            RaftFrame::SnapshotEnd => match snapshot.take() {
-                Some((mut msg, data, len)) if data.len() as u64 == len => {
-                    tracing::info!(from = %from, bytes = len, "received snapshot");
-                    msg.mut_snapshot().data = data.into();
-                    node.step(msg);
-                }
-                _ => return Err(FrameError::Malformed("incomplete snapshot".into())),
-            },
+        for msg in inbound.frame(&body)? {
+            node.step(msg);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::MessageType;
+
+    fn msg(from: u64, to: u64) -> Message {
+        Message {
+            from,
+            to,
+            ..Message::default()
+        }
+    }
+
+    fn body(f: &RaftFrame) -> Vec<u8> {
+        frame::encode(f).unwrap()[4..].to_vec()
+    }
+
+    fn batch(msgs: &[Message]) -> Vec<u8> {
+        body(&RaftFrame::Batch(
+            msgs.iter().map(|m| encode_message(m).unwrap()).collect(),
+        ))
+    }
+
+    #[test]
+    fn messages_must_match_the_stream_they_arrive_on() {
+        let mut inbound = Inbound::new(NodeId(1), NodeId(2));
+        let got = inbound.frame(&batch(&[msg(1, 2), msg(1, 2)])).unwrap();
+        assert_eq!(got.len(), 2);
+        for spoofed in [msg(3, 2), msg(1, 3)] {
+            assert!(matches!(
+                inbound.frame(&batch(&[msg(1, 2), spoofed])),
+                Err(FrameError::Malformed(e)) if e.contains("on the stream of node 1")
+            ));
+        }
+        // Neither a frame nor a protobuf message.
+        assert!(inbound.frame(&[0xff; 3]).is_err());
+        assert!(inbound
+            .frame(&body(&RaftFrame::Batch(vec![vec![0xff; 3]])))
+            .is_err());
+    }
+
+    #[test]
+    fn snapshots_are_reassembled_within_their_announced_length() {
+        let mut snap = msg(1, 2);
+        snap.set_msg_type(MessageType::MsgSnapshot);
+        snap.mut_snapshot().mut_metadata().index = 7;
+        let start = |len| {
+            body(&RaftFrame::SnapshotStart {
+                message: encode_message(&snap).unwrap(),
+                len,
+            })
+        };
+        let chunk = |b: &[u8]| body(&RaftFrame::SnapshotChunk(b.to_vec()));
+        let end = body(&RaftFrame::SnapshotEnd);
+
+        let mut inbound = Inbound::new(NodeId(1), NodeId(2));
+        assert!(inbound.frame(&start(4)).unwrap().is_empty());
+        assert!(inbound.frame(&chunk(&[1, 2])).unwrap().is_empty());
+        assert!(inbound.frame(&chunk(&[3, 4])).unwrap().is_empty());
+        let done = inbound.frame(&end).unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].get_snapshot().data.as_ref(), &[1, 2, 3, 4]);
+        assert_eq!(done[0].get_snapshot().get_metadata().index, 7);
+
+        // More than announced, less than announced, chunks or an end without a start.
+        let mut inbound = Inbound::new(NodeId(1), NodeId(2));
+        inbound.frame(&start(2)).unwrap();
+        assert!(inbound.frame(&chunk(&[1, 2, 3])).is_err());
+        let mut inbound = Inbound::new(NodeId(1), NodeId(2));
+        inbound.frame(&start(2)).unwrap();
+        inbound.frame(&chunk(&[1])).unwrap();
+        assert!(inbound.frame(&end).is_err());
+        let mut inbound = Inbound::new(NodeId(1), NodeId(2));
+        assert!(inbound.frame(&chunk(&[1])).is_err());
+        assert!(inbound.frame(&end).is_err());
+        // An announced length over the limit is refused before anything is kept.
+        assert!(matches!(
+            inbound.frame(&start(MAX_SNAPSHOT + 1)),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
 }

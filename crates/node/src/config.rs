@@ -71,18 +71,26 @@ pub enum InputProblem {
 }
 
 impl InputFileError {
-    /// Reads and parses the JSON file at `path`.
-    pub fn read_json<T: serde::de::DeserializeOwned>(
-        what: &'static str,
-        path: &Path,
-    ) -> Result<T, Self> {
-        let fail = |problem| Self {
+    /// Reads the file at `path`.
+    pub fn read(what: &'static str, path: &Path) -> Result<String, Self> {
+        std::fs::read_to_string(path).map_err(|e| Self {
             what,
             path: path.to_path_buf(),
-            problem,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(InputProblem::Read(e)))?;
-        serde_json::from_str(&text).map_err(|e| fail(InputProblem::Syntax(e)))
+            problem: InputProblem::Read(e),
+        })
+    }
+
+    /// Parses `text`, the JSON read from `path`.
+    pub fn parse_json<T: serde::de::DeserializeOwned>(
+        what: &'static str,
+        path: &Path,
+        text: &str,
+    ) -> Result<T, Self> {
+        serde_json::from_str(text).map_err(|e| Self {
+            what,
+            path: path.to_path_buf(),
+            problem: InputProblem::Syntax(e),
+        })
     }
 
     /// An entry of the file at `path` that breaks `rule`.
@@ -95,10 +103,16 @@ impl InputFileError {
     }
 }
 
+const MEMBERS: &str = "expected members";
+
 /// Reads an expected-members file.
 pub fn load_members(path: &Path) -> Result<Vec<ExpectedMember>, InputFileError> {
-    const WHAT: &str = "expected members";
-    let map: BTreeMap<String, ExpectedMember> = InputFileError::read_json(WHAT, path)?;
+    parse_members(&InputFileError::read(MEMBERS, path)?, path)
+}
+
+/// Parses and checks `text`, an expected-members file read from `path`.
+pub fn parse_members(text: &str, path: &Path) -> Result<Vec<ExpectedMember>, InputFileError> {
+    let map: BTreeMap<String, ExpectedMember> = InputFileError::parse_json(MEMBERS, path, text)?;
     for (key, m) in &map {
         if let Some(bad) = m
             .addresses
@@ -106,7 +120,7 @@ pub fn load_members(path: &Path) -> Result<Vec<ExpectedMember>, InputFileError> 
             .find(|a| a.parse::<std::net::SocketAddr>().is_err())
         {
             let rule = format!("address {bad:?} is not IP:PORT");
-            return Err(InputFileError::entry(WHAT, path, key.clone(), rule));
+            return Err(InputFileError::entry(MEMBERS, path, key.clone(), rule));
         }
     }
     Ok(map.into_values().collect())

@@ -53,10 +53,16 @@ pub struct DeclaredVm {
     pub ready_marker: Option<String>,
 }
 
+const WHAT: &str = "declared VMs";
+
 /// Reads and checks a declared-VM file; the error names the file and the VM.
 pub fn load(path: &Path) -> Result<Vec<DeclaredVm>, InputFileError> {
-    const WHAT: &str = "declared VMs";
-    let entries: Vec<serde_json::Value> = InputFileError::read_json(WHAT, path)?;
+    parse(&InputFileError::read(WHAT, path)?, path)
+}
+
+/// Parses and checks `text`, a declared-VM file read from `path`.
+pub fn parse(text: &str, path: &Path) -> Result<Vec<DeclaredVm>, InputFileError> {
+    let entries: Vec<serde_json::Value> = InputFileError::parse_json(WHAT, path, text)?;
     // One entry at a time, so an error names the VM it is in.
     let vms = entries
         .into_iter()

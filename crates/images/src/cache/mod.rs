@@ -19,7 +19,9 @@
 
 mod body;
 mod conn;
-mod range;
+/// Public for the fuzz targets: the `Range` header is read from any HTTP client.
+#[doc(hidden)]
+pub mod range;
 #[cfg(test)]
 mod tests;
 

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 /// What a request's `Range` header asks of a body of `size` bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Wanted {
+pub enum Wanted {
     /// The whole body (no header, a unit other than bytes, several ranges, or a header
     /// that does not parse: RFC 9110 lets a server ignore those).
     Full,
@@ -17,7 +17,7 @@ pub(crate) enum Wanted {
 }
 
 /// Reads a `Range` header value for a body of `size` bytes.
-pub(crate) fn wanted(header: Option<&[u8]>, size: u64) -> Wanted {
+pub fn wanted(header: Option<&[u8]>, size: u64) -> Wanted {
     let Some(spec) = header
         .and_then(|h| std::str::from_utf8(h).ok())
         .map(str::trim)
