@@ -77,6 +77,9 @@ if [ "$mode" = minimize ]; then
 fi
 
 status=0
+# The nar target unpacks into a scratch dir under TMPDIR: keep it in the build dir.
+export TMPDIR="$out/tmp"
+rm -rf "$TMPDIR" && mkdir -p "$TMPDIR"
 printf '%-12s %8s %12s %10s %8s\n' target seconds executions exec/s corpus
 for t in "${targets[@]}"; do
   work="$out/corpus/$t"
