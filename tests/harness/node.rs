@@ -387,7 +387,37 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // Under scripts/coverage.sh a daemon writes its profile only when it exits: ask it
+        // to stop first (bounded), so what it ran counts.
+        if std::env::var_os("LLVM_PROFILE_FILE").is_some() {
+            self.term_within(Duration::from_secs(10));
+        }
         self.kill9();
+    }
+}
+
+impl Node {
+    /// SIGTERM, then wait up to `timeout` for the exit; never panics (used in `drop`).
+    fn term_within(&mut self, timeout: Duration) {
+        let Some(pid) = self.pid() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let deadline = Instant::now() + timeout;
+        while let Some(child) = self.child.as_mut() {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                self.child = None;
+                self.wrapped_pid = None;
+                return;
+            }
+            if Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
