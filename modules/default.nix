@@ -109,6 +109,18 @@ let
     LimitNPROC = hd.nproc;
   };
 
+  # Where /metrics is served, as rendered (null: off), and where a local Prometheus
+  # reaches it (a wildcard address on loopback).
+  metricsAt = blib.metricsListen daemonConfig;
+  metricsTarget =
+    let
+      port = toString (blib.portOf metricsAt);
+      host = lib.removeSuffix ":${port}" metricsAt;
+    in
+    if host == "0.0.0.0" then "127.0.0.1:${port}"
+    else if host == "[::]" then "[::1]:${port}"
+    else metricsAt;
+
   # The daemon's own memory limit (services.blixard.memoryMax; see its description).
   daemonMemoryMax =
     if cfg.memoryMax != null then cfg.memoryMax
@@ -154,6 +166,8 @@ in
 
       # The port the daemon binds, as rendered (`settings.listen` wins over `listen`).
       networking.firewall.allowedUDPPorts = lib.mkIf cfg.openFirewall [ (blib.portOf daemonConfig.listen) ];
+      # The metrics endpoint (TCP), as rendered, when it is on.
+      networking.firewall.allowedTCPPorts = lib.mkIf (cfg.metrics.openFirewall && metricsAt != null) [ (blib.portOf metricsAt) ];
 
       systemd.services.blixard = {
         description = "Blixard node";
@@ -313,6 +327,32 @@ in
           ExecStop = thinPoolStop;
         };
       };
+    })
+    # Monitoring: a local Prometheus scrapes the node and loads the rules; a local
+    # Grafana gets the dashboard.
+    (lib.mkIf cfg.metrics.prometheus.enable {
+      assertions = [{
+        assertion = metricsAt != null;
+        message = "services.blixard.metrics.prometheus.enable needs the metrics endpoint; metrics.listen is \"off\"";
+      }];
+      services.prometheus.scrapeConfigs = lib.optional (metricsAt != null) {
+        job_name = "blixard";
+        static_configs = [{ targets = [ metricsTarget ]; labels.node = config.networking.hostName; }];
+      };
+      services.prometheus.ruleFiles = [ ../monitoring/rules.yml ];
+    })
+    (lib.mkIf cfg.metrics.grafana.enable {
+      services.grafana.provision.enable = true;
+      services.grafana.provision.dashboards.settings.providers = [{
+        name = "blixard";
+        type = "file";
+        # A directory holding only the dashboard (Grafana's file provider reads a folder).
+        options.path = builtins.path {
+          name = "blixard-dashboards";
+          path = ../monitoring;
+          filter = p: t: t == "regular" && baseNameOf p == "grafana-dashboard.json";
+        };
+      }];
     })
   ]);
 }

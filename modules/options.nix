@@ -196,6 +196,37 @@ in
       };
     };
 
+    metrics = {
+      listen = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "0.0.0.0:7390";
+        description = ''
+          Where the node serves `GET /metrics` for Prometheus (daemon default
+          127.0.0.1:7390), or `"off"`. `metrics.listen`. docs/monitoring.md lists the metrics.
+        '';
+      };
+      openFirewall = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Open the TCP port of `metrics.listen` in the firewall (for a Prometheus on another host).";
+      };
+      prometheus.enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Register this node with the local `services.prometheus` (job `blixard`, scraped
+          at `metrics.listen`) and load Blixard's alert and recording rules
+          (monitoring/rules.yml).
+        '';
+      };
+      grafana.enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Provision Blixard's dashboard (monitoring/grafana-dashboard.json) into the local `services.grafana`.";
+      };
+    };
+
     requestTimeoutMs = mkOption {
       type = types.nullOr types.ints.positive;
       default = null;

@@ -67,7 +67,7 @@ rec {
   #     vms = { stateDir, consoleMaxMib, downTimeoutMs, fenceTimeoutMs, stopTimeoutMs,
   #             strategy, cpuOvercommitPct, memoryOvercommitPct, hooks, hookTimeoutMs,
   #             declaredFile, supervisor, unitProperties };
-  #     requestTimeoutMs, expectedMembers, settings }
+  #     metrics = { listen }; requestTimeoutMs, expectedMembers, settings }
   # Every field may be missing or null; nulls are dropped so the daemon's defaults apply
   # (`vms.hooks = [ ]` and `vms.unitProperties = [ ]` too: the daemon's defaults are empty
   # lists). Hooks are left as given, so a Nix path literal is copied to the store when the
@@ -79,6 +79,7 @@ rec {
       raft = cfg.raft or { };
       img = cfg.images or { };
       vms = cfg.vms or { };
+      met = cfg.metrics or { };
       hooks = get vms "hooks";
       unitProperties = get vms "unitProperties";
       typed = dropNulls {
@@ -98,6 +99,9 @@ rec {
           snapshot_threshold = get raft "snapshotThreshold";
         };
         request_timeout_ms = get cfg "requestTimeoutMs";
+        metrics = {
+          listen = get met "listen";
+        };
         images = {
           store_dir = get img "storeDir";
           cache_listen = get img "cacheListen";
@@ -143,6 +147,7 @@ rec {
         capacity = { inherit (cfg.capacity) vcpus memoryMib; };
         raft = { inherit (cfg.raft) tickMs electionTicks heartbeatTicks snapshotThreshold; };
         images = { inherit (cfg.images) storeDir cacheListen cacheSizeMib materialise nixStore importPaths; };
+        metrics = { listen = (cfg.metrics or { }).listen or null; };
         vms = {
           inherit (cfg.vms) stateDir consoleMaxMib downTimeoutMs fenceTimeoutMs stopTimeoutMs
             strategy cpuOvercommitPct memoryOvercommitPct hooks hookTimeoutMs supervisor;
@@ -327,11 +332,17 @@ rec {
   joinCredential = "join-ticket";
 
   # The local ports the daemon listens on (its UDP `listen`, the binary cache's TCP
-  # `images.cache_listen`), from a rendered config: what `net.ipv4.ip_local_reserved_ports`
+  # `images.cache_listen`, the metrics endpoint's TCP `metrics.listen`), from a rendered config: what `net.ipv4.ip_local_reserved_ports`
   # must hold when the ephemeral port range is widened, so that no outgoing connection
   # takes one of them before the daemon binds it.
   # systemd's TimeoutStopSec for a rendered config: the daemon's stop bound, in whole
   # seconds, plus 5.
+  # Where a rendered config serves /metrics (the daemon's default when unset), or null
+  # when it is "off".
+  metricsListen = config:
+    let l = (config.metrics or { }).listen or "127.0.0.1:7390";
+    in if l == "off" then null else l;
+
   stopTimeoutSec = config:
     let ms = orDefault (config.shutdown_timeout_ms or null) daemonDefaults.shutdown_timeout_ms;
     in (ms + 999) / 1000 + 5;
@@ -339,7 +350,9 @@ rec {
   daemonPorts = config:
     let
       cache = (config.images or { }).cache_listen or "127.0.0.1:7380";
-      ports = filter (p: p != null && p != 0) [ (portOf (config.listen or "0.0.0.0:7000")) (portOf cache) ];
+      metrics = metricsListen config;
+      ports = filter (p: p != null && p != 0) ([ (portOf (config.listen or "0.0.0.0:7000")) (portOf cache) ]
+        ++ (if metrics == null then [ ] else [ (portOf metrics) ]));
     in
     sort (a: b: a < b) (attrNames (listToAttrs (map (p: { name = toString p; value = p; }) ports)));
 

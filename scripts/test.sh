@@ -34,6 +34,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# Prometheus and promtool (the monitoring test: the rules, their unit tests, a real
+# scrape); without its recommends (the node exporter), and its service is not started.
+if ! [ -x /usr/bin/prometheus ] || ! [ -x /usr/bin/promtool ]; then
+  if [ "$(id -u)" = 0 ] && need apt-get; then
+    echo "test.sh: installing prometheus"
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "test.sh: missing prometheus; install it (Debian/Ubuntu: sudo apt-get install prometheus)" >&2
+    exit 1
+  fi
+fi
+
 # ty and ruff check the NixOS tests' scripts as nixpkgs does (nix/tests/driver/README.md).
 if ! python3 -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("ty") and u.find_spec("ruff") else 1)' 2>/dev/null; then
   echo "test.sh: installing ty and ruff (pip)"

@@ -450,6 +450,7 @@ fn a_node_told_to_stop_while_it_joins_stops_at_once() {
     let mut child = std::process::Command::new(blixard_tests::binary())
         .args(["--data-dir", joiner.dir.to_str().unwrap(), "node", "run"])
         .args(["--listen", &format!("127.0.0.1:{}", joiner.port)])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .args(["--join", &ticket])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -686,10 +687,24 @@ fn a_member_whose_state_differs_raises_the_alarm() {
     let text = c.nodes[2].cli_ok(&["cluster", "status", "--stale"]);
     assert!(text.contains("ALARM"), "{text}");
     assert!(c.nodes[2].log().contains("this node's state differs"));
+    // The alarm is a metric too, for the BlixardStateCheckAlarm alert.
+    let alarm = |n: &Node| {
+        let at: std::net::SocketAddr = n.info().unwrap()["metrics"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body = blixard_tests::http::get(at, "/metrics", &[]).unwrap().body;
+        body.lines()
+            .find_map(|l| l.strip_prefix("blixard_raft_state_check_alarm "))
+            .map(str::to_string)
+    };
+    assert_eq!(alarm(&c.nodes[2]).as_deref(), Some("1"));
     for n in &c.nodes[..2] {
         let s = n.status(true).unwrap();
         assert!(s["raft"]["alarm"].is_null(), "{}: {}", n.name, s["raft"]);
         assert!(s["raft"]["state_check"]["index"].as_u64().is_some());
+        assert_eq!(alarm(n).as_deref(), Some("0"), "{}", n.name);
     }
 }
 

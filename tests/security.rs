@@ -181,6 +181,7 @@ fn every_request(who: &str) -> Vec<Request> {
             drained: false,
         }
         .into(),
+        blixard_net::api::NodeStatsRequest {}.into(),
     ]
 }
 
@@ -255,9 +256,9 @@ async fn authorization_matrix_on_a_real_cluster() {
     //            Status MetaGet MetaSet Token Join Leave UAdd URm ULst PGet PSet PTest
     //            IImport IList IShow IPull IPin IRm CacheKey
     //            TCreate TList QSet QShow NList USetKey ASetKey
-    //            VCreate VList VShow VControl VDelete VLogs NDrain
+    //            VCreate VList VShow VControl VDelete VLogs NDrain NStats
     let (t, f) = (true, false);
-    let expect: [(&str, SecretKey, [bool; 33]); 7] = [
+    let expect: [(&str, SecretKey, [bool; 34]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
@@ -265,7 +266,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -275,7 +276,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -285,7 +286,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f,
+                f, t, t, f, f, t, f, t,
             ],
         ),
         (
@@ -295,7 +296,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, f, t, f, f, //
-                t, t, f, f, f, f, f,
+                t, t, f, f, f, f, f, t,
             ],
         ),
         (
@@ -305,7 +306,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                t, t, t, t, t, t, f,
+                t, t, t, t, t, t, f, t,
             ],
         ),
         (
@@ -315,7 +316,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, t, t, t, t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
-                t, t, t, t, t, t, t,
+                t, t, t, t, t, t, t, t,
             ],
         ),
         (
@@ -325,7 +326,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, f, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f,
+                f, t, t, f, f, t, f, t,
             ],
         ),
     ];

@@ -43,6 +43,7 @@ fn spawn(dir: &Path, port: u16, config: &str, log: &Path) -> Child {
         .args(["--data-dir", dir.to_str().unwrap(), "node", "run", "--init"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--config", cfg.to_str().unwrap(), "--cache-listen", "off"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .env("BLIXARD_LOG", "info,raft=warn")
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())

@@ -453,6 +453,8 @@ fn the_join_ticket_reaches_the_daemon_as_a_systemd_credential() {
                 "n2",
                 "--cache-listen",
                 "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "--store-dir",
                 n2.store_dir().to_str().unwrap(),
             ]

@@ -2,7 +2,7 @@
 # scripts/nix-check.sh. Pure: no nixpkgs.
 let
   lib = import ../lib.nix;
-  inherit (lib) mkDaemonConfig moduleDaemonConfig mkRunArgs checkCluster checkNodes checkThinPool checkVms checkVmsConfig failedAssertions mkDeclaredVms polkitRule;
+  inherit (lib) mkDaemonConfig moduleDaemonConfig mkRunArgs checkCluster checkNodes checkThinPool checkVms checkVmsConfig failedAssertions mkDeclaredVms polkitRule daemonPorts;
 
   # Declared VMs as the module passes them (option defaults included), with runners that
   # look like real store paths: a local one with a ready marker, and one the cluster places.
@@ -86,6 +86,7 @@ let
     joinTicketFile = null;
     members = { };
     openFirewall = true;
+    metrics = { listen = null; openFirewall = false; prometheus.enable = false; grafana.enable = false; };
     memoryMax = null;
     thinPool = { enable = false; name = "blixard-pool"; backingFile = null; device = null; dataSize = 20480; metadataSize = 256; blockSize = 128; };
   };
@@ -116,6 +117,9 @@ let
         escapeShellArgs = xs: concatStringsSep " " (map stubLib.escapeShellArg xs);
         makeBinPath = xs: concatStringsSep ":" (map (x: "${x}/bin") xs);
         hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
+        removeSuffix = suf: str:
+          let n = builtins.stringLength str; k = builtins.stringLength suf; in
+          if n >= k && builtins.substring (n - k) k str == suf then builtins.substring 0 (n - k) str else str;
         mapAttrs = builtins.mapAttrs;
         mapNullable = f: x: if x == null then null else f x;
         concatStringsSep = builtins.concatStringsSep;
@@ -159,8 +163,19 @@ let
       # what lib.mkMerge got, past the base: the supervisor's part is the only other one
       # with `security` (the high-density and thin-pool parts are off here)
       polkit = builtins.filter (p: p ? security) (builtins.tail m.config);
+      monitoring = builtins.filter (p: p ? services) (builtins.tail m.config);
     in
     {
+      # The metrics endpoint's firewall port and the monitoring parts (store paths as
+      # base names: they change with the files' content).
+      metrics = {
+        tcpPorts = base.networking.firewall.allowedTCPPorts;
+        scrapeConfigs = builtins.concatLists (map (p: p.services.prometheus.scrapeConfigs or [ ]) monitoring);
+        ruleFiles = builtins.concatLists (map (p: map baseNameOf (p.services.prometheus.ruleFiles or [ ])) monitoring);
+        assertions = builtins.concatLists (map (p: map (a: a.message) (builtins.filter (a: !a.assertion) (p.assertions or [ ]))) monitoring);
+        dashboards = builtins.concatLists (map (p: map (d: { inherit (d) name type; path = builtins.substring 44 100 (toString d.options.path); })
+          (p.services.grafana.provision.dashboards.settings.providers or [ ])) monitoring);
+      };
       inherit (unit) path;
       serviceConfig = {
         inherit (unit.serviceConfig) KillMode User AmbientCapabilities CapabilityBoundingSet Delegate
@@ -312,6 +327,22 @@ in
     { top = { }; vms = { supervisor = "process"; }; }
     { top = { memoryMax = "512M"; }; vms = { }; }
     { top = { memoryMax = "2G"; }; vms = { supervisor = "process"; }; }
+  ];
+
+  # the metrics endpoint: off by default in the firewall and in a local Prometheus; on, its
+  # TCP port opens, a local Prometheus scrapes it on loopback (a wildcard listen) with the
+  # rules loaded, and Grafana gets the dashboard; "off" with Prometheus asked is an error
+  module-metrics = map (m: (moduleUnitWith { metrics = moduleCfg.metrics // m; } { }).metrics) [
+    { }
+    { listen = "0.0.0.0:9390"; openFirewall = true; prometheus.enable = true; grafana.enable = true; }
+    { listen = "off"; openFirewall = true; prometheus.enable = true; }
+  ];
+  # [metrics] listen, and the ports the daemon must have reserved
+  daemon-config-metrics = mkDaemonConfig (full // { metrics.listen = "off"; });
+  daemon-ports-metrics = map daemonPorts [
+    { }
+    { metrics.listen = "off"; }
+    { listen = "0.0.0.0:7000"; metrics.listen = "10.0.0.1:9390"; }
   ];
 
   # the polkit rule (security.polkit.extraConfig); scripts/nix-check.sh also runs it in

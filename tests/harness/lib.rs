@@ -8,6 +8,7 @@ mod process;
 
 pub mod api;
 pub mod bench;
+pub mod http;
 pub mod linear;
 pub mod load;
 pub mod netns;

@@ -79,7 +79,8 @@ impl Node {
     }
 
     /// Per-node settings that must differ between nodes on one host, unless the test
-    /// sets them itself: the binary cache on an ephemeral port, a store dir of its own.
+    /// sets them itself: the binary cache and the metrics endpoint on ephemeral ports, a
+    /// store dir of its own.
     fn defaults(&self, args: &[&str]) -> Vec<String> {
         let given = |flag: &str| {
             args.iter()
@@ -95,6 +96,9 @@ impl Node {
         let mut out = Vec::new();
         if !given("--cache-listen") {
             out.extend(["--cache-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
+        if !given("--metrics-listen") {
+            out.extend(["--metrics-listen".to_string(), "127.0.0.1:0".to_string()]);
         }
         if !given("--store-dir") {
             out.extend([

@@ -1,6 +1,8 @@
 //! The [`Authorizer`]: a policy set validated against the schema, answering requests.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use cedar_policy::{
     Authorizer as CedarAuthorizer, Decision, Entities, PolicySet, Request, Schema, ValidationMode,
@@ -31,6 +33,28 @@ pub struct Authorizer {
     cedar: CedarAuthorizer,
     entities: EntityBuilder,
     actions: Actions,
+    counts: Arc<DecisionCounts>,
+}
+
+/// How many requests an authorizer (or the succession of authorizers a node builds as its
+/// policies change) allowed, denied, or could not decide: the node's
+/// `blixard_authz_decisions_total`.
+#[derive(Debug, Default)]
+pub struct DecisionCounts {
+    allowed: AtomicU64,
+    denied: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl DecisionCounts {
+    /// Allowed, denied, and not decided (an error).
+    pub fn get(&self) -> (u64, u64, u64) {
+        (
+            self.allowed.load(Ordering::Relaxed),
+            self.denied.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl Authorizer {
@@ -52,6 +76,7 @@ impl Authorizer {
             cedar: CedarAuthorizer::new(),
             entities,
             actions,
+            counts: Arc::default(),
         })
     }
 
@@ -65,8 +90,32 @@ impl Authorizer {
         &self.text
     }
 
+    /// Counts this authorizer's decisions in `counts` (shared with the authorizers built
+    /// before it) rather than in its own.
+    pub fn counting(mut self, counts: Arc<DecisionCounts>) -> Self {
+        self.counts = counts;
+        self
+    }
+
     /// Would `subject` be allowed `action` on `resource`?
     pub fn authorize(
+        &self,
+        subject: &Subject,
+        action: &str,
+        resource: &Resource,
+        context: &RequestContext,
+    ) -> Result<Verdict, AuthzError> {
+        let verdict = self.decide(subject, action, resource, context);
+        let count = match &verdict {
+            Ok(v) if v.allowed => &self.counts.allowed,
+            Ok(_) => &self.counts.denied,
+            Err(_) => &self.counts.errors,
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        verdict
+    }
+
+    fn decide(
         &self,
         subject: &Subject,
         action: &str,

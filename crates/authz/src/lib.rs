@@ -18,7 +18,7 @@ mod schema;
 mod types;
 
 pub use actions::ACTIONS;
-pub use authorizer::Authorizer;
+pub use authorizer::{Authorizer, DecisionCounts};
 pub use error::AuthzError;
 pub use schema::{DEFAULT_POLICIES, SCHEMA};
 pub use types::{RequestContext, Resource, Subject, Verdict};

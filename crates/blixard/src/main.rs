@@ -156,6 +156,9 @@ enum NodeCommand {
     /// Check a stopped node's data file (the one in --data-dir): every page's checksum,
     /// the raft log against the hard state, and the state rows. Exits 7 if it fails.
     CheckData,
+    /// The node's key figures (raft, API, VMs, images, peers, process), from the same
+    /// sources as its /metrics, without Prometheus. `--node` picks another node.
+    Stats,
     /// List the hosts: capacity, what is allocated, VMs, status, labels.
     List {
         #[arg(long)]
@@ -358,6 +361,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tenant(cmd) => cli::tenants::tenant(&ctx, cmd).await,
         Command::Quota(cmd) => cli::tenants::quota(&ctx, cmd).await,
         Command::Node(NodeCommand::List { stale }) => cli::tenants::node_list(&ctx, stale).await,
+        Command::Node(NodeCommand::Stats) => cli::tenants::node_stats(&ctx).await,
         Command::Node(NodeCommand::Drain {
             id,
             wait,

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use blixard_node::daemon::{CacheListen, RunArgs};
+use blixard_node::daemon::{Listen, RunArgs};
 use clap::Args;
 
 #[derive(Args, Debug)]
@@ -43,8 +43,11 @@ pub struct RunCommand {
     #[arg(long, env = "BLIXARD_STORE_DIR")]
     pub store_dir: Option<String>,
     /// Serve the binary cache on this address (default 127.0.0.1:7380), or `off`.
-    #[arg(long, env = "BLIXARD_CACHE_LISTEN", value_parser = parse_cache_listen)]
-    pub cache_listen: Option<CacheListen>,
+    #[arg(long, env = "BLIXARD_CACHE_LISTEN", value_parser = parse_listen)]
+    pub cache_listen: Option<Listen>,
+    /// Serve `GET /metrics` (Prometheus) on this address (default 127.0.0.1:7390), or `off`.
+    #[arg(long, env = "BLIXARD_METRICS_LISTEN", value_parser = parse_listen)]
+    pub metrics_listen: Option<Listen>,
 }
 
 impl From<RunCommand> for RunArgs {
@@ -62,15 +65,16 @@ impl From<RunCommand> for RunArgs {
             snapshot_threshold: c.snapshot_threshold,
             store_dir: c.store_dir,
             cache_listen: c.cache_listen,
+            metrics_listen: c.metrics_listen,
         }
     }
 }
 
-fn parse_cache_listen(s: &str) -> Result<CacheListen, String> {
+fn parse_listen(s: &str) -> Result<Listen, String> {
     if s == "off" {
-        return Ok(CacheListen::Off);
+        return Ok(Listen::Off);
     }
     s.parse()
-        .map(CacheListen::At)
+        .map(Listen::At)
         .map_err(|e| format!("expected HOST:PORT or off: {e}"))
 }

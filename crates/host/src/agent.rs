@@ -74,6 +74,12 @@ pub trait Cluster: Send + Sync + 'static {
     fn fetch(&self, image: &Image) -> impl Future<Output = Result<(), Self::FetchError>> + Send;
     /// Runs `vm`'s after-start hooks (their outcome is theirs: a VM runs on either way).
     fn after_start(&self, vm: &Vm) -> impl Future<Output = ()> + Send;
+    /// The agent tried to start `vm`'s runner: it was exec'd (`ok`) or could not be.
+    /// `restart`: the VM ran here before under the same placement (after an exit or a
+    /// restart request). For the metrics; does nothing by default.
+    fn started(&self, _vm: &Vm, _ok: bool, _restart: bool) {}
+    /// One reconcile round took `took`. For the metrics; does nothing by default.
+    fn reconciled(&self, _took: Duration) {}
 }
 
 /// The agent's timings.
@@ -164,7 +170,10 @@ impl<C: Cluster> Agent<C> {
             let idle_ms = IDLE.as_millis() as u64;
             let quick =
                 wake == Wake::Applied && self.cluster.now_ms().saturating_sub(swept) < idle_ms;
-            if self.round(quick).await == Round::Full {
+            let began = std::time::Instant::now();
+            let round = self.round(quick).await;
+            self.cluster.reconciled(began.elapsed());
+            if round == Round::Full {
                 swept = self.cluster.now_ms();
             }
             if self.cluster.now_ms().saturating_sub(trimmed) > TRIM_EVERY.as_millis() as u64 {
@@ -467,8 +476,12 @@ impl<C: Cluster> Agent<C> {
         record: Option<Record>,
         after_exit: bool,
     ) -> Result<(), HostError> {
+        let restart = record
+            .as_ref()
+            .is_some_and(|r| r.generation == vm.generation);
         let Some(image) = self.cluster.image(&vm.spec.image) else {
             let why = format!("image {} is gone", vm.spec.image);
+            self.cluster.started(vm, false, restart);
             self.report(vm, Phase::Failed, Some(why)).await;
             return Ok(());
         };
@@ -477,6 +490,7 @@ impl<C: Cluster> Agent<C> {
                 "image {} now names another closure than the VM was created with",
                 image.name
             );
+            self.cluster.started(vm, false, restart);
             self.report(vm, Phase::Failed, Some(why)).await;
             return Ok(());
         }
@@ -488,6 +502,7 @@ impl<C: Cluster> Agent<C> {
         let runner = match Runner::new(&runner_dir) {
             Ok(r) => r,
             Err(e) => {
+                self.cluster.started(vm, false, restart);
                 self.report(vm, Phase::Failed, Some(e.to_string())).await;
                 return Ok(());
             }
@@ -520,9 +535,11 @@ impl<C: Cluster> Agent<C> {
         .map_err(HostError::from)
         .and_then(|r| r);
         if let Err(e) = started {
+            self.cluster.started(vm, false, restart);
             self.report(vm, Phase::Failed, Some(e.to_string())).await;
             return Ok(());
         }
+        self.cluster.started(vm, true, restart);
         write_record(
             dir,
             &Record {

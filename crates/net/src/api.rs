@@ -90,6 +90,7 @@ rpcs! {
     VmDelete(VmDelete) -> VmDeleted;
     VmLogs(VmLogs) -> VmConsole;
     NodeDrain(NodeDrain) -> NodeDrained;
+    NodeStats(NodeStatsRequest) -> Box<NodeStats>;
 }
 
 /// The progress phase an image pull reports once its node is recorded as a holder (every
@@ -214,6 +215,23 @@ pub enum ApiError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl ApiError {
+    /// A short, fixed name for the error's kind (a metric label, a log field).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized { .. } => "unauthorized",
+            ApiError::WrongCluster { .. } => "wrong_cluster",
+            ApiError::Version(_) => "version",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Rejected(_) => "rejected",
+            ApiError::NoLeader => "no_leader",
+            ApiError::Timeout(_) => "timeout",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
 }
 
 /// Cluster status, as seen by the answering node.
@@ -523,6 +541,58 @@ pub struct QuotaSet {
 pub struct QuotaShow {
     pub tenant: String,
     pub stale: bool,
+}
+
+/// The answering node's key figures (`blixard node stats`): the same sources as its
+/// `/metrics`, without Prometheus.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatsRequest {}
+
+/// One peer's raft connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerLink {
+    pub node: NodeId,
+    /// `direct` or `relay`.
+    pub path: String,
+    pub rtt_micros: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub node: NodeId,
+    pub role: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub leader_changes_seen: u64,
+    pub proposals_committed: u64,
+    pub proposals_failed: u64,
+    pub proposals_pending: u64,
+    pub state_check_alarm: bool,
+    /// Members by `role/status` (e.g. `voter/active`), as this node's state knows them.
+    pub members: BTreeMap<String, u64>,
+    pub capacity: Capacity,
+    pub allocated: Allocated,
+    /// VMs placed here (and, on the leader, placed nowhere) by phase.
+    pub vms: BTreeMap<String, u64>,
+    pub vm_starts_ok: u64,
+    pub vm_starts_failed: u64,
+    pub images_held: u64,
+    pub image_store_bytes: u64,
+    pub cache_sent_bytes: u64,
+    pub api_requests_ok: u64,
+    pub api_requests_failed: u64,
+    pub authz_allowed: u64,
+    pub authz_denied: u64,
+    pub audit_records_dropped: u64,
+    pub peers: Vec<PeerLink>,
+    pub resident_memory_bytes: u64,
+    /// Milliseconds of CPU time (user and system).
+    pub cpu_millis: u64,
+    pub open_fds: u64,
+    pub uptime_secs: u64,
+    pub data_dir_available_bytes: Option<u64>,
 }
 
 /// Lists the hosts with what they offer and what is placed on them.

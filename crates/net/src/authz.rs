@@ -182,7 +182,9 @@ pub fn action_of(
         return ("node:forward", Resource::Cluster);
     }
     match request {
-        Request::Status(_) | Request::MetaGet(_) => ("cluster:read", Resource::Cluster),
+        Request::Status(_) | Request::MetaGet(_) | Request::NodeStats(_) => {
+            ("cluster:read", Resource::Cluster)
+        }
         Request::TokenCreate(_)
         | Request::Leave(_)
         | Request::MetaSet(_)
@@ -288,6 +290,7 @@ pub fn is_mutating(request: &Request) -> bool {
     !matches!(
         request,
         Request::Status(_)
+            | Request::NodeStats(_)
             | Request::MetaGet(_)
             | Request::UserList(_)
             | Request::PolicyGet(_)

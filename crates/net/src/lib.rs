@@ -16,6 +16,7 @@ pub mod client;
 pub mod endpoint;
 pub mod frame;
 pub mod keys;
+pub mod metrics;
 pub mod raft_transport;
 pub mod server;
 pub mod ticket;

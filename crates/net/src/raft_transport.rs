@@ -79,6 +79,56 @@ pub struct IrohTransport {
     book: Arc<dyn PeerBook>,
     runtime: Handle,
     peers: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    links: Links,
+}
+
+/// The connection each peer's sender holds now, for the transport metrics.
+#[derive(Clone, Default)]
+pub struct Links(Arc<Mutex<HashMap<NodeId, Connection>>>);
+
+/// One peer's connection as the metrics see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Link {
+    pub peer: NodeId,
+    /// The path in use goes through a relay (not a direct UDP path).
+    pub relayed: bool,
+    pub rtt: Duration,
+}
+
+impl Links {
+    fn set(&self, peer: NodeId, conn: Option<Connection>) {
+        let mut links = match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match conn {
+            Some(c) => links.insert(peer, c),
+            None => links.remove(&peer),
+        };
+    }
+
+    /// The open connections to peers, with the path each uses and its round-trip time.
+    pub fn snapshot(&self) -> Vec<Link> {
+        let links = match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut out: Vec<Link> = links
+            .iter()
+            .filter(|(_, c)| c.close_reason().is_none())
+            .filter_map(|(peer, c)| {
+                let paths = c.paths();
+                let path = paths.iter().find(|p| p.is_selected())?;
+                Some(Link {
+                    peer: *peer,
+                    relayed: path.is_relay(),
+                    rtt: path.rtt(),
+                })
+            })
+            .collect();
+        out.sort_by_key(|l| l.peer);
+        out
+    }
 }
 
 impl IrohTransport {
@@ -96,7 +146,13 @@ impl IrohTransport {
             book,
             runtime,
             peers: Mutex::new(HashMap::new()),
+            links: Links::default(),
         }
+    }
+
+    /// The peers' connections, for the metrics.
+    pub fn links(&self) -> Links {
+        self.links.clone()
     }
 
     fn queue(&self, to: u64) -> Option<mpsc::Sender<Message>> {
@@ -115,6 +171,7 @@ impl IrohTransport {
                 to: NodeId(to),
             },
             book: self.book.clone(),
+            links: self.links.clone(),
         };
         self.runtime.spawn(peer.run(rx));
         peers.insert(to, tx.clone());
@@ -137,13 +194,16 @@ struct Peer {
     endpoint: Endpoint,
     hello: Hello,
     book: Arc<dyn PeerBook>,
+    links: Links,
 }
 
 impl Peer {
     async fn run(self, mut rx: mpsc::Receiver<Message>) {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.session(&mut rx).await {
+            let ended = self.session(&mut rx).await;
+            self.links.set(self.hello.to, None);
+            match ended {
                 Ok(()) => return, // channel closed: transport dropped
                 Err(SessionError::Refused(r)) => {
                     tracing::warn!(peer = %self.hello.to, "peer refused raft stream: {r}");
@@ -190,6 +250,7 @@ impl Peer {
         let mut recv = frame::Reader::new(recv);
         let ack: Result<(), Refusal> = recv.read().await?;
         ack.map_err(SessionError::Refused)?;
+        self.links.set(self.hello.to, Some(conn.clone()));
         let mut pending = vec![first];
         loop {
             while pending.len() < BATCH {

@@ -67,6 +67,10 @@ pub trait Service: Lookup + Send + Sync + 'static {
     fn authorizer(&self) -> Arc<blixard_authz::Authorizer>;
     /// Where audited events go.
     fn audit(&self) -> &Self::Audit;
+    /// Where the choke point counts requests (`None`: not counted).
+    fn api_metrics(&self) -> Option<&crate::metrics::ApiMetrics> {
+        None
+    }
     /// Handles an authorized request; long-running ones report through `progress`.
     fn handle(
         &self,
@@ -284,8 +288,25 @@ pub async fn call<S: Service>(
 
 /// [`call`], but a refusal's record that found no room in an audit log set to refuse
 /// (`on_full = "fail"`) is handed back, to be written after the answer: the caller is
-/// answered at once, and the record is not lost. Allowed reads are not recorded.
+/// answered at once, and the record is not lost. Allowed reads are not recorded. Every
+/// answer is counted in the service's [`crate::metrics::ApiMetrics`].
 async fn answer<S: Service>(
+    service: &S,
+    principal: Principal,
+    frame: RequestFrame,
+    timeout: Duration,
+    progress: ProgressSink,
+) -> Answered {
+    let kind = frame.request.kind();
+    let started = std::time::Instant::now();
+    let answered = decide_and_run(service, principal, frame, timeout, progress).await;
+    if let Some(m) = service.api_metrics() {
+        m.observe(kind, &answered.0, started.elapsed().as_secs_f64());
+    }
+    answered
+}
+
+async fn decide_and_run<S: Service>(
     service: &S,
     principal: Principal,
     frame: RequestFrame,

@@ -177,6 +177,9 @@ struct Shared {
     /// Records given up while they waited for room (their futures were dropped: a stop
     /// that cancelled the requests in flight), not yet reported.
     abandoned: AtomicU64,
+    /// Every record lost since the start: given up while waiting, or queued after the
+    /// writer stopped (`blixard_audit_records_dropped_total`).
+    dropped: AtomicU64,
     behind: Behind,
 }
 
@@ -252,6 +255,7 @@ impl Room {
             None
         };
         if self.shared.tx.send(Msg::Line { text, lane }).is_err() {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::error!("the audit log writer has stopped; a line is lost");
         }
     }
@@ -284,6 +288,7 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.shared.abandoned.fetch_add(1, Ordering::Relaxed);
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -340,6 +345,7 @@ impl AuditLog {
             own: Semaphore::new(NODE_QUEUE),
             stopping: AtomicBool::new(false),
             abandoned: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
             behind: Behind {
                 epoch: Instant::now(),
                 next_warn_ms: AtomicU64::new(0),
@@ -442,6 +448,12 @@ impl AuditLog {
             proposer,
             request,
         });
+    }
+
+    /// Records lost since the start (given up while they waited, or queued after the
+    /// writer stopped).
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// Waits until every line queued before the call is in the file and fsync'd (or the

@@ -32,6 +32,7 @@ pub struct Config {
     pub images: ImagesConfig,
     pub vms: VmsConfig,
     pub audit: AuditConfig,
+    pub metrics: MetricsConfig,
     /// The cluster's expected members (a JSON object of `{name, endpointId, addresses}`, as
     /// the NixOS module writes /etc/blixard/members.json). When set, a join from a key not
     /// listed under that name is refused, whatever the ticket.
@@ -325,6 +326,49 @@ impl RaftConfig {
     pub fn state_check_interval(&self) -> Option<std::time::Duration> {
         (self.state_check_interval_ms > 0)
             .then(|| std::time::Duration::from_millis(self.state_check_interval_ms))
+    }
+}
+
+/// The metrics endpoint (`docs/monitoring.md`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served (HTTP), e.g. "127.0.0.1:7390", or "off".
+    #[serde(with = "listen_or_off")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 7390))),
+        }
+    }
+}
+
+/// An address as "HOST:PORT", or "off" for none.
+mod listen_or_off {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "off" {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "expected \"HOST:PORT\" or \"off\", not {text:?}: {e}"
+            ))
+        })
     }
 }
 

@@ -43,6 +43,12 @@ pub struct NodeInfo {
     pub endpoint_id: EndpointKey,
     pub addrs: Vec<SocketAddr>,
     pub pid: u32,
+    /// Where the binary cache is served, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<SocketAddr>,
+    /// Where `GET /metrics` is served, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Creates the data dir (mode 0700) if needed.

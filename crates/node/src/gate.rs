@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use blixard_authz::Authorizer;
+use blixard_authz::{Authorizer, DecisionCounts};
 use blixard_core::{Command, CommandOutput, NodeId, User};
 use blixard_net::api::ApiError;
 use blixard_net::authz::{Lookup, Principal};
@@ -21,6 +21,8 @@ pub struct Gate {
     pub audit: Arc<AuditLog>,
     /// The authorizer for the policy text it was built from (`None` = the defaults).
     policies: Mutex<(Option<String>, Arc<Authorizer>)>,
+    /// Every authorizer's decisions, counted across policy changes.
+    pub decisions: Arc<DecisionCounts>,
 }
 
 impl Gate {
@@ -28,11 +30,13 @@ impl Gate {
         cluster: Arc<ClusterHandle>,
         audit: Arc<AuditLog>,
     ) -> Result<Self, blixard_authz::AuthzError> {
-        let defaults = Authorizer::with_defaults()?;
+        let decisions = Arc::new(DecisionCounts::default());
+        let defaults = Authorizer::with_defaults()?.counting(decisions.clone());
         Ok(Self {
             cluster,
             audit,
             policies: Mutex::new((None, Arc::new(defaults))),
+            decisions,
         })
     }
 
@@ -49,7 +53,7 @@ impl Gate {
                 .map(Authorizer::new)
                 .unwrap_or_else(Authorizer::with_defaults)
             {
-                Ok(a) => *cache = (current, Arc::new(a)),
+                Ok(a) => *cache = (current, Arc::new(a.counting(self.decisions.clone()))),
                 Err(e) => tracing::error!(
                     "stored policies do not validate with this version ({e}); keeping the previous ones"
                 ),

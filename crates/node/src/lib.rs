@@ -11,5 +11,6 @@ pub mod declared;
 pub mod exit;
 pub mod gate;
 pub mod images;
+pub mod metrics;
 pub mod peers;
 pub mod vms;

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Instant;
 
 use blixard_core::{
     decode_versioned, encode_versioned, ApplyError, CommandOutput, Envelope, NodeId, RequestId,
@@ -15,6 +16,8 @@ use raft::eraftpb::{
     ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
 };
 use raft::{RawNode, ReadState, SnapshotStatus, StateRole};
+
+use crate::metrics::RaftMetrics;
 
 /// Tunables of one raft node.
 #[derive(Clone, Debug)]
@@ -134,6 +137,7 @@ pub struct RaftCore {
     checks: VecDeque<StateDigest>,
     /// Set when a check found this node's state unlike the proposer's.
     alarm: Option<String>,
+    metrics: RaftMetrics,
 }
 
 /// How many check digests a node keeps to compare with later checks.
@@ -220,11 +224,17 @@ impl RaftCore {
             compact_queued: 0,
             checks: VecDeque::new(),
             alarm: None,
+            metrics: RaftMetrics::default(),
         })
     }
 
     pub fn id(&self) -> u64 {
         self.cfg.id
+    }
+
+    /// This node's raft metrics (the raft thread keeps the gauges current).
+    pub fn metrics(&self) -> &RaftMetrics {
+        &self.metrics
     }
 
     /// The state machine, shared for reads.
@@ -473,6 +483,7 @@ impl RaftCore {
     fn report_snapshots(&mut self, out: &Output) {
         for msg in &out.messages {
             if msg.get_msg_type() == MessageType::MsgSnapshot {
+                self.metrics.snapshots_sent.inc();
                 self.raw.report_snapshot(msg.to, SnapshotStatus::Finish);
             }
         }
@@ -522,7 +533,12 @@ impl RaftCore {
                             continue;
                         }
                     };
+                    let started = Instant::now();
                     let applied = state.apply_entry(&env.command);
+                    self.metrics
+                        .apply_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.proposals_committed.inc();
                     if let blixard_core::Command::CheckState { previous } = &env.command {
                         Self::check_state(
                             &mut self.checks,
@@ -532,6 +548,9 @@ impl RaftCore {
                             *previous,
                             env.proposer,
                         );
+                        if self.alarm.is_some() {
+                            self.metrics.state_check_alarm.set(1);
+                        }
                     }
                     out.hand_back(me, entry.index, &env, applied.result, applied.repeat);
                 }
@@ -577,6 +596,7 @@ impl RaftCore {
                         },
                         Err(e) => Err(e),
                     };
+                    self.metrics.proposals_committed.inc();
                     if let Err(e) = &result {
                         tracing::info!(index = entry.index, "configuration change refused: {e}");
                     }

@@ -8,10 +8,12 @@
 
 mod core;
 mod logger;
+mod metrics;
 mod node;
 
 pub use crate::core::{Applied, Change, CoreConfig, CoreError, Output, RaftCore};
 pub use logger::tracing_logger;
+pub use metrics::RaftMetrics;
 pub use node::{NodeStatus, PeerStatus, ProposeError, RaftNode, Transport};
 pub use raft::eraftpb::Message;
 pub use raft::StateRole;

@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use blixard_core::{
     ApplyError, Command, CommandOutput, Envelope, JoinRequest, MemberRole, NodeId, State,
 };
-use blixard_store::StoreError;
+use blixard_store::{Persisted, StoreError};
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
 use raft::StateRole;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::core::{Change, Output, RaftCore};
+use crate::metrics::RaftMetrics;
 
 /// Sends raft messages to peers. Must not block: queue and return.
 pub trait Transport: Send + Sync + 'static {
@@ -81,7 +82,7 @@ enum Input {
     ReadIndex(Reply<()>),
     Raft(Message),
     /// The store's writer made every `Ready` up to this number durable, or failed.
-    Persisted(Result<u64, StoreError>),
+    Persisted(Result<Persisted, StoreError>),
     Status(oneshot::Sender<NodeStatus>),
     Campaign,
     Shutdown,
@@ -96,6 +97,7 @@ pub struct RaftNode {
     removed: watch::Receiver<bool>,
     leader: watch::Receiver<u64>,
     id: NodeId,
+    metrics: RaftMetrics,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -125,6 +127,7 @@ impl RaftNode {
         let (removed_tx, removed) = watch::channel(false);
         let (leader_tx, leader) = watch::channel(0);
         let id = NodeId(core.id());
+        let metrics = core.metrics().clone();
         let worker = Worker {
             core,
             transport,
@@ -154,6 +157,7 @@ impl RaftNode {
                 removed,
                 leader,
                 id,
+                metrics,
             },
             handle,
         ))
@@ -161,6 +165,11 @@ impl RaftNode {
 
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// The raft thread's metrics, to register with the node's registry.
+    pub fn metrics(&self) -> &RaftMetrics {
+        &self.metrics
     }
 
     /// The local state machine, as of the last applied entry (a stale read).
@@ -399,6 +408,7 @@ impl Worker {
                 };
                 let leader = self.core.leader_id();
                 if leader == 0 && !once {
+                    self.core.metrics().proposals_failed.inc();
                     let _ = reply.send(Err(ProposeError::NoLeader));
                     return true;
                 }
@@ -427,9 +437,11 @@ impl Worker {
                         );
                     }
                     Err(raft::Error::ProposalDropped) => {
+                        self.core.metrics().proposals_failed.inc();
                         let _ = reply.send(Err(ProposeError::NoLeader));
                     }
                     Err(e) => {
+                        self.core.metrics().proposals_failed.inc();
                         let _ = reply.send(Err(ProposeError::Dropped(e.to_string())));
                     }
                 }
@@ -455,8 +467,12 @@ impl Worker {
                     tracing::debug!("raft refused a message: {e}");
                 }
             }
-            Input::Persisted(Ok(number)) => {
-                let messages = self.core.on_persisted(number);
+            Input::Persisted(Ok(done)) => {
+                self.core
+                    .metrics()
+                    .log_fsync_duration
+                    .observe(done.took.as_secs_f64());
+                let messages = self.core.on_persisted(done.ready);
                 if !messages.is_empty() {
                     self.transport.send(messages);
                 }
@@ -519,12 +535,23 @@ impl Worker {
 
     fn publish_leader(&mut self) {
         let leader = self.core.leader_id();
+        let m = self.core.metrics();
+        m.has_leader.set(i64::from(leader != 0));
+        m.is_leader
+            .set(i64::from(self.core.role() == StateRole::Leader));
+        m.term.set(gauge(self.core.term()));
+        m.commit_index.set(gauge(self.core.commit_index()));
+        m.applied_index.set(gauge(self.core.applied_index()));
+        m.proposals_pending.set(gauge(self.pending.len() as u64));
         let changed = self.leader_tx.send_if_modified(|l| {
             let changed = *l != leader;
             *l = leader;
             changed
         });
         let term = self.core.term();
+        if changed && leader != 0 {
+            self.core.metrics().leader_changes_seen.inc();
+        }
         if changed || (leader != 0 && term != self.logged_term) {
             match leader {
                 0 => tracing::info!(term, "no leader"),
@@ -610,6 +637,7 @@ impl Worker {
         }
         for id in failed {
             if let Some(p) = self.pending.remove(&id) {
+                self.core.metrics().proposals_failed.inc();
                 let _ = p.reply.send(Err(ProposeError::Dropped(
                     "the leader changed before the write was applied; its outcome is unknown"
                         .into(),
@@ -785,6 +813,11 @@ impl Worker {
             self.changes = None;
         }
     }
+}
+
+/// A raft index or term as a gauge's value (saturating; they never come near i64::MAX).
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn single(kind: ConfChangeType, node: u64) -> ConfChangeSingle {

@@ -22,7 +22,7 @@ mod tables;
 
 pub use batch::WriteBatch;
 pub use error::StoreError;
-pub use persist::PersistNotify;
+pub use persist::{PersistNotify, Persisted};
 pub use storage::{CheckReport, NodeRecord, Store};
 /// The stored value format (a checksum of place and bytes, then the bytes), for tools and
 /// tests that read or write a data file directly.

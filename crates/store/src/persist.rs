@@ -81,7 +81,16 @@ impl Tail {
 
 /// Told, from the writer thread, the highest `Ready` number that is now durable, or the
 /// error that stopped the writer.
-pub type PersistNotify = Box<dyn Fn(Result<u64, StoreError>) + Send>;
+pub type PersistNotify = Box<dyn Fn(Result<Persisted, StoreError>) + Send>;
+
+/// One group of queued writes made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Persisted {
+    /// The highest `Ready` number now durable.
+    pub ready: u64,
+    /// How long writing the group took, its fsync included.
+    pub took: std::time::Duration,
+}
 
 /// One queued write.
 #[derive(Debug)]

@@ -669,7 +669,7 @@ fn start_writer(store: &Store) -> std::sync::mpsc::Receiver<Result<u64, StoreErr
     let (tx, rx) = std::sync::mpsc::channel();
     store
         .start_writer(Box::new(move |done| {
-            let _ = tx.send(done);
+            let _ = tx.send(done.map(|p| p.ready));
         }))
         .unwrap();
     rx

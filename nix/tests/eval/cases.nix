@@ -236,10 +236,23 @@ in
       { what = "VM units' limits"; got = lib.filter (lib.hasPrefix "Limit") (unitProps config); want = [ "LimitMEMLOCK=infinity" "LimitNOFILE=1048576" "LimitNPROC=1048576" ]; }
     ];
   };
+  # The metrics endpoint with a local Prometheus and Grafana: the TCP port opens, the
+  # node is a scrape target on loopback (it listens on a wildcard), the rules load, and
+  # Grafana is given the dashboard's folder (its content is not read in eval mode).
+  monitoring = {
+    modules = node { metrics = { listen = "0.0.0.0:7390"; openFirewall = true; prometheus.enable = true; grafana.enable = true; }; };
+    expect = { config, ... }: [
+      { what = "config"; got = config.services.blixard.daemonConfig.metrics; want = { listen = "0.0.0.0:7390"; }; }
+      { what = "firewall"; got = config.networking.firewall.allowedTCPPorts; want = [ 7390 ]; }
+      { what = "scrape target"; got = map (s: [ s.job_name (map (c: c.targets) s.static_configs) ]) config.services.prometheus.scrapeConfigs; want = [ [ "blixard" [ [ "127.0.0.1:7390" ] ] ] ]; }
+      { what = "rules"; got = map baseNameOf config.services.prometheus.ruleFiles; want = [ "rules.yml" ]; }
+      { what = "dashboard folder"; got = builtins.substring 44 100 (toString (builtins.head config.services.grafana.provision.dashboards.settings.providers).options.path); want = "blixard-dashboards"; }
+    ];
+  };
   high-density-default-ports = {
     modules = node { tuning.highDensity.enable = true; };
     expect = { config, ... }: [
-      { what = "reserved"; got = config.boot.kernel.sysctl."net.ipv4.ip_local_reserved_ports"; want = "7000,7380"; }
+      { what = "reserved"; got = config.boot.kernel.sysctl."net.ipv4.ip_local_reserved_ports"; want = "7000,7380,7390"; }
     ];
   };
 

@@ -880,6 +880,33 @@ in
       };
     };
 
+    # nixos/modules/services/monitoring/prometheus/default.nix and
+    # nixos/modules/services/monitoring/grafana.nix: only what the Blixard module sets.
+    # DIFFERS: scrape configs and dashboard providers are free-form attribute sets here
+    # (nixpkgs: submodules with the Prometheus and Grafana keys typed).
+    services.prometheus = {
+      enable = mkOption { type = types.bool; default = false; description = "Prometheus."; };
+      scrapeConfigs = mkOption {
+        type = types.listOf (types.attrsOf types.anything);
+        default = [ ];
+        description = "Scrape configurations.";
+      };
+      ruleFiles = mkOption {
+        type = types.listOf types.path;
+        default = [ ];
+        description = "Rule files to load.";
+      };
+    };
+    services.grafana = {
+      enable = mkOption { type = types.bool; default = false; description = "Grafana."; };
+      provision.enable = mkOption { type = types.bool; default = false; description = "Provisioning."; };
+      provision.dashboards.settings.providers = mkOption {
+        type = types.listOf (types.attrsOf types.anything);
+        default = [ ];
+        description = "Dashboard providers.";
+      };
+    };
+
     nix = {
       enable = mkOption {
         type = types.bool;

@@ -1,7 +1,9 @@
-//! `blixard tenant …`, `blixard quota …` and `blixard node list`.
+//! `blixard tenant …`, `blixard quota …`, `blixard node list` and `blixard node stats`.
 
 use blixard_core::Quota;
-use blixard_net::api::{NodeList, QuotaSet, QuotaShow, TenantCreate, TenantInfo, TenantList};
+use blixard_net::api::{
+    NodeList, NodeStatsRequest, QuotaSet, QuotaShow, TenantCreate, TenantInfo, TenantList,
+};
 use clap::Subcommand;
 
 use super::format::{self as output, human_bytes, Format};
@@ -153,6 +155,107 @@ pub async fn node_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
     output::table(
         &["ID", "NAME", "STATUS", "VCPUS", "MEMORY", "VMS", "LABELS"],
         &rows,
+    );
+    Ok(())
+}
+
+pub async fn node_stats(ctx: &Context) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client.call(&to, NodeStatsRequest {}).await;
+    client.endpoint().close().await;
+    let s = r?;
+    if ctx.output == Format::Json {
+        return output::json(&s).map_err(fail);
+    }
+    let join = |m: &std::collections::BTreeMap<String, u64>| {
+        m.iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    out!(
+        "node       n{} ({}), leader {}, term {}",
+        s.node,
+        s.role,
+        s.leader.map_or("none".to_string(), |l| format!("n{l}")),
+        s.term
+    );
+    out!(
+        "raft       commit {}, applied {}, leader changes seen {}",
+        s.commit_index,
+        s.applied_index,
+        s.leader_changes_seen
+    );
+    out!(
+        "proposals  committed {}, failed {}, pending {}",
+        s.proposals_committed,
+        s.proposals_failed,
+        s.proposals_pending
+    );
+    if s.state_check_alarm {
+        out!("ALARM      a state check found this node's state unlike another member's");
+    }
+    out!("members    {}", join(&s.members));
+    out!(
+        "capacity   {}/{} vCPUs, {}/{} allocated",
+        s.allocated.vcpus,
+        s.capacity.vcpus,
+        human_bytes(s.allocated.memory_mib << 20),
+        human_bytes(s.capacity.memory_mib << 20)
+    );
+    out!(
+        "vms        {}; starts {} ok, {} failed",
+        match join(&s.vms) {
+            j if j.is_empty() => "none".to_string(),
+            j => j,
+        },
+        s.vm_starts_ok,
+        s.vm_starts_failed
+    );
+    out!(
+        "images     {} held ({}), cache sent {}",
+        s.images_held,
+        human_bytes(s.image_store_bytes),
+        human_bytes(s.cache_sent_bytes)
+    );
+    out!(
+        "api        {} ok, {} failed; authz {} allowed, {} denied; audit records dropped {}",
+        s.api_requests_ok,
+        s.api_requests_failed,
+        s.authz_allowed,
+        s.authz_denied,
+        s.audit_records_dropped
+    );
+    let peers: Vec<String> = s
+        .peers
+        .iter()
+        .map(|p| {
+            format!(
+                "n{} {} {:.1} ms",
+                p.node,
+                p.path,
+                p.rtt_micros as f64 / 1000.0
+            )
+        })
+        .collect();
+    out!(
+        "peers      {}",
+        if peers.is_empty() {
+            "none connected".to_string()
+        } else {
+            peers.join(", ")
+        }
+    );
+    out!(
+        "process    {} resident, {:.1} s CPU, {} fds, up {} s{}",
+        human_bytes(s.resident_memory_bytes),
+        s.cpu_millis as f64 / 1000.0,
+        s.open_fds,
+        s.uptime_secs,
+        s.data_dir_available_bytes
+            .map(|b| format!(", {} free in the data dir", human_bytes(b)))
+            .unwrap_or_default()
     );
     Ok(())
 }

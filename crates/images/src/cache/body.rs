@@ -83,6 +83,8 @@ pub(crate) struct NarBody {
     error: Option<NarBodyError>,
     /// The NAR stream slot this body holds until it is dropped (complete or not).
     _slot: Option<OwnedSemaphorePermit>,
+    /// Counts the bytes handed to hyper (`blixard_cache_sent_bytes_total`).
+    sent: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 impl NarBody {
@@ -105,7 +107,13 @@ impl NarBody {
             wait: None,
             error: None,
             _slot: slot,
+            sent: None,
         }
+    }
+
+    pub(crate) fn counting(mut self, sent: prometheus_client::metrics::counter::Counter) -> Self {
+        self.sent = Some(sent);
+        self
     }
 
     /// Sends what was read before the failure, then the failure.
@@ -122,7 +130,11 @@ impl NarBody {
 
     /// Hands what has been read to hyper.
     fn flush(&mut self) -> Poll<Option<Result<Frame<Bytes>, NarBodyError>>> {
-        Poll::Ready(Some(Ok(Frame::data(self.out.split().freeze()))))
+        let data = self.out.split().freeze();
+        if let Some(sent) = &self.sent {
+            sent.inc_by(data.len() as u64);
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn poll_nar(

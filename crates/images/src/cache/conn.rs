@@ -198,6 +198,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, cache: Arc<Cache>, admi
                 let reply = if admit {
                     cache.answer(&req, peer)
                 } else {
+                    cache.metrics.request("refused", 503);
                     refused_connection()
                 };
                 let reply = reply.map(|body| Tracked { body, activity });

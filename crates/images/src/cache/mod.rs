@@ -19,6 +19,7 @@
 
 mod body;
 mod conn;
+mod metrics;
 /// Public for the fuzz targets: the `Range` header is read from any HTTP client.
 #[doc(hidden)]
 pub mod range;
@@ -28,6 +29,8 @@ mod tests;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use metrics::CacheMetrics;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -96,6 +99,7 @@ struct Cache {
     streams: Arc<Semaphore>,
     refused_connections: Refusals,
     refused_streams: Refusals,
+    metrics: CacheMetrics,
 }
 
 /// Binds `addr` and serves until the returned task is aborted (which also closes every
@@ -106,11 +110,12 @@ pub async fn serve(
     store_dir: StoreDir,
     keys: Arc<dyn KeySource>,
     limits: Limits,
+    metrics: CacheMetrics,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let source = Arc::new(store.blobs().clone());
-    let cache = Arc::new(Cache::new(store, store_dir, keys, limits, source));
+    let cache = Arc::new(Cache::new(store, store_dir, keys, limits, source).counting(metrics));
     Ok((local, tokio::spawn(conn::accept_loop(listener, cache))))
 }
 
@@ -139,7 +144,13 @@ impl Cache {
                 limits.max_streams,
             ),
             limits,
+            metrics: CacheMetrics::default(),
         }
+    }
+
+    fn counting(mut self, metrics: CacheMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -185,6 +196,8 @@ impl Cache {
             status = reply.status().as_u16(),
             "binary cache request"
         );
+        self.metrics
+            .request(metrics::kind_of(req.uri().path()), reply.status().as_u16());
         reply
     }
 
@@ -298,7 +311,8 @@ impl Cache {
                 }
             }
         };
-        let body = NarBody::new(self.source.clone(), hash, size, bytes.clone(), slot);
+        let body = NarBody::new(self.source.clone(), hash, size, bytes.clone(), slot)
+            .counting(self.metrics.sent_bytes.clone());
         let mut r = Response::new(CacheBody::Nar(Box::new(body)));
         *r.status_mut() = status;
         r.headers_mut().insert(

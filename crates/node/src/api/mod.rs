@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use blixard_authz::{Authorizer, RequestContext, Resource};
 use blixard_core::{ClusterId, EndpointKey, NodeId, State, User};
-use blixard_net::api::{ProgressSink, Request, RequestFrame, ResponseFrame};
+use blixard_net::api::{ApiError, ProgressSink, Request, RequestFrame, Response, ResponseFrame};
 use blixard_net::authz::{Lookup, Principal};
 use blixard_net::server::Service;
 
@@ -47,6 +47,8 @@ pub struct Api {
     pub expected: Option<Vec<ExpectedMember>>,
     /// How long a request may take (long-running ones: an hour).
     pub timeout: Duration,
+    /// The node's figures (`node stats`) and the API's request metrics.
+    stats: Option<crate::metrics::stats::Stats>,
 }
 
 impl Api {
@@ -64,7 +66,14 @@ impl Api {
             vms,
             expected,
             timeout,
+            stats: None,
         }
+    }
+
+    /// Counts requests in `stats`' metrics and answers `node stats` from it.
+    pub fn counting(mut self, stats: crate::metrics::stats::Stats) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// Whether `principal` may do an action on a resource, under the policies in force
@@ -127,6 +136,10 @@ impl Service for Api {
         &self.gate.audit
     }
 
+    fn api_metrics(&self) -> Option<&blixard_net::metrics::ApiMetrics> {
+        self.stats.as_ref().map(|s| &s.metrics.api)
+    }
+
     async fn handle(
         &self,
         principal: Principal,
@@ -181,6 +194,12 @@ impl Api {
             Request::VmDelete(r) => vms::delete(c, &self.vms, p, &r.vm).await,
             Request::VmLogs(r) => vms::logs(c, &self.vms, p, &frame, r).await,
             Request::NodeDrain(r) => vms::drain(c, r).await,
+            Request::NodeStats(_) => match &self.stats {
+                Some(s) => s.read().await.map(|s| Response::NodeStats(Box::new(s))),
+                None => Err(ApiError::Unavailable(
+                    "this node keeps no statistics".into(),
+                )),
+            },
         }
     }
 }

@@ -61,12 +61,14 @@ pub struct RunArgs {
     /// Unpack image closures into this store dir.
     pub store_dir: Option<String>,
     /// Where the binary cache listens, or off.
-    pub cache_listen: Option<CacheListen>,
+    pub cache_listen: Option<Listen>,
+    /// Where the metrics endpoint listens, or off.
+    pub metrics_listen: Option<Listen>,
 }
 
-/// `--cache-listen`: an address, or `off`.
+/// `--cache-listen`, `--metrics-listen`: an address, or `off`.
 #[derive(Clone, Debug)]
-pub enum CacheListen {
+pub enum Listen {
     Off,
     At(SocketAddr),
 }

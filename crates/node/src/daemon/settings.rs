@@ -6,7 +6,7 @@ use std::path::Path;
 
 use blixard_core::Capacity;
 
-use super::{CacheListen, RunArgs};
+use super::{Listen, RunArgs};
 use crate::config::{self, Config};
 use crate::exit::{self, Failure};
 
@@ -42,8 +42,13 @@ pub(super) fn load(data_dir: &Path, args: &RunArgs) -> Result<Config, Failure> {
         config.images.store_dir.clone_from(dir);
     }
     match &args.cache_listen {
-        Some(CacheListen::Off) => config.images.cache_listen = None,
-        Some(CacheListen::At(a)) => config.images.cache_listen = Some(*a),
+        Some(Listen::Off) => config.images.cache_listen = None,
+        Some(Listen::At(a)) => config.images.cache_listen = Some(*a),
+        None => {}
+    }
+    match &args.metrics_listen {
+        Some(Listen::Off) => config.metrics.listen = None,
+        Some(Listen::At(a)) => config.metrics.listen = Some(*a),
         None => {}
     }
     config

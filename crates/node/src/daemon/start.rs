@@ -32,6 +32,8 @@ use crate::datadir::{self, NodeInfo};
 use crate::exit::{self, Failure};
 use crate::gate::Gate;
 use crate::images::Images;
+use crate::metrics::stats::Stats;
+use crate::metrics::{NodeMetrics, Sources};
 use crate::peers::{Book, Seeds};
 use crate::vms::Loops;
 
@@ -104,6 +106,8 @@ pub(super) async fn start(
         book.clone(),
         tokio::runtime::Handle::current(),
     );
+    let links = transport.links();
+    let metrics = NodeMetrics::default();
     // Every change applied from the first on is audited: the feed holds them until the
     // audit task below reads them (the raft thread waits for it when it is full).
     let (changes_tx, changes) = tokio::sync::mpsc::channel(crate::audit::CHANGE_FEED);
@@ -141,6 +145,7 @@ pub(super) async fn start(
     let image_store = ImageStore::open(&datadir::blobs(data_dir), store_dir)
         .await
         .map_err(data_err)?;
+    let mut cache_addr = None;
     let cache_url = match config.images.cache_listen {
         Some(addr) => {
             let (bound, task) = blixard_images::cache::serve(
@@ -149,6 +154,7 @@ pub(super) async fn start(
                 StoreDir::default(),
                 Arc::new(crate::images::StateKeys(node.clone())),
                 config.images.cache_limits(),
+                metrics.cache.clone(),
             )
             .await
             .map_err(|e| {
@@ -159,34 +165,61 @@ pub(super) async fn start(
             })?;
             tracing::info!(%bound, "binary cache serving");
             tasks.push(task);
+            cache_addr = Some(bound);
             Some(format!("http://{bound}"))
         }
         None => None,
     };
-    let images = Arc::new(Images::new(
-        gate.clone(),
-        image_store.clone(),
-        cache_url,
-        config.images.cache_size_mib.map(|m| m << 20),
-        (config.images.materialise == config::Materialise::Nix)
-            .then(|| config.images.nix_store.clone()),
-        config
-            .images
-            .import_paths
-            .iter()
-            .map(PathBuf::from)
-            .collect(),
-    ));
+    let images = Arc::new(
+        Images::new(
+            gate.clone(),
+            image_store.clone(),
+            cache_url,
+            config.images.cache_size_mib.map(|m| m << 20),
+            (config.images.materialise == config::Materialise::Nix)
+                .then(|| config.images.nix_store.clone()),
+            config
+                .images
+                .import_paths
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
+        )
+        .counting(metrics.images.clone()),
+    );
 
     // The audit log, the VM machinery, and the API on the router.
     let vms = Arc::new(vms_of(data_dir, config, &node, &audit)?);
-    let api = Arc::new(Api::new(
-        gate.clone(),
-        images.clone(),
-        vms.clone(),
-        expected,
-        timeout,
-    ));
+    let sources = Arc::new(Sources {
+        node: node.clone(),
+        links,
+        decisions: gate.decisions.clone(),
+        audit: audit.clone(),
+        data_dir: data_dir.to_path_buf(),
+    });
+    let api = Arc::new(
+        Api::new(gate.clone(), images.clone(), vms.clone(), expected, timeout).counting(Stats {
+            sources: sources.clone(),
+            metrics: metrics.clone(),
+        }),
+    );
+    let metrics_addr = match config.metrics.listen {
+        Some(addr) => {
+            let registry = Arc::new(crate::metrics::registry(&metrics, sources));
+            let (bound, task) = crate::metrics::http::serve(addr, registry)
+                .await
+                .map_err(|e| {
+                    Failure::new(
+                        exit::CONFIG,
+                        format!("cannot serve the metrics on {addr}: {e}"),
+                    )
+                })?;
+            tracing::info!(%bound, "metrics serving at /metrics");
+            tasks.push(task);
+            Some(bound)
+        }
+        None => None,
+    };
     let blobs = iroh_blobs::BlobsProtocol::new(image_store.blobs(), None);
     let router = Router::builder(ep.clone())
         .accept(
@@ -210,6 +243,7 @@ pub(super) async fn start(
         vms,
         images: images.clone(),
         audit: audit.clone(),
+        metrics: metrics.vms.clone(),
     });
     tasks.push(tokio::spawn(crate::images::janitor(images)));
     if let Some(every) = config.raft.state_check_interval() {
@@ -248,6 +282,8 @@ pub(super) async fn start(
         endpoint_id: key_of(&ep.id()),
         addrs: advertise.clone(),
         pid: std::process::id(),
+        cache: cache_addr,
+        metrics: metrics_addr,
     };
     let info_json = serde_json::to_vec_pretty(&info).map_err(|e| Failure::new(exit::ERROR, e))?;
     datadir::write_atomic(&datadir::node_info(data_dir), &info_json)

@@ -71,6 +71,7 @@ pub struct Images {
     /// Where callers other than the node's admin credential may import from.
     pub import_paths: Vec<PathBuf>,
     last_used: Mutex<HashMap<BlobHash, Instant>>,
+    metrics: crate::metrics::ImageMetrics,
 }
 
 impl Images {
@@ -91,7 +92,14 @@ impl Images {
             nix_copy,
             import_paths,
             last_used: Mutex::new(HashMap::new()),
+            metrics: Default::default(),
         }
+    }
+
+    /// Counts pulls in `metrics`.
+    pub fn counting(mut self, metrics: crate::metrics::ImageMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn touch(&self, manifest: BlobHash) {
@@ -322,6 +330,7 @@ impl Images {
         };
         let store = &self.store;
         let held = sink.clone();
+        let mut fetch_took = None;
         if !store.is_complete(hash).await.map_err(internal)? {
             let holders = self.holders_of(image);
             if holders.is_empty() {
@@ -360,6 +369,7 @@ impl Images {
                 })
                 .collect();
             out.fetch_millis = started.elapsed().as_millis() as u64;
+            fetch_took = Some(started.elapsed());
             for h in &out.holders {
                 if let Some(e) = &h.error {
                     tracing::warn!(image = %image.name, holder = %h.node, "dropped holder: {e}");
@@ -379,6 +389,8 @@ impl Images {
                 .await?;
         }
         held.report(PHASE_HELD, 1, 1);
+        self.metrics
+            .pulled(image.nar_size, out.fetched_bytes, fetch_took);
         let manifest = store.manifest(hash).await.map_err(internal)?;
         out.materialised = self.materialise_here(image, &manifest).await?;
         self.touch(image.manifest);

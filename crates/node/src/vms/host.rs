@@ -94,6 +94,15 @@ impl Cluster for Loops {
             .after_vm_start(&hook_vm(&vm.spec, vm.node))
             .await;
     }
+
+    fn started(&self, vm: &Vm, ok: bool, restart: bool) {
+        let since_create = Duration::from_millis(now_ms().saturating_sub(vm.created_at_ms));
+        self.metrics.started(ok, restart, Some(since_create));
+    }
+
+    fn reconciled(&self, took: Duration) {
+        self.metrics.reconciled(took);
+    }
 }
 
 /// Runs the host agent until the node stops.

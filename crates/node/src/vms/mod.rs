@@ -28,6 +28,7 @@ pub struct Loops {
     pub vms: Arc<Vms>,
     pub images: Arc<Images>,
     pub audit: Arc<AuditLog>,
+    pub metrics: crate::metrics::VmMetrics,
 }
 
 /// The node's VM machinery: the supervisor, the hooks, the scheduler's settings and the

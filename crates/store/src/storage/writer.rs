@@ -6,7 +6,7 @@ use raft::eraftpb::Entry;
 use super::Store;
 use crate::batch::WriteBatch;
 use crate::error::{corrupt, StoreError};
-use crate::persist::{Job, PersistNotify};
+use crate::persist::{Job, PersistNotify, Persisted};
 
 impl Store {
     /// Makes appended entries readable through `raft::Storage` before they are written
@@ -62,7 +62,9 @@ impl Store {
                 q.busy = true;
                 q.jobs.drain(..).collect()
             };
+            let started = std::time::Instant::now();
             let result = self.execute(jobs);
+            let took = started.elapsed();
             {
                 let mut q = queue.lock();
                 q.busy = false;
@@ -73,7 +75,7 @@ impl Store {
             }
             queue.changed.notify_all();
             match result {
-                Ok(Some(number)) => notify(Ok(number)),
+                Ok(Some(ready)) => notify(Ok(Persisted { ready, took })),
                 Ok(None) => {}
                 Err(e) => {
                     notify(Err(e));

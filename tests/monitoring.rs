@@ -1,0 +1,377 @@
+//! The monitoring that ships with Blixard, checked against the real thing: the alert and
+//! recording rules pass `promtool check rules` and their unit tests (`promtool test
+//! rules`), every alert has a unit test that fires it, every metric a dashboard panel or a
+//! rule names is served by a live node, and a real Prometheus scrapes a three-node
+//! cluster, loads the rules, and answers queries about it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use blixard_tests::http;
+use blixard_tests::{free_port, wait_for, Cluster, Node};
+use serde_json::Value;
+
+fn monitoring() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../monitoring")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A tool from Debian's `prometheus` package, which scripts/test.sh installs.
+fn tool(name: &str) -> PathBuf {
+    let path = PathBuf::from("/usr/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: install Debian's prometheus package (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed: {text}");
+    text
+}
+
+#[test]
+fn the_rules_pass_promtool_and_every_alert_has_a_test_that_fires_it() {
+    let dir = monitoring();
+    let text = run_ok(
+        Command::new(tool("promtool"))
+            .args(["check", "rules"])
+            .arg(dir.join("rules.yml")),
+    );
+    assert!(text.contains("SUCCESS"), "{text}");
+    let tests = dir.join("tests/alerts.test.yml");
+    let text = run_ok(
+        Command::new(tool("promtool"))
+            .args(["test", "rules"])
+            .arg(&tests),
+    );
+    assert!(text.contains("SUCCESS"), "{text}");
+
+    // Every alert is named in a test that expects it to fire (a non-empty exp_alerts).
+    let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 10, "{alerts:?}");
+    let tests = std::fs::read_to_string(tests).unwrap();
+    for alert in alerts {
+        let fired = tests
+            .split("alertname: ")
+            .skip(1)
+            .any(|t| t.starts_with(alert) && t.contains("exp_labels"));
+        assert!(fired, "alert {alert} has no unit test that fires it");
+    }
+}
+
+/// Every `blixard_…` and `process_…` metric an expression names.
+fn metrics_named(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &expr[i..];
+        let starts = rest.starts_with("blixard_") || rest.starts_with("process_");
+        let boundary = i == 0
+            || !(bytes[i - 1].is_ascii_alphanumeric()
+                || bytes[i - 1] == b'_'
+                || bytes[i - 1] == b':');
+        if starts && boundary {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            out.insert(rest[..end].to_string());
+            i += end;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The metrics the dashboard's panels and the rules' expressions use.
+fn referenced() -> BTreeSet<String> {
+    let dir = monitoring();
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap())
+            .unwrap();
+    let mut names = BTreeSet::new();
+    let mut panels = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            panels += 1;
+            names.extend(metrics_named(t["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(panels > 20, "the dashboard has {panels} queries");
+    assert!(names.len() > 25, "the dashboard names only {names:?}");
+    let rules = std::fs::read_to_string(dir.join("rules.yml")).unwrap();
+    for line in rules.lines() {
+        let line = line.trim();
+        if line.starts_with("expr:") || line.starts_with("sum") || line.starts_with("/ ") {
+            names.extend(metrics_named(line));
+        }
+    }
+    names
+}
+
+/// The metric families docs/monitoring.md lists in its table.
+fn documented() -> BTreeSet<String> {
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring.md");
+    std::fs::read_to_string(doc)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The families (`# TYPE` lines) a node serves at /metrics.
+fn families(addr: SocketAddr) -> BTreeSet<String> {
+    let r = http::get(addr, "/metrics", &[]).unwrap();
+    r.body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The sample names a node serves at /metrics.
+fn served(addr: SocketAddr, accept: &[&str]) -> BTreeSet<String> {
+    let r = http::get(addr, "/metrics", accept).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect()
+}
+
+fn addr(node: &Node, key: &str) -> SocketAddr {
+    node.info().unwrap()[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} in {}'s node.json", node.name))
+        .parse()
+        .unwrap()
+}
+
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn start(targets: &[SocketAddr]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let targets: Vec<String> = targets.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: blixard\n    static_configs:\n      - targets: [{}]\n",
+            monitoring().join("rules.yml").display(),
+            targets.join(", ")
+        );
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(tool("prometheus"))
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// The result vector of an instant query: (labels, value) per series.
+    fn query(&self, q: &str) -> Result<Vec<(Value, String)>, String> {
+        let path = format!("/api/v1/query?query={}", http::encode(q));
+        let r = http::get(self.addr, &path, &[]).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&r.body).map_err(|e| format!("{e}: {}", r.body))?;
+        if v["status"] != "success" {
+            return Err(r.body);
+        }
+        Ok(v["data"]["result"]
+            .as_array()
+            .ok_or_else(|| r.body.clone())?
+            .iter()
+            .map(|s| {
+                (
+                    s["metric"].clone(),
+                    s["value"][1].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_a_three_node_cluster_and_every_metric_used_is_served() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_voters(3);
+    // Some of everything the families count: API requests, a refusal, a cache request.
+    for n in &c.nodes {
+        n.cli_ok(&["cluster", "status"]);
+        n.cli_ok(&["node", "stats"]);
+    }
+    let cache = addr(&c.nodes[0], "cache");
+    assert_eq!(
+        http::get(cache, "/nix-cache-info", &[]).unwrap().status,
+        200
+    );
+    let metrics: Vec<SocketAddr> = c.nodes.iter().map(|n| addr(n, "metrics")).collect();
+
+    // Every metric a panel or a rule uses is served, in both formats.
+    let mut seen = BTreeSet::new();
+    for m in &metrics {
+        seen.extend(served(*m, &[]));
+        let open = served(*m, &["Accept: application/openmetrics-text; version=1.0.0"]);
+        assert!(open.contains("blixard_raft_has_leader"), "{open:?}");
+    }
+    let missing: Vec<String> = referenced()
+        .into_iter()
+        .filter(|name| {
+            !seen.contains(name)
+                && !seen.contains(&format!("{name}_bucket"))
+                && !seen.contains(&format!("{name}_total"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "used but not served: {missing:?}; served: {seen:?}"
+    );
+    // The reference table in docs/monitoring.md is exactly what a node serves.
+    let mut served_families = BTreeSet::new();
+    for m in &metrics {
+        served_families.extend(families(*m));
+    }
+    let documented = documented();
+    assert!(documented.len() > 40, "{documented:?}");
+    let undocumented: Vec<&String> = served_families.difference(&documented).collect();
+    let unserved: Vec<&String> = documented.difference(&served_families).collect();
+    assert!(
+        undocumented.is_empty() && unserved.is_empty(),
+        "served but not in docs/monitoring.md: {undocumented:?}; documented but not served: {unserved:?}"
+    );
+
+    // node stats agrees with the metrics.
+    let stats: Value =
+        serde_json::from_str(&c.nodes[0].cli_ok(&["--output", "json", "node", "stats"])).unwrap();
+    assert_eq!(stats["members"]["voter/active"], 3, "{stats}");
+    assert!(stats["api_requests_ok"].as_u64().unwrap() >= 2, "{stats}");
+
+    let prom = Prometheus::start(&metrics);
+    let all_have_a_leader = wait_for(
+        "Prometheus to see a leader on every node",
+        Duration::from_secs(60),
+        || {
+            let r = prom.query("blixard_raft_has_leader")?;
+            if r.len() == 3 && r.iter().all(|(_, v)| v == "1") {
+                Ok(r)
+            } else {
+                Err(format!("{r:?}; prometheus log: {}", prom.log()))
+            }
+        },
+    );
+    assert!(all_have_a_leader.iter().all(|(l, _)| l["job"] == "blixard"));
+    let leaders = prom.query("sum(blixard_raft_is_leader)").unwrap();
+    assert_eq!(leaders[0].1, "1", "{leaders:?}");
+    // The rules load and evaluate in a real Prometheus; no alert fires on a healthy cluster.
+    wait_for("the rules to be evaluated", Duration::from_secs(30), || {
+        let r = http::get(prom.addr, "/api/v1/rules", &[]).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&r.body).map_err(|e| e.to_string())?;
+        let groups = v["data"]["groups"].as_array().cloned().unwrap_or_default();
+        let rules: Vec<&Value> = groups
+            .iter()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        let healthy = rules.iter().filter(|r| r["health"] == "ok").count();
+        if groups.len() == 2 && healthy == rules.len() && healthy > 15 {
+            Ok(())
+        } else {
+            Err(r.body)
+        }
+    });
+    let firing = prom.query("ALERTS{alertstate=\"firing\"}").unwrap();
+    assert!(
+        firing.is_empty(),
+        "alerts firing on a healthy cluster: {firing:?}"
+    );
+
+    // A node that stops is seen down.
+    c.nodes[2].stop();
+    let stopped = metrics[2].to_string();
+    wait_for("Prometheus to see n3 down", Duration::from_secs(30), || {
+        let r = prom.query("up == 0")?;
+        if r.len() == 1 && r[0].0["instance"] == stopped.as_str() {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+}
+
+#[test]
+fn the_metrics_endpoint_cannot_be_pinned_by_idle_connections() {
+    let c = Cluster::start(1, &[]);
+    let m = addr(&c.nodes[0], "metrics");
+    // Hold every connection slot without sending a request.
+    let idle: Vec<std::net::TcpStream> = (0..32)
+        .map(|_| std::net::TcpStream::connect(m).unwrap())
+        .collect();
+    // One more is closed at once, without an answer.
+    wait_for(
+        "a connection beyond the limit to be closed",
+        Duration::from_secs(5),
+        || match http::get(m, "/metrics", &[]) {
+            Err(_) => Ok(()),
+            Ok(r) => Err(format!("answered {}", r.status)),
+        },
+    );
+    // The idle ones are closed after the head timeout (10 s); then scrapes work again.
+    let r = wait_for("a scrape to work again", Duration::from_secs(30), || {
+        http::get(m, "/metrics", &[]).map_err(|e| e.to_string())
+    });
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("blixard_raft_has_leader 1"), "{}", r.body);
+    drop(idle);
+    // Not a path or a method it serves.
+    assert_eq!(http::get(m, "/", &[]).unwrap().status, 404);
+}
