@@ -27,8 +27,9 @@ wait_ready() {
 }
 
 echo "== starting n1 (new cluster) in $dir"
-# Each node gets its own binary cache port and store dir (they share one host here).
-node_args() { echo "--cache-listen 127.0.0.1:1738$1 --store-dir $dir/n$1.store"; }
+# Each node gets its own binary cache and metrics ports and store dir (they share one
+# host here).
+node_args() { echo "--cache-listen 127.0.0.1:1738$1 --metrics-listen 127.0.0.1:1739$1 --store-dir $dir/n$1.store"; }
 # shellcheck disable=SC2046
 "$bin" node run --data-dir "$dir/n1" --listen 127.0.0.1:17001 --name n1 $(node_args 1) --init >"$dir/n1.log" 2>&1 &
 pids+=($!)
