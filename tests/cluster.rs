@@ -689,12 +689,9 @@ fn a_member_whose_state_differs_raises_the_alarm() {
     assert!(c.nodes[2].log().contains("this node's state differs"));
     // The alarm is a metric too, for the BlixardStateCheckAlarm alert.
     let alarm = |n: &Node| {
-        let at: std::net::SocketAddr = n.info().unwrap()["metrics"]
-            .as_str()
+        let body = blixard_tests::http::get(n.served_at("metrics"), "/metrics", &[])
             .unwrap()
-            .parse()
-            .unwrap();
-        let body = blixard_tests::http::get(at, "/metrics", &[]).unwrap().body;
+            .body;
         body.lines()
             .find_map(|l| l.strip_prefix("blixard_raft_state_check_alarm "))
             .map(str::to_string)

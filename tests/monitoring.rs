@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use blixard_tests::http;
-use blixard_tests::{free_port, wait_for, Cluster, Node};
+use blixard_tests::{free_port, wait_for, Cluster};
 use serde_json::Value;
 
 fn monitoring() -> PathBuf {
@@ -163,14 +163,6 @@ fn served(addr: SocketAddr, accept: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
-fn addr(node: &Node, key: &str) -> SocketAddr {
-    node.info().unwrap()[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("{key} in {}'s node.json", node.name))
-        .parse()
-        .unwrap()
-}
-
 struct Prometheus {
     child: Child,
     addr: SocketAddr,
@@ -251,12 +243,12 @@ fn a_real_prometheus_scrapes_a_three_node_cluster_and_every_metric_used_is_serve
         n.cli_ok(&["cluster", "status"]);
         n.cli_ok(&["node", "stats"]);
     }
-    let cache = addr(&c.nodes[0], "cache");
+    let cache = c.nodes[0].served_at("cache");
     assert_eq!(
         http::get(cache, "/nix-cache-info", &[]).unwrap().status,
         200
     );
-    let metrics: Vec<SocketAddr> = c.nodes.iter().map(|n| addr(n, "metrics")).collect();
+    let metrics: Vec<SocketAddr> = c.nodes.iter().map(|n| n.served_at("metrics")).collect();
 
     // Every metric a panel or a rule uses is served, in both formats.
     let mut seen = BTreeSet::new();
@@ -351,7 +343,7 @@ fn a_real_prometheus_scrapes_a_three_node_cluster_and_every_metric_used_is_serve
 #[test]
 fn the_metrics_endpoint_cannot_be_pinned_by_idle_connections() {
     let c = Cluster::start(1, &[]);
-    let m = addr(&c.nodes[0], "metrics");
+    let m = c.nodes[0].served_at("metrics");
     // Hold every connection slot without sending a request.
     let idle: Vec<std::net::TcpStream> = (0..32)
         .map(|_| std::net::TcpStream::connect(m).unwrap())

@@ -354,6 +354,16 @@ impl Node {
         serde_json::from_str(&text).map_err(|e| e.to_string())
     }
 
+    /// An address the running daemon serves on, from its `node.json`: `metrics` or
+    /// `cache`.
+    pub fn served_at(&self, key: &str) -> std::net::SocketAddr {
+        self.info().unwrap()[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {key} in {}'s node.json", self.name))
+            .parse()
+            .unwrap()
+    }
+
     /// Waits until this node, reading linearizably, counts `n` voters.
     pub fn wait_voters(&self, n: usize) {
         wait_for(

@@ -1,10 +1,15 @@
 //! The raft layer's metrics (`blixard_raft_*`), named after etcd's `etcd_server_*` and
 //! `etcd_disk_*` families. Cheap to clone: every handle is an atomic behind an `Arc`.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// A gauge of a raft index, term or count: never negative.
+pub type Count = Gauge<u64, AtomicU64>;
 
 /// The raft thread's and the state machine's figures.
 #[derive(Clone, Debug)]
@@ -12,12 +17,12 @@ pub struct RaftMetrics {
     pub has_leader: Gauge,
     pub is_leader: Gauge,
     pub leader_changes_seen: Counter,
-    pub term: Gauge,
-    pub commit_index: Gauge,
-    pub applied_index: Gauge,
+    pub term: Count,
+    pub commit_index: Count,
+    pub applied_index: Count,
     pub proposals_committed: Counter,
     pub proposals_failed: Counter,
-    pub proposals_pending: Gauge,
+    pub proposals_pending: Count,
     pub log_fsync_duration: Histogram,
     pub apply_duration: Histogram,
     pub snapshots_sent: Counter,
@@ -30,12 +35,12 @@ impl Default for RaftMetrics {
             has_leader: Gauge::default(),
             is_leader: Gauge::default(),
             leader_changes_seen: Counter::default(),
-            term: Gauge::default(),
-            commit_index: Gauge::default(),
-            applied_index: Gauge::default(),
+            term: Count::default(),
+            commit_index: Count::default(),
+            applied_index: Count::default(),
             proposals_committed: Counter::default(),
             proposals_failed: Counter::default(),
-            proposals_pending: Gauge::default(),
+            proposals_pending: Count::default(),
             // 0.5 ms to ~4 s, as etcd's wal_fsync_duration_seconds.
             log_fsync_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             // 10 µs to ~0.3 s: one command on the in-memory state machine.

@@ -539,10 +539,10 @@ impl Worker {
         m.has_leader.set(i64::from(leader != 0));
         m.is_leader
             .set(i64::from(self.core.role() == StateRole::Leader));
-        m.term.set(gauge(self.core.term()));
-        m.commit_index.set(gauge(self.core.commit_index()));
-        m.applied_index.set(gauge(self.core.applied_index()));
-        m.proposals_pending.set(gauge(self.pending.len() as u64));
+        m.term.set(self.core.term());
+        m.commit_index.set(self.core.commit_index());
+        m.applied_index.set(self.core.applied_index());
+        m.proposals_pending.set(self.pending.len() as u64);
         let changed = self.leader_tx.send_if_modified(|l| {
             let changed = *l != leader;
             *l = leader;
@@ -813,11 +813,6 @@ impl Worker {
             self.changes = None;
         }
     }
-}
-
-/// A raft index or term as a gauge's value (saturating; they never come near i64::MAX).
-fn gauge(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn single(kind: ConfChangeType, node: u64) -> ConfChangeSingle {

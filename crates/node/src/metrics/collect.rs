@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use blixard_core::{MemberRole, MemberStatus, Phase};
+use blixard_core::{Allocated, Capacity, MemberRole, MemberStatus, Phase};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -50,19 +50,15 @@ const PHASES: [Phase; 9] = [
 #[derive(Default)]
 pub(crate) struct Figures {
     /// (role, status) → members.
-    pub members: BTreeMap<(&'static str, &'static str), i64>,
-    pub capacity_vcpus: i64,
-    pub capacity_memory_bytes: i64,
-    pub allocated_vcpus: i64,
-    pub allocated_memory_bytes: i64,
+    pub members: BTreeMap<(&'static str, &'static str), u64>,
+    /// What this node offers to VMs.
+    pub capacity: Capacity,
+    /// What the VMs placed on this node take (the scheduler's ledger).
+    pub allocated: Allocated,
     /// (phase, tenant) → VMs placed here (and, on the leader, VMs placed nowhere).
-    pub vms: BTreeMap<(String, String), i64>,
-    pub images_held: i64,
-    pub image_bytes: i64,
-}
-
-fn saturate(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
+    pub vms: BTreeMap<(String, String), u64>,
+    pub images_held: u64,
+    pub image_bytes: u64,
 }
 
 /// Reads the figures from the node's state.
@@ -92,21 +88,20 @@ pub(crate) fn figures(node: &blixard_raft::RaftNode) -> Figures {
         };
         *f.members.entry((role, status)).or_insert(0) += 1;
         if m.id == me {
-            f.capacity_vcpus = i64::from(m.capacity.vcpus);
-            f.capacity_memory_bytes = saturate(m.capacity.memory_mib << 20);
+            f.capacity = m.capacity;
         }
     }
+    f.allocated = state
+        .ledger()
+        .allocated
+        .get(&me)
+        .copied()
+        .unwrap_or_default();
     for vm in state.vms() {
         let counted = match vm.node {
             Some(n) => n == me,
             None => leader,
         };
-        if vm.node == Some(me) {
-            f.allocated_vcpus += i64::from(vm.spec.vcpus);
-            f.allocated_memory_bytes = f
-                .allocated_memory_bytes
-                .saturating_add(saturate(vm.spec.memory_mib << 20));
-        }
         if counted {
             *f.vms
                 .entry((vm.phase.to_string(), vm.spec.tenant.clone()))
@@ -127,9 +122,13 @@ pub(crate) fn figures(node: &blixard_raft::RaftNode) -> Figures {
     }
     for image in state.images().filter(|i| i.holders.contains(&me)) {
         f.images_held += 1;
-        f.image_bytes = f.image_bytes.saturating_add(saturate(image.nar_size));
+        f.image_bytes = f.image_bytes.saturating_add(image.nar_size);
     }
     f
+}
+
+fn mib_bytes(mib: u64) -> u64 {
+    mib.saturating_mul(1 << 20)
 }
 
 /// Free and total bytes of the file system holding `dir`.
@@ -142,7 +141,8 @@ pub(crate) fn disk(dir: &Path) -> Option<(u64, u64)> {
     ))
 }
 
-fn gauge(
+/// One gauge without labels.
+pub(super) fn gauge(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -171,25 +171,25 @@ impl Collector for State {
             &mut e,
             "node_capacity_vcpus",
             "vCPUs this node offers to VMs",
-            f.capacity_vcpus,
+            f.capacity.vcpus,
         )?;
         gauge(
             &mut e,
             "node_capacity_memory_bytes",
             "Memory this node offers to VMs",
-            f.capacity_memory_bytes,
+            mib_bytes(f.capacity.memory_mib),
         )?;
         gauge(
             &mut e,
             "node_allocated_vcpus",
             "vCPUs of the VMs placed on this node",
-            f.allocated_vcpus,
+            f.allocated.vcpus,
         )?;
         gauge(
             &mut e,
             "node_allocated_memory_bytes",
             "Memory of the VMs placed on this node",
-            f.allocated_memory_bytes,
+            mib_bytes(f.allocated.memory_mib),
         )?;
         {
             let mut fam = e.encode_descriptor(
@@ -270,13 +270,13 @@ impl Collector for State {
                 &mut e,
                 "data_dir_available_bytes",
                 "Bytes available to the daemon on the file system of its data dir",
-                saturate(free),
+                free,
             )?;
             gauge(
                 &mut e,
                 "data_dir_size_bytes",
                 "Size of the file system of the daemon's data dir",
-                saturate(total),
+                total,
             )?;
         }
         Ok(())

@@ -6,8 +6,9 @@
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
+
+use super::collect::gauge;
 
 #[derive(Debug, Default)]
 pub(super) struct Process;
@@ -60,11 +61,6 @@ fn parse_stat(stat: &str, proc_stat: &str) -> Option<Figures> {
     })
 }
 
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
-    let m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    ConstGauge::new(v).encode(m)
-}
-
 impl Collector for Process {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Some(f) = read() else {
@@ -83,13 +79,13 @@ impl Collector for Process {
             &mut e,
             "process_resident_memory_bytes",
             "Resident memory size in bytes",
-            f.resident_bytes as f64,
+            f.resident_bytes,
         )?;
         gauge(
             &mut e,
             "process_virtual_memory_bytes",
             "Virtual memory size in bytes",
-            f.virtual_bytes as f64,
+            f.virtual_bytes,
         )?;
         gauge(
             &mut e,
@@ -101,13 +97,13 @@ impl Collector for Process {
             &mut e,
             "process_open_fds",
             "Number of open file descriptors",
-            f.open_fds as f64,
+            f.open_fds,
         )?;
         gauge(
             &mut e,
             "process_max_fds",
             "Maximum number of open file descriptors",
-            f.max_fds as f64,
+            f.max_fds,
         )?;
         Ok(())
     }

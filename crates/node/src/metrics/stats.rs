@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use blixard_core::{Allocated, Capacity, NodeId};
+use blixard_core::NodeId;
 use blixard_net::api::{ApiError, NodeStats, PeerLink};
 
 use super::{collect, process, NodeMetrics, Sources};
@@ -30,7 +30,7 @@ impl Stats {
         let (starts_ok, starts_failed) = self.metrics.vms.totals();
         let mut vms = std::collections::BTreeMap::new();
         for ((phase, _), n) in &f.vms {
-            *vms.entry(phase.clone()).or_insert(0) += u64::try_from(*n).unwrap_or(0);
+            *vms.entry(phase.clone()).or_insert(0) += n;
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -46,30 +46,21 @@ impl Stats {
             leader_changes_seen: raft.leader_changes_seen.get(),
             proposals_committed: raft.proposals_committed.get(),
             proposals_failed: raft.proposals_failed.get(),
-            proposals_pending: u64::try_from(raft.proposals_pending.get()).unwrap_or(0),
+            proposals_pending: raft.proposals_pending.get(),
             state_check_alarm: status.alarm.is_some(),
             members: f
                 .members
                 .iter()
                 .filter(|(_, n)| **n > 0)
-                .map(|((role, status), n)| {
-                    (format!("{role}/{status}"), u64::try_from(*n).unwrap_or(0))
-                })
+                .map(|((role, status), n)| (format!("{role}/{status}"), *n))
                 .collect(),
-            capacity: Capacity {
-                vcpus: u32::try_from(f.capacity_vcpus).unwrap_or(0),
-                memory_mib: u64::try_from(f.capacity_memory_bytes).unwrap_or(0) >> 20,
-            },
-            allocated: Allocated {
-                vcpus: u64::try_from(f.allocated_vcpus).unwrap_or(0),
-                memory_mib: u64::try_from(f.allocated_memory_bytes).unwrap_or(0) >> 20,
-                vms: 0,
-            },
+            capacity: f.capacity,
+            allocated: f.allocated,
             vms,
             vm_starts_ok: starts_ok,
             vm_starts_failed: starts_failed,
-            images_held: u64::try_from(f.images_held).unwrap_or(0),
-            image_store_bytes: u64::try_from(f.image_bytes).unwrap_or(0),
+            images_held: f.images_held,
+            image_store_bytes: f.image_bytes,
             cache_sent_bytes: self.metrics.cache.sent_bytes(),
             api_requests_ok: api_ok,
             api_requests_failed: api_failed,
