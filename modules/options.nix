@@ -227,6 +227,18 @@ in
       };
     };
 
+    telemetry.otlpEndpoint = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "http://127.0.0.1:4318";
+      description = ''
+        The OTLP/HTTP endpoint (an `http://` URL; spans are posted to its `/v1/traces`) the
+        node exports its trace spans to, e.g. a local OpenTelemetry Collector. Unset: the
+        daemon's environment (`OTEL_EXPORTER_OTLP_ENDPOINT`) decides, else no traces.
+        `telemetry.otlp_endpoint`. docs/monitoring.md describes the spans.
+      '';
+    };
+
     requestTimeoutMs = mkOption {
       type = types.nullOr types.ints.positive;
       default = null;

@@ -67,7 +67,8 @@ rec {
   #     vms = { stateDir, consoleMaxMib, downTimeoutMs, fenceTimeoutMs, stopTimeoutMs,
   #             strategy, cpuOvercommitPct, memoryOvercommitPct, hooks, hookTimeoutMs,
   #             declaredFile, supervisor, unitProperties };
-  #     metrics = { listen }; requestTimeoutMs, expectedMembers, settings }
+  #     metrics = { listen }; telemetry = { otlpEndpoint };
+  #     requestTimeoutMs, expectedMembers, settings }
   # Every field may be missing or null; nulls are dropped so the daemon's defaults apply
   # (`vms.hooks = [ ]` and `vms.unitProperties = [ ]` too: the daemon's defaults are empty
   # lists). Hooks are left as given, so a Nix path literal is copied to the store when the
@@ -80,6 +81,7 @@ rec {
       img = cfg.images or { };
       vms = cfg.vms or { };
       met = cfg.metrics or { };
+      tel = cfg.telemetry or { };
       hooks = get vms "hooks";
       unitProperties = get vms "unitProperties";
       typed = dropNulls {
@@ -101,6 +103,9 @@ rec {
         request_timeout_ms = get cfg "requestTimeoutMs";
         metrics = {
           listen = get met "listen";
+        };
+        telemetry = {
+          otlp_endpoint = get tel "otlpEndpoint";
         };
         images = {
           store_dir = get img "storeDir";
@@ -148,6 +153,7 @@ rec {
         raft = { inherit (cfg.raft) tickMs electionTicks heartbeatTicks snapshotThreshold; };
         images = { inherit (cfg.images) storeDir cacheListen cacheSizeMib materialise nixStore importPaths; };
         metrics = { listen = (cfg.metrics or { }).listen or null; };
+        telemetry = { otlpEndpoint = (cfg.telemetry or { }).otlpEndpoint or null; };
         vms = {
           inherit (cfg.vms) stateDir consoleMaxMib downTimeoutMs fenceTimeoutMs stopTimeoutMs
             strategy cpuOvercommitPct memoryOvercommitPct hooks hookTimeoutMs supervisor;

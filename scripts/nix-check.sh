@@ -80,6 +80,7 @@ for c in $cases; do
     sample-invalid-vms-timing) check_config "$c" 8 "vms.down_timeout_ms" ;;
     sample-invalid-unit-properties) check_config "$c" 8 "vms.unit_properties" '"Nice"' ;;
     sample-invalid-declared-file) check_config "$c" 8 "vms.declared_file" ;;
+    sample-invalid-telemetry) check_config "$c" 8 "telemetry.otlp_endpoint" "only http://" ;;
     sample-invalid) check_config "$c" 8 "raft.election_ticks" ;;
     sample-invalid*) check_config "$c" 8 ;;
   esac

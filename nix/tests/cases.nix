@@ -87,6 +87,7 @@ let
     members = { };
     openFirewall = true;
     metrics = { listen = null; openFirewall = false; prometheus.enable = false; grafana.enable = false; };
+    telemetry = { otlpEndpoint = null; };
     memoryMax = null;
     thinPool = { enable = false; name = "blixard-pool"; backingFile = null; device = null; dataSize = 20480; metadataSize = 256; blockSize = 128; };
   };
@@ -344,6 +345,16 @@ in
     { metrics.listen = "off"; }
     { listen = "0.0.0.0:7000"; metrics.listen = "10.0.0.1:9390"; }
   ];
+
+  # [telemetry] otlp_endpoint, from the option (as the module renders it) or left to the
+  # daemon's environment when unset
+  daemon-config-telemetry = mkDaemonConfig (full // { telemetry.otlpEndpoint = "http://127.0.0.1:4318"; });
+  module-telemetry = map (t: (moduleDaemonConfig (moduleCfg // { telemetry = t; })).telemetry or null) [
+    { otlpEndpoint = null; }
+    { otlpEndpoint = "http://collector.internal:4318"; }
+  ];
+  # a trace endpoint the daemon cannot use is refused by check-config
+  sample-invalid-telemetry = mkDaemonConfig (full // { telemetry.otlpEndpoint = "https://collector:4318"; });
 
   # the polkit rule (security.polkit.extraConfig); scripts/nix-check.sh also runs it in
   # node against a stub polkit

@@ -12,6 +12,7 @@ pub mod http;
 pub mod linear;
 pub mod load;
 pub mod netns;
+pub mod otlp;
 pub mod proxy;
 pub mod runners;
 pub mod systemd;

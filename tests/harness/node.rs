@@ -27,6 +27,8 @@ pub struct Node {
     pub netns: Option<String>,
     /// The address `--listen` binds (the port is `port`).
     pub listen_ip: String,
+    /// Environment variables the daemon gets besides the test's own.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -42,6 +44,7 @@ impl Node {
             wrapped_pid: None,
             netns: None,
             listen_ip: "127.0.0.1".into(),
+            env: Vec::new(),
         }
     }
 
@@ -142,6 +145,7 @@ impl Node {
                 "BLIXARD_LOG",
                 std::env::var("BLIXARD_TEST_LOG").unwrap_or_else(|_| "info,raft=warn".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

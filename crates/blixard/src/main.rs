@@ -12,9 +12,8 @@ macro_rules! out {
 mod cli;
 mod run_args;
 
-use blixard_node::{config, daemon, declared, exit};
+use blixard_node::{config, daemon, declared, exit, telemetry};
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -49,6 +48,11 @@ struct Cli {
     /// Seconds to wait for an answer.
     #[arg(long, global = true, default_value_t = 15)]
     timeout: u64,
+    /// Trace the command: its request carries a new trace to the nodes (which export
+    /// their spans of it), and its trace id is printed on stderr. The CLI exports its own
+    /// span too when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, global = true)]
+    trace: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -242,20 +246,24 @@ enum MetaCommand {
     },
 }
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("BLIXARD_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,iroh=warn,noq=warn,noq_proto=warn,raft=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+/// The command's words ("vm create"), for its span's name.
+fn command_name(matches: &clap::ArgMatches) -> String {
+    let mut words = vec!["blixard"];
+    let mut at = matches;
+    while let Some((name, sub)) = at.subcommand() {
+        words.push(name);
+        at = sub;
+    }
+    words.join(" ")
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, command_name(&m))));
+    let (cli, name) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() {
@@ -276,7 +284,12 @@ fn main() -> ExitCode {
         }
     };
     let daemon = matches!(cli.command, Command::Node(NodeCommand::Run(_)));
-    let result = runtime.block_on(run(cli));
+    let result = if daemon {
+        telemetry::init(true);
+        runtime.block_on(run(cli))
+    } else {
+        runtime.block_on(traced(cli, name))
+    };
     if daemon {
         // Its shutdown is done, or over its bound: nothing left is waited for.
         runtime.shutdown_background();
@@ -291,6 +304,47 @@ fn main() -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// Runs a CLI command, in a span of its own when it is traced (`--trace`, or an OTLP
+/// endpoint in the environment), then sends that span.
+async fn traced(cli: Cli, name: String) -> Result<(), Failure> {
+    use tracing::Instrument as _;
+    let url = telemetry::traces_url(None);
+    if !cli.trace && url.is_none() {
+        return run(cli).await;
+    }
+    telemetry::init(false);
+    let service = telemetry::Service {
+        name: "blixard-cli",
+        instance: None,
+    };
+    // The command matters more than its span: a bad endpoint is a warning here.
+    if let Err(e) = telemetry::start(url.as_deref(), service.clone()) {
+        eprintln!("warning: {e}; this command's span is not exported");
+        let _ = telemetry::start(None, service);
+    }
+    let span = tracing::info_span!(
+        target: blixard_net::trace::TARGET,
+        "cli",
+        otel.name = %name,
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    let print = cli.trace;
+    let result = run(cli).instrument(span.clone()).await;
+    if let Err(e) = &result {
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", e.to_string());
+    }
+    let id = blixard_net::trace::trace_id(&span);
+    drop(span);
+    if let (true, Some(id)) = (print, id) {
+        eprintln!("trace {id}");
+    }
+    telemetry::flush(std::time::Duration::from_secs(2)).await;
+    result
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -314,10 +368,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let report = daemon::check_data(&cli.data_dir)?;
             cli::node_check_data(&ctx, &report).map_err(|e| Failure::new(exit::ERROR, e))
         }
-        Command::Node(NodeCommand::Run(args)) => {
-            init_logging();
-            daemon::run(&cli.data_dir, (*args).into()).await
-        }
+        Command::Node(NodeCommand::Run(args)) => daemon::run(&cli.data_dir, (*args).into()).await,
         Command::Cluster(cmd) => match cmd {
             ClusterCommand::Status(a) => cli::cluster::status(&ctx, a.stale).await,
             ClusterCommand::Token(TokenCommand::Create { ttl }) => {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use blixard_core::{Desired, Image, Phase, RestartPolicy, Vm};
 use tokio::sync::{watch, Notify};
+use tracing::Instrument as _;
 
 use crate::reconcile::{self, Action, Observed, Record, Restart, Want};
 use crate::{HostError, Limits, Runner, Supervisor, VmDir, VmState};
@@ -80,6 +81,11 @@ pub trait Cluster: Send + Sync + 'static {
     fn started(&self, _vm: &Vm, _ok: bool, _restart: bool) {}
     /// One reconcile round took `took`. For the metrics; does nothing by default.
     fn reconciled(&self, _took: Duration) {}
+    /// The span the agent does `what` ("image fetch", "runner exec") for `vm` in: one of
+    /// the trace of the request that asked for it. For traces; disabled by default.
+    fn span(&self, _vm: &Vm, _what: &'static str) -> tracing::Span {
+        tracing::Span::none()
+    }
 }
 
 /// The agent's timings.
@@ -528,15 +534,20 @@ impl<C: Cluster> Agent<C> {
             vcpus: vm.spec.vcpus,
             memory_mib: vm.spec.memory_mib,
         };
+        let span = self.cluster.span(vm, "runner exec");
         let started = tokio::task::spawn_blocking(move || {
             supervisor.start_with(&name, &runner, Some(&limits))
         })
+        .instrument(span.clone())
         .await
         .map_err(HostError::from)
         .and_then(|r| r);
         if let Err(e) = started {
+            span.record("otel.status_code", "error");
             self.cluster.started(vm, false, restart);
-            self.report(vm, Phase::Failed, Some(e.to_string())).await;
+            self.report(vm, Phase::Failed, Some(e.to_string()))
+                .instrument(span)
+                .await;
             return Ok(());
         }
         self.cluster.started(vm, true, restart);
@@ -554,7 +565,9 @@ impl<C: Cluster> Agent<C> {
         );
         // Reported after the exec, so the report's commit is not on the start's path; a
         // later round promotes it to running once it has settled.
-        self.report(vm, Phase::Starting, None).await;
+        self.report(vm, Phase::Starting, None)
+            .instrument(span)
+            .await;
         let (me, vm) = (self.clone(), vm.clone());
         tokio::spawn(async move { me.cluster.after_start(&vm).await });
         Ok(())
@@ -578,8 +591,11 @@ impl<C: Cluster> Agent<C> {
         }
         let me = self.clone();
         let (vm, image) = (vm.clone(), image.clone());
+        let span = self.cluster.span(&vm, "image fetch");
         tokio::spawn(async move {
-            if let Err(e) = me.cluster.fetch(&image).await {
+            let fetched = me.cluster.fetch(&image).instrument(span.clone()).await;
+            if let Err(e) = fetched {
+                span.record("otel.status_code", "error");
                 tracing::warn!(vm = %name, "fetching image {}: {e}", image.name);
                 let current = me.cluster.vm(&vm.id());
                 if let Some(current) = current.filter(|c| c.generation == vm.generation) {

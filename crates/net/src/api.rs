@@ -121,9 +121,15 @@ pub struct RequestFrame {
     /// request; a node forwarding a request passes it on.
     pub id: Option<RequestId>,
     pub request: Request,
+    /// The caller's span as a W3C `traceparent`, so the request's spans join its trace.
+    /// Last and optional on the wire: a frame from a caller that predates it (ending after
+    /// `request`) reads as `None`, and a node that predates it ignores the trailing bytes.
+    #[serde(default, deserialize_with = "trailing_trace")]
+    pub trace: Option<String>,
 }
 
 impl RequestFrame {
+    /// A frame for `request`, carrying the current span's trace context (if any).
     pub fn new(cluster: Option<ClusterId>, request: Request) -> Self {
         Self {
             version: API_VERSION,
@@ -131,8 +137,18 @@ impl RequestFrame {
             forwarded: false,
             id: None,
             request,
+            trace: crate::trace::current(),
         }
     }
+}
+
+/// Reads the optional last field of a frame: absent (the frame ended) or unreadable, it is
+/// `None`; the trace context is advice, never a reason to refuse a request.
+fn trailing_trace<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)
+        .ok()
+        .flatten()
+        .filter(|t| t.len() <= crate::trace::MAX_TRACEPARENT))
 }
 
 /// The answer to a request.

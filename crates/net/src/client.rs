@@ -8,6 +8,7 @@ use std::time::Duration;
 use blixard_core::{ClusterId, RequestId};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
+use tracing::Instrument as _;
 
 use crate::api::{
     ApiError, ProgressSink, ProgressUpdate, Request, RequestFrame, ResponseFrame, ResponseItem, Rpc,
@@ -87,12 +88,20 @@ impl ApiClient {
         id: Option<RequestId>,
         progress: &ProgressSink,
     ) -> Result<ResponseFrame, ClientError> {
-        let mut frame = RequestFrame::new(self.cluster, request);
+        let span = tracing::info_span!(
+            target: crate::trace::TARGET,
+            "forward",
+            otel.name = %format_args!("forward {}", request.kind()),
+            otel.kind = "client",
+            blixard.to = %to.id.fmt_short(),
+        );
+        let mut frame = span.in_scope(|| RequestFrame::new(self.cluster, request));
         frame.forwarded = true;
         frame.id = id;
         self.exchange(to, frame, &mut |p| {
             progress.report(&p.phase, p.done, p.total)
         })
+        .instrument(span)
         .await
     }
 
@@ -105,11 +114,19 @@ impl ApiClient {
             }
         }
         let node = to.id.fmt_short().to_string();
-        let conn = tokio::time::timeout(self.timeout, self.endpoint.connect(to.clone(), API_ALPN))
+        // Connected on a task of its own: the connection's tasks outlive this request and
+        // would otherwise keep its trace span (the caller's) open for their whole life.
+        let (endpoint, addr) = (self.endpoint.clone(), to.clone());
+        let connect = tokio::spawn(async move { endpoint.connect(addr, API_ALPN).await });
+        let conn = tokio::time::timeout(self.timeout, connect)
             .await
             .map_err(|_| ClientError::Timeout {
                 node: node.clone(),
                 ms: self.timeout.as_millis() as u64,
+            })?
+            .map_err(|e| ClientError::Connect {
+                node: node.clone(),
+                detail: e.to_string(),
             })?
             .map_err(|e| ClientError::Connect {
                 node,

@@ -319,6 +319,56 @@ mod tests {
         assert!(matches!(encode(&over), Err(FrameError::TooLarge(n)) if n == MAX_FRAME + 1));
     }
 
+    /// A request frame as nodes wrote it before the trace context was added.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct FrameBeforeTrace {
+        version: u16,
+        cluster: Option<blixard_core::ClusterId>,
+        forwarded: bool,
+        id: Option<blixard_core::RequestId>,
+        request: crate::api::Request,
+    }
+
+    #[test]
+    fn the_trace_context_is_optional_on_the_wire_both_ways() {
+        let request = crate::api::Request::MetaSet(crate::api::MetaSet {
+            key: "k".into(),
+            value: Some("v".into()),
+        });
+        let old = FrameBeforeTrace {
+            version: crate::api::API_VERSION,
+            cluster: None,
+            forwarded: true,
+            id: None,
+            request: request.clone(),
+        };
+        // An older caller's frame reads with no trace context.
+        let body = postcard::to_stdvec(&old).unwrap();
+        let new: RequestFrame = decode(&body).unwrap();
+        assert_eq!(new.trace, None);
+        assert_eq!(new.request, request);
+        assert!(new.forwarded);
+        // A newer caller's frame reads on an older node, the context ignored.
+        let traced = RequestFrame {
+            trace: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            ..new.clone()
+        };
+        let body = postcard::to_stdvec(&traced).unwrap();
+        assert_eq!(decode::<FrameBeforeTrace>(&body).unwrap(), old);
+        assert_eq!(decode::<RequestFrame>(&body).unwrap(), traced);
+        // A damaged or oversized context is dropped; the request still stands.
+        let mut cut = body.clone();
+        cut.truncate(body.len() - 10);
+        assert_eq!(decode::<RequestFrame>(&cut).unwrap().trace, None);
+        let huge = RequestFrame {
+            trace: Some("0".repeat(crate::trace::MAX_TRACEPARENT + 1)),
+            ..new
+        };
+        let body = postcard::to_stdvec(&huge).unwrap();
+        let back: RequestFrame = decode(&body).unwrap();
+        assert_eq!((back.trace, back.request), (None, request));
+    }
+
     #[tokio::test]
     async fn a_clean_end_is_none_and_an_end_inside_a_frame_is_an_error() {
         assert!(read_all(&[]).await.unwrap().is_none());

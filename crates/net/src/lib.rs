@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod raft_transport;
 pub mod server;
 pub mod ticket;
+pub mod trace;
 
 /// Raft messages between members.
 pub const RAFT_ALPN: &[u8] = b"blixard/raft/1";

@@ -11,6 +11,7 @@ use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::api::{ApiError, ProgressSink, RequestFrame, ResponseFrame, ResponseItem, API_VERSION};
 use crate::authz::{authorize, is_mutating, Decision, Lookup, Principal};
@@ -299,7 +300,24 @@ async fn answer<S: Service>(
 ) -> Answered {
     let kind = frame.request.kind();
     let started = std::time::Instant::now();
-    let answered = decide_and_run(service, principal, frame, timeout, progress).await;
+    let span = tracing::info_span!(
+        target: crate::trace::TARGET,
+        "request",
+        otel.name = %format_args!("api {kind}"),
+        otel.kind = "server",
+        blixard.principal = %principal,
+        blixard.forwarded = frame.forwarded,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    crate::trace::set_parent(&span, frame.trace.as_deref());
+    let answered = decide_and_run(service, principal, frame, timeout, progress)
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = &answered.0 {
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", e.to_string());
+    }
     if let Some(m) = service.api_metrics() {
         m.observe(kind, &answered.0, started.elapsed().as_secs_f64());
     }

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::Instrument as _;
 
 use blixard_core::{ClusterId, Command, CommandOutput, EndpointKey, NodeId, RequestId, State};
 use blixard_net::api::{ApiError, ProgressSink, Request, ResponseFrame};
@@ -130,8 +131,14 @@ impl ClusterHandle {
     /// Inside a request with an id ([`with_request_id`]) it is applied once under that id,
     /// and proposed again if the leader changes before it is applied.
     pub async fn propose(&self, command: Command) -> Result<CommandOutput, ApiError> {
+        let span = tracing::info_span!(
+            target: blixard_net::trace::TARGET,
+            "propose",
+            otel.name = %format_args!("raft propose {}", command.kind()),
+        );
         self.node
             .propose(once(command))
+            .instrument(span)
             .await
             .map_err(propose_error)
     }

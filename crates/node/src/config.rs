@@ -33,6 +33,7 @@ pub struct Config {
     pub vms: VmsConfig,
     pub audit: AuditConfig,
     pub metrics: MetricsConfig,
+    pub telemetry: TelemetryConfig,
     /// The cluster's expected members (a JSON object of `{name, endpointId, addresses}`, as
     /// the NixOS module writes /etc/blixard/members.json). When set, a join from a key not
     /// listed under that name is refused, whatever the ticket.
@@ -329,6 +330,16 @@ impl RaftConfig {
     }
 }
 
+/// Trace export (`docs/monitoring.md`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP endpoint trace spans go to, e.g. "http://127.0.0.1:4318" (posted to
+    /// its `/v1/traces`). Unset: the standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else no traces.
+    pub otlp_endpoint: Option<String>,
+}
+
 /// The metrics endpoint (`docs/monitoring.md`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -539,6 +550,11 @@ impl Config {
         ] {
             if !(100..=3_600_000).contains(&ms) {
                 return bad(setting, "must be between 100 and 3600000 (an hour)".into());
+            }
+        }
+        if let Some(e) = &self.telemetry.otlp_endpoint {
+            if let Err(e) = crate::telemetry::check_endpoint(e) {
+                return bad("telemetry.otlp_endpoint", e.to_string());
             }
         }
         let v = &self.vms;

@@ -13,4 +13,5 @@ pub mod gate;
 pub mod images;
 pub mod metrics;
 pub mod peers;
+pub mod telemetry;
 pub mod vms;

@@ -138,6 +138,22 @@ pub struct RaftCore {
     /// Set when a check found this node's state unlike the proposer's.
     alarm: Option<String>,
     metrics: RaftMetrics,
+    tracing: Option<Arc<dyn EntryTracing>>,
+}
+
+/// How entries join traces. Raft carries a trace context as opaque bytes in each normal
+/// entry's `context` (replicated with it, outside the command, so the command's encoding
+/// does not change); the node supplies the glue to its tracer.
+pub trait EntryTracing: Send + Sync {
+    /// The calling task's trace context, to carry in the entry it proposes (empty: none).
+    fn context(&self) -> Vec<u8>;
+    /// The span this node applies an entry in that carries `context` (never empty).
+    fn apply_span(
+        &self,
+        context: &[u8],
+        index: u64,
+        command: &blixard_core::Command,
+    ) -> tracing::Span;
 }
 
 /// How many check digests a node keeps to compare with later checks.
@@ -225,7 +241,17 @@ impl RaftCore {
             checks: VecDeque::new(),
             alarm: None,
             metrics: RaftMetrics::default(),
+            tracing: None,
         })
+    }
+
+    /// Lets entries carry their proposer's trace context and be applied in spans of it.
+    pub fn set_tracing(&mut self, tracing: Arc<dyn EntryTracing>) {
+        self.tracing = Some(tracing);
+    }
+
+    pub fn tracing(&self) -> Option<Arc<dyn EntryTracing>> {
+        self.tracing.clone()
     }
 
     pub fn id(&self) -> u64 {
@@ -262,8 +288,10 @@ impl RaftCore {
     }
 
     /// Proposes a command as a normal entry. Followers forward it to the leader.
-    pub fn propose(&mut self, envelope: &Envelope) -> Result<(), raft::Error> {
-        self.raw.propose(vec![], encode_versioned(envelope))
+    /// `context` (a trace context, or empty) travels with the entry, outside the command.
+    pub fn propose(&mut self, envelope: &Envelope, context: &[u8]) -> Result<(), raft::Error> {
+        self.raw
+            .propose(context.to_vec(), encode_versioned(envelope))
     }
 
     /// Proposes a configuration change; `envelope` (applied with it) records the change in
@@ -533,6 +561,13 @@ impl RaftCore {
                             continue;
                         }
                     };
+                    let span = match &self.tracing {
+                        Some(t) if !entry.context.is_empty() => {
+                            Some(t.apply_span(&entry.context, entry.index, &env.command))
+                        }
+                        _ => None,
+                    };
+                    let _in_span = span.as_ref().map(tracing::Span::enter);
                     let started = Instant::now();
                     let applied = state.apply_entry(&env.command);
                     self.metrics

@@ -19,7 +19,7 @@ use raft::StateRole;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
-use crate::core::{Change, Output, RaftCore};
+use crate::core::{Change, EntryTracing, Output, RaftCore};
 use crate::metrics::RaftMetrics;
 
 /// Sends raft messages to peers. Must not block: queue and return.
@@ -76,7 +76,8 @@ pub struct NodeStatus {
 type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
 
 enum Input {
-    Propose(Command, Reply<CommandOutput>),
+    /// A command and the trace context of its caller ([`EntryTracing::context`]).
+    Propose(Command, Vec<u8>, Reply<CommandOutput>),
     Join(JoinRequest, Reply<CommandOutput>),
     Remove(NodeId, u64, Reply<CommandOutput>),
     ReadIndex(Reply<()>),
@@ -98,6 +99,7 @@ pub struct RaftNode {
     leader: watch::Receiver<u64>,
     id: NodeId,
     metrics: RaftMetrics,
+    tracing: Option<Arc<dyn EntryTracing>>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -128,6 +130,7 @@ impl RaftNode {
         let (leader_tx, leader) = watch::channel(0);
         let id = NodeId(core.id());
         let metrics = core.metrics().clone();
+        let tracing = core.tracing();
         let worker = Worker {
             core,
             transport,
@@ -158,6 +161,7 @@ impl RaftNode {
                 leader,
                 id,
                 metrics,
+                tracing,
             },
             handle,
         ))
@@ -212,7 +216,12 @@ impl RaftNode {
     /// Proposes a command and waits until it is committed and applied here; returns the
     /// result of `apply`. Callers bound the wait with a timeout.
     pub async fn propose(&self, command: Command) -> Result<CommandOutput, ProposeError> {
-        self.ask(|r| Input::Propose(command, r)).await
+        let context = self
+            .tracing
+            .as_ref()
+            .map(|t| t.context())
+            .unwrap_or_default();
+        self.ask(|r| Input::Propose(command, context, r)).await
     }
 
     /// Admits a new member as a learner (leader only). The node id in `request` is
@@ -291,7 +300,7 @@ struct Pending {
 enum OnLeaderChange {
     /// A `Command::Once`: proposed again to the new leader (applied once whatever
     /// happens to the earlier copy).
-    Repropose(Box<Envelope>),
+    Repropose(Box<Envelope>, Vec<u8>),
     /// Any other command: the caller hears at once that the outcome is unknown, rather
     /// than at its timeout.
     Fail,
@@ -397,7 +406,7 @@ impl Worker {
     /// Returns false when the node must stop.
     fn handle(&mut self, input: Input) -> bool {
         match input {
-            Input::Propose(command, reply) => {
+            Input::Propose(command, context, reply) => {
                 let request_id = self.next_request;
                 self.next_request = self.next_request.wrapping_add(1);
                 let once = matches!(command, Command::Once { .. });
@@ -417,12 +426,12 @@ impl Worker {
                 let proposed = if leader == 0 {
                     Ok(())
                 } else {
-                    self.core.propose(&env)
+                    self.core.propose(&env, &context)
                 };
                 match proposed {
                     Ok(()) => {
                         let on_leader_change = if once {
-                            OnLeaderChange::Repropose(Box::new(env))
+                            OnLeaderChange::Repropose(Box::new(env), context)
                         } else {
                             OnLeaderChange::Fail
                         };
@@ -618,9 +627,9 @@ impl Worker {
         for (id, p) in &mut self.pending {
             let moved = p.leader != leader;
             match &p.on_leader_change {
-                OnLeaderChange::Repropose(env) => {
+                OnLeaderChange::Repropose(env, context) => {
                     if moved || ticks >= p.at_tick + ONCE_RETRY_TICKS {
-                        if let Err(e) = self.core.propose(env) {
+                        if let Err(e) = self.core.propose(env, context) {
                             tracing::debug!("proposing a write again: {e}");
                             continue;
                         }

@@ -513,7 +513,7 @@ impl Sim {
                 command: Command::SetMeta { key, value },
             };
             // Dropped proposals (no leader known) are fine: raft promises nothing for them.
-            let _ = up.core.propose(&envelope);
+            let _ = up.core.propose(&envelope, &[]);
         }
     }
 

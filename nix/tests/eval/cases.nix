@@ -249,6 +249,12 @@ in
       { what = "dashboard folder"; got = builtins.substring 44 100 (toString (builtins.head config.services.grafana.provision.dashboards.settings.providers).options.path); want = "blixard-dashboards"; }
     ];
   };
+  telemetry = {
+    modules = node { telemetry.otlpEndpoint = "http://127.0.0.1:4318"; };
+    expect = { config, ... }: [
+      { what = "config"; got = config.services.blixard.daemonConfig.telemetry; want = { otlp_endpoint = "http://127.0.0.1:4318"; }; }
+    ];
+  };
   high-density-default-ports = {
     modules = node { tuning.highDensity.enable = true; };
     expect = { config, ... }: [

@@ -8,6 +8,7 @@ use blixard_net::api::{
     VmConsole, VmControl, VmCreate, VmDeleted, VmEntries, VmInfo, VmList, VmLogs, VmOp, VmRef,
 };
 use blixard_net::authz::{image_entity, vm_entity, vm_tenant, Principal};
+use tracing::Instrument as _;
 
 use super::Api;
 use crate::cluster::{now_ms, ClusterHandle};
@@ -70,6 +71,9 @@ pub(super) async fn create(
         api.vms
             .hooks
             .before_vm_create(&hook_vm(&spec, None))
+            .instrument(
+                tracing::info_span!(target: blixard_net::trace::TARGET, "hooks before_vm_create"),
+            )
             .await
             .map_err(vetoed)?;
         let request = VmCreate {
@@ -87,6 +91,7 @@ pub(super) async fn create(
         }
     }
     let placement = if cluster.leader() == Some(cluster.me()) {
+        let _span = tracing::info_span!(target: blixard_net::trace::TARGET, "schedule").entered();
         let state = cluster.state();
         let members: Vec<_> = state.members().cloned().collect();
         placement(&members, &state.ledger(), &spec, &api.vms.scheduler).ok()

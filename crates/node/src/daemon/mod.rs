@@ -12,7 +12,8 @@
 //!    finish for half the bound, then answer the rest "shutting down" (the router's
 //!    shutdown does both, then closes the endpoint), close the blob store, stop the raft
 //!    thread after its current step, audit the changes it applied up to its last, flush
-//!    (and fsync) the audit log, remove `node.json`.
+//!    (and fsync) the audit log, send the trace spans still queued (at most 1 s), remove
+//!    `node.json`.
 //!
 //! The signal handlers are in place before phase 1, so no signal is lost or fatal while
 //! the node starts: SIGTERM or SIGINT during phase 3 (a join may wait long for an
@@ -285,6 +286,8 @@ async fn shutdown(
     step.set("writing the audit log");
     let _ = running.audit_changes.await;
     running.audit.flush().await;
+    step.set("sending the last traces");
+    crate::telemetry::flush(std::time::Duration::from_secs(1)).await;
     let _ = std::fs::remove_file(datadir::node_info(data_dir));
     let record = running.record;
     if removed {

@@ -51,6 +51,11 @@ pub(super) fn load(data_dir: &Path, args: &RunArgs) -> Result<Config, Failure> {
         Some(Listen::At(a)) => config.metrics.listen = Some(*a),
         None => {}
     }
+    // A bad trace endpoint from the environment stops the daemon as a bad config would.
+    if let Some(url) = crate::telemetry::traces_url(config.telemetry.otlp_endpoint.as_deref()) {
+        crate::telemetry::check_endpoint(&url)
+            .map_err(|e| Failure::new(exit::CONFIG, format!("invalid config: {e}")))?;
+    }
     config
         .validate()
         .map_err(|e| Failure::new(exit::CONFIG, format!("invalid config: {e}")))?;

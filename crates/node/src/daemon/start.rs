@@ -35,6 +35,7 @@ use crate::images::Images;
 use crate::metrics::stats::Stats;
 use crate::metrics::{NodeMetrics, Sources};
 use crate::peers::{Book, Seeds};
+use crate::telemetry;
 use crate::vms::Loops;
 
 /// A node that serves, and what its shutdown must stop, in order.
@@ -77,8 +78,18 @@ pub(super) async fn start(
     core_cfg.election_tick = config.raft.election_ticks;
     core_cfg.heartbeat_tick = config.raft.heartbeat_ticks;
     core_cfg.snapshot_threshold = config.raft.snapshot_threshold;
-    let core = RaftCore::open(store.clone(), core_cfg, &blixard_raft::tracing_logger())
+    let mut core = RaftCore::open(store.clone(), core_cfg, &blixard_raft::tracing_logger())
         .map_err(data_err)?;
+    // Traces, once this node knows its id (a joining node learns it from the leader).
+    if let Some(url) = telemetry::traces_url(config.telemetry.otlp_endpoint.as_deref()) {
+        let service = telemetry::Service {
+            name: "blixard",
+            instance: Some(format!("n{}", me.0)),
+        };
+        telemetry::start(Some(&url), service).map_err(|e| Failure::new(exit::CONFIG, e))?;
+    }
+    let traces = Arc::new(telemetry::EntryTraces::default());
+    core.set_tracing(traces.clone());
     let solo = core.conf_state().voters == vec![me.0];
     let (removed_tx, removed_by_peer) = watch::channel(false);
     // Read once: the peer book dials the declared addresses, the API admits joins.
@@ -244,6 +255,7 @@ pub(super) async fn start(
         images: images.clone(),
         audit: audit.clone(),
         metrics: metrics.vms.clone(),
+        traces,
     });
     tasks.push(tokio::spawn(crate::images::janitor(images)));
     if let Some(every) = config.raft.state_check_interval() {

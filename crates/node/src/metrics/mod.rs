@@ -197,6 +197,7 @@ pub fn registry(metrics: &NodeMetrics, sources: Arc<Sources>) -> Registry {
         metrics.cache.register(r);
         metrics.images.register(r);
         metrics.vms.register(r);
+        crate::telemetry::register_metrics(r);
         r.register_collector(Box::new(collect::State::new(sources)));
     }
     root.register_collector(Box::new(process::Process));

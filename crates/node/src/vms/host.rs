@@ -103,6 +103,10 @@ impl Cluster for Loops {
     fn reconciled(&self, took: Duration) {
         self.metrics.reconciled(took);
     }
+
+    fn span(&self, vm: &Vm, what: &'static str) -> tracing::Span {
+        self.traces.vm_span(&vm.id(), what)
+    }
 }
 
 /// Runs the host agent until the node stops.

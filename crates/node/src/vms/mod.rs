@@ -29,6 +29,8 @@ pub struct Loops {
     pub images: Arc<Images>,
     pub audit: Arc<AuditLog>,
     pub metrics: crate::metrics::VmMetrics,
+    /// The traces of the VMs' latest commands, for the host's spans.
+    pub traces: Arc<crate::telemetry::EntryTraces>,
 }
 
 /// The node's VM machinery: the supervisor, the hooks, the scheduler's settings and the

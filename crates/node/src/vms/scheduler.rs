@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use blixard_core::{Command, MemberStatus, NodeId, SchedulerConfig, State};
 
@@ -158,7 +159,8 @@ async fn schedule_round(ctx: &Loops) -> Result<(), String> {
             } => (key.clone(), *node, reason.clone()),
             _ => continue,
         };
-        match ctx.gate.propose_as_host(command).await {
+        let span = ctx.traces.vm_span(&key, "schedule");
+        match ctx.gate.propose_as_host(command).instrument(span).await {
             // The leader's decisions are state changes too: in its audit log.
             Ok(_) => match node {
                 Some(n) => {
