@@ -1353,3 +1353,53 @@ fn out_of_descriptors_the_cache_refuses_and_the_api_keeps_working() {
         eprintln!("{l}");
     }
 }
+
+/// A daemon started with a relative `--data-dir` (its cwd's) imports images: the blob
+/// store once failed with "adding a NAR: Error::Io" there.
+#[test]
+fn a_relative_data_dir_holds_images() {
+    let root = tempfile::Builder::new()
+        .prefix("blixard-reldir")
+        .tempdir()
+        .unwrap();
+    let image = root.path().join("img");
+    blixard_tests::runners::write_runner(&image, "exec sleep 600");
+    let store = root.path().join("store");
+    let port = blixard_tests::free_port();
+    let mut daemon = Command::new(blixard_tests::binary())
+        .current_dir(root.path())
+        .args(["node", "run", "--data-dir", "rel", "--init", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args([
+            "--cache-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--store-dir",
+        ])
+        .arg(&store)
+        .stderr(std::fs::File::create(root.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the node to serve", Duration::from_secs(30), || {
+        if root.path().join("rel/node.json").exists() {
+            Ok(())
+        } else {
+            Err(std::fs::read_to_string(root.path().join("log")).unwrap_or_default())
+        }
+    });
+    let out = Command::new(blixard_tests::binary())
+        .current_dir(root.path())
+        .args(["--data-dir", "rel", "image", "import"])
+        .arg(&image)
+        .args(["--name", "web"])
+        .output()
+        .unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

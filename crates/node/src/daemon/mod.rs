@@ -97,6 +97,9 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
     // First of all, so that no signal during start-up is lost or, for SIGHUP (a reload
     // right after READY=1), fatal: the streams keep what arrives until `wait` reads it.
     let mut signals = Signals::install()?;
+    // The blob store needs an absolute path; a relative --data-dir is the caller's cwd.
+    let data_dir = &std::path::absolute(data_dir)
+        .map_err(|e| data_err(format!("{}: {e}", data_dir.display())))?;
     let config = settings::load(data_dir, &args)?;
     raise_fd_limit();
     let opened = open::open(data_dir, &config).await?;
