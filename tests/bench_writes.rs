@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo build --release --bin blixard && cargo bench -p blixard-tests --bench writes`.
 //! Env: `BLIXARD_BIN` (the binary; default target/release/blixard), `BENCH_SECS` (measured
-//! seconds per level, default 10). Each level runs a 2 s warm-up first.
+//! seconds per level, default 10), `BENCH_TRACES` (set: the nodes export trace spans to an
+//! OTLP receiver in this process). Each level runs a 2 s warm-up first.
 //!
 //! Prints a one-line machine description and markdown tables to stdout.
 
@@ -203,8 +204,33 @@ fn main() {
     eprintln!("bench: daemon binary {}", bin.display());
     let ticks_per_sec = clock_ticks_per_sec();
 
-    eprintln!("bench: starting a 3-node cluster");
-    let mut cluster = Cluster::start(3, &[]);
+    // BENCH_TRACES=1: every node exports its trace spans to a receiver in this process
+    // (as to a collector on the host), to measure what tracing costs.
+    let receiver = std::env::var_os("BENCH_TRACES").map(|_| blixard_tests::otlp::Receiver::start());
+    eprintln!(
+        "bench: starting a 3-node cluster{}",
+        if receiver.is_some() {
+            " exporting traces"
+        } else {
+            ""
+        }
+    );
+    let mut cluster = {
+        let root = tempfile::Builder::new()
+            .prefix("blixard-bench")
+            .tempdir()
+            .unwrap();
+        let nodes = (1..=3)
+            .map(|i| {
+                let mut node = blixard_tests::Node::new(root.path(), &format!("n{i}"));
+                if let Some(r) = &receiver {
+                    node.env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT".into(), r.endpoint())];
+                }
+                node
+            })
+            .collect();
+        Cluster::start_nodes(root, nodes)
+    };
     let machine = machine(cluster.root.path());
 
     let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.pid().unwrap()).collect();
@@ -389,6 +415,9 @@ fn main() {
         worst.as_secs_f64(),
         verdict(worst <= Duration::from_millis(2 * ELECTION_MS) && failed == 0)
     );
+    if let Some(r) = &receiver {
+        println!("- trace spans received from the nodes: {}", r.count());
+    }
     drop(cluster);
 }
 

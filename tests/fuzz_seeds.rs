@@ -57,6 +57,19 @@ fn member() -> NewMember {
     }
 }
 
+/// A state with a cluster and its first member.
+fn small_state() -> State {
+    let mut state = State::new();
+    let _ = state.apply_entry(&Command::Bootstrap {
+        cluster_id: ClusterId([3; 16]),
+        name: "c".into(),
+        member: member(),
+        admin: EndpointKey([8; 32]),
+        now_ms: 1,
+    });
+    state
+}
+
 fn envelope(command: Command) -> Vec<u8> {
     encode_versioned(&Envelope {
         proposer: Some(NodeId(1)),
@@ -148,14 +161,7 @@ fn raft_frame() {
     write("raft_frame", "batch", &wire);
 
     // A snapshot of a real state, in two chunks.
-    let mut state = State::new();
-    let _ = state.apply_entry(&Command::Bootstrap {
-        cluster_id: ClusterId([3; 16]),
-        name: "c".into(),
-        member: member(),
-        admin: EndpointKey([8; 32]),
-        now_ms: 1,
-    });
+    let state = small_state();
     let data = encode_versioned(&state.all_rows());
     let mut snap = Snapshot::default();
     snap.mut_metadata().index = 10;
@@ -297,9 +303,33 @@ fn text_seeds() {
     write("node_files", "members.json", members.as_bytes());
 }
 
+/// A backup of a small real state: the whole file, and the body its checksum covers (the
+/// target decodes both).
+fn backup() {
+    let mut state = small_state();
+    let _ = state.apply_entry(&Command::SetMeta {
+        key: "owner".into(),
+        value: Some("ops".into()),
+    });
+    let header = blixard_core::backup::BackupHeader {
+        cluster_id: ClusterId([3; 16]),
+        cluster_name: "c".into(),
+        index: 12,
+        term: 2,
+        created_at_ms: 5,
+        node: NodeId(1),
+        version: "0.1.0".into(),
+    };
+    let file = blixard_core::backup::encode(&header, state.all_rows()).unwrap();
+    write("backup", "file", &file);
+    let body = &file[blixard_core::backup::MAGIC.len() + 2..file.len() - 32];
+    write("backup", "body", body);
+}
+
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand"]
 fn write_fuzz_seeds() {
+    backup();
     api_frame();
     raft_frame();
     join_ticket();

@@ -182,6 +182,7 @@ fn every_request(who: &str) -> Vec<Request> {
         }
         .into(),
         blixard_net::api::NodeStatsRequest {}.into(),
+        blixard_net::api::BackupRequest {}.into(),
     ]
 }
 
@@ -256,9 +257,9 @@ async fn authorization_matrix_on_a_real_cluster() {
     //            Status MetaGet MetaSet Token Join Leave UAdd URm ULst PGet PSet PTest
     //            IImport IList IShow IPull IPin IRm CacheKey
     //            TCreate TList QSet QShow NList USetKey ASetKey
-    //            VCreate VList VShow VControl VDelete VLogs NDrain NStats
+    //            VCreate VList VShow VControl VDelete VLogs NDrain NStats Backup
     let (t, f) = (true, false);
-    let expect: [(&str, SecretKey, [bool; 34]); 7] = [
+    let expect: [(&str, SecretKey, [bool; 35]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
@@ -266,7 +267,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -276,7 +277,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -286,7 +287,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f, t,
+                f, t, t, f, f, t, f, t, f,
             ],
         ),
         (
@@ -296,7 +297,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, f, t, f, f, //
-                t, t, f, f, f, f, f, t,
+                t, t, f, f, f, f, f, t, f,
             ],
         ),
         (
@@ -306,7 +307,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                t, t, t, t, t, t, f, t,
+                t, t, t, t, t, t, f, t, f,
             ],
         ),
         (
@@ -316,7 +317,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, t, t, t, t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
-                t, t, t, t, t, t, t, t,
+                t, t, t, t, t, t, t, t, t,
             ],
         ),
         (
@@ -326,7 +327,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, f, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f, t,
+                f, t, t, f, f, t, f, t, f,
             ],
         ),
     ];

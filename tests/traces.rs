@@ -4,37 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use blixard_tests::otlp::{Receiver, Span};
-use blixard_tests::runners::write_runner;
-use blixard_tests::{alive, binary, wait_for, Cluster, Node};
-
-/// Kills the runners the nodes started (they outlive their daemons by design).
-struct Runners(PathBuf);
-
-impl Drop for Runners {
-    fn drop(&mut self) {
-        for node in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            for vm in std::fs::read_dir(node.path().join("vms"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let pid = std::fs::read_to_string(vm.path().join("pid")).unwrap_or_default();
-                if let Some(pid) = pid.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                    if alive(pid) {
-                        let _ = Command::new("kill")
-                            .args(["-KILL", "--", &format!("-{pid}")])
-                            .status();
-                    }
-                }
-            }
-        }
-    }
-}
+use blixard_tests::runners::{write_runner, Reaper};
+use blixard_tests::{binary, wait_for, Cluster, Node};
 
 /// The one span of `trace` named `name` on node `instance` (`None`: the CLI's).
 fn one<'a>(trace: &'a [Span], name: &str, instance: Option<&str>) -> &'a Span {
@@ -100,14 +76,8 @@ fn one_vm_create_is_one_trace_across_three_nodes() {
         node.extra
             .extend(["--label".into(), format!("host=h{}", i + 1)]);
     }
-    nodes[0].start(&["--init"]);
-    let mut c = Cluster { root, nodes };
-    let _runners = Runners(c.root.path().to_path_buf());
-    for i in 1..3 {
-        let ticket = c.token();
-        c.nodes[i].start(&["--join", &ticket]);
-    }
-    c.wait_voters(3);
+    let c = Cluster::start_nodes(root, nodes);
+    let _runners = Reaper(c.root.path().to_path_buf());
 
     // The image is held by n1 (the leader) only; the VM may run on n3 only, so n3
     // fetches it.

@@ -73,6 +73,11 @@ impl Receiver {
             .collect()
     }
 
+    /// How many spans have arrived.
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().spans.len()
+    }
+
     pub fn refused(&self) -> Vec<String> {
         self.received.lock().unwrap().refused.clone()
     }

@@ -49,3 +49,29 @@ pub fn guest_runner(dir: &Path) {
          -kernel \"$d/vmlinuz\" -initrd \"$d/initrd\" -append 'console=ttyS0 quiet panic=-1'",
     );
 }
+
+/// Kills, when dropped, every runner that the nodes under `root` started (their pid files,
+/// `root/<node>/vms/<vm>/pid`): runners outlive their daemons by design, so a test that
+/// fails leaves none behind.
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for node in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            for vm in std::fs::read_dir(node.path().join("vms"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let pid = std::fs::read_to_string(vm.path().join("pid")).unwrap_or_default();
+                if let Some(pid) = pid.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    if crate::alive(pid) {
+                        let _ = std::process::Command::new("kill")
+                            .args(["-KILL", "--", &format!("-{pid}")])
+                            .status();
+                    }
+                }
+            }
+        }
+    }
+}

@@ -17,6 +17,7 @@ use crate::types::{Resource, Subject};
 pub const ACTIONS: &[&str] = &[
     "cluster:read",
     "cluster:manage",
+    "cluster:backup",
     "cluster:join",
     "node:forward",
     "user:manage",

@@ -168,6 +168,26 @@ enum NodeCommand {
         #[arg(long)]
         stale: bool,
     },
+    /// Make DATA_DIR (empty) hold a backup's state as a new cluster with this node as its
+    /// only member; then start it with `node run` (docs/operations.md).
+    Restore {
+        /// The backup file (from `cluster backup`).
+        file: PathBuf,
+        /// Keep the backed-up cluster's id (default: a new one, so old tickets and members
+        /// cannot mistake the two).
+        #[arg(long)]
+        keep_cluster_id: bool,
+        /// This node's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The config file `node run` will use (its labels and capacity go in the member
+        /// record; default: DATA_DIR/blixard.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A node label, KEY=VALUE; repeatable.
+        #[arg(long = "label", value_parser = cli::parse::parse_label)]
+        labels: Vec<(String, String)>,
+    },
     /// Move every VM off a host and keep new ones away.
     Drain {
         /// The node id (e.g. n2).
@@ -205,6 +225,25 @@ enum ClusterCommand {
     /// Cluster metadata: small key/value pairs stored in cluster state.
     #[command(subcommand)]
     Meta(MetaCommand),
+    /// Back up the whole cluster state to a file, online (docs/operations.md).
+    Backup(BackupArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BackupArgs {
+    /// Where to write the backup (written beside it first, then renamed; mode 0600).
+    #[arg(long, required = true, value_name = "FILE")]
+    out: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<BackupCommand>,
+}
+
+#[derive(Subcommand, Debug)]
+enum BackupCommand {
+    /// Check a backup file (header, version, checksum, every row) and print its header
+    /// and row counts per table. Exits 7 if it is damaged or newer than this build.
+    Verify { file: PathBuf },
 }
 
 #[derive(Args, Debug)]
@@ -385,6 +424,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             ClusterCommand::Meta(MetaCommand::Get { name, stale }) => {
                 cli::cluster::meta_get(&ctx, name, stale).await
             }
+            ClusterCommand::Backup(b) => match (b.command, b.out) {
+                (Some(BackupCommand::Verify { file }), _) => cli::backup::verify(&ctx, &file),
+                (None, Some(out)) => cli::backup::backup(&ctx, &out).await,
+                (None, None) => Err(Failure::new(exit::USAGE, "cluster backup needs --out FILE")),
+            },
         },
         Command::Whoami => cli::whoami(&ctx),
         Command::User(UserCommand::Add {
@@ -413,6 +457,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Quota(cmd) => cli::tenants::quota(&ctx, cmd).await,
         Command::Node(NodeCommand::List { stale }) => cli::tenants::node_list(&ctx, stale).await,
         Command::Node(NodeCommand::Stats) => cli::tenants::node_stats(&ctx).await,
+        Command::Node(NodeCommand::Restore {
+            file,
+            keep_cluster_id,
+            name,
+            config,
+            labels,
+        }) => {
+            let args = daemon::RestoreArgs {
+                keep_cluster_id,
+                name,
+                config,
+                labels,
+            };
+            cli::backup::restore(&ctx, &file, &args)
+        }
         Command::Node(NodeCommand::Drain {
             id,
             wait,

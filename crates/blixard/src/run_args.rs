@@ -48,6 +48,11 @@ pub struct RunCommand {
     /// Serve `GET /metrics` (Prometheus) on this address (default 127.0.0.1:7390), or `off`.
     #[arg(long, env = "BLIXARD_METRICS_LISTEN", value_parser = parse_listen)]
     pub metrics_listen: Option<Listen>,
+    /// Make this member the only voter of its cluster, keeping its state, when the others
+    /// are gone for good (a lost majority). Every other member is removed; their VMs are
+    /// placed again. Loud, and once: docs/operations.md.
+    #[arg(long, conflicts_with_all = ["init", "join", "join_file"])]
+    pub force_new_cluster: bool,
 }
 
 impl From<RunCommand> for RunArgs {
@@ -66,6 +71,7 @@ impl From<RunCommand> for RunArgs {
             store_dir: c.store_dir,
             cache_listen: c.cache_listen,
             metrics_listen: c.metrics_listen,
+            force_new_cluster: c.force_new_cluster,
         }
     }
 }

@@ -11,6 +11,7 @@
 //!
 //! **Invariant:** this crate depends on no async runtime, no network and no storage crate.
 
+pub mod backup;
 mod command;
 mod encoding;
 mod ids;
@@ -32,7 +33,7 @@ pub use member::{
 pub use scheduler::{
     fits, place, FitError, Ledger, PlaceError, Placement, SchedulerConfig, Strategy,
 };
-pub use state::{ApplyError, LoadError, State};
+pub use state::{ApplyError, LoadError, Restore, State};
 pub use table::{Row, Table};
 pub use user::User;
 pub use vm::{

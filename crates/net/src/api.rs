@@ -91,6 +91,7 @@ rpcs! {
     VmLogs(VmLogs) -> VmConsole;
     NodeDrain(NodeDrain) -> NodeDrained;
     NodeStats(NodeStatsRequest) -> Box<NodeStats>;
+    ClusterBackup(BackupRequest) -> BackupData;
 }
 
 /// The progress phase an image pull reports once its node is recorded as a holder (every
@@ -101,9 +102,13 @@ pub const PHASE_HELD: &str = "held";
 pub const LONG_REQUEST: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Request {
-    /// Requests that move whole images and may take minutes; they get [`LONG_REQUEST`].
+    /// Requests that move whole images (or the whole state) and may take minutes; they get
+    /// [`LONG_REQUEST`].
     pub fn is_long_running(&self) -> bool {
-        matches!(self, Request::ImageImport(_) | Request::ImagePull(_))
+        matches!(
+            self,
+            Request::ImageImport(_) | Request::ImagePull(_) | Request::ClusterBackup(_)
+        )
     }
 }
 
@@ -557,6 +562,25 @@ pub struct QuotaSet {
 pub struct QuotaShow {
     pub tenant: String,
     pub stale: bool,
+}
+
+/// A backup of the whole cluster state (`blixard cluster backup`), taken by the answering
+/// node at its applied index after a read barrier (so it holds every write acknowledged
+/// before the request).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRequest {}
+
+/// The backup file's bytes (`blixard_core::backup`), checksum included. The one answer
+/// allowed over [`crate::frame::MAX_FRAME`] (up to [`crate::frame::MAX_BACKUP_FRAME`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupData {
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for BackupData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackupData({} bytes)", self.bytes.len())
+    }
 }
 
 /// The answering node's key figures (`blixard node stats`): the same sources as its

@@ -190,6 +190,8 @@ pub fn action_of(
         | Request::MetaSet(_)
         | Request::AdminSetKey(_) => ("cluster:manage", Resource::Cluster),
         Request::Join(_) => ("cluster:join", Resource::Cluster),
+        // The whole state, the binary cache's signing key included: admins only by default.
+        Request::ClusterBackup(_) => ("cluster:backup", Resource::Cluster),
         Request::UserAdd(u) => (
             "user:manage",
             Resource::User {

@@ -209,7 +209,11 @@ impl ApiClient {
             })?;
             frame::write(&mut send, &request).await.map_err(protocol)?;
             let _ = send.finish();
-            let mut recv = frame::Reader::new(recv);
+            let limit = match request.request {
+                Request::ClusterBackup(_) => frame::MAX_BACKUP_FRAME,
+                _ => frame::MAX_FRAME,
+            };
+            let mut recv = frame::Reader::with_limit(recv, limit);
             loop {
                 match recv.read::<ResponseItem>().await.map_err(protocol)? {
                     ResponseItem::Progress(p) => on_progress(&p),

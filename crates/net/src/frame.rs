@@ -29,13 +29,17 @@ use tokio_util::codec::{
     Decoder, Encoder, FramedRead, LengthDelimitedCodec, LengthDelimitedCodecError,
 };
 
-/// The largest frame either side accepts.
+/// The largest frame either side accepts, but for the one answer allowed more
+/// ([`MAX_BACKUP_FRAME`]).
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// The largest answer to a `ClusterBackup`: the whole state in one frame. Only a caller
+/// that asked for a backup reads a frame this large.
+pub const MAX_BACKUP_FRAME: usize = blixard_core::backup::MAX_BACKUP + 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(usize, usize),
     #[error("stream closed")]
     Closed,
     #[error("read failed: {0}")]
@@ -54,12 +58,12 @@ impl From<io::Error> for FrameError {
     }
 }
 
-/// The wire format's length prefix.
-fn length_codec() -> LengthDelimitedCodec {
+/// The wire format's length prefix, refusing frames over `limit`.
+fn length_codec(limit: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(4)
         .big_endian()
-        .max_frame_length(MAX_FRAME)
+        .max_frame_length(limit)
         .new_codec()
 }
 
@@ -70,11 +74,16 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 
 /// One whole frame: the length prefix and the postcard body.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    encode_limited(value, MAX_FRAME)
+}
+
+/// [`encode`], allowing a body of up to `limit` bytes.
+pub fn encode_limited<T: Serialize>(value: &T, limit: usize) -> Result<Vec<u8>, FrameError> {
     let body = postcard::to_stdvec(value).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let mut out = BytesMut::with_capacity(4 + body.len());
     // The codec's only refusal is a body over `max_frame_length`.
-    Encoder::<&[u8]>::encode(&mut length_codec(), &body, &mut out)
-        .map_err(|_| FrameError::TooLarge(body.len()))?;
+    Encoder::<&[u8]>::encode(&mut length_codec(limit), &body, &mut out)
+        .map_err(|_| FrameError::TooLarge(body.len(), limit))?;
     Ok(Vec::from(out))
 }
 
@@ -83,15 +92,17 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
 #[derive(Debug)]
 struct FrameCodec {
     length: LengthDelimitedCodec,
+    limit: usize,
     /// Bytes of a frame not yet returned have been seen (the codec may have consumed its
     /// length prefix, so an empty buffer does not mean a clean end).
     partial: bool,
 }
 
-impl Default for FrameCodec {
-    fn default() -> Self {
+impl FrameCodec {
+    fn new(limit: usize) -> Self {
         Self {
-            length: length_codec(),
+            length: length_codec(limit),
+            limit,
             partial: false,
         }
     }
@@ -116,8 +127,8 @@ impl Decoder for FrameCodec {
                 // Refused before the prefix was consumed: it is still at the front.
                 let claimed = src
                     .first_chunk::<4>()
-                    .map_or(MAX_FRAME + 1, |b| u32::from_be_bytes(*b) as usize);
-                Err(FrameError::TooLarge(claimed))
+                    .map_or(self.limit + 1, |b| u32::from_be_bytes(*b) as usize);
+                Err(FrameError::TooLarge(claimed, self.limit))
             }
             Err(e) => Err(FrameError::Malformed(e.to_string())),
         }
@@ -143,8 +154,13 @@ pub struct Reader<R = RecvStream> {
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn new(recv: R) -> Self {
+        Self::with_limit(recv, MAX_FRAME)
+    }
+
+    /// A reader that accepts frames of up to `limit` bytes.
+    pub fn with_limit(recv: R, limit: usize) -> Self {
         Self {
-            frames: FramedRead::new(recv, FrameCodec::default()),
+            frames: FramedRead::new(recv, FrameCodec::new(limit)),
         }
     }
 
@@ -176,7 +192,16 @@ pub async fn read<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T, Frame
 }
 
 pub async fn write<T: Serialize>(send: &mut SendStream, value: &T) -> Result<(), FrameError> {
-    let bytes = encode(value)?;
+    write_limited(send, value, MAX_FRAME).await
+}
+
+/// [`write`], allowing a body of up to `limit` bytes.
+pub async fn write_limited<T: Serialize>(
+    send: &mut SendStream,
+    value: &T,
+    limit: usize,
+) -> Result<(), FrameError> {
+    let bytes = encode_limited(value, limit)?;
     send.write_all(&bytes)
         .await
         .map_err(|e| FrameError::Write(e.to_string()))
@@ -293,7 +318,7 @@ mod tests {
         // Refused from the prefix alone: the body need not arrive.
         let over = (MAX_FRAME as u32 + 1).to_be_bytes();
         match read_all(&over).await {
-            Err(e @ FrameError::TooLarge(n)) => {
+            Err(e @ FrameError::TooLarge(n, _)) => {
                 assert_eq!(n, MAX_FRAME + 1);
                 assert_eq!(
                     e.to_string(),
@@ -304,7 +329,7 @@ mod tests {
         }
         assert!(matches!(
             read_all(&u32::MAX.to_be_bytes()).await,
-            Err(FrameError::TooLarge(n)) if n == u32::MAX as usize
+            Err(FrameError::TooLarge(n, MAX_FRAME)) if n == u32::MAX as usize
         ));
     }
 
@@ -316,7 +341,9 @@ mod tests {
         assert_eq!(bytes.len(), 4 + MAX_FRAME);
         assert_eq!(bytes[..4], (MAX_FRAME as u32).to_be_bytes());
         let over = vec![0u8; MAX_FRAME - 3];
-        assert!(matches!(encode(&over), Err(FrameError::TooLarge(n)) if n == MAX_FRAME + 1));
+        assert!(
+            matches!(encode(&over), Err(FrameError::TooLarge(n, MAX_FRAME)) if n == MAX_FRAME + 1)
+        );
     }
 
     /// A request frame as nodes wrote it before the trace context was added.

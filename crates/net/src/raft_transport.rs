@@ -445,6 +445,7 @@ impl Inbound {
                 if len > MAX_SNAPSHOT {
                     return Err(FrameError::TooLarge(
                         usize::try_from(len).unwrap_or(usize::MAX),
+                        usize::try_from(MAX_SNAPSHOT).unwrap_or(usize::MAX),
                     ));
                 }
                 self.snapshot = Some((msg, Vec::new(), len));
@@ -567,7 +568,7 @@ mod tests {
         // An announced length over the limit is refused before anything is kept.
         assert!(matches!(
             inbound.frame(&start(MAX_SNAPSHOT + 1)),
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge(..))
         ));
     }
 }

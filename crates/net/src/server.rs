@@ -184,7 +184,12 @@ async fn serve_stream<S: Service>(
     if let Err(e) = &response {
         tracing::debug!(%caller, "request failed: {e}");
     }
-    if let Err(e) = frame::write(&mut send, &ResponseItem::Done(response)).await {
+    // A backup is the whole state in one answer; every other answer keeps the usual limit.
+    let limit = match &response {
+        Ok(crate::api::Response::ClusterBackup(_)) => frame::MAX_BACKUP_FRAME,
+        _ => frame::MAX_FRAME,
+    };
+    if let Err(e) = frame::write_limited(&mut send, &ResponseItem::Done(response), limit).await {
         tracing::debug!(%caller, "could not answer: {e}");
     }
     let _ = send.finish();

@@ -19,7 +19,8 @@ pub const UNAUTHORIZED: u8 = 4;
 pub const REFUSED: u8 = 5;
 /// The cluster could not answer in time (no leader, no quorum, timeout).
 pub const UNAVAILABLE: u8 = 6;
-/// The data dir cannot be used (locked, corrupt, another cluster's, removed node).
+/// The data dir cannot be used (locked, corrupt, another cluster's, removed node), or a
+/// backup file is damaged or newer than this build.
 pub const DATA_DIR: u8 = 7;
 /// The configuration is invalid.
 pub const CONFIG: u8 = 8;

@@ -55,6 +55,14 @@ pub enum CoreError {
     Raft(#[from] raft::Error),
 }
 
+/// The state machine as of one applied index ([`RaftCore::copy_state`]).
+#[derive(Debug)]
+pub struct StateCopy {
+    pub rows: Vec<blixard_core::Row>,
+    pub index: u64,
+    pub term: u64,
+}
+
 /// The result of applying a command this node proposed.
 #[derive(Debug)]
 pub struct Applied {
@@ -126,6 +134,8 @@ pub struct RaftCore {
     state: Arc<RwLock<State>>,
     conf: ConfState,
     applied: u64,
+    /// The term of the entry at `applied`.
+    applied_term: u64,
     cfg: CoreConfig,
     /// Messages of each `Ready` (by number) that may go out once it is durable.
     held: VecDeque<(u64, Vec<Message>)>,
@@ -213,7 +223,7 @@ impl RaftCore {
     /// Opens a node from its store. A store that was never bootstrapped or joined starts
     /// empty and waits for a leader to send it a snapshot.
     pub fn open(store: Store, cfg: CoreConfig, logger: &slog::Logger) -> Result<Self, CoreError> {
-        let (state, applied, _) = store.load_state()?;
+        let (state, applied, applied_term) = store.load_state()?;
         let conf = store.conf_state()?;
         let raft_cfg = raft::Config {
             id: cfg.id,
@@ -234,6 +244,7 @@ impl RaftCore {
             state: Arc::new(RwLock::new(state)),
             conf,
             applied,
+            applied_term,
             cfg,
             held: VecDeque::new(),
             persisted: 0,
@@ -332,6 +343,16 @@ impl RaftCore {
 
     pub fn applied_index(&self) -> u64 {
         self.applied
+    }
+
+    /// Every row of the state machine, with the index and term it is the state at (one
+    /// consistent copy: the raft thread applies nothing meanwhile).
+    pub fn copy_state(&self) -> StateCopy {
+        StateCopy {
+            rows: self.read_state().all_rows(),
+            index: self.applied,
+            term: self.applied_term,
+        }
     }
 
     pub fn first_index(&self) -> u64 {
@@ -479,9 +500,10 @@ impl RaftCore {
 
         let snap = ready.snapshot().clone();
         self.store.apply_snapshot(&snap)?;
-        let (state, applied, _) = self.store.load_state()?;
+        let (state, applied, applied_term) = self.store.load_state()?;
         *lock_write(&self.state) = state;
         self.applied = applied;
+        self.applied_term = applied_term;
         self.conf = snap.get_metadata().get_conf_state().clone();
 
         let mut batch = self.ready_batch(&mut ready, out)?;
@@ -648,6 +670,7 @@ impl RaftCore {
         batch.rows.extend(state.drain_changes());
         if last_index > self.applied {
             self.applied = last_index;
+            self.applied_term = last_term;
             batch.applied = Some((last_index, last_term));
         }
         Ok(())

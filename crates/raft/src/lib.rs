@@ -11,7 +11,9 @@ mod logger;
 mod metrics;
 mod node;
 
-pub use crate::core::{Applied, Change, CoreConfig, CoreError, EntryTracing, Output, RaftCore};
+pub use crate::core::{
+    Applied, Change, CoreConfig, CoreError, EntryTracing, Output, RaftCore, StateCopy,
+};
 pub use logger::tracing_logger;
 pub use metrics::RaftMetrics;
 pub use node::{NodeStatus, PeerStatus, ProposeError, RaftNode, Transport};

@@ -19,7 +19,7 @@ use raft::StateRole;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
-use crate::core::{Change, EntryTracing, Output, RaftCore};
+use crate::core::{Change, EntryTracing, Output, RaftCore, StateCopy};
 use crate::metrics::RaftMetrics;
 
 /// Sends raft messages to peers. Must not block: queue and return.
@@ -85,6 +85,8 @@ enum Input {
     /// The store's writer made every `Ready` up to this number durable, or failed.
     Persisted(Result<Persisted, StoreError>),
     Status(oneshot::Sender<NodeStatus>),
+    /// A copy of the whole state at the applied index (a backup).
+    Copy(oneshot::Sender<StateCopy>),
     Campaign,
     Shutdown,
 }
@@ -250,6 +252,16 @@ impl RaftNode {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Input::Status(reply))
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)
+    }
+
+    /// A copy of every state row at this node's applied index, taken between two rounds
+    /// of the raft thread (for `cluster backup`).
+    pub async fn copy_state(&self) -> Result<StateCopy, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Copy(reply))
             .map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)
     }
@@ -492,6 +504,9 @@ impl Worker {
             }
             Input::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            Input::Copy(reply) => {
+                let _ = reply.send(self.core.copy_state());
             }
             Input::Campaign => {
                 if let Err(e) = self.core.campaign() {

@@ -4,6 +4,7 @@
 //! `images` and `delivery`, `tenants`, `vms`); `format` renders results, `parse` reads
 //! arguments.
 
+pub mod backup;
 pub mod cluster;
 pub mod delivery;
 pub mod format;

@@ -10,6 +10,7 @@
 mod error;
 mod images;
 mod members;
+mod recover;
 mod requests;
 mod rows;
 mod users;
@@ -19,6 +20,7 @@ mod vms;
 mod tests;
 
 pub use error::ApplyError;
+pub use recover::Restore;
 pub use requests::Outcome;
 pub use rows::LoadError;
 

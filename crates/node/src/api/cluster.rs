@@ -2,12 +2,14 @@
 //! the admin credential, and the Cedar policies.
 
 use blixard_authz::{Authorizer, RequestContext, Resource};
+use blixard_core::backup::BackupHeader;
 use blixard_core::{Command, CommandOutput, EndpointKey, JoinRequest, NewMember, NodeId, User};
 use blixard_net::api::{
-    AdminKeySet, AdminSetKey, ApiError, ClusterStatus, JoinCluster, Joined, LeaveCluster, Left,
-    MetaEntries, MetaGet, MetaSet, MetaSetDone, PolicySet, PolicySetDone, PolicyTest, PolicyText,
-    PolicyVerdict, ProgressSink, RequestFrame, Response, ResponseFrame, StatusRequest, TokenCreate,
-    TokenCreated, UserAdd, UserAdded, UserEntries, UserKeySet, UserRemove, UserRemoved, UserSetKey,
+    AdminKeySet, AdminSetKey, ApiError, BackupData, ClusterStatus, JoinCluster, Joined,
+    LeaveCluster, Left, MetaEntries, MetaGet, MetaSet, MetaSetDone, PolicySet, PolicySetDone,
+    PolicyTest, PolicyText, PolicyVerdict, ProgressSink, RequestFrame, Response, ResponseFrame,
+    StatusRequest, TokenCreate, TokenCreated, UserAdd, UserAdded, UserEntries, UserKeySet,
+    UserRemove, UserRemoved, UserSetKey,
 };
 use blixard_net::authz::{user_resource, Principal};
 use blixard_net::ticket::{hash_secret, JoinTicket};
@@ -33,6 +35,36 @@ pub(super) async fn status(cluster: &ClusterHandle, r: &StatusRequest) -> Respon
         members: state.members().cloned().collect(),
         stale: r.stale,
     }))
+}
+
+/// The whole state in a backup file: after a read barrier (every write acknowledged
+/// before the request is in it), at this node's applied index, taken between two rounds of
+/// its raft thread. Writes go on meanwhile.
+pub(super) async fn backup(cluster: &ClusterHandle) -> ResponseFrame {
+    cluster.barrier(false).await?;
+    let copy = cluster.node.copy_state().await.map_err(propose_error)?;
+    let meta = cluster.state().cluster().cloned().ok_or_else(|| {
+        ApiError::Unavailable("this node has not received the cluster state yet".into())
+    })?;
+    let header = BackupHeader {
+        cluster_id: meta.cluster_id,
+        cluster_name: meta.name,
+        index: copy.index,
+        term: copy.term,
+        created_at_ms: now_ms(),
+        node: cluster.me(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let rows = copy.rows.len();
+    let bytes = blixard_core::backup::encode(&header, copy.rows)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    tracing::info!(
+        index = copy.index,
+        rows,
+        bytes = bytes.len(),
+        "backup taken"
+    );
+    Ok(Response::ClusterBackup(BackupData { bytes }))
 }
 
 pub(super) async fn token_create(cluster: &ClusterHandle, t: &TokenCreate) -> ResponseFrame {

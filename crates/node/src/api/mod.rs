@@ -194,6 +194,7 @@ impl Api {
             Request::VmDelete(r) => vms::delete(c, &self.vms, p, &r.vm).await,
             Request::VmLogs(r) => vms::logs(c, &self.vms, p, &frame, r).await,
             Request::NodeDrain(r) => vms::drain(c, r).await,
+            Request::ClusterBackup(_) => cluster::backup(c).await,
             Request::NodeStats(_) => match &self.stats {
                 Some(s) => s.read().await.map(|s| Response::NodeStats(Box::new(s))),
                 None => Err(ApiError::Unavailable(

@@ -22,6 +22,7 @@
 
 mod identity;
 mod open;
+mod recover;
 mod settings;
 mod start;
 
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 pub use blixard_store::CheckReport;
 use blixard_store::{NodeRecord, StoreError};
+pub use recover::{read_backup, restore, RestoreArgs, Restored};
 
 use crate::datadir;
 use crate::exit::{self, Failure};
@@ -65,6 +67,9 @@ pub struct RunArgs {
     pub cache_listen: Option<Listen>,
     /// Where the metrics endpoint listens, or off.
     pub metrics_listen: Option<Listen>,
+    /// Turn this member's replica into a one-voter cluster first (its majority is gone
+    /// for good; docs/operations.md).
+    pub force_new_cluster: bool,
 }
 
 /// `--cache-listen`, `--metrics-listen`: an address, or `off`.
@@ -103,6 +108,9 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
     let config = settings::load(data_dir, &args)?;
     raise_fd_limit();
     let opened = open::open(data_dir, &config).await?;
+    if args.force_new_cluster {
+        recover::force_new_cluster(&opened.store, opened.record.as_ref())?;
+    }
     let ep = opened.ep.clone();
     let result = async {
         // Joining may wait for a long time; a stop signal ends it (nothing runs yet).
@@ -238,7 +246,7 @@ async fn stop(
     let started = std::time::Instant::now();
     let step = Step::default();
     let result = tokio::select! {
-        r = tokio::time::timeout(bound, shutdown(data_dir, running, removed, store, &step)) => match r {
+        r = tokio::time::timeout(bound, shutdown(data_dir, running, removed, store, &step, started + bound, (bound / 4).min(std::time::Duration::from_secs(1)))) => match r {
             Ok(r) => r,
             Err(_) => Err(Failure::new(
                 exit::ERROR,
@@ -267,7 +275,12 @@ async fn shutdown(
     removed: bool,
     store: &blixard_store::Store,
     step: &Step,
+    deadline: std::time::Instant,
+    after_close: std::time::Duration,
 ) -> Result<(), Failure> {
+    // `after_close` is kept for the steps after closing the connections (blob store,
+    // raft, audit, traces); the close gets the rest of the bound.
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // The VMs keep running: a restarted daemon adopts them.
     step.set("stopping the loops");
@@ -275,8 +288,23 @@ async fn shutdown(
         task.abort();
     }
     step.set("closing connections and finishing requests");
-    if let Err(e) = running.router.shutdown().await {
-        tracing::warn!("router shutdown: {e}");
+    // Closing the endpoint waits for peers to acknowledge (QUIC's close): for peers that
+    // are gone, until its timeouts (about 3 s). It gets what the bound leaves; then it is
+    // given up on, and those peers time the connections out on their side.
+    let close_within = left().saturating_sub(after_close);
+    let endpoint = running.router.endpoint().clone();
+    match tokio::time::timeout(close_within, running.router.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("router shutdown: {e}"),
+        Err(_) => {
+            tracing::info!(
+                "stopped waiting for unreachable peers to acknowledge the close after {} ms",
+                close_within.as_millis()
+            );
+            // The process exits within the bound; the endpoint's unfinished close goes
+            // with it. Dropped before, it would abort it and log an error about it.
+            std::mem::forget(endpoint);
+        }
     }
     step.set("closing the blob store");
     running.image_store.shutdown().await;
@@ -290,7 +318,7 @@ async fn shutdown(
     let _ = running.audit_changes.await;
     running.audit.flush().await;
     step.set("sending the last traces");
-    crate::telemetry::flush(std::time::Duration::from_secs(1)).await;
+    crate::telemetry::flush(left().min(std::time::Duration::from_secs(1))).await;
     let _ = std::fs::remove_file(datadir::node_info(data_dir));
     let record = running.record;
     if removed {

@@ -233,7 +233,15 @@ impl Images {
         pinned: bool,
         sink: ProgressSink,
     ) -> Result<Image, ApiError> {
-        if let Some(existing) = self.cluster.state().image(name) {
+        // An image that no node holds any more (its holders were lost: a restore, a forced
+        // new cluster) may be imported again: the same closure makes this node its holder;
+        // another closure is refused when it is registered.
+        if let Some(existing) = self
+            .cluster
+            .state()
+            .image(name)
+            .filter(|i| !i.holders.is_empty())
+        {
             return Err(ApiError::Rejected(format!(
                 "image {name} already exists (root {}); remove it first or pick another name",
                 existing.root

@@ -239,6 +239,59 @@ impl Store {
         self.apply_snapshot(&snap)
     }
 
+    /// `node run --force-new-cluster`, on a stopped store: the state as of the commit
+    /// index (entries committed but not applied yet are applied; entries past the commit
+    /// index are discarded, as etcd does), for the caller to change.
+    pub fn committed_state(&self) -> Result<(State, u64), StoreError> {
+        let (mut state, applied, _) = self.load_state()?;
+        let commit = self.hard_state()?.commit.min(self.bounds().last_index);
+        if commit > applied {
+            for entry in self.read_entries(applied + 1, commit + 1, None)? {
+                let data = match entry.get_entry_type() {
+                    raft::eraftpb::EntryType::EntryNormal => entry.data.to_vec(),
+                    raft::eraftpb::EntryType::EntryConfChangeV2 => {
+                        let cc: raft::eraftpb::ConfChangeV2 =
+                            pb_decode("conf change", &entry.data)?;
+                        cc.context.to_vec()
+                    }
+                    raft::eraftpb::EntryType::EntryConfChange => continue,
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                // As the raft thread does: an entry that does not decode is skipped on
+                // every node alike.
+                if let Ok(env) = decode_versioned::<blixard_core::Envelope>(&data) {
+                    let _ = state.apply_entry(&env.command);
+                }
+            }
+        }
+        Ok((state, commit.max(applied)))
+    }
+
+    /// Replaces the log, configuration and state with `state` as a snapshot past the end of
+    /// the log, in the next term, with `voters` only (`--force-new-cluster`). Returns the
+    /// snapshot's index and term.
+    pub fn restart_as(&self, state: &State, voters: &[u64]) -> Result<(u64, u64), StoreError> {
+        let hs = self.hard_state()?;
+        let index = self
+            .bounds()
+            .last_index
+            .max(hs.commit)
+            .max(self.applied()?.0)
+            + 1;
+        let term = hs.term + 1;
+        let mut snap = Snapshot::default();
+        let meta = snap.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.mut_conf_state().voters = voters.to_vec();
+        snap.data = encode_versioned(&state.all_rows()).into();
+        self.apply_snapshot(&snap)?;
+        self.sync()?;
+        Ok((index, term))
+    }
+
     // ---- the raft loop's writes ----
 
     /// Writes a batch in one transaction: appended entries (replacing any conflicting

@@ -14,7 +14,7 @@ use crate::tables::{
 };
 
 impl Store {
-    fn read_entries(
+    pub(super) fn read_entries(
         &self,
         low: u64,
         high: u64,

@@ -1,0 +1,319 @@
+//! Process tests for docs/operations.md: backup, restore and disaster recovery on real
+//! daemons. The procedures are read from the doc and run as written: each line of a block
+//! marked `<!-- procedure: NAME -->` through `sh -c`, with `blixard` on the PATH and
+//! `BLIXARD_DATA_DIR` set to the node's data dir; `blixard node run …` lines start the
+//! node through the harness (with the same extra flags).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use blixard_tests::runners::{write_runner, Reaper};
+use blixard_tests::{binary, wait_for, Cluster, Node};
+use serde_json::Value;
+
+/// The command lines of the procedure `name` in docs/operations.md.
+fn procedure(name: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"),
+    )
+    .unwrap();
+    let marker = format!("<!-- procedure: {name} -->");
+    let (_, rest) = doc
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("no procedure {name} in docs/operations.md"));
+    let block = rest
+        .split_once("```sh\n")
+        .and_then(|(_, b)| b.split_once("```"))
+        .map(|(b, _)| b)
+        .unwrap_or_else(|| panic!("procedure {name} has no sh block"));
+    let lines: Vec<String> = block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    assert!(!lines.is_empty(), "procedure {name} is empty");
+    lines
+}
+
+/// Runs procedure `name` on `node`, with `vars` in the environment; returns each line's
+/// stdout (empty for the `node run` lines, which start `node`).
+fn run(name: &str, node: &mut Node, vars: &[(&str, &str)]) -> Vec<String> {
+    let bin_dir = binary().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut outs = Vec::new();
+    for line in procedure(name) {
+        if let Some(rest) = line.strip_prefix("blixard node run") {
+            let args: Vec<&str> = rest.split_whitespace().collect();
+            node.start(&args);
+            outs.push(String::new());
+            continue;
+        }
+        assert!(line.starts_with("blixard "), "{name}: {line}");
+        let out = Command::new("sh")
+            .arg("-ec")
+            .arg(&line)
+            .env("PATH", &path)
+            .env("BLIXARD_DATA_DIR", &node.dir)
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: `{line}` failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    outs
+}
+
+fn json(node: &Node, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend(["--output", "json"]);
+    serde_json::from_str(&node.cli_ok(&a)).unwrap()
+}
+
+/// Waits until VM `name` (of the caller's tenant, or `--tenant T` in `extra`) runs, as
+/// `node` sees it; returns it.
+fn wait_running(node: &Node, name: &str, extra: &[&str]) -> Value {
+    wait_for(&format!("{name} running"), Duration::from_secs(60), || {
+        let mut args = vec!["vm", "show", name, "--stale", "--output", "json"];
+        args.extend(extra);
+        let v: Value = serde_json::from_str(&node.try_cli(&args)?).map_err(|e| e.to_string())?;
+        if v["phase"] == "running" || v["phase"] == "starting" {
+            Ok(v)
+        } else {
+            Err(format!("{} ({})", v["phase"], v["reason"]))
+        }
+    })
+}
+
+#[test]
+fn a_backup_restores_into_a_new_cluster_that_serves_it() {
+    let mut c = Cluster::start(3, &[]);
+    let _runners = Reaper(c.root.path().to_path_buf());
+    let image = c.root.path().join("sleeper");
+    write_runner(&image, "exec sleep 600");
+    let n1 = &c.nodes[0];
+    n1.cli_ok(&[
+        "image",
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "sleeper",
+    ]);
+    n1.cli_ok(&["cluster", "meta", "set", "owner", "ops"]);
+    n1.cli_ok(&["tenant", "create", "acme"]);
+    let user = blixard_net::SecretKey::generate();
+    let key = blixard_net::key_of(&user.public()).to_string();
+    n1.cli_ok(&["user", "add", "vera", "--key", &key, "--role", "viewer"]);
+    n1.cli_ok(&[
+        "vm", "create", "web", "--image", "sleeper", "--tenant", "acme",
+    ]);
+    wait_running(n1, "web", &["--tenant", "acme"]);
+    let old_id = json(n1, &["cluster", "status"])["cluster_id"].clone();
+
+    // The backup, taken through a follower, as the doc says.
+    let backup = c.root.path().join("cluster.bkp");
+    let backup_s = backup.to_str().unwrap();
+    let mut n2 = Node::new(c.root.path(), "unused");
+    n2.dir = c.nodes[1].dir.clone();
+    let outs = run("backup", &mut n2, &[("BACKUP", backup_s)]);
+    assert!(outs[0].contains("state at  index"), "{}", outs[0]);
+    let mode = std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let v = json(n1, &["cluster", "backup", "verify", backup_s]);
+    assert_eq!(v["cluster_id"], old_id);
+    assert_eq!(v["cluster_name"], "blixard");
+    assert!(v["index"].as_u64().unwrap() > 1, "{v}");
+    assert_eq!(v["tables"]["members"], 3);
+    assert_eq!(v["tables"]["vms"], 1);
+    assert_eq!(v["tables"]["users"], 1);
+
+    // Damage is refused with exit 7, by name.
+    let bytes = std::fs::read(&backup).unwrap();
+    let damaged = c.root.path().join("damaged.bkp");
+    let mut d = bytes.clone();
+    let mid = d.len() / 2;
+    d[mid] ^= 0x20;
+    std::fs::write(&damaged, &d).unwrap();
+    let out = n1.cli(&["cluster", "backup", "verify", damaged.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checksum"));
+
+    // A damaged backup is never restored.
+    let refused = Node::new(c.root.path(), "refused");
+    let out = refused.cli(&["node", "restore", damaged.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checksum"));
+    assert!(
+        !refused.dir.join("blixard.redb").exists(),
+        "nothing is left behind"
+    );
+
+    // The old cluster is lost; a new node restores the backup into an empty data dir and
+    // serves it as a new cluster. (It shares n1's store dir, as hosts share /nix/store, so
+    // the image imported again is the same closure.)
+    let n1_store = c.nodes[0].store_dir();
+    for node in c.nodes.iter_mut() {
+        assert_eq!(node.stop(), 0);
+    }
+    let mut fresh = Node::new(c.root.path(), "restored");
+    fresh.extra = vec!["--store-dir".into(), n1_store.display().to_string()];
+    run("restore", &mut fresh, &[("BACKUP", backup_s)]);
+    let s = json(&fresh, &["cluster", "status"]);
+    assert_ne!(s["cluster_id"], old_id, "a new cluster id by default");
+    let members = s["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1, "{s}");
+    assert_eq!(members[0]["id"], 4, "the next id: ids are never reused");
+    // Named as `node restore` was told (here: nothing, so the host name).
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    assert_eq!(members[0]["name"], host.trim());
+    assert!(fresh
+        .cli_ok(&["cluster", "meta", "get", "owner"])
+        .contains("ops"));
+    assert!(fresh.cli_ok(&["user", "list"]).contains("vera"));
+    assert!(fresh.cli_ok(&["tenant", "list"]).contains("acme"));
+    // The VM comes back wanted running; its image is held by no one until it is imported
+    // again, then it runs on the restored node.
+    let vm = json(&fresh, &["vm", "show", "web", "--tenant", "acme"]);
+    assert_eq!(vm["desired"], "running", "{vm}");
+    fresh.cli_ok(&[
+        "image",
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "sleeper",
+    ]);
+    let vm = wait_running(&fresh, "web", &["--tenant", "acme"]);
+    assert_eq!(vm["node"], 4);
+    // A data dir that holds a node is never restored over.
+    assert_eq!(fresh.stop(), 0);
+    let out = fresh.cli(&["node", "restore", backup_s]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds node"));
+}
+
+#[test]
+fn a_lost_majority_comes_back_with_force_new_cluster() {
+    let mut c = Cluster::start(3, &[]);
+    let _runners = Reaper(c.root.path().to_path_buf());
+    let image = c.root.path().join("sleeper");
+    write_runner(&image, "exec sleep 600");
+    c.nodes[0].cli_ok(&[
+        "image",
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "sleeper",
+    ]);
+    for n in ["n2", "n3"] {
+        c.nodes[0].cli_ok(&["--node", n, "image", "pull", "sleeper"]);
+    }
+    c.nodes[0].cli_ok(&["cluster", "meta", "set", "owner", "ops"]);
+    // One VM on each host.
+    for i in 1..=3 {
+        c.nodes[0].cli_ok(&[
+            "vm",
+            "create",
+            &format!("vm{i}"),
+            "--image",
+            "sleeper",
+            "--anti-affinity",
+            "spread",
+        ]);
+    }
+    for i in 1..=3 {
+        wait_running(&c.nodes[0], &format!("vm{i}"), &[]);
+    }
+    let survivor_vm = (1..=3)
+        .map(|i| json(&c.nodes[2], &["vm", "show", &format!("vm{i}"), "--stale"]))
+        .find(|v| v["node"] == 3)
+        .expect("a VM on n3");
+
+    // Two hosts lost for good.
+    for i in 0..2 {
+        c.nodes[i].kill9();
+        std::fs::remove_dir_all(&c.nodes[i].dir).unwrap();
+    }
+    let out = c.nodes[2].cli(&["cluster", "meta", "set", "k", "v", "--timeout", "3"]);
+    assert!(!out.status.success(), "a write without a majority");
+
+    // The survivor, stopped and started once with the flag, as the doc says.
+    // A stop with its peers gone and a write waiting for a leader still ends cleanly
+    // within the bound (the close is not waited on for unreachable peers).
+    assert_eq!(c.nodes[2].stop(), 0, "{}", c.nodes[2].log());
+    let log = c.nodes[2].log();
+    let stop = &log[log.rfind("SIGTERM: shutting down").unwrap()..];
+    assert!(
+        !stop.contains(" WARN ") && !stop.contains(" ERROR "),
+        "{stop}"
+    );
+    let outs = run("force-new-cluster", &mut c.nodes[2], &[]);
+    let ticket = outs[1].trim().to_string();
+    assert!(c.nodes[2].log().contains("FORCED A NEW CLUSTER"));
+    let n3 = &c.nodes[2];
+    let s = json(n3, &["cluster", "status"]);
+    assert_eq!(s["members"].as_array().unwrap().len(), 1, "{s}");
+    assert!(n3
+        .cli_ok(&["cluster", "meta", "get", "owner"])
+        .contains("ops"));
+    n3.cli_ok(&["cluster", "meta", "set", "k", "v"]);
+    // Its own VM never stopped; the lost hosts' VMs wait to be placed.
+    let v = json(
+        n3,
+        &["vm", "show", survivor_vm["spec"]["name"].as_str().unwrap()],
+    );
+    assert_eq!(
+        (v["node"].clone(), v["generation"].clone()),
+        (
+            survivor_vm["node"].clone(),
+            survivor_vm["generation"].clone()
+        )
+    );
+
+    // Two fresh nodes join; the lost hosts' VMs run on them.
+    for name in ["n4", "n5"] {
+        let mut node = Node::new(c.root.path(), name);
+        let t = if name == "n4" {
+            ticket.clone()
+        } else {
+            c.nodes[2]
+                .cli_ok(&["cluster", "token", "create"])
+                .trim()
+                .to_string()
+        };
+        node.start(&["--join", &t]);
+        c.nodes.push(node);
+    }
+    let n3 = &c.nodes[2];
+    wait_for("3 voters", Duration::from_secs(60), || {
+        let s = json(n3, &["cluster", "status"]);
+        let voters = s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "Voter")
+            .count();
+        if voters == 3 {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    for i in 1..=3 {
+        let v = wait_running(n3, &format!("vm{i}"), &[]);
+        assert!([3, 4, 5].contains(&v["node"].as_u64().unwrap()), "{v}");
+    }
+}
