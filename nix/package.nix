@@ -1,5 +1,5 @@
 # The blixard binary (daemon + CLI). Used by the flake and as the module's default package.
-{ lib, rustPlatform }:
+{ lib, stdenv, rustPlatform, installShellFiles }:
 let
   root = ../.;
   # The workspace without build output, the fuzz crate (its own Cargo.lock; not a
@@ -27,6 +27,16 @@ rustPlatform.buildRustPackage {
   cargoBuildFlags = [ "--bin" "blixard" ];
   # The integration tests start clusters over UDP; the build sandbox has no network.
   doCheck = false;
+  nativeBuildInputs = [ installShellFiles ];
+  # Shell completions and man pages, from the binary itself (clap_complete, clap_mangen).
+  postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+    installShellCompletion --cmd blixard \
+      --bash <($out/bin/blixard completions bash) \
+      --zsh <($out/bin/blixard completions zsh) \
+      --fish <($out/bin/blixard completions fish)
+    $out/bin/blixard man --out man
+    installManPage man/*.1
+  '';
   meta = {
     description = "Blixard microVM cluster daemon and CLI";
     mainProgram = "blixard";

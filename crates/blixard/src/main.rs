@@ -87,6 +87,17 @@ enum Command {
     /// A tenant's limits on VMs, vCPUs and memory.
     #[command(subcommand)]
     Quota(cli::tenants::QuotaCommand),
+    /// Print the shell completion script for SHELL (e.g. `blixard completions bash >
+    /// /etc/bash_completion.d/blixard`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (blixard.1 and one per command) into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -482,6 +493,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Node(NodeCommand::Undrain { id }) => cli::vms::drain(&ctx, id, false, None).await,
         Command::Vm(cmd) => cli::vms::run(&ctx, cmd).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "blixard", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out } => {
+            use clap::CommandFactory as _;
+            std::fs::create_dir_all(&out)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &out))
+                .map_err(|e| Failure::new(exit::ERROR, format!("{}: {e}", out.display())))
+        }
     }
 }
 

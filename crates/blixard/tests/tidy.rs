@@ -187,3 +187,39 @@ fn crate_paths_are_read_as_modules() {
         ["a", "b", "e", "f"]
     );
 }
+
+#[test]
+fn completions_and_man_pages_cover_every_command() {
+    let bin = env!("CARGO_BIN_EXE_blixard");
+    let leaves = leaf_commands(&[]);
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(bin)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "completions {shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        // Every command word can be completed.
+        for word in leaves.iter().flat_map(|c| c.split(' ')) {
+            assert!(script.contains(word), "{shell} completions lack {word:?}");
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("blixard-man-{}", std::process::id()));
+    let out = std::process::Command::new(bin)
+        .args(["man", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = std::fs::read_to_string(dir.join("blixard.1")).unwrap();
+    assert!(top.contains(".TH blixard 1"), "{top}");
+    for c in &leaves {
+        let page = dir.join(format!("blixard-{}.1", c.replace(' ', "-")));
+        assert!(page.exists(), "no man page {}", page.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
