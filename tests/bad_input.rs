@@ -194,6 +194,7 @@ async fn malformed_frames_and_unknown_alpns_do_not_hurt_the_node() {
         cluster,
         from: blixard_core::NodeId(1),
         to: blixard_core::NodeId(1),
+        incarnation: None,
     };
     frame::write(&mut send, &hello).await.unwrap();
     let verdict: Result<(), blixard_net::raft_transport::Refusal> =

@@ -116,6 +116,7 @@ fn raft_frame() {
         cluster: ClusterId([3; 16]),
         from: NodeId(1),
         to: NodeId(2),
+        incarnation: Some(7),
     };
     let mut normal = LogEntry::default();
     normal.index = 5;

@@ -3,7 +3,9 @@
 //! Each sender keeps one connection and one stream per peer, opened with a [`Hello`] that
 //! the receiver checks against the cluster's membership before it reads anything else.
 //! Messages are batched per frame; snapshots go in chunks. A peer that cannot be reached is
-//! retried with exponential backoff; raft itself tolerates the messages lost meanwhile.
+//! retried with exponential backoff; raft itself tolerates the messages lost meanwhile. A
+//! peer that restarted is dialled again at once ([`Restarts`]), not after QUIC's idle
+//! timeout: lost votes and appends there made elections after a restart take seconds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,6 +36,61 @@ pub struct Hello {
     pub cluster: ClusterId,
     pub from: NodeId,
     pub to: NodeId,
+    /// The sending process's incarnation (random at its start): a new one tells the
+    /// receiver its peer restarted, so the receiver's own connection to it is dead and is
+    /// replaced at once ([`Restarts`]). Last and optional on the wire, as a request
+    /// frame's trace context: older nodes neither send nor read it.
+    #[serde(default, deserialize_with = "trailing_incarnation")]
+    pub incarnation: Option<u64>,
+}
+
+fn trailing_incarnation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(Option::<u64>::deserialize(d).ok().flatten())
+}
+
+/// The incarnations of the peers that opened raft streams to this node, and a signal per
+/// peer for its sender to reconnect when the peer turns out to have restarted.
+///
+/// Why: a peer killed and started again keeps its endpoint id and address, but the
+/// connection this node opened to its old process is dead, and QUIC notices only at its
+/// idle timeout. Meanwhile every message to the peer is lost: its votes, its log. The
+/// restarted peer's first stream to this node carries a new incarnation; the sender then
+/// drops its connection and dials again, at once.
+#[derive(Clone, Default)]
+pub struct Restarts(Arc<Mutex<RestartBook>>);
+
+#[derive(Default)]
+struct RestartBook {
+    seen: HashMap<NodeId, u64>,
+    signals: HashMap<NodeId, Arc<tokio::sync::Notify>>,
+}
+
+impl Restarts {
+    fn book(&self) -> std::sync::MutexGuard<'_, RestartBook> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The signal the sender to `peer` waits on.
+    fn signal(&self, peer: NodeId) -> Arc<tokio::sync::Notify> {
+        self.book().signals.entry(peer).or_default().clone()
+    }
+
+    /// Records `peer`'s incarnation from its hello; a change from the one seen before
+    /// signals the sender to `peer` to reconnect. Returns whether it did.
+    pub fn saw(&self, peer: NodeId, incarnation: u64) -> bool {
+        let mut book = self.book();
+        let restarted = book
+            .seen
+            .insert(peer, incarnation)
+            .is_some_and(|before| before != incarnation);
+        if restarted {
+            book.signals.entry(peer).or_default().notify_one();
+        }
+        restarted
+    }
 }
 
 /// Why a node refuses a raft stream.
@@ -80,6 +137,9 @@ pub struct IrohTransport {
     runtime: Handle,
     peers: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
     links: Links,
+    restarts: Restarts,
+    /// This process's incarnation, sent in every hello.
+    incarnation: u64,
 }
 
 /// The connection each peer's sender holds now, for the transport metrics.
@@ -147,6 +207,8 @@ impl IrohTransport {
             runtime,
             peers: Mutex::new(HashMap::new()),
             links: Links::default(),
+            restarts: Restarts::default(),
+            incarnation: rand::random(),
         }
     }
 
@@ -155,7 +217,27 @@ impl IrohTransport {
         self.links.clone()
     }
 
+    /// Where the receiving side reports peers' incarnations (for [`RaftHandler::new`]).
+    pub fn restarts(&self) -> Restarts {
+        self.restarts.clone()
+    }
+
+    /// Connects to `peers` now rather than at the first message, so that they learn at
+    /// once that this process is new (its hello's incarnation) and replace their dead
+    /// connections to its predecessor. For a node's start.
+    pub fn greet(&self, peers: impl IntoIterator<Item = u64>) {
+        for peer in peers {
+            if peer != self.me.0 {
+                self.sender(peer, true);
+            }
+        }
+    }
+
     fn queue(&self, to: u64) -> Option<mpsc::Sender<Message>> {
+        self.sender(to, false)
+    }
+
+    fn sender(&self, to: u64, eager: bool) -> Option<mpsc::Sender<Message>> {
         let mut peers = self.peers.lock().ok()?;
         if let Some(tx) = peers.get(&to) {
             if !tx.is_closed() {
@@ -169,11 +251,13 @@ impl IrohTransport {
                 cluster: self.cluster,
                 from: self.me,
                 to: NodeId(to),
+                incarnation: Some(self.incarnation),
             },
             book: self.book.clone(),
             links: self.links.clone(),
+            restarted: self.restarts.signal(NodeId(to)),
         };
-        self.runtime.spawn(peer.run(rx));
+        self.runtime.spawn(peer.run(rx, eager));
         peers.insert(to, tx.clone());
         Some(tx)
     }
@@ -195,16 +279,27 @@ struct Peer {
     hello: Hello,
     book: Arc<dyn PeerBook>,
     links: Links,
+    /// Notified when the peer turns out to have restarted ([`Restarts`]).
+    restarted: Arc<tokio::sync::Notify>,
 }
 
 impl Peer {
-    async fn run(self, mut rx: mpsc::Receiver<Message>) {
+    async fn run(self, mut rx: mpsc::Receiver<Message>, mut eager: bool) {
         let mut backoff = Duration::from_millis(50);
         loop {
-            let ended = self.session(&mut rx).await;
+            let ended = tokio::select! {
+                r = self.session(&mut rx, eager) => r,
+                _ = self.restarted.notified() => Err(SessionError::Restarted),
+            };
+            eager = false;
             self.links.set(self.hello.to, None);
             match ended {
                 Ok(()) => return, // channel closed: transport dropped
+                Err(SessionError::Restarted) => {
+                    tracing::debug!(peer = %self.hello.to, "peer restarted; connecting again");
+                    backoff = Duration::from_millis(50);
+                    continue;
+                }
                 Err(SessionError::Refused(r)) => {
                     tracing::warn!(peer = %self.hello.to, "peer refused raft stream: {r}");
                     self.book.refused(r);
@@ -226,10 +321,20 @@ impl Peer {
         }
     }
 
-    async fn session(&self, rx: &mut mpsc::Receiver<Message>) -> Result<(), SessionError> {
-        // Wait for something to send before connecting.
-        let Some(first) = rx.recv().await else {
-            return Ok(());
+    /// One connection's life. It dials when there is something to send, or at once when
+    /// `eager` (greeting the peer at start).
+    async fn session(
+        &self,
+        rx: &mut mpsc::Receiver<Message>,
+        eager: bool,
+    ) -> Result<(), SessionError> {
+        let first = if eager {
+            None
+        } else {
+            match rx.recv().await {
+                Some(m) => Some(m),
+                None => return Ok(()),
+            }
         };
         let addr = self
             .book
@@ -251,7 +356,7 @@ impl Peer {
         let ack: Result<(), Refusal> = recv.read().await?;
         ack.map_err(SessionError::Refused)?;
         self.links.set(self.hello.to, Some(conn.clone()));
-        let mut pending = vec![first];
+        let mut pending: Vec<Message> = first.into_iter().collect();
         loop {
             while pending.len() < BATCH {
                 match rx.try_recv() {
@@ -270,6 +375,8 @@ impl Peer {
 
 enum SessionError {
     Refused(Refusal),
+    /// The peer restarted: this connection goes to its old process.
+    Restarted,
     Other(String),
 }
 
@@ -316,6 +423,7 @@ pub struct RaftHandler {
     node: RaftNode,
     cluster: ClusterId,
     book: Arc<dyn PeerBook>,
+    restarts: Restarts,
 }
 
 impl std::fmt::Debug for RaftHandler {
@@ -325,11 +433,18 @@ impl std::fmt::Debug for RaftHandler {
 }
 
 impl RaftHandler {
-    pub fn new(node: RaftNode, cluster: ClusterId, book: Arc<dyn PeerBook>) -> Self {
+    /// `restarts` is the sending side's ([`IrohTransport::restarts`]).
+    pub fn new(
+        node: RaftNode,
+        cluster: ClusterId,
+        book: Arc<dyn PeerBook>,
+        restarts: Restarts,
+    ) -> Self {
         Self {
             node,
             cluster,
             book,
+            restarts,
         }
     }
 
@@ -368,6 +483,11 @@ impl ProtocolHandler for RaftHandler {
                 let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
                 conn.close(1u32.into(), b"refused");
                 return Ok(());
+            }
+            if let Some(incarnation) = hello.incarnation {
+                if self.restarts.saw(hello.from, incarnation) {
+                    tracing::info!(peer = %hello.from, "peer restarted; connecting to it again");
+                }
             }
             let node = self.node.clone();
             let from = hello.from;
@@ -511,6 +631,52 @@ mod tests {
         body(&RaftFrame::Batch(
             msgs.iter().map(|m| encode_message(m).unwrap()).collect(),
         ))
+    }
+
+    #[test]
+    fn a_new_incarnation_of_a_known_peer_signals_its_sender() {
+        let r = Restarts::default();
+        let signal = r.signal(NodeId(2));
+        assert!(!r.saw(NodeId(2), 10), "the first hello is no restart");
+        assert!(
+            !r.saw(NodeId(2), 10),
+            "nor is a reconnect of the same process"
+        );
+        assert!(r.saw(NodeId(2), 11));
+        // The sender's wait ends at once: the signal was stored.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), signal.notified())
+                .await
+                .expect("signalled");
+        });
+        assert!(!r.saw(NodeId(3), 11), "per peer");
+    }
+
+    #[test]
+    fn a_hello_without_an_incarnation_is_an_older_peer() {
+        #[derive(serde::Serialize)]
+        struct OldHello {
+            cluster: ClusterId,
+            from: NodeId,
+            to: NodeId,
+        }
+        let old = OldHello {
+            cluster: ClusterId([1; 16]),
+            from: NodeId(1),
+            to: NodeId(2),
+        };
+        let h: Hello = frame::decode(&postcard::to_stdvec(&old).unwrap()).unwrap();
+        assert_eq!((h.from, h.to, h.incarnation), (NodeId(1), NodeId(2), None));
+        let new = Hello {
+            incarnation: Some(5),
+            ..h
+        };
+        let bytes = postcard::to_stdvec(&new).unwrap();
+        assert_eq!(frame::decode::<Hello>(&bytes).unwrap().incarnation, Some(5));
     }
 
     #[test]

@@ -24,6 +24,17 @@ pub struct Book {
 }
 
 impl Book {
+    /// The other members' raft ids, as the state knows them.
+    pub fn other_members(&self) -> Vec<u64> {
+        self.with_state(|s| {
+            s.members()
+                .map(|m| m.id)
+                .filter(|id| *id != self.me)
+                .map(|id| id.0)
+                .collect()
+        })
+    }
+
     fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         match self.state.read() {
             Ok(s) => f(&s),

@@ -118,6 +118,10 @@ pub(super) async fn start(
         tokio::runtime::Handle::current(),
     );
     let links = transport.links();
+    let restarts = transport.restarts();
+    // The peers learn at once that this process is new, and replace their connections
+    // to the old one (raft_transport::Restarts).
+    transport.greet(book.other_members());
     let metrics = NodeMetrics::default();
     // Every change applied from the first on is audited: the feed holds them until the
     // audit task below reads them (the raft thread waits for it when it is full).
@@ -235,7 +239,7 @@ pub(super) async fn start(
     let router = Router::builder(ep.clone())
         .accept(
             RAFT_ALPN,
-            RaftHandler::new(node.clone(), cluster_id, book.clone()),
+            RaftHandler::new(node.clone(), cluster_id, book.clone(), restarts),
         )
         .accept(
             API_ALPN,
