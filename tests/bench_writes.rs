@@ -5,7 +5,8 @@
 //! Run: `cargo build --release --bin blixard && cargo bench -p blixard-tests --bench writes`.
 //! Env: `BLIXARD_BIN` (the binary; default target/release/blixard), `BENCH_SECS` (measured
 //! seconds per level, default 10), `BENCH_TRACES` (set: the nodes export trace spans to an
-//! OTLP receiver in this process). Each level runs a 2 s warm-up first.
+//! OTLP receiver in this process), `BENCH_KEEP_LOGS` (a dir to copy the daemons' logs
+//! to). Each level runs a 2 s warm-up first.
 //!
 //! Prints a one-line machine description and markdown tables to stdout.
 
@@ -417,6 +418,15 @@ fn main() {
     );
     if let Some(r) = &receiver {
         println!("- trace spans received from the nodes: {}", r.count());
+    }
+    // BENCH_KEEP_LOGS=DIR: the daemons' logs are copied there (the cluster's dir goes).
+    if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for node in &cluster.nodes {
+            let _ = std::fs::copy(node.log_path(), dir.join(format!("{}.log", node.name)));
+        }
+        eprintln!("bench: daemon logs copied to {}", dir.display());
     }
     drop(cluster);
 }

@@ -62,7 +62,9 @@ pub struct Restarts(Arc<Mutex<RestartBook>>);
 #[derive(Default)]
 struct RestartBook {
     seen: HashMap<NodeId, u64>,
-    signals: HashMap<NodeId, Arc<tokio::sync::Notify>>,
+    /// Per peer, how many restarts were seen: a sender reconnects when it changes while
+    /// the sender runs (one created later has nothing to replace).
+    signals: HashMap<NodeId, tokio::sync::watch::Sender<u64>>,
 }
 
 impl Restarts {
@@ -73,9 +75,13 @@ impl Restarts {
         }
     }
 
-    /// The signal the sender to `peer` waits on.
-    fn signal(&self, peer: NodeId) -> Arc<tokio::sync::Notify> {
-        self.book().signals.entry(peer).or_default().clone()
+    /// The signal the sender to `peer` waits on: it changes at the peer's next restart.
+    fn signal(&self, peer: NodeId) -> tokio::sync::watch::Receiver<u64> {
+        self.book()
+            .signals
+            .entry(peer)
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
     }
 
     /// Records `peer`'s incarnation from its hello; a change from the one seen before
@@ -87,7 +93,9 @@ impl Restarts {
             .insert(peer, incarnation)
             .is_some_and(|before| before != incarnation);
         if restarted {
-            book.signals.entry(peer).or_default().notify_one();
+            if let Some(signal) = book.signals.get(&peer) {
+                signal.send_modify(|n| *n += 1);
+            }
         }
         restarted
     }
@@ -279,17 +287,20 @@ struct Peer {
     hello: Hello,
     book: Arc<dyn PeerBook>,
     links: Links,
-    /// Notified when the peer turns out to have restarted ([`Restarts`]).
-    restarted: Arc<tokio::sync::Notify>,
+    /// Changes when the peer turns out to have restarted ([`Restarts`]).
+    restarted: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Peer {
     async fn run(self, mut rx: mpsc::Receiver<Message>, mut eager: bool) {
         let mut backoff = Duration::from_millis(50);
+        let mut restarted = self.restarted.clone();
         loop {
+            // Only a restart seen from now on replaces this session's connection.
+            restarted.mark_unchanged();
             let ended = tokio::select! {
                 r = self.session(&mut rx, eager) => r,
-                _ = self.restarted.notified() => Err(SessionError::Restarted),
+                Ok(()) = restarted.changed() => Err(SessionError::Restarted),
             };
             eager = false;
             self.links.set(self.hello.to, None);
@@ -636,24 +647,20 @@ mod tests {
     #[test]
     fn a_new_incarnation_of_a_known_peer_signals_its_sender() {
         let r = Restarts::default();
-        let signal = r.signal(NodeId(2));
+        let mut signal = r.signal(NodeId(2));
         assert!(!r.saw(NodeId(2), 10), "the first hello is no restart");
         assert!(
             !r.saw(NodeId(2), 10),
             "nor is a reconnect of the same process"
         );
         assert!(r.saw(NodeId(2), 11));
-        // The sender's wait ends at once: the signal was stored.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(1), signal.notified())
-                .await
-                .expect("signalled");
-        });
+        // The running sender sees the change; one created afterwards does not.
+        assert!(signal.has_changed().unwrap());
+        let later = r.signal(NodeId(2));
+        assert!(!later.has_changed().unwrap());
+        signal.mark_unchanged();
         assert!(!r.saw(NodeId(3), 11), "per peer");
+        assert!(!signal.has_changed().unwrap());
     }
 
     #[test]
