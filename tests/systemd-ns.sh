@@ -110,9 +110,12 @@ start() {
     ) > "$dir/log" 2>&1 < /dev/null &
     local up=$! pid="" i state=""
     echo $up > "$dir/unshare.pid"
-    # PID 1 of the namespace is unshare's child.
+    # PID 1 of the namespace is unshare's child. Before the subshell execs unshare, its
+    # children are the short-lived ones of `$(cat ...)`: look only once it is unshare.
     for i in $(seq 100); do
-        pid=$(pgrep -P $up | head -1 || true)
+        case "$(readlink "/proc/$up/exe" 2>/dev/null || true)" in
+        */unshare) pid=$(pgrep -P $up | head -1 || true) ;;
+        esac
         [ -n "$pid" ] && break
         running $up || break
         sleep 0.05
@@ -157,6 +160,13 @@ stop() {
     up=$(cat "$dir/unshare.pid" 2>/dev/null || true)
     if [ -n "$up" ]; then
         for i in $(seq 250); do running "$up" || break; sleep 0.02; done
+        # Still there: PID was not known or not ours (a start that failed early). The
+        # namespace's PID 1 is unshare's only child.
+        if running "$up" && grep -qE "/sdns-$name(/|\$)" "/proc/$up/cgroup" 2>/dev/null; then
+            for p in $(pgrep -P "$up" || true); do kill -9 "$p" 2>/dev/null || true; done
+            kill -9 "$up" 2>/dev/null || true
+            for i in $(seq 250); do running "$up" || break; sleep 0.02; done
+        fi
     fi
     # Remove the per-instance cgroup trees, deepest first; they empty as the kernel
     # finishes reaping.
