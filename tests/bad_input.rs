@@ -80,6 +80,47 @@ fn a_corrupt_database_is_an_error_not_a_new_cluster() {
     assert_eq!(std::fs::read(&db).unwrap(), bytes);
 }
 
+/// A node killed without removing its node.json: the CLI says at once that it is not
+/// running (the file names its process), rather than waiting for its timeout; a running
+/// node still answers, and a node.json from an older daemon (no process stamp) is tried.
+#[test]
+fn the_cli_says_at_once_that_its_node_is_not_running() {
+    let mut c = Cluster::start(1, &[]);
+    c.nodes[0].cli_ok(&["cluster", "status"]);
+    let pid = c.nodes[0].pid().unwrap();
+    c.nodes[0].kill9();
+    let info = c.nodes[0].dir.join("node.json");
+    assert!(info.exists(), "kill -9 leaves node.json behind");
+    let asked = std::time::Instant::now();
+    let out = c.nodes[0].cli(&["cluster", "status"]);
+    let took = asked.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("is not running") && err.contains(&format!("process {pid} is gone")),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}: {err}");
+    // Without the stamp (a node.json from an older daemon) the CLI cannot tell, and tries.
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&info).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("process");
+    std::fs::write(&info, v.to_string()).unwrap();
+    let out = Command::new(binary())
+        .arg("--data-dir")
+        .arg(&c.nodes[0].dir)
+        .args(["--timeout", "1", "cluster", "status"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && !err.contains("is not running"),
+        "{err}"
+    );
+    c.nodes[0].start(&[]);
+    c.nodes[0].cli_ok(&["cluster", "status"]);
+}
+
 #[test]
 fn a_member_whose_node_key_is_lost_does_not_get_a_new_identity() {
     let mut c = Cluster::start(1, &[]);

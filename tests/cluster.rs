@@ -86,6 +86,33 @@ fn a_lagging_node_catches_up_by_snapshot_after_compaction() {
     );
 }
 
+/// A second host with a member's name (names default to the host name) is refused with
+/// how to name it, and its token stays unspent; under another name it joins.
+#[test]
+fn a_second_member_with_a_taken_name_is_refused() {
+    let c = Cluster::start(1, &[]);
+    let ticket = c.token();
+    let mut twin = Node::new(c.root.path(), "twin");
+    let (code, out) = twin.run_expect_exit(&["--join", &ticket, "--name", "n1"]);
+    assert_eq!(code, 5, "{out}");
+    assert!(
+        out.contains("already has a member named \"n1\"") && out.contains("--name NAME"),
+        "{out}"
+    );
+    // Nothing joined; the same ticket admits the node under its own name.
+    twin.start(&["--join", &ticket]);
+    c.wait_voters(2);
+    let status = c.nodes[0].status(false).unwrap();
+    let mut names: Vec<&str> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["n1", "twin"]);
+}
+
 #[test]
 fn tokens_are_one_time_and_expire() {
     let c = Cluster::start(1, &[]);
@@ -775,4 +802,54 @@ fn a_restarted_member_is_reached_again_at_once() {
             written.elapsed().as_millis()
         );
     }
+}
+
+/// A long-lived client (another node forwarding, a program using the API) holds a
+/// connection to a member's process; after that member restarts, the connection goes to a
+/// process that is gone, and QUIC would notice only at its idle timeout (4 s). The client
+/// notices that its request was never acknowledged and sends it again on a new connection.
+#[test]
+fn a_long_lived_client_reaches_a_restarted_member_at_once() {
+    use blixard_net::api::{MetaSet, StatusRequest};
+    use blixard_tests::api;
+    use std::time::Instant;
+
+    let mut c = Cluster::start(3, &[]);
+    let follower = (c.leader() + 1) % 3;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(api::client(
+        &c.nodes[0].dir.join("admin.key"),
+        Duration::from_secs(10),
+    ));
+    let addr = api::addr_of(&c.nodes[follower]).1;
+    rt.block_on(client.call(&addr, StatusRequest { stale: true }))
+        .unwrap();
+    for round in 1..=4 {
+        c.nodes[follower].kill9();
+        c.nodes[follower].start(&[]);
+        c.nodes[follower].wait_knows_leader(LONG);
+        let asked = Instant::now();
+        // A write (sent again under its request id) and a read (changes nothing).
+        let what = if round % 2 == 1 {
+            rt.block_on(client.call(
+                &addr,
+                MetaSet {
+                    key: "round".into(),
+                    value: Some(round.to_string()),
+                },
+            ))
+            .map(|_| "write")
+        } else {
+            rt.block_on(client.call(&addr, StatusRequest { stale: true }))
+                .map(|_| "read")
+        }
+        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let took = asked.elapsed();
+        eprintln!("round {round}: the restarted member answered a {what} after {took:?}");
+        assert!(
+            took < Duration::from_millis(2500),
+            "round {round}: the {what} took {took:?}; the dead connection was not dropped"
+        );
+    }
+    wait_meta(&c.nodes[follower], "round", "3");
 }

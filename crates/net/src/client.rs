@@ -16,6 +16,17 @@ use crate::api::{
 use crate::frame;
 use crate::API_ALPN;
 
+/// How long a request's bytes may go unacknowledged by the peer's QUIC stack (which
+/// acknowledges within its ack delay, 25 ms, busy or not) before the connection is taken
+/// for one to a process that is gone: killed, or restarted (its successor drops the old
+/// connection's packets without a word, and QUIC itself would notice only at its idle
+/// timeout, [`crate::endpoint::IDLE_TIMEOUT_SECS`]). The request is then sent again on a
+/// new connection ([`ApiClient`]'s retry rules).
+pub const UNACKED: Duration = Duration::from_secs(1);
+
+/// The close code of a connection dropped because the peer did not acknowledge a request.
+const SILENT_CODE: u32 = 3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach node {node}: {detail}")]
@@ -26,6 +37,10 @@ pub enum ClientError {
     Protocol { node: String, detail: String },
     #[error("no answer from {node} within {ms} ms")]
     Timeout { node: String, ms: u64 },
+    /// The peer did not acknowledge the request within [`UNACKED`]: its process is gone.
+    /// The request did not reach it, or reached a process that is gone now.
+    #[error("node {node} did not acknowledge the request within {} ms", UNACKED.as_millis())]
+    Silent { node: String },
 }
 
 /// Calls the API of other nodes, reusing one connection per node.
@@ -167,10 +182,19 @@ impl ApiClient {
             // cluster had no leader to apply it. Any other error is the request's answer.
             let ambiguous = matches!(
                 &result,
-                Err(ClientError::Connect { .. } | ClientError::Protocol { .. })
+                Err(ClientError::Connect { .. }
+                    | ClientError::Protocol { .. }
+                    | ClientError::Silent { .. })
                     | Ok(Err(ApiError::Timeout(_) | ApiError::NoLeader))
             );
-            if request.id.is_none() || !ambiguous || started.elapsed() + pause >= budget {
+            // A request the peer never acknowledged is sent again on a new connection,
+            // reads too: the peer may have restarted, and a read changes nothing.
+            let again = if request.id.is_some() {
+                ambiguous
+            } else {
+                matches!(result, Err(ClientError::Silent { .. }))
+            };
+            if !again || started.elapsed() + pause >= budget {
                 return result;
             }
             tracing::debug!(id = ?request.id, "no clear answer; sending the write again");
@@ -214,10 +238,27 @@ impl ApiClient {
                 _ => frame::MAX_FRAME,
             };
             let mut recv = frame::Reader::with_limit(recv, limit);
-            loop {
-                match recv.read::<ResponseItem>().await.map_err(protocol)? {
-                    ResponseItem::Progress(p) => on_progress(&p),
-                    ResponseItem::Done(answer) => return Ok(answer),
+            let answer = async {
+                loop {
+                    match recv.read::<ResponseItem>().await.map_err(protocol)? {
+                        ResponseItem::Progress(p) => on_progress(&p),
+                        ResponseItem::Done(answer) => return Ok(answer),
+                    }
+                }
+            };
+            // Once the peer acknowledged the request (or stopped the stream, or the
+            // connection failed: the read says how), only the answer is awaited.
+            let unacked = async {
+                if tokio::time::timeout(UNACKED, send.stopped()).await.is_ok() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                r = answer => r,
+                () = unacked => {
+                    tracing::debug!(peer = %node, "request not acknowledged; dropping the connection");
+                    conn.close(SILENT_CODE.into(), b"request not acknowledged");
+                    Err(ClientError::Silent { node: node.clone() })
                 }
             }
         };

@@ -49,6 +49,61 @@ pub struct NodeInfo {
     /// Where `GET /metrics` is served, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
+    /// The daemon's process as /proc shows it, so that the CLI can tell a node that died
+    /// without removing this file from one that does not answer (see [`NodeInfo::gone`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessStamp>,
+}
+
+/// A process's pid namespace and start time (in clock ticks since boot): with its pid,
+/// they name it uniquely, where the pid alone may be reused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStamp {
+    pub pid_ns: String,
+    pub started: u64,
+}
+
+impl ProcessStamp {
+    /// Process `pid` as this process's /proc shows it; `None` when there is no such
+    /// process (or /proc cannot be read).
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses; field 22,
+        // starttime, is the 20th after the last ')'.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let started = rest.split_whitespace().nth(19)?.parse().ok()?;
+        Some(Self {
+            pid_ns: Self::pid_ns()?,
+            started,
+        })
+    }
+
+    /// This process's pid namespace (`pid:[INODE]`).
+    fn pid_ns() -> Option<String> {
+        std::fs::read_link("/proc/self/ns/pid")
+            .ok()
+            .map(|p| p.display().to_string())
+    }
+}
+
+impl NodeInfo {
+    /// Why the daemon that wrote this file is certainly gone, if it is: it ran in this
+    /// process's pid namespace and its pid is gone or now another process's. `None` when
+    /// it may still run (or this cannot be told: another namespace, an older daemon).
+    pub fn gone(&self) -> Option<String> {
+        let recorded = self.process.as_ref()?;
+        if Some(&recorded.pid_ns) != ProcessStamp::pid_ns().as_ref() {
+            return None;
+        }
+        match ProcessStamp::of(self.pid) {
+            None => Some(format!("its process {} is gone", self.pid)),
+            Some(now) if now.started != recorded.started => Some(format!(
+                "its process {} is gone (the pid is another process's now)",
+                self.pid
+            )),
+            Some(_) => None,
+        }
+    }
 }
 
 /// Creates the data dir (mode 0700) if needed.

@@ -63,7 +63,7 @@ impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let code = match &e {
             ClientError::Connect { .. } => UNREACHABLE,
-            ClientError::Timeout { .. } => UNAVAILABLE,
+            ClientError::Timeout { .. } | ClientError::Silent { .. } => UNAVAILABLE,
             ClientError::Api(api) => api_code(api),
             ClientError::Protocol { .. } => ERROR,
         };

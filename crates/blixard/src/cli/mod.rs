@@ -84,6 +84,16 @@ fn local_target(ctx: &Context) -> Result<EndpointAddr, Failure> {
             format!("{} is damaged: {e}", path.display()),
         )
     })?;
+    // A node that died without removing node.json: say so now, not after a timeout.
+    if let Some(why) = info.gone() {
+        return Err(Failure::new(
+            exit::UNREACHABLE,
+            format!(
+                "the node in {} is not running ({why}); start it with `blixard node run`, or pass --node",
+                ctx.data_dir.display()
+            ),
+        ));
+    }
     // A node listening on 0.0.0.0 is reachable locally on loopback.
     let addrs: Vec<SocketAddr> = info
         .addrs

@@ -159,6 +159,25 @@ pub(super) async fn join(
         ));
     }
     let cluster = &api.cluster;
+    // Names default to the host name: two hosts with the same one (cloned images, a
+    // generic name) would be two members no one can tell apart. Checked here, before the
+    // proposal, so that logs written before the check apply as they did.
+    let taken = {
+        let state = cluster.state();
+        let found = state
+            .members()
+            .find(|m| m.name == j.name && m.endpoint != caller && !state.is_removed(m.id))
+            .map(|m| m.id);
+        found
+    };
+    if let Some(other) = taken {
+        return Err(ApiError::Rejected(format!(
+            "this cluster already has a member named {:?} ({other}); give this node another name \
+             (`blixard node run --name NAME`, `name = \"NAME\"` in its config file, or \
+             `services.blixard.name` on NixOS)",
+            j.name
+        )));
+    }
     let request = JoinRequest {
         node: NodeId(0),
         token_hash: hash_secret(&j.secret),

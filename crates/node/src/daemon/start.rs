@@ -300,6 +300,7 @@ pub(super) async fn start(
         pid: std::process::id(),
         cache: cache_addr,
         metrics: metrics_addr,
+        process: datadir::ProcessStamp::of(std::process::id()),
     };
     let info_json = serde_json::to_vec_pretty(&info).map_err(|e| Failure::new(exit::ERROR, e))?;
     datadir::write_atomic(&datadir::node_info(data_dir), &info_json)
