@@ -183,6 +183,10 @@ fn every_request(who: &str) -> Vec<Request> {
         .into(),
         blixard_net::api::NodeStatsRequest {}.into(),
         blixard_net::api::BackupRequest {}.into(),
+        blixard_net::api::TenantRemove {
+            name: "nothing".into(),
+        }
+        .into(),
     ]
 }
 
@@ -257,9 +261,9 @@ async fn authorization_matrix_on_a_real_cluster() {
     //            Status MetaGet MetaSet Token Join Leave UAdd URm ULst PGet PSet PTest
     //            IImport IList IShow IPull IPin IRm CacheKey
     //            TCreate TList QSet QShow NList USetKey ASetKey
-    //            VCreate VList VShow VControl VDelete VLogs NDrain NStats Backup
+    //            VCreate VList VShow VControl VDelete VLogs NDrain NStats Backup TRm
     let (t, f) = (true, false);
-    let expect: [(&str, SecretKey, [bool; 35]); 7] = [
+    let expect: [(&str, SecretKey, [bool; 36]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
@@ -267,7 +271,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -277,7 +281,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -287,7 +291,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f, t, f,
+                f, t, t, f, f, t, f, t, f, f,
             ],
         ),
         (
@@ -297,7 +301,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, f, t, f, f, //
-                t, t, f, f, f, f, f, t, f,
+                t, t, f, f, f, f, f, t, f, f,
             ],
         ),
         (
@@ -307,7 +311,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                t, t, t, t, t, t, f, t, f,
+                t, t, t, t, t, t, f, t, f, f,
             ],
         ),
         (
@@ -317,7 +321,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, t, t, t, t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
-                t, t, t, t, t, t, t, t, t,
+                t, t, t, t, t, t, t, t, t, t,
             ],
         ),
         (
@@ -327,7 +331,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, f, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f, t, f,
+                f, t, t, f, f, t, f, t, f, f,
             ],
         ),
     ];

@@ -402,9 +402,18 @@ fn quotas_constraints_anti_affinity_and_drain() {
     assert_eq!(vms.as_array().unwrap().len(), 10);
     let quota = n1.cli_ok(&["quota", "show", "acme"]);
     assert!(quota.contains("10/10"), "{quota}");
+    // A tenant that owns VMs is not removed; once they are gone, it is.
+    let out = n1.cli(&["tenant", "rm", "acme"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("tenant acme still has 10 VMs"), "{err}");
     for i in 0..50 {
         let _ = n1.try_cli(&["vm", "delete", &format!("q{i}"), "--tenant", "acme"]);
     }
+    n1.cli_ok(&["tenant", "rm", "acme"]);
+    assert!(!n1.cli_ok(&["tenant", "list"]).contains("acme"));
+    let out = n1.cli(&["tenant", "rm", "acme"]);
+    assert_eq!(out.status.code(), Some(5));
 
     // Constraints: zone b only.
     for name in ["b1", "b2"] {

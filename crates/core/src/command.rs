@@ -190,6 +190,9 @@ pub enum Command {
     /// (the proposer's record of an earlier check entry) with its own record of that
     /// entry. Changes nothing.
     CheckState { previous: Option<StateDigest> },
+    /// Removes a tenant; refused while it owns VMs or images or has users (and for the
+    /// default tenant).
+    RemoveTenant { name: String },
 }
 
 /// A digest of the state machine as a member applied the check entry at `index`.
@@ -232,6 +235,7 @@ impl Command {
             Command::ReportVm { .. } => "report_vm",
             Command::Once { command, .. } => command.kind(),
             Command::CheckState { .. } => "check_state",
+            Command::RemoveTenant { .. } => "remove_tenant",
         }
     }
 

@@ -465,3 +465,50 @@ fn a_create_can_carry_its_placement_if_it_still_fits() {
     let c = create_at(&mut s, "c", 1, 9);
     assert_eq!(c.node, None);
 }
+
+#[test]
+fn a_tenant_is_removed_only_once_it_owns_nothing() {
+    let mut s = cluster(1);
+    let remove = |s: &mut State, name: &str| {
+        s.apply(&Command::RemoveTenant { name: name.into() })
+            .map(|_| ())
+    };
+    create(&mut s, spec("v", 1, 256)).unwrap();
+    s.apply(&Command::AddUser(blixard_core::User {
+        name: "otto".into(),
+        key: EndpointKey([50; 32]),
+        roles: vec!["operator".into()],
+        tenant: Some("acme".into()),
+        created_at_ms: 4,
+    }))
+    .unwrap();
+    match remove(&mut s, "acme") {
+        Err(ApplyError::TenantInUse(t, what)) => {
+            assert_eq!((t.as_str(), what.as_str()), ("acme", "1 VM, 1 user"))
+        }
+        other => panic!("{other:?}"),
+    }
+    s.apply(&Command::DeleteVm {
+        key: "acme/v".into(),
+    })
+    .unwrap();
+    s.apply(&Command::RemoveUser {
+        name: "otto".into(),
+    })
+    .unwrap();
+    remove(&mut s, "acme").unwrap();
+    assert!(s.tenant("acme").is_none());
+    assert!(matches!(
+        remove(&mut s, "acme"),
+        Err(ApplyError::UnknownTenant(_))
+    ));
+    assert!(matches!(
+        remove(&mut s, blixard_core::DEFAULT_TENANT),
+        Err(ApplyError::InvalidTenant(_))
+    ));
+    // A VM cannot be created in it any more.
+    assert!(matches!(
+        create(&mut s, spec("w", 1, 256)),
+        Err(ApplyError::UnknownTenant(_))
+    ));
+}

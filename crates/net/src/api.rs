@@ -92,6 +92,7 @@ rpcs! {
     NodeDrain(NodeDrain) -> NodeDrained;
     NodeStats(NodeStatsRequest) -> Box<NodeStats>;
     ClusterBackup(BackupRequest) -> BackupData;
+    TenantRemove(TenantRemove) -> TenantRemoved;
 }
 
 /// The progress phase an image pull reports once its node is recorded as a holder (every
@@ -531,6 +532,15 @@ pub struct CacheKeyInfo {
 pub struct TenantCreate {
     pub name: String,
 }
+
+/// Removes a tenant that owns no VMs or images and has no users.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRemove {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRemoved {}
 
 /// A tenant, its quota and what its VMs use.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -242,6 +242,12 @@ pub fn action_of(
                 name: t.name.clone(),
             },
         ),
+        Request::TenantRemove(t) => (
+            "tenant:manage",
+            Resource::Tenant {
+                name: t.name.clone(),
+            },
+        ),
         Request::QuotaSet(q) => (
             "tenant:manage",
             Resource::Tenant {

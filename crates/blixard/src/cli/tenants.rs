@@ -3,6 +3,7 @@
 use blixard_core::Quota;
 use blixard_net::api::{
     NodeList, NodeStatsRequest, QuotaSet, QuotaShow, TenantCreate, TenantInfo, TenantList,
+    TenantRemove,
 };
 use clap::Subcommand;
 
@@ -20,6 +21,8 @@ pub enum TenantCommand {
         #[arg(long)]
         stale: bool,
     },
+    /// Remove a tenant; refused while it owns VMs or images or has users.
+    Rm { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -84,6 +87,13 @@ pub async fn tenant(ctx: &Context, cmd: TenantCommand) -> Result<(), Failure> {
             .call(&to, TenantList { stale })
             .await
             .map(|t| t.tenants),
+        TenantCommand::Rm { name } => {
+            let r = client.call(&to, TenantRemove { name: name.clone() }).await;
+            client.endpoint().close().await;
+            r?;
+            eprintln!("tenant {name} removed");
+            return Ok(());
+        }
     };
     client.endpoint().close().await;
     print_tenants(ctx, &result?)

@@ -81,4 +81,6 @@ pub enum ApplyError {
     },
     #[error("{0} cannot be applied once per request id")]
     NotOnce(String),
+    #[error("tenant {0} still has {1}; remove them first")]
+    TenantInUse(String, String),
 }

@@ -162,6 +162,7 @@ impl State {
             // Tenants and VMs (vms.rs).
             Command::CreateTenant { name, now_ms } => self.create_tenant(name, *now_ms),
             Command::SetQuota { tenant, quota } => self.set_quota(tenant, *quota),
+            Command::RemoveTenant { name } => self.remove_tenant(name),
             Command::CreateVm {
                 spec,
                 start,

@@ -24,6 +24,39 @@ impl State {
         Ok(CommandOutput::Done)
     }
 
+    pub(super) fn remove_tenant(&mut self, name: &String) -> Applied {
+        if name == DEFAULT_TENANT {
+            return Err(ApplyError::InvalidTenant(format!(
+                "the {DEFAULT_TENANT} tenant cannot be removed"
+            )));
+        }
+        if !self.tenants.contains(name) {
+            return Err(ApplyError::UnknownTenant(name.clone()));
+        }
+        let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let vms = self.vms.values().filter(|v| &v.spec.tenant == name).count();
+        let images = self
+            .images
+            .values()
+            .filter(|i| i.tenant.as_ref() == Some(name))
+            .count();
+        let users = self
+            .users
+            .values()
+            .filter(|u| u.tenant.as_ref() == Some(name))
+            .count();
+        let held: Vec<String> = [(vms, "VM"), (images, "image"), (users, "user")]
+            .into_iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| count(n, what))
+            .collect();
+        if !held.is_empty() {
+            return Err(ApplyError::TenantInUse(name.clone(), held.join(", ")));
+        }
+        self.tenants.remove(name);
+        Ok(CommandOutput::Done)
+    }
+
     pub(super) fn set_quota(&mut self, tenant: &String, quota: Quota) -> Applied {
         if tenant == DEFAULT_TENANT && !self.tenants.contains(tenant) {
             self.insert_tenant(tenant, 0);

@@ -183,6 +183,7 @@ impl Api {
             Request::ImageRemove(r) => images::remove(&self.images, &r.name).await,
             Request::CacheKey(_) => images::cache_key(&self.images),
             Request::TenantCreate(t) => tenants::create(c, &t.name).await,
+            Request::TenantRemove(t) => tenants::remove(c, &t.name).await,
             Request::TenantList(t) => tenants::list(self, p, t.stale).await,
             Request::QuotaSet(q) => tenants::quota_set(c, &q.tenant, q.quota).await,
             Request::QuotaShow(q) => tenants::quota_show(c, &q.tenant, q.stale).await,

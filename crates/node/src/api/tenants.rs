@@ -4,6 +4,7 @@ use blixard_authz::Resource;
 use blixard_core::{Command, Quota, Tenant};
 use blixard_net::api::{
     ApiError, NodeEntries, NodeEntry, Response, ResponseFrame, TenantEntries, TenantInfo,
+    TenantRemoved,
 };
 use blixard_net::authz::Principal;
 
@@ -34,6 +35,15 @@ pub(super) async fn create(cluster: &ClusterHandle, name: &str) -> ResponseFrame
         })
         .await?;
     Ok(Response::TenantCreate(tenant_named(cluster, name)?))
+}
+
+pub(super) async fn remove(cluster: &ClusterHandle, name: &str) -> ResponseFrame {
+    cluster
+        .propose(Command::RemoveTenant {
+            name: name.to_string(),
+        })
+        .await?;
+    Ok(Response::TenantRemove(TenantRemoved {}))
 }
 
 pub(super) async fn quota_set(
