@@ -150,6 +150,51 @@ fn tokens_are_one_time_and_expire() {
     // Neither failed join left a member behind.
     let s = c.nodes[0].status(false).unwrap();
     assert_eq!(s["members"].as_array().unwrap().len(), 2, "{s}");
+
+    // Listed and revoked: a revoked token admits no one; a used one cannot be revoked.
+    let ticket = c.token();
+    let list = |c: &Cluster| -> Vec<serde_json::Value> {
+        let out = c.nodes[0].cli_ok(&["cluster", "token", "list", "--output", "json"]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let tokens = list(&c);
+    assert_eq!(tokens.len(), 3, "{tokens:?}");
+    assert_eq!(
+        tokens[0]["used_by"].as_u64(),
+        Some(2),
+        "the first token was used by node 2"
+    );
+    let fresh = tokens.last().unwrap()["id"].as_str().unwrap().to_string();
+    let table = c.nodes[0].cli_ok(&["cluster", "token", "list"]);
+    assert!(
+        table.contains(&fresh[..16]) && table.contains("valid") && table.contains("used by 2"),
+        "{table}"
+    );
+    let out = c.nodes[0].cli(&[
+        "cluster",
+        "token",
+        "revoke",
+        tokens[0]["id"].as_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.nodes[0].cli(&["cluster", "token", "revoke", "abc"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.nodes[0].cli_ok(&["cluster", "token", "revoke", &fresh[..10]]);
+    assert!(list(&c).iter().all(|t| t["id"] != fresh.as_str()));
+    let n5 = Node::new(c.root.path(), "n5");
+    let (code, out) = n5.run_expect_exit(&["--join", &ticket]);
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("unknown join token"), "{out}");
 }
 
 #[test]

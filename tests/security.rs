@@ -187,6 +187,11 @@ fn every_request(who: &str) -> Vec<Request> {
             name: "nothing".into(),
         }
         .into(),
+        blixard_net::api::TokenListRequest { stale: false }.into(),
+        blixard_net::api::TokenRevoke {
+            id: "00000000".into(),
+        }
+        .into(),
     ]
 }
 
@@ -262,8 +267,9 @@ async fn authorization_matrix_on_a_real_cluster() {
     //            IImport IList IShow IPull IPin IRm CacheKey
     //            TCreate TList QSet QShow NList USetKey ASetKey
     //            VCreate VList VShow VControl VDelete VLogs NDrain NStats Backup TRm
+    //            KList KRevoke
     let (t, f) = (true, false);
-    let expect: [(&str, SecretKey, [bool; 36]); 7] = [
+    let expect: [(&str, SecretKey, [bool; 38]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
@@ -271,7 +277,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -281,7 +287,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -291,7 +297,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f, t, f, f,
+                f, t, t, f, f, t, f, t, f, f, f, f,
             ],
         ),
         (
@@ -301,7 +307,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, f, t, f, f, //
-                t, t, f, f, f, f, f, t, f, f,
+                t, t, f, f, f, f, f, t, f, f, f, f,
             ],
         ),
         (
@@ -311,7 +317,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                t, t, t, t, t, t, f, t, f, f,
+                t, t, t, t, t, t, f, t, f, f, f, f,
             ],
         ),
         (
@@ -321,7 +327,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, t, t, t, t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
-                t, t, t, t, t, t, t, t, t, t,
+                t, t, t, t, t, t, t, t, t, t, t, t,
             ],
         ),
         (
@@ -331,7 +337,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, f, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f, t, f, f,
+                f, t, t, f, f, t, f, t, f, f, f, f,
             ],
         ),
     ];

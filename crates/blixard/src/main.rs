@@ -272,6 +272,17 @@ enum TokenCommand {
         #[arg(long, default_value = "10m")]
         ttl: String,
     },
+    /// List the join tokens: id (the hash of the secret), created, expires, state.
+    List {
+        /// Answer from this node's state without a round to the leader (may be behind).
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Revoke an unused join token: a join with its ticket is refused from now on.
+    Revoke {
+        /// The token's id, or a unique prefix of it (at least 8 hex digits).
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -423,6 +434,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             ClusterCommand::Status(a) => cli::cluster::status(&ctx, a.stale).await,
             ClusterCommand::Token(TokenCommand::Create { ttl }) => {
                 cli::cluster::token_create(&ctx, &ttl).await
+            }
+            ClusterCommand::Token(TokenCommand::List { stale }) => {
+                cli::cluster::token_list(&ctx, stale).await
+            }
+            ClusterCommand::Token(TokenCommand::Revoke { id }) => {
+                cli::cluster::token_revoke(&ctx, &id).await
             }
             ClusterCommand::Leave { id } => cli::cluster::leave(&ctx, &id).await,
             ClusterCommand::RotateAdminKey => cli::cluster::rotate_admin_key(&ctx).await,

@@ -193,6 +193,8 @@ pub enum Command {
     /// Removes a tenant; refused while it owns VMs or images or has users (and for the
     /// default tenant).
     RemoveTenant { name: String },
+    /// Revokes an unused join token: a join with it is refused from now on.
+    RevokeJoinToken { token_hash: [u8; 32] },
 }
 
 /// A digest of the state machine as a member applied the check entry at `index`.
@@ -236,6 +238,7 @@ impl Command {
             Command::Once { command, .. } => command.kind(),
             Command::CheckState { .. } => "check_state",
             Command::RemoveTenant { .. } => "remove_tenant",
+            Command::RevokeJoinToken { .. } => "revoke_join_token",
         }
     }
 

@@ -93,6 +93,8 @@ rpcs! {
     NodeStats(NodeStatsRequest) -> Box<NodeStats>;
     ClusterBackup(BackupRequest) -> BackupData;
     TenantRemove(TenantRemove) -> TenantRemoved;
+    TokenList(TokenListRequest) -> TokenEntries;
+    TokenRevoke(TokenRevoke) -> TokenRevoked;
 }
 
 /// The progress phase an image pull reports once its node is recorded as a holder (every
@@ -284,6 +286,40 @@ pub struct TokenCreate {
 pub struct TokenCreated {
     pub ticket: String,
     pub expires_at_ms: u64,
+}
+
+/// Lists the join tokens (never their secrets: a token is known by the hash of its
+/// secret, `id`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenListRequest {
+    pub stale: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenEntries {
+    pub tokens: Vec<TokenEntry>,
+}
+
+/// One join token: the hex hash of its secret, when it was made and expires, and the
+/// node that used it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenEntry {
+    pub id: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub used_by: Option<NodeId>,
+}
+
+/// Revokes an unused join token, named by its id or a unique prefix of it (at least 8
+/// hex digits).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRevoke {
+    pub id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRevoked {
+    pub id: String,
 }
 
 /// Sent by a new node with the secret from its ticket.

@@ -186,6 +186,8 @@ pub fn action_of(
             ("cluster:read", Resource::Cluster)
         }
         Request::TokenCreate(_)
+        | Request::TokenList(_)
+        | Request::TokenRevoke(_)
         | Request::Leave(_)
         | Request::MetaSet(_)
         | Request::AdminSetKey(_) => ("cluster:manage", Resource::Cluster),
@@ -312,6 +314,7 @@ pub fn is_mutating(request: &Request) -> bool {
             | Request::VmList(_)
             | Request::VmShow(_)
             | Request::VmLogs(_)
+            | Request::TokenList(_)
     )
 }
 

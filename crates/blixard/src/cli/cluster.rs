@@ -5,7 +5,7 @@ use std::time::Duration;
 use blixard_core::{EndpointKey, MemberRole, MemberStatus, NodeId};
 use blixard_net::api::{
     LeaveCluster, MetaGet, MetaSet, PolicyGet, PolicySet, PolicyTest, StatusRequest, TokenCreate,
-    UserAdd, UserList, UserRemove,
+    TokenListRequest, TokenRevoke, UserAdd, UserList, UserRemove,
 };
 use blixard_net::keys;
 
@@ -105,6 +105,55 @@ pub async fn token_create(ctx: &Context, ttl: &str) -> Result<(), Failure> {
         return output::json(&t).map_err(|e| Failure::new(exit::ERROR, e));
     }
     out!("{}", t.ticket);
+    Ok(())
+}
+
+pub async fn token_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client.call(&to, TokenListRequest { stale }).await;
+    client.endpoint().close().await;
+    let tokens = r?.tokens;
+    if ctx.output == Format::Json {
+        return output::json(&tokens).map_err(|e| Failure::new(exit::ERROR, e));
+    }
+    let now = blixard_node::cluster::now_ms();
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            let state = match t.used_by {
+                Some(node) => format!("used by {node}"),
+                None if t.expires_at_ms <= now => "expired".into(),
+                None => "valid".into(),
+            };
+            let expires = if t.expires_at_ms > now {
+                format!("in {}", output::duration_ms(t.expires_at_ms - now))
+            } else {
+                format!("{} ago", output::duration_ms(now - t.expires_at_ms))
+            };
+            vec![
+                t.id.chars().take(16).collect(),
+                format!(
+                    "{} ago",
+                    output::duration_ms(now.saturating_sub(t.created_at_ms))
+                ),
+                expires,
+                state,
+            ]
+        })
+        .collect();
+    output::table(&["ID", "CREATED", "EXPIRES", "STATE"], &rows);
+    Ok(())
+}
+
+pub async fn token_revoke(ctx: &Context, id: &str) -> Result<(), Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client.call(&to, TokenRevoke { id: id.to_string() }).await;
+    client.endpoint().close().await;
+    let revoked = r?;
+    eprintln!(
+        "join token {} revoked; its ticket no longer admits a node",
+        revoked.id
+    );
     Ok(())
 }
 

@@ -120,6 +120,17 @@ impl ProgressView {
 }
 
 /// A byte count for people: `512 B`, `1.5 GiB`.
+/// A duration in milliseconds, coarsely: `42s`, `17m`, `5h`, `3d`.
+pub fn duration_ms(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

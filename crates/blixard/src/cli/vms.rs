@@ -129,14 +129,7 @@ pub struct VmArgs {
 }
 
 fn age(ms: u64) -> String {
-    let now = blixard_node::cluster::now_ms();
-    let s = now.saturating_sub(ms) / 1000;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
-    }
+    output::duration_ms(blixard_node::cluster::now_ms().saturating_sub(ms))
 }
 
 fn desired(vm: &Vm) -> &'static str {

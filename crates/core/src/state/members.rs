@@ -88,6 +88,25 @@ impl State {
         Ok(CommandOutput::Done)
     }
 
+    pub(super) fn revoke_join_token(&mut self, token_hash: &[u8; 32]) -> Applied {
+        match self.tokens.get(token_hash) {
+            None => Err(ApplyError::TokenUnknown),
+            Some(JoinToken {
+                used_by: Some(node),
+                ..
+            }) => Err(ApplyError::TokenUsed(*node)),
+            Some(_) => {
+                self.tokens.remove(token_hash);
+                Ok(CommandOutput::Done)
+            }
+        }
+    }
+
+    /// The join tokens, by the hash of their secret.
+    pub fn join_tokens(&self) -> impl Iterator<Item = (&[u8; 32], &JoinToken)> {
+        self.tokens.iter()
+    }
+
     pub(super) fn join(&mut self, request: &JoinRequest) -> Applied {
         let token = self
             .tokens

@@ -163,6 +163,7 @@ impl State {
             Command::CreateTenant { name, now_ms } => self.create_tenant(name, *now_ms),
             Command::SetQuota { tenant, quota } => self.set_quota(tenant, *quota),
             Command::RemoveTenant { name } => self.remove_tenant(name),
+            Command::RevokeJoinToken { token_hash } => self.revoke_join_token(token_hash),
             Command::CreateVm {
                 spec,
                 start,

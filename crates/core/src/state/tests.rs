@@ -105,6 +105,24 @@ fn join_tokens_are_one_time_and_expire() {
 }
 
 #[test]
+fn an_unused_join_token_can_be_revoked_and_then_admits_no_one() {
+    let mut s = bootstrapped();
+    let used = token(&mut s, 7, 10_000);
+    join(&mut s, used, 2, 2_000).unwrap();
+    let unused = token(&mut s, 8, 10_000);
+    assert_eq!(s.join_tokens().count(), 2);
+    let revoke = |s: &mut State, token_hash| s.apply(&Command::RevokeJoinToken { token_hash });
+    assert_eq!(revoke(&mut s, used), Err(ApplyError::TokenUsed(NodeId(2))));
+    assert_eq!(revoke(&mut s, unused), Ok(CommandOutput::Done));
+    assert_eq!(
+        join(&mut s, unused, 3, 2_000),
+        Err(ApplyError::TokenUnknown)
+    );
+    assert_eq!(revoke(&mut s, unused), Err(ApplyError::TokenUnknown));
+    assert_eq!(s.join_tokens().count(), 1);
+}
+
+#[test]
 fn removed_ids_are_never_reused_or_revived() {
     let mut s = bootstrapped();
     let t = token(&mut s, 7, 10_000);

@@ -8,8 +8,8 @@ use blixard_net::api::{
     AdminKeySet, AdminSetKey, ApiError, BackupData, ClusterStatus, JoinCluster, Joined,
     LeaveCluster, Left, MetaEntries, MetaGet, MetaSet, MetaSetDone, PolicySet, PolicySetDone,
     PolicyTest, PolicyText, PolicyVerdict, ProgressSink, RequestFrame, Response, ResponseFrame,
-    StatusRequest, TokenCreate, TokenCreated, UserAdd, UserAdded, UserEntries, UserKeySet,
-    UserRemove, UserRemoved, UserSetKey,
+    StatusRequest, TokenCreate, TokenCreated, TokenEntries, TokenEntry, TokenRevoked, UserAdd,
+    UserAdded, UserEntries, UserKeySet, UserRemove, UserRemoved, UserSetKey,
 };
 use blixard_net::authz::{user_resource, Principal};
 use blixard_net::ticket::{hash_secret, JoinTicket};
@@ -120,6 +120,61 @@ async fn on_leader(
             })),
         other => other.map_err(|e| Err(propose_error(e))),
     }
+}
+
+pub(super) async fn token_list(cluster: &ClusterHandle, stale: bool) -> ResponseFrame {
+    cluster.barrier(stale).await?;
+    let mut tokens: Vec<TokenEntry> = cluster
+        .state()
+        .join_tokens()
+        .map(|(hash, t)| TokenEntry {
+            id: hex(hash),
+            created_at_ms: t.created_at_ms,
+            expires_at_ms: t.expires_at_ms,
+            used_by: t.used_by,
+        })
+        .collect();
+    tokens.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+    Ok(Response::TokenList(TokenEntries { tokens }))
+}
+
+/// The shortest id prefix `token revoke` takes.
+const MIN_TOKEN_PREFIX: usize = 8;
+
+pub(super) async fn token_revoke(cluster: &ClusterHandle, id: &str) -> ResponseFrame {
+    let id = id.to_ascii_lowercase();
+    if id.len() < MIN_TOKEN_PREFIX || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::BadRequest(format!(
+            "a token id is {MIN_TOKEN_PREFIX} to 64 hex digits (`cluster token list` shows them)"
+        )));
+    }
+    cluster.barrier(false).await?;
+    let matching: Vec<[u8; 32]> = cluster
+        .state()
+        .join_tokens()
+        .filter(|(hash, _)| hex(hash.as_slice()).starts_with(&id))
+        .map(|(hash, _)| *hash)
+        .collect();
+    let token_hash = match matching.as_slice() {
+        [one] => *one,
+        [] => return Err(ApiError::Rejected(format!("no join token {id}"))),
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "{} join tokens start with {id}; give more of the id",
+                matching.len()
+            )))
+        }
+    };
+    cluster
+        .propose(Command::RevokeJoinToken { token_hash })
+        .await?;
+    Ok(Response::TokenRevoke(TokenRevoked {
+        id: hex(&token_hash),
+    }))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(bytes)
 }
 
 pub(super) async fn join(

@@ -184,6 +184,8 @@ impl Api {
             Request::CacheKey(_) => images::cache_key(&self.images),
             Request::TenantCreate(t) => tenants::create(c, &t.name).await,
             Request::TenantRemove(t) => tenants::remove(c, &t.name).await,
+            Request::TokenList(l) => cluster::token_list(c, l.stale).await,
+            Request::TokenRevoke(r) => cluster::token_revoke(c, &r.id).await,
             Request::TenantList(t) => tenants::list(self, p, t.stale).await,
             Request::QuotaSet(q) => tenants::quota_set(c, &q.tenant, q.quota).await,
             Request::QuotaShow(q) => tenants::quota_show(c, &q.tenant, q.stale).await,
