@@ -67,15 +67,19 @@ impl ProcessStamp {
     /// Process `pid` as this process's /proc shows it; `None` when there is no such
     /// process (or /proc cannot be read).
     pub fn of(pid: u32) -> Option<Self> {
+        Some(Self {
+            started: Self::started(pid)?,
+            pid_ns: Self::pid_ns()?,
+        })
+    }
+
+    /// When process `pid` started (clock ticks since boot); `None` when there is none.
+    fn started(pid: u32) -> Option<u64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // `pid (comm) state ppid ...`: comm may hold spaces and parentheses; field 22,
         // starttime, is the 20th after the last ')'.
         let rest = &stat[stat.rfind(')')? + 1..];
-        let started = rest.split_whitespace().nth(19)?.parse().ok()?;
-        Some(Self {
-            pid_ns: Self::pid_ns()?,
-            started,
-        })
+        rest.split_whitespace().nth(19)?.parse().ok()
     }
 
     /// This process's pid namespace (`pid:[INODE]`).
@@ -95,9 +99,9 @@ impl NodeInfo {
         if Some(&recorded.pid_ns) != ProcessStamp::pid_ns().as_ref() {
             return None;
         }
-        match ProcessStamp::of(self.pid) {
+        match ProcessStamp::started(self.pid) {
             None => Some(format!("its process {} is gone", self.pid)),
-            Some(now) if now.started != recorded.started => Some(format!(
+            Some(started) if started != recorded.started => Some(format!(
                 "its process {} is gone (the pid is another process's now)",
                 self.pid
             )),

@@ -119,7 +119,6 @@ impl ProgressView {
     }
 }
 
-/// A byte count for people: `512 B`, `1.5 GiB`.
 /// A duration in milliseconds, coarsely: `42s`, `17m`, `5h`, `3d`.
 pub fn duration_ms(ms: u64) -> String {
     let s = ms / 1000;
@@ -131,6 +130,7 @@ pub fn duration_ms(ms: u64) -> String {
     }
 }
 
+/// A byte count for people: `512 B`, `1.5 GiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
