@@ -236,6 +236,7 @@ async fn malformed_frames_and_unknown_alpns_do_not_hurt_the_node() {
         from: blixard_core::NodeId(1),
         to: blixard_core::NodeId(1),
         incarnation: None,
+        version: None,
     };
     frame::write(&mut send, &hello).await.unwrap();
     let verdict: Result<(), blixard_net::raft_transport::Refusal> =

@@ -117,6 +117,10 @@ fn raft_frame() {
         from: NodeId(1),
         to: NodeId(2),
         incarnation: Some(7),
+        version: Some(blixard_net::raft_transport::PeerVersion {
+            log: blixard_core::LOG_VERSION,
+            release: "0.1.0".into(),
+        }),
     };
     let mut normal = LogEntry::default();
     normal.index = 5;

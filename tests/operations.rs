@@ -317,3 +317,190 @@ fn a_lost_majority_comes_back_with_force_new_cluster() {
         assert!([3, 4, 5].contains(&v["node"].as_u64().unwrap()), "{v}");
     }
 }
+
+/// Makes a node act as the release before the cluster version (log version 1).
+const OLD: &str = "BLIXARD_TEST_LOG_VERSION";
+
+/// The versions part of `cluster status`, as `node` answers.
+fn versions(node: &Node) -> Value {
+    json(node, &["cluster", "status"])["versions"].clone()
+}
+
+/// Cluster metadata key `key` as `node` reads it.
+fn meta_get(node: &Node, key: &str) -> Value {
+    json(node, &["cluster", "meta", "get", key])[key].clone()
+}
+
+#[test]
+fn a_rolling_upgrade_raises_the_cluster_version_once_every_member_runs_it() {
+    let root = tempfile::Builder::new()
+        .prefix("blixard-test")
+        .tempdir()
+        .unwrap();
+    let nodes = (1..=3)
+        .map(|i| {
+            let mut n = Node::new(root.path(), &format!("n{i}"));
+            n.env = vec![(OLD.into(), "1".into())];
+            n
+        })
+        .collect();
+    let mut c = Cluster::start_nodes(root, nodes);
+    let leader = c.leader();
+    let l = &c.nodes[leader];
+    assert_eq!(versions(l)["cluster"], 1);
+    l.cli_ok(&["tenant", "create", "old"]);
+    // A command of log version 2 is refused while a member may not decode it.
+    let out = l.cli(&["tenant", "rm", "old"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("needs cluster version 2"), "{err}");
+
+    // Followers first, the leader last, each by the doc's procedure.
+    let mut order: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    order.push(leader);
+    for (step, &i) in order.iter().enumerate() {
+        assert_eq!(c.nodes[i].stop(), 0);
+        c.nodes[i].env.clear();
+        let outs = run("upgrade-member", &mut c.nodes[i], &[]);
+        let me = format!("{} (log 2)", env!("CARGO_PKG_VERSION"));
+        assert!(outs[1].contains(&me), "{}", outs[1]);
+        c.nodes[i].wait_knows_leader(Duration::from_secs(30));
+        // Writes go on through the upgrade.
+        c.nodes[i].cli_ok(&["cluster", "meta", "set", &format!("step{step}"), "done"]);
+        if step < 2 {
+            assert_eq!(versions(&c.nodes[i])["cluster"], 1, "after step {step}");
+        }
+    }
+    // The last member is back: the leader raises the cluster version.
+    for n in &c.nodes {
+        wait_for("cluster version 2", Duration::from_secs(30), || {
+            let v = versions(n);
+            if v["cluster"] == 2 {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        });
+    }
+    let leader = c.leader();
+    let v = versions(&c.nodes[leader]);
+    let members = v["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{v}");
+    for m in members {
+        assert_eq!(m[1]["log"], 2, "{v}");
+        assert_eq!(m[1]["release"], env!("CARGO_PKG_VERSION"), "{v}");
+    }
+    c.nodes[leader].cli_ok(&["tenant", "rm", "old"]);
+    for n in &c.nodes {
+        assert_eq!(meta_get(n, "step2"), "done");
+    }
+}
+
+#[test]
+fn a_release_older_than_the_cluster_version_stops_rather_than_diverge() {
+    let mut c = Cluster::start(2, &[]);
+    assert_eq!(versions(&c.nodes[0])["cluster"], 2);
+    // A rollback below the cluster version is refused at start, naming both.
+    assert_eq!(c.nodes[1].stop(), 0);
+    c.nodes[1].env = vec![(OLD.into(), "1".into())];
+    let (code, log) = c.nodes[1].try_start(&[]).unwrap_err();
+    assert_eq!(code, Some(7), "{log}");
+    assert!(
+        log.contains("runs at cluster version 2, and this blixard applies log version 1"),
+        "{log}"
+    );
+    // On the current release again, it is a member and catches up.
+    c.nodes[1].env.clear();
+    c.nodes[1].start(&[]);
+    c.nodes[1].wait_knows_leader(Duration::from_secs(30));
+    c.nodes[0].cli_ok(&["cluster", "meta", "set", "after", "rollback"]);
+
+    // A new member running the older release meets the cluster's state and stops, with
+    // the reason, instead of serving state it cannot keep.
+    let mut old = Node::new(c.root.path(), "n3");
+    old.env = vec![(OLD.into(), "1".into())];
+    let ticket = c.token();
+    let (code, log) = match old.try_start(&["--join", &ticket]) {
+        Err((code, log)) => (code, log),
+        Ok(()) => {
+            let code = old.wait_exit(Duration::from_secs(60));
+            (Some(code), old.log())
+        }
+    };
+    assert_eq!(code, Some(7), "{log}");
+    assert!(
+        log.contains("cannot be applied by this blixard") && log.contains("applies log version 1"),
+        "{log}"
+    );
+    // The cluster is not harmed: it still takes writes.
+    c.nodes[1].cli_ok(&["cluster", "meta", "set", "after", "old-joiner"]);
+}
+
+/// Copies directory `from` to `to` (files and subdirectories).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_data_dir_of_an_earlier_release_opens_keeps_its_state_and_serves() {
+    // tests/fixtures/make-datadir.sh wrote it with release 0.1.0 (log version 2, data
+    // format 2); git keeps neither its modes nor its empty directories.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/datadir-0.1.0");
+    let root = tempfile::Builder::new()
+        .prefix("blixard-test")
+        .tempdir()
+        .unwrap();
+    let mut n = Node::new(root.path(), "fixture");
+    copy_dir(&fixture, &n.dir);
+    std::fs::set_permissions(&n.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for key in ["node.key", "admin.key"] {
+        std::fs::set_permissions(n.dir.join(key), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    n.start(&[]);
+    let s = json(&n, &["cluster", "status"]);
+    assert_eq!(s["name"], "fixture", "{s}");
+    assert_eq!(s["versions"]["cluster"], 2, "{s}");
+    assert_eq!(s["members"].as_array().unwrap().len(), 1, "{s}");
+    // Every kind of state it was written with.
+    assert_eq!(meta_get(&n, "owner"), "ops");
+    let q = json(&n, &["quota", "show", "acme"]);
+    assert_eq!(q[0]["tenant"]["quota"]["max_vcpus"], 8, "{q}");
+    let users = n.cli_ok(&["user", "list"]);
+    assert!(
+        users.contains("vera") && users.contains("viewer"),
+        "{users}"
+    );
+    let images = json(&n, &["image", "list"]);
+    let sleeper = &images.as_array().unwrap()[0];
+    assert_eq!(
+        (&sleeper["name"], &sleeper["pinned"]),
+        (&"sleeper".into(), &true.into()),
+        "{images}"
+    );
+    let vm = json(&n, &["vm", "show", "web", "--tenant", "acme"]);
+    assert_eq!(vm["desired"], "stopped", "{vm}");
+    let tokens = json(&n, &["cluster", "token", "list", "--stale"]);
+    assert_eq!(tokens.as_array().map(Vec::len), Some(1), "{tokens}");
+    // It serves: new writes, including the newest commands, on the state it had.
+    n.cli_ok(&["tenant", "create", "beta"]);
+    n.cli_ok(&["tenant", "rm", "beta"]);
+    n.cli_ok(&[
+        "cluster",
+        "meta",
+        "set",
+        "opened-by",
+        env!("CARGO_PKG_VERSION"),
+    ]);
+    assert_eq!(n.stop(), 0);
+    n.start(&[]);
+    assert_eq!(meta_get(&n, "opened-by"), env!("CARGO_PKG_VERSION"));
+}

@@ -12,6 +12,18 @@ use crate::scheduler::Placement;
 use crate::user::User;
 use crate::vm::{Desired, Phase, Quota, VmSpec};
 
+/// The log version this build applies: the newest [`Command::since`] it knows.
+///
+/// | version | added |
+/// |---|---|
+/// | 1 | every command up to `CheckState` (releases before the cluster version existed) |
+/// | 2 | `RemoveTenant`, `RevokeJoinToken`, `SetClusterVersion` |
+///
+/// A command is proposed only once the cluster version (the lowest log version among its
+/// members, raised by the leader) reaches its `since`: a member that cannot decode it never
+/// meets it. New commands are appended with the next version.
+pub const LOG_VERSION: u32 = 2;
+
 /// A command as it travels through the raft log: who proposed it, so that the proposing
 /// node can hand the result of `apply` back to its caller.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,6 +207,9 @@ pub enum Command {
     RemoveTenant { name: String },
     /// Revokes an unused join token: a join with it is refused from now on.
     RevokeJoinToken { token_hash: [u8; 32] },
+    /// Raises the cluster version: the leader proposes it once every member runs a
+    /// blixard that applies this log version. Never lowers it.
+    SetClusterVersion { version: u32 },
 }
 
 /// A digest of the state machine as a member applied the check entry at `index`.
@@ -239,6 +254,19 @@ impl Command {
             Command::CheckState { .. } => "check_state",
             Command::RemoveTenant { .. } => "remove_tenant",
             Command::RevokeJoinToken { .. } => "revoke_join_token",
+            Command::SetClusterVersion { .. } => "set_cluster_version",
+        }
+    }
+
+    /// The log version that introduced this command: a blixard that applies an older
+    /// log version cannot decode it. See [`LOG_VERSION`].
+    pub fn since(&self) -> u32 {
+        match self {
+            Command::Once { command, .. } => command.since(),
+            Command::RemoveTenant { .. }
+            | Command::RevokeJoinToken { .. }
+            | Command::SetClusterVersion { .. } => 2,
+            _ => 1,
         }
     }
 

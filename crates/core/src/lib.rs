@@ -23,7 +23,9 @@ mod table;
 mod user;
 mod vm;
 
-pub use command::{Command, CommandOutput, Envelope, JoinRequest, NewMember, StateDigest};
+pub use command::{
+    Command, CommandOutput, Envelope, JoinRequest, NewMember, StateDigest, LOG_VERSION,
+};
 pub use encoding::{decode_versioned, encode_versioned, DecodeError, FORMAT_VERSION};
 pub use ids::{valid_name, BlobHash, ClusterId, EndpointKey, NodeId, ParseIdError, RequestId};
 pub use image::{Image, MAX_IMAGE_BYTES, MAX_IMAGE_NARS};

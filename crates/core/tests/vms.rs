@@ -37,6 +37,10 @@ fn cluster(hosts: u8) -> State {
         now_ms: 1,
     })
     .unwrap();
+    s.apply(&Command::SetClusterVersion {
+        version: blixard_core::LOG_VERSION,
+    })
+    .unwrap();
     for n in 2..=hosts {
         let hash = [n; 32];
         s.apply(&Command::CreateJoinToken {

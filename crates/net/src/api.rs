@@ -48,6 +48,10 @@ macro_rules! rpcs {
         )*
 
         impl Request {
+            /// How many request kinds this build knows: new kinds are appended, so a
+            /// caller's kind at or past this is one from a newer release.
+            pub const KINDS: u32 = <[&str]>::len(&[$(stringify!($variant)),*]) as u32;
+
             /// The request kind, as authorization and logs name it.
             pub fn kind(&self) -> &'static str {
                 match self { $(Request::$variant(_) => stringify!($variant),)* }
@@ -148,6 +152,32 @@ impl RequestFrame {
             trace: crate::trace::current(),
         }
     }
+}
+
+/// Why a request frame that does not decode was refused, when its prefix says it: a
+/// request kind this build does not know (a newer caller's), or another API version.
+pub fn undecodable_frame(body: &[u8]) -> Option<ApiError> {
+    #[derive(Deserialize)]
+    struct Prefix {
+        version: u16,
+        _cluster: Option<ClusterId>,
+        _forwarded: bool,
+        _id: Option<RequestId>,
+        /// The `request` enum's variant index.
+        kind: u32,
+    }
+    let prefix: Prefix = postcard::from_bytes(body).ok()?;
+    if prefix.version != API_VERSION {
+        return Some(ApiError::Version(prefix.version));
+    }
+    (prefix.kind >= Request::KINDS).then(|| {
+        ApiError::BadRequest(format!(
+            "this node runs blixard {} and does not know request kind {} (it knows {}): the caller is newer; upgrade this node, or send the request to an upgraded member",
+            env!("CARGO_PKG_VERSION"),
+            prefix.kind,
+            Request::KINDS
+        ))
+    })
 }
 
 /// Reads the optional last field of a frame: absent (the frame ended) or unreadable, it is
@@ -274,6 +304,35 @@ pub struct ClusterStatus {
     pub raft: Box<NodeStatus>,
     pub members: Vec<Member>,
     pub stale: bool,
+    /// The cluster version and what each member runs, as the answering node knows it (a
+    /// leader knows every member that talks to it). Last and optional on the wire: an
+    /// older node's answer reads as `None`, and an older caller ignores it.
+    #[serde(default, deserialize_with = "trailing_versions")]
+    pub versions: Option<Versions>,
+}
+
+/// The versions in a [`ClusterStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versions {
+    /// The cluster version: commands newer than it are refused.
+    pub cluster: u32,
+    /// The answering node's log version and release.
+    pub log: u32,
+    pub release: String,
+    /// Per other member: what its latest raft hello to the answering node said (`None`
+    /// when it has not opened one since the node started; a `log` of 1 and no release
+    /// for a release before the cluster version).
+    pub members: Vec<(NodeId, Option<MemberVersion>)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberVersion {
+    pub log: u32,
+    pub release: Option<String>,
+}
+
+fn trailing_versions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Versions>, D::Error> {
+    Ok(Option::<Versions>::deserialize(d).ok().flatten())
 }
 
 /// Creates a one-time join token.

@@ -357,7 +357,12 @@ pub fn command_action(
         Command::ReportVm { key, .. } => ("vm:report", vm(key)),
         Command::PlaceVm { key, .. } => ("vm:schedule", vm(key)),
         Command::SetNodeDown { node, .. } => ("node:liveness", node_resource(*node, lookup)),
-        Command::CheckState { .. } => ("cluster:check", Resource::Cluster),
+        // The leader's housekeeping of the cluster as a whole. Raising the cluster version
+        // shares the state check's action rather than adding one: stored policies from
+        // before it would not name a new action, and would keep the version down forever.
+        Command::CheckState { .. } | Command::SetClusterVersion { .. } => {
+            ("cluster:check", Resource::Cluster)
+        }
         Command::UpdateAddrs { node, .. } => ("node:update", node_resource(*node, lookup)),
         Command::SetImageHolder { name, .. } => ("image:hold", image_resource(name, lookup)),
         _ => return None,
@@ -531,6 +536,7 @@ mod tests {
                 now_ms: 0,
             },
             Command::CheckState { previous: None },
+            Command::SetClusterVersion { version: 2 },
             // its own addresses, then another host's
             Command::UpdateAddrs {
                 node: NodeId(3),
@@ -584,12 +590,12 @@ mod tests {
         let admin = Principal::Admin(EndpointKey([2; 32]), NodeId(1));
         let stranger = Principal::Anonymous(EndpointKey([1; 32]));
         let (t, f) = (true, false);
-        //            Report Place Down Check Addrs(own) Addrs(other) Hold | Import Create Delete URm Leave
-        let rows: [(&Principal, [bool; 12]); 4] = [
-            (&host, [t, t, t, t, t, f, t, t, t, t, f, f]),
-            (&node, [f, f, f, f, f, f, f, f, f, f, f, f]),
-            (&admin, [f, f, f, f, f, f, f, t, t, t, t, t]),
-            (&stranger, [f, f, f, f, f, f, f, f, f, f, f, f]),
+        //            Report Place Down Check Version Addrs(own) Addrs(other) Hold | Import Create Delete URm Leave
+        let rows: [(&Principal, [bool; 13]); 4] = [
+            (&host, [t, t, t, t, t, t, f, t, t, t, t, f, f]),
+            (&node, [f, f, f, f, f, f, f, f, f, f, f, f, f]),
+            (&admin, [f, f, f, f, f, f, f, f, t, t, t, t, t]),
+            (&stranger, [f, f, f, f, f, f, f, f, f, f, f, f, f]),
         ];
         for (who, row) in rows {
             let mut got = Vec::new();

@@ -396,6 +396,48 @@ mod tests {
         assert_eq!((back.trace, back.request), (None, request));
     }
 
+    #[test]
+    fn a_request_kind_from_a_newer_release_is_refused_by_name() {
+        use crate::api::{undecodable_frame, ApiError, Request, API_VERSION};
+        #[derive(serde::Serialize)]
+        struct Newer {
+            version: u16,
+            cluster: Option<blixard_core::ClusterId>,
+            forwarded: bool,
+            id: Option<blixard_core::RequestId>,
+            kind: u32,
+            payload: String,
+        }
+        let frame = |version, kind| {
+            postcard::to_stdvec(&Newer {
+                version,
+                cluster: None,
+                forwarded: false,
+                id: None,
+                kind,
+                payload: "what a newer kind carries".into(),
+            })
+            .unwrap()
+        };
+        let body = frame(API_VERSION, Request::KINDS);
+        assert!(decode::<RequestFrame>(&body).is_err());
+        match undecodable_frame(&body) {
+            Some(ApiError::BadRequest(why)) => assert!(
+                why.contains(&format!("does not know request kind {}", Request::KINDS))
+                    && why.contains("upgrade this node"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            undecodable_frame(&frame(API_VERSION + 1, 0)),
+            Some(ApiError::Version(API_VERSION + 1))
+        );
+        // A known kind that is malformed is not blamed on a newer caller.
+        assert_eq!(undecodable_frame(&frame(API_VERSION, 0)), None);
+        assert_eq!(undecodable_frame(&[0xff]), None);
+    }
+
     #[tokio::test]
     async fn a_clean_end_is_none_and_an_end_inside_a_frame_is_an_error() {
         assert!(read_all(&[]).await.unwrap().is_none());

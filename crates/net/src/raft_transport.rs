@@ -42,10 +42,69 @@ pub struct Hello {
     /// frame's trace context: older nodes neither send nor read it.
     #[serde(default, deserialize_with = "trailing_incarnation")]
     pub incarnation: Option<u64>,
+    /// What the sender runs: its log version decides the cluster version (see the node's
+    /// `version` module). Last and optional, as the incarnation: a hello without it is
+    /// from a release before the cluster version, which applies log version 1.
+    #[serde(default, deserialize_with = "trailing_version")]
+    pub version: Option<PeerVersion>,
 }
 
 fn trailing_incarnation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     Ok(Option::<u64>::deserialize(d).ok().flatten())
+}
+
+fn trailing_version<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<PeerVersion>, D::Error> {
+    Ok(Option::<PeerVersion>::deserialize(d)
+        .ok()
+        .flatten()
+        .filter(|v| v.release.len() <= PeerVersion::MAX_RELEASE))
+}
+
+/// What a member runs, as its raft hello says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerVersion {
+    /// The newest log version it applies (`blixard_core::LOG_VERSION`).
+    pub log: u32,
+    /// Its release (`CARGO_PKG_VERSION`), to show.
+    pub release: String,
+}
+
+impl PeerVersion {
+    /// A longer release string is not believed (the hello reads as without a version).
+    pub const MAX_RELEASE: usize = 64;
+}
+
+/// What each peer that opened a raft stream to this node said it runs, from its latest
+/// hello: `Some(None)` for a peer whose hello said nothing (an older release).
+#[derive(Clone, Default)]
+pub struct PeerVersions(Arc<Mutex<HashMap<NodeId, Option<PeerVersion>>>>);
+
+impl PeerVersions {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Option<PeerVersion>>> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Records `peer`'s hello.
+    pub fn saw(&self, peer: NodeId, version: Option<PeerVersion>) {
+        self.map().insert(peer, version);
+    }
+
+    /// What `peer` last said it runs: `None` if it has not opened a stream to this node
+    /// since it started; `Some(None)` if its hello said nothing.
+    pub fn of(&self, peer: NodeId) -> Option<Option<PeerVersion>> {
+        self.map().get(&peer).cloned()
+    }
+
+    /// The log version `peer` applies, as far as this node knows: 1 for a peer whose
+    /// hello said nothing; `None` if it has not been heard from.
+    pub fn log_version(&self, peer: NodeId) -> Option<u32> {
+        self.of(peer).map(|v| v.map_or(1, |v| v.log))
+    }
 }
 
 /// The incarnations of the peers that opened raft streams to this node, and a signal per
@@ -148,6 +207,8 @@ pub struct IrohTransport {
     restarts: Restarts,
     /// This process's incarnation, sent in every hello.
     incarnation: u64,
+    /// What this node runs, sent in every hello.
+    version: Option<PeerVersion>,
 }
 
 /// The connection each peer's sender holds now, for the transport metrics.
@@ -217,7 +278,14 @@ impl IrohTransport {
             links: Links::default(),
             restarts: Restarts::default(),
             incarnation: rand::random(),
+            version: None,
         }
+    }
+
+    /// Says in every hello what this node runs.
+    pub fn with_version(mut self, version: PeerVersion) -> Self {
+        self.version = Some(version);
+        self
     }
 
     /// The peers' connections, for the metrics.
@@ -260,6 +328,7 @@ impl IrohTransport {
                 from: self.me,
                 to: NodeId(to),
                 incarnation: Some(self.incarnation),
+                version: self.version.clone(),
             },
             book: self.book.clone(),
             links: self.links.clone(),
@@ -435,6 +504,7 @@ pub struct RaftHandler {
     cluster: ClusterId,
     book: Arc<dyn PeerBook>,
     restarts: Restarts,
+    versions: PeerVersions,
 }
 
 impl std::fmt::Debug for RaftHandler {
@@ -444,18 +514,21 @@ impl std::fmt::Debug for RaftHandler {
 }
 
 impl RaftHandler {
-    /// `restarts` is the sending side's ([`IrohTransport::restarts`]).
+    /// `restarts` is the sending side's ([`IrohTransport::restarts`]); `versions` is
+    /// where what each peer runs is recorded.
     pub fn new(
         node: RaftNode,
         cluster: ClusterId,
         book: Arc<dyn PeerBook>,
         restarts: Restarts,
+        versions: PeerVersions,
     ) -> Self {
         Self {
             node,
             cluster,
             book,
             restarts,
+            versions,
         }
     }
 
@@ -495,6 +568,7 @@ impl ProtocolHandler for RaftHandler {
                 conn.close(1u32.into(), b"refused");
                 return Ok(());
             }
+            self.versions.saw(hello.from, hello.version.clone());
             if let Some(incarnation) = hello.incarnation {
                 if self.restarts.saw(hello.from, incarnation) {
                     tracing::info!(peer = %hello.from, "peer restarted; connecting to it again");
@@ -684,6 +758,58 @@ mod tests {
         };
         let bytes = postcard::to_stdvec(&new).unwrap();
         assert_eq!(frame::decode::<Hello>(&bytes).unwrap().incarnation, Some(5));
+        assert_eq!(frame::decode::<Hello>(&bytes).unwrap().version, None);
+    }
+
+    #[test]
+    fn a_hello_says_what_its_sender_runs_and_older_nodes_read_past_it() {
+        let version = PeerVersion {
+            log: 2,
+            release: "0.1.0".into(),
+        };
+        let hello = Hello {
+            cluster: ClusterId([1; 16]),
+            from: NodeId(1),
+            to: NodeId(2),
+            incarnation: Some(9),
+            version: Some(version.clone()),
+        };
+        let bytes = postcard::to_stdvec(&hello).unwrap();
+        let back: Hello = frame::decode(&bytes).unwrap();
+        assert_eq!(back.version, Some(version));
+        // A node of the incarnation's time reads the same bytes, ignoring the rest.
+        #[derive(serde::Deserialize)]
+        struct Older {
+            _cluster: ClusterId,
+            from: NodeId,
+            _to: NodeId,
+            incarnation: Option<u64>,
+        }
+        let older: Older = frame::decode(&bytes).unwrap();
+        assert_eq!((older.from, older.incarnation), (NodeId(1), Some(9)));
+        // A release string past the limit is not believed.
+        let long = Hello {
+            version: Some(PeerVersion {
+                log: 2,
+                release: "x".repeat(PeerVersion::MAX_RELEASE + 1),
+            }),
+            ..back
+        };
+        let bytes = postcard::to_stdvec(&long).unwrap();
+        assert_eq!(frame::decode::<Hello>(&bytes).unwrap().version, None);
+        // The book: unheard, said nothing (an older release: 1), said its version.
+        let book = PeerVersions::default();
+        assert_eq!(book.log_version(NodeId(3)), None);
+        book.saw(NodeId(3), None);
+        assert_eq!(book.log_version(NodeId(3)), Some(1));
+        book.saw(
+            NodeId(3),
+            Some(PeerVersion {
+                log: 2,
+                release: "0.1.0".into(),
+            }),
+        );
+        assert_eq!(book.log_version(NodeId(3)), Some(2));
     }
 
     #[test]

@@ -13,7 +13,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::api::{ApiError, ProgressSink, RequestFrame, ResponseFrame, ResponseItem, API_VERSION};
+use crate::api::{
+    undecodable_frame, ApiError, ProgressSink, RequestFrame, ResponseFrame, ResponseItem,
+    API_VERSION,
+};
 use crate::authz::{authorize, is_mutating, Decision, Lookup, Principal};
 use crate::frame::{self, FrameError};
 use crate::key_of;
@@ -210,6 +213,27 @@ async fn serve_stream<S: Service>(
     }
 }
 
+/// Why a request frame could not be read.
+enum Unread {
+    Frame(FrameError),
+    /// It did not decode, and its prefix says why (`api::undecodable_frame`).
+    Api(ApiError),
+}
+
+impl From<FrameError> for Unread {
+    fn from(e: FrameError) -> Self {
+        Unread::Frame(e)
+    }
+}
+
+async fn read_request(recv: &mut frame::Reader<RecvStream>) -> Result<RequestFrame, Unread> {
+    let body = recv.read_raw().await?.ok_or(FrameError::Closed)?;
+    frame::decode(&body).map_err(|e| match undecodable_frame(&body) {
+        Some(why) => Unread::Api(why),
+        None => Unread::Frame(e),
+    })
+}
+
 /// Reads one request and answers it, sending progress as it goes; `None` when the caller
 /// closed the stream without a request.
 async fn serve_request<S: Service>(
@@ -219,10 +243,11 @@ async fn serve_request<S: Service>(
     recv: &mut frame::Reader<RecvStream>,
     timeout: Duration,
 ) -> Option<Answered> {
-    let answered = match tokio::time::timeout(timeout, recv.read::<RequestFrame>()).await {
+    let answered = match tokio::time::timeout(timeout, read_request(recv)).await {
         Err(_) => (Err(ApiError::Timeout(timeout.as_millis() as u64)), None),
-        Ok(Err(FrameError::Closed)) => return None,
-        Ok(Err(e)) => (Err(ApiError::BadRequest(e.to_string())), None),
+        Ok(Err(Unread::Frame(FrameError::Closed))) => return None,
+        Ok(Err(Unread::Frame(e))) => (Err(ApiError::BadRequest(e.to_string())), None),
+        Ok(Err(Unread::Api(why))) => (Err(why), None),
         // Short requests report no progress: no channel, no second task on the hot path.
         Ok(Ok(frame)) if !frame.request.is_long_running() => {
             dispatch(service, caller, frame, timeout, ProgressSink::none()).await

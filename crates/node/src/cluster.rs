@@ -7,9 +7,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::Instrument as _;
 
-use blixard_core::{ClusterId, Command, CommandOutput, EndpointKey, NodeId, RequestId, State};
+use blixard_core::{
+    ApplyError, ClusterId, Command, CommandOutput, EndpointKey, NodeId, RequestId, State,
+};
 use blixard_net::api::{ApiError, ProgressSink, Request, ResponseFrame};
 use blixard_net::client::ApiClient;
+use blixard_net::raft_transport::PeerVersions;
 use blixard_net::{member_addr, EndpointAddr};
 use blixard_raft::{ProposeError, RaftNode};
 
@@ -57,6 +60,11 @@ fn once(command: Command) -> Command {
     }
 }
 
+/// How long a linearizable read waits for a leader when none is known: two election
+/// timeouts at the default timings (a restarted follower hears the leader within one
+/// heartbeat; an election takes about one timeout).
+pub const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Milliseconds since the Unix epoch: what commands carry as their time (`apply` reads no
 /// clock).
 pub fn now_ms() -> u64 {
@@ -91,14 +99,26 @@ pub struct ClusterHandle {
     pub node: RaftNode,
     pub cluster_id: ClusterId,
     pub client: ApiClient,
+    /// What each peer runs, from its raft hello (for the cluster version).
+    pub versions: PeerVersions,
+    /// The log version this node applies (`version::log_version`).
+    pub log_version: u32,
 }
 
 impl ClusterHandle {
-    pub fn new(node: RaftNode, cluster_id: ClusterId, client: ApiClient) -> Self {
+    pub fn new(
+        node: RaftNode,
+        cluster_id: ClusterId,
+        client: ApiClient,
+        versions: PeerVersions,
+        log_version: u32,
+    ) -> Self {
         Self {
             node,
             cluster_id,
             client,
+            versions,
+            log_version,
         }
     }
 
@@ -119,18 +139,36 @@ impl ClusterHandle {
 
     /// Waits until this node has applied everything committed when it asked (a ReadIndex
     /// round), unless `stale`.
+    /// A node that knows no leader yet (it has just started, or an election is on) waits
+    /// up to [`LEADER_WAIT`] for one first: a script that starts a node and reads from it
+    /// gets an answer, not "no leader".
     pub async fn barrier(&self, stale: bool) -> Result<(), ApiError> {
         if stale {
-            Ok(())
-        } else {
-            self.node.read_barrier().await.map_err(propose_error)
+            return Ok(());
         }
+        if self.leader().is_none() {
+            let mut watch = self.node.leader_watch();
+            let _ = tokio::time::timeout(LEADER_WAIT, watch.wait_for(|l| *l != 0)).await;
+        }
+        self.node.read_barrier().await.map_err(propose_error)
     }
 
     /// Proposes `command`; returns `apply`'s result once it is committed and applied here.
     /// Inside a request with an id ([`with_request_id`]) it is applied once under that id,
     /// and proposed again if the leader changes before it is applied.
     pub async fn propose(&self, command: Command) -> Result<CommandOutput, ApiError> {
+        // A command newer than the cluster version is never proposed: a member that
+        // cannot decode it would stop at it (`apply` refuses it too, should a proposal
+        // race a version change; the version only ever goes up).
+        let cluster = self.state().cluster_version();
+        if command.since() > cluster && !matches!(command, Command::SetClusterVersion { .. }) {
+            let refused = ApplyError::NeedsVersion {
+                kind: command.kind().to_string(),
+                needs: command.since(),
+                cluster,
+            };
+            return Err(ApiError::Rejected(refused.to_string()));
+        }
         let span = tracing::info_span!(
             target: blixard_net::trace::TARGET,
             "propose",

@@ -14,4 +14,5 @@ pub mod images;
 pub mod metrics;
 pub mod peers;
 pub mod telemetry;
+pub mod version;
 pub mod vms;

@@ -30,6 +30,9 @@ pub struct CoreConfig {
     pub snapshot_threshold: u64,
     pub max_size_per_msg: u64,
     pub max_inflight_msgs: usize,
+    /// The newest log version this node applies ([`blixard_core::LOG_VERSION`], or lower
+    /// to act as an older release in tests): it stops at an entry that needs a newer one.
+    pub log_version: u32,
 }
 
 impl CoreConfig {
@@ -41,6 +44,7 @@ impl CoreConfig {
             snapshot_threshold: 10_000,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
+            log_version: blixard_core::LOG_VERSION,
         }
     }
 }
@@ -53,6 +57,13 @@ pub enum CoreError {
     Store(#[from] StoreError),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
+    /// A committed entry this build cannot apply. Every member must apply every entry in
+    /// order, so the node stops here rather than skip it and diverge; a newer blixard
+    /// applies it on the next start.
+    #[error("committed entry {index} cannot be applied by this blixard ({why}); it stops rather than skip it: upgrade this node to a blixard that applies it")]
+    CannotApply { index: u64, why: String },
+    #[error("this data dir's cluster runs at cluster version {cluster}, and this blixard applies log version {mine}: run a blixard of log version {cluster} or newer (the cluster version never goes back)")]
+    ClusterNewer { cluster: u32, mine: u32 },
 }
 
 /// The state machine as of one applied index ([`RaftCore::copy_state`]).
@@ -224,6 +235,12 @@ impl RaftCore {
     /// empty and waits for a leader to send it a snapshot.
     pub fn open(store: Store, cfg: CoreConfig, logger: &slog::Logger) -> Result<Self, CoreError> {
         let (state, applied, applied_term) = store.load_state()?;
+        if state.cluster_version() > cfg.log_version {
+            return Err(CoreError::ClusterNewer {
+                cluster: state.cluster_version(),
+                mine: cfg.log_version,
+            });
+        }
         let conf = store.conf_state()?;
         let raft_cfg = raft::Config {
             id: cfg.id,
@@ -501,6 +518,16 @@ impl RaftCore {
         let snap = ready.snapshot().clone();
         self.store.apply_snapshot(&snap)?;
         let (state, applied, applied_term) = self.store.load_state()?;
+        if state.cluster_version() > self.cfg.log_version {
+            return Err(CoreError::CannotApply {
+                index: applied,
+                why: format!(
+                    "the snapshot is of a cluster at version {}, and this blixard applies log version {}",
+                    state.cluster_version(),
+                    self.cfg.log_version
+                ),
+            });
+        }
         *lock_write(&self.state) = state;
         self.applied = applied;
         self.applied_term = applied_term;
@@ -553,6 +580,25 @@ impl RaftCore {
         }
     }
 
+    /// Refuses an entry that needs a newer log version than this node applies (as an
+    /// older release, which could not decode it, would).
+    fn check_version(&self, index: u64, command: &blixard_core::Command) -> Result<(), CoreError> {
+        let needs = match command {
+            blixard_core::Command::SetClusterVersion { version } => command.since().max(*version),
+            _ => command.since(),
+        };
+        if needs > self.cfg.log_version {
+            return Err(CoreError::CannotApply {
+                index,
+                why: format!(
+                    "it needs log version {needs}, and this blixard applies log version {}",
+                    self.cfg.log_version
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn apply_entries(
         &mut self,
         entries: Vec<Entry>,
@@ -575,14 +621,12 @@ impl RaftCore {
                         // The empty entry a new leader appends.
                         continue;
                     }
-                    let env: Envelope = match decode_versioned(&entry.data) {
-                        Ok(env) => env,
-                        Err(e) => {
-                            // Every node holds the same bytes, so skipping is deterministic.
-                            tracing::error!(index = entry.index, "skipping undecodable entry: {e}");
-                            continue;
-                        }
-                    };
+                    let env: Envelope =
+                        decode_versioned(&entry.data).map_err(|e| CoreError::CannotApply {
+                            index: entry.index,
+                            why: format!("it does not decode: {e}; a newer blixard wrote it?"),
+                        })?;
+                    self.check_version(entry.index, &env.command)?;
                     let span = match &self.tracing {
                         Some(t) if !entry.context.is_empty() => {
                             Some(t.apply_span(&entry.context, entry.index, &env.command))
@@ -612,26 +656,20 @@ impl RaftCore {
                     out.hand_back(me, entry.index, &env, applied.result, applied.repeat);
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let cc = match ConfChangeV2::parse_from_bytes(&entry.data) {
-                        Ok(cc) => cc,
-                        Err(e) => {
-                            tracing::error!(
-                                index = entry.index,
-                                "skipping undecodable conf change: {e}"
-                            );
-                            continue;
+                    let cc = ConfChangeV2::parse_from_bytes(&entry.data).map_err(|e| {
+                        CoreError::CannotApply {
+                            index: entry.index,
+                            why: format!("the configuration change does not decode: {e}"),
                         }
-                    };
-                    let env: Envelope = match decode_versioned(&cc.context) {
-                        Ok(env) => env,
-                        Err(e) => {
-                            tracing::error!(
-                                index = entry.index,
-                                "skipping conf change with undecodable context: {e}"
-                            );
-                            continue;
-                        }
-                    };
+                    })?;
+                    let env: Envelope =
+                        decode_versioned(&cc.context).map_err(|e| CoreError::CannotApply {
+                            index: entry.index,
+                            why: format!(
+                                "its context does not decode: {e}; a newer blixard wrote it?"
+                            ),
+                        })?;
+                    self.check_version(entry.index, &env.command)?;
                     // The state machine and raft must agree: try the state change on a
                     // copy, and commit it only if raft accepts the configuration too.
                     let mut trial = state.clone();

@@ -98,6 +98,7 @@ pub struct RaftNode {
     state: Arc<RwLock<State>>,
     applied: watch::Receiver<u64>,
     removed: watch::Receiver<bool>,
+    halted: watch::Receiver<Option<String>>,
     leader: watch::Receiver<u64>,
     id: NodeId,
     metrics: RaftMetrics,
@@ -129,6 +130,7 @@ impl RaftNode {
         let state = core.state();
         let (applied_tx, applied) = watch::channel(core.applied_index());
         let (removed_tx, removed) = watch::channel(false);
+        let (halted_tx, halted) = watch::channel(None);
         let (leader_tx, leader) = watch::channel(0);
         let id = NodeId(core.id());
         let metrics = core.metrics().clone();
@@ -146,6 +148,7 @@ impl RaftNode {
             next_read: 0,
             applied_tx,
             removed_tx,
+            halted_tx,
             changes,
             feed_warned: None,
             leader_tx,
@@ -160,6 +163,7 @@ impl RaftNode {
                 state,
                 applied,
                 removed,
+                halted,
                 leader,
                 id,
                 metrics,
@@ -184,6 +188,12 @@ impl RaftNode {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// Why the raft thread stopped on its own (it cannot write its log, or meets an entry
+    /// it cannot apply): `Some` once it has; the node cannot go on without it.
+    pub fn halted(&self) -> watch::Receiver<Option<String>> {
+        self.halted.clone()
     }
 
     /// Resolves to `true` once this node learns it was removed from the cluster.
@@ -337,6 +347,8 @@ struct Worker {
     next_read: u64,
     applied_tx: watch::Sender<u64>,
     removed_tx: watch::Sender<bool>,
+    /// Set when the thread stops on an error ([`RaftNode::halted`]).
+    halted_tx: watch::Sender<Option<String>>,
     /// Where applied changes go (see [`RaftNode::spawn`]); `None` once its reader is gone.
     changes: Option<tokio::sync::mpsc::Sender<Change>>,
     /// When the thread last said it waits for the change feed's reader.
@@ -399,6 +411,7 @@ impl Worker {
                     }
                     Err(e) => {
                         tracing::error!("raft node stopping: {e}");
+                        self.halted_tx.send_replace(Some(e.to_string()));
                         go_on = false;
                         break;
                     }
@@ -500,6 +513,8 @@ impl Worker {
             }
             Input::Persisted(Err(e)) => {
                 tracing::error!("raft node stopping: writing the raft log failed: {e}");
+                self.halted_tx
+                    .send_replace(Some(format!("writing the raft log failed: {e}")));
                 return false;
             }
             Input::Status(reply) => {

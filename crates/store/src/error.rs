@@ -21,6 +21,14 @@ pub enum StoreError {
     Corrupt { what: &'static str, detail: String },
     #[error("raft storage: {0}")]
     Raft(#[from] raft::Error),
+    #[error("data file {path} has format {found}, written by a newer blixard; this blixard reads formats 1 to {reads}: run the newer release (a data file is never downgraded)")]
+    NewerFormat { path: PathBuf, found: u8, reads: u8 },
+    #[error("cannot keep a copy of data file {path} before migrating it: {source}")]
+    MigrationCopy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 macro_rules! from_redb {

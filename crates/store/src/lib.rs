@@ -26,4 +26,4 @@ pub use persist::{PersistNotify, Persisted};
 pub use storage::{CheckReport, NodeRecord, Store};
 /// The stored value format (a checksum of place and bytes, then the bytes), for tools and
 /// tests that read or write a data file directly.
-pub use tables::{seal, unseal, Slot};
+pub use tables::{seal, unseal, Slot, DATA_FORMAT};

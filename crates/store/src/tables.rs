@@ -50,10 +50,13 @@ pub(crate) fn decode_pair(what: &'static str, bytes: &[u8]) -> Result<(u64, u64)
     Ok((u64::from_be_bytes(a), u64::from_be_bytes(b)))
 }
 
-/// The key under which `raft_meta` records the value format (`FORMAT_CHECKSUMMED`).
+/// The key under which `raft_meta` records the data file's format ([`DATA_FORMAT`]).
 pub(crate) const FORMAT: &str = "format";
-/// Every value carries a checksum of its place and bytes (see [`seal`]).
-pub(crate) const FORMAT_CHECKSUMMED: u8 = 2;
+/// The data file format this build writes. Format 1 (no `format` key) held bare values;
+/// format 2 seals every value with a checksum of its place and bytes (see [`seal`]). An
+/// older file is migrated at open, after a copy of it is kept; a newer one is refused.
+pub const DATA_FORMAT: u8 = 2;
+pub(crate) const FORMAT_CHECKSUMMED: u8 = DATA_FORMAT;
 
 /// Where a stored value lives: what its checksum covers besides its bytes, so a value
 /// moved to another key (a damaged key) fails too.

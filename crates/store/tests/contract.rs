@@ -1256,7 +1256,7 @@ fn the_open_check_names_what_does_not_hold_together() {
 
 #[test]
 fn a_file_written_before_checksums_is_upgraded_in_place() {
-    use redb::ReadableTable as _;
+    use redb::{ReadableDatabase as _, ReadableTable as _};
     const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("raft_log");
     const RAFT: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("raft_meta");
     const STATE: redb::TableDefinition<(&str, &[u8]), &[u8]> = redb::TableDefinition::new("state");
@@ -1326,10 +1326,60 @@ fn a_file_written_before_checksums_is_upgraded_in_place() {
         }
         txn.commit().unwrap();
     }
+    let unmigrated_hard_state = {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let raft = txn.open_table(RAFT).unwrap();
+        raft.get("hard_state").unwrap().unwrap().value().to_vec()
+    };
     let store = open(&path);
     assert_eq!(store.check().unwrap(), before);
     assert_eq!(store.term(3), Ok(1));
     drop(store);
+    // The file as it was is kept beside it: unmarked, its values bare.
+    let mut copy = path.as_os_str().to_owned();
+    copy.push(".format-1");
+    {
+        let db = redb::Database::create(&copy).unwrap();
+        let txn = db.begin_read().unwrap();
+        let raft = txn.open_table(RAFT).unwrap();
+        assert!(raft.get("format").unwrap().is_none());
+        let hard_state = raft.get("hard_state").unwrap().unwrap().value().to_vec();
+        assert_eq!(hard_state, unmigrated_hard_state);
+    }
     // Upgraded once: the next open reads checksummed values as they are.
     assert_eq!(open(&path).check().unwrap(), before);
+}
+
+#[test]
+fn a_file_of_a_newer_format_is_refused_naming_both_formats() {
+    const RAFT: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("raft_meta");
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    open(&path).bootstrap(&bootstrapped_state(), &[1]).unwrap();
+    let newer = blixard_store::DATA_FORMAT + 1;
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(RAFT)
+            .unwrap()
+            .insert("format", seal(Slot::Meta("format"), &[newer]).as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let refused = || match Store::open(&path) {
+        Ok(_) => panic!("a newer format opens"),
+        Err(e) => e.to_string(),
+    };
+    let err = refused();
+    assert!(
+        err.contains(&format!("has format {newer}, written by a newer blixard"))
+            && err.contains(&format!(
+                "reads formats 1 to {}",
+                blixard_store::DATA_FORMAT
+            )),
+        "{err}"
+    );
+    // Nothing was migrated or marked: it is refused the same way again.
+    assert_eq!(refused(), err);
 }

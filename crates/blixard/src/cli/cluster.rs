@@ -51,7 +51,37 @@ pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
     if let Some(alarm) = &s.raft.alarm {
         out!("ALARM    {alarm}");
     }
+    if let Some(v) = &s.versions {
+        out!(
+            "version  cluster {}; this node runs blixard {} (log {})",
+            v.cluster,
+            v.release,
+            v.log
+        );
+    }
     out!();
+    // What each member runs, as the answering node knows it.
+    let version_of = |id: NodeId| -> String {
+        let Some(v) = &s.versions else {
+            return "?".into();
+        };
+        if id == s.node {
+            return format!("{} (log {})", v.release, v.log);
+        }
+        match v
+            .members
+            .iter()
+            .find(|(m, _)| *m == id)
+            .and_then(|(_, said)| said.as_ref())
+        {
+            Some(m) => format!(
+                "{} (log {})",
+                m.release.as_deref().unwrap_or("older"),
+                m.log
+            ),
+            None => "?".into(),
+        }
+    };
     let rows: Vec<Vec<String>> = s
         .members
         .iter()
@@ -76,12 +106,15 @@ pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
                     .collect::<Vec<_>>()
                     .join(","),
                 short(&m.endpoint),
+                version_of(m.id),
                 output::labels(&m.labels),
             ]
         })
         .collect();
     output::table(
-        &["ID", "NAME", "ROLE", "ADDRESS", "ENDPOINT", "LABELS"],
+        &[
+            "ID", "NAME", "ROLE", "ADDRESS", "ENDPOINT", "VERSION", "LABELS",
+        ],
         &rows,
     );
     Ok(())

@@ -83,4 +83,11 @@ pub enum ApplyError {
     NotOnce(String),
     #[error("tenant {0} still has {1}; remove them first")]
     TenantInUse(String, String),
+    // Appended: stored results (`state::requests`) name variants by position.
+    #[error("{kind} needs cluster version {needs}, and the cluster runs at version {cluster} until every member runs a blixard of log version {needs} or newer (`blixard cluster status` shows each member's)")]
+    NeedsVersion {
+        kind: String,
+        needs: u32,
+        cluster: u32,
+    },
 }

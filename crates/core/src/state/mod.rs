@@ -99,6 +99,8 @@ tables! {
     requests: Table<RequestId, requests::Done> = "requests",
     /// The same ids in the order they were applied, for expiry.
     request_order: Table<u64, RequestId> = "request_order",
+    /// The cluster version (see [`crate::LOG_VERSION`]), under key 0; absent means 1.
+    version: Table<u8, u32> = "cluster_version",
 }
 
 impl Default for State {
@@ -113,6 +115,14 @@ impl State {
     pub fn apply(&mut self, command: &Command) -> Result<CommandOutput, ApplyError> {
         if !matches!(command, Command::Bootstrap { .. }) && self.cluster().is_none() {
             return Err(ApplyError::NotBootstrapped);
+        }
+        let cluster = self.cluster_version();
+        if command.since() > cluster && !matches!(command, Command::SetClusterVersion { .. }) {
+            return Err(ApplyError::NeedsVersion {
+                kind: command.kind().to_string(),
+                needs: command.since(),
+                cluster,
+            });
         }
         match command {
             Command::Noop => Ok(CommandOutput::Done),
@@ -208,7 +218,19 @@ impl State {
                 command,
             } => self.apply_once(*id, *now_ms, command).result,
             Command::CheckState { .. } => Ok(CommandOutput::Done),
+            Command::SetClusterVersion { version } => {
+                if *version > self.cluster_version() {
+                    self.version.insert(0, *version);
+                }
+                Ok(CommandOutput::Done)
+            }
         }
+    }
+
+    /// The cluster version: the log version every member applies (1 until the leader
+    /// first raises it).
+    pub fn cluster_version(&self) -> u32 {
+        self.version.get(&0).copied().unwrap_or(1)
     }
 
     /// [`Self::apply`] for a committed log entry, saying also whether it was the repeat

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use super::{ApplyError, LoadError, State};
 use crate::command::{Command, CommandOutput, JoinRequest, NewMember};
-use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId};
+use crate::ids::{BlobHash, ClusterId, EndpointKey, NodeId, RequestId};
 use crate::image::Image;
 use crate::member::{Capacity, MemberRole, MemberStatus};
 use crate::user::User;
@@ -24,7 +24,18 @@ fn new_member(n: u8) -> NewMember {
     }
 }
 
+/// A cluster bootstrapped at this build's log version, as `node run --init` makes one.
 fn bootstrapped() -> State {
+    let mut s = bootstrapped_at_version_1();
+    s.apply(&Command::SetClusterVersion {
+        version: crate::LOG_VERSION,
+    })
+    .unwrap();
+    s
+}
+
+/// A cluster as a release before the cluster version bootstrapped it.
+fn bootstrapped_at_version_1() -> State {
     let mut s = State::new();
     s.apply(&Command::Bootstrap {
         cluster_id: ClusterId([1; 16]),
@@ -35,6 +46,53 @@ fn bootstrapped() -> State {
     })
     .unwrap();
     s
+}
+
+#[test]
+fn newer_commands_wait_for_the_cluster_version() {
+    let mut s = bootstrapped_at_version_1();
+    assert_eq!(s.cluster_version(), 1);
+    s.apply(&Command::CreateTenant {
+        name: "t".into(),
+        now_ms: 1,
+    })
+    .unwrap();
+    let remove = Command::RemoveTenant { name: "t".into() };
+    assert_eq!(remove.since(), 2);
+    let refused = s.apply(&remove).unwrap_err();
+    assert_eq!(
+        refused,
+        ApplyError::NeedsVersion {
+            kind: "remove_tenant".into(),
+            needs: 2,
+            cluster: 1
+        }
+    );
+    assert!(s.tenant("t").is_some(), "a refused command changes nothing");
+    // Wrapped once under a request id, it is judged by what it wraps.
+    let once = Command::Once {
+        id: RequestId([7; 16]),
+        now_ms: 1,
+        command: Box::new(remove.clone()),
+    };
+    assert_eq!(once.since(), 2);
+    s.apply(&Command::SetClusterVersion { version: 2 }).unwrap();
+    assert_eq!(s.cluster_version(), 2);
+    // Never lowered.
+    s.apply(&Command::SetClusterVersion { version: 1 }).unwrap();
+    assert_eq!(s.cluster_version(), 2);
+    s.apply(&remove).unwrap();
+    assert!(s.tenant("t").is_none());
+    // The version is a row: it survives a snapshot.
+    let back = State::from_rows(s.all_rows().iter().map(|r| {
+        (
+            r.table.as_str(),
+            r.key.as_slice(),
+            r.value.as_deref().unwrap(),
+        )
+    }))
+    .unwrap();
+    assert_eq!(back.cluster_version(), 2);
 }
 
 fn token(s: &mut State, secret: u8, expires: u64) -> [u8; 32] {

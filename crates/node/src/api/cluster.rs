@@ -6,10 +6,11 @@ use blixard_core::backup::BackupHeader;
 use blixard_core::{Command, CommandOutput, EndpointKey, JoinRequest, NewMember, NodeId, User};
 use blixard_net::api::{
     AdminKeySet, AdminSetKey, ApiError, BackupData, ClusterStatus, JoinCluster, Joined,
-    LeaveCluster, Left, MetaEntries, MetaGet, MetaSet, MetaSetDone, PolicySet, PolicySetDone,
-    PolicyTest, PolicyText, PolicyVerdict, ProgressSink, RequestFrame, Response, ResponseFrame,
-    StatusRequest, TokenCreate, TokenCreated, TokenEntries, TokenEntry, TokenRevoked, UserAdd,
-    UserAdded, UserEntries, UserKeySet, UserRemove, UserRemoved, UserSetKey,
+    LeaveCluster, Left, MemberVersion, MetaEntries, MetaGet, MetaSet, MetaSetDone, PolicySet,
+    PolicySetDone, PolicyTest, PolicyText, PolicyVerdict, ProgressSink, RequestFrame, Response,
+    ResponseFrame, StatusRequest, TokenCreate, TokenCreated, TokenEntries, TokenEntry,
+    TokenRevoked, UserAdd, UserAdded, UserEntries, UserKeySet, UserRemove, UserRemoved, UserSetKey,
+    Versions,
 };
 use blixard_net::authz::{user_resource, Principal};
 use blixard_net::ticket::{hash_secret, JoinTicket};
@@ -34,6 +35,28 @@ pub(super) async fn status(cluster: &ClusterHandle, r: &StatusRequest) -> Respon
         raft: Box::new(raft),
         members: state.members().cloned().collect(),
         stale: r.stale,
+        versions: Some(Versions {
+            cluster: state.cluster_version(),
+            log: cluster.log_version,
+            release: crate::version::RELEASE.to_string(),
+            members: state
+                .members()
+                .filter(|m| m.id != cluster.me())
+                .map(|m| {
+                    let said = cluster.versions.of(m.id).map(|v| match v {
+                        Some(v) => MemberVersion {
+                            log: v.log,
+                            release: Some(v.release),
+                        },
+                        None => MemberVersion {
+                            log: 1,
+                            release: None,
+                        },
+                    });
+                    (m.id, said)
+                })
+                .collect(),
+        }),
     }))
 }
 

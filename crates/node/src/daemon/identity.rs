@@ -141,6 +141,12 @@ pub(super) async fn establish(
                     now_ms: now_ms(),
                 })
                 .map_err(|e| Failure::new(exit::ERROR, e))?;
+            // A new cluster starts at the log version of the release that made it.
+            let version =
+                crate::version::log_version().map_err(|e| Failure::new(exit::CONFIG, e))?;
+            state
+                .apply(&Command::SetClusterVersion { version })
+                .map_err(|e| Failure::new(exit::ERROR, e))?;
             opened.store.bootstrap(&state, &[1]).map_err(store_err)?;
             let r = NodeRecord {
                 cluster_id,

@@ -124,9 +124,14 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<(), Failure> {
         };
         let store = opened.store.clone();
         let mut running = start::start(data_dir, &config, opened, record, seeds).await?;
-        let removed = wait(&mut running, &mut signals).await?;
+        let ended = wait(&mut running, &mut signals).await?;
         let bound = config.shutdown_timeout();
-        stop(data_dir, running, removed, &store, bound, &mut signals).await
+        let removed = matches!(ended, Ended::Removed);
+        let stopped = stop(data_dir, running, removed, &store, bound, &mut signals).await;
+        match ended {
+            Ended::Halted(why) => Err(data_err(format!("raft stopped: {why}"))),
+            _ => stopped,
+        }
     }
     .await;
     if result.is_err() {
@@ -194,16 +199,33 @@ impl Signals {
     }
 }
 
-/// Serves until SIGTERM or SIGINT (false) or until this node is removed from its cluster
-/// (true); reloads the declared VMs on every SIGHUP meanwhile.
-async fn wait(running: &mut Running, signals: &mut Signals) -> Result<bool, Failure> {
+/// Why the daemon stops serving.
+enum Ended {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// This node was removed from its cluster.
+    Removed,
+    /// The raft thread stopped on its own ([`blixard_raft::RaftNode::halted`]): the
+    /// daemon shuts down and exits with the reason.
+    Halted(String),
+}
+
+/// Serves until SIGTERM or SIGINT, until this node is removed from its cluster, or until
+/// its raft thread stops; reloads the declared VMs on every SIGHUP meanwhile.
+async fn wait(running: &mut Running, signals: &mut Signals) -> Result<Ended, Failure> {
     let mut removed_by_raft = running.node.removed();
+    let mut halted = running.node.halted();
     loop {
         tokio::select! {
-            _ = signals.term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(false) }
-            _ = signals.int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(false) }
-            _ = removed_by_raft.wait_for(|r| *r) => return Ok(true),
-            _ = running.removed_by_peer.wait_for(|r| *r) => return Ok(true),
+            _ = signals.term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(Ended::Signal) }
+            _ = signals.int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(Ended::Signal) }
+            _ = removed_by_raft.wait_for(|r| *r) => return Ok(Ended::Removed),
+            _ = running.removed_by_peer.wait_for(|r| *r) => return Ok(Ended::Removed),
+            why = halted.wait_for(Option::is_some) => {
+                let why = why.map(|w| w.clone().unwrap_or_default()).unwrap_or_default();
+                tracing::error!("shutting down: raft stopped: {why}");
+                return Ok(Ended::Halted(why));
+            }
             _ = signals.hup.recv() => match &running.reload {
                 Some(reload) => {
                     tracing::info!("SIGHUP: reading the declared VMs again");

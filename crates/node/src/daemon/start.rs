@@ -13,7 +13,7 @@ use blixard_core::{Command, NodeId};
 use blixard_images::nix::StoreDir;
 use blixard_images::ImageStore;
 use blixard_net::client::ApiClient;
-use blixard_net::raft_transport::{IrohTransport, RaftHandler};
+use blixard_net::raft_transport::{IrohTransport, PeerVersion, PeerVersions, RaftHandler};
 use blixard_net::server::{ApiHandler, Gated};
 use blixard_net::{key_of, API_ALPN, RAFT_ALPN};
 use blixard_raft::{CoreConfig, RaftCore, RaftNode};
@@ -74,7 +74,9 @@ pub(super) async fn start(
     let timeout = Duration::from_millis(config.request_timeout_ms.unwrap_or(10_000));
 
     // The raft thread, its transport and the peer book.
+    let log_version = crate::version::log_version().map_err(|e| Failure::new(exit::CONFIG, e))?;
     let mut core_cfg = CoreConfig::new(me.0);
+    core_cfg.log_version = log_version;
     core_cfg.election_tick = config.raft.election_ticks;
     core_cfg.heartbeat_tick = config.raft.heartbeat_ticks;
     core_cfg.snapshot_threshold = config.raft.snapshot_threshold;
@@ -116,7 +118,12 @@ pub(super) async fn start(
         me,
         book.clone(),
         tokio::runtime::Handle::current(),
-    );
+    )
+    .with_version(PeerVersion {
+        log: log_version,
+        release: crate::version::RELEASE.to_string(),
+    });
+    let versions = PeerVersions::default();
     let links = transport.links();
     let restarts = transport.restarts();
     // The peers learn at once that this process is new, and replace their connections
@@ -140,6 +147,8 @@ pub(super) async fn start(
         node.clone(),
         cluster_id,
         ApiClient::new(ep.clone(), Some(cluster_id), timeout),
+        versions.clone(),
+        log_version,
     ));
     let mut tasks = Vec::new();
     let audit = Arc::new(
@@ -239,7 +248,7 @@ pub(super) async fn start(
     let router = Router::builder(ep.clone())
         .accept(
             RAFT_ALPN,
-            RaftHandler::new(node.clone(), cluster_id, book.clone(), restarts),
+            RaftHandler::new(node.clone(), cluster_id, book.clone(), restarts, versions),
         )
         .accept(
             API_ALPN,

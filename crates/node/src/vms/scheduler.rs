@@ -48,6 +48,9 @@ pub async fn scheduler(ctx: Arc<Loops>) {
         if let Err(e) = liveness(&ctx, &active, &mut seen, now).await {
             tracing::debug!("liveness: {e}");
         }
+        if let Err(e) = crate::version::raise(&ctx.gate).await {
+            tracing::debug!("cluster version: {e}");
+        }
         if let Err(e) = schedule_round(&ctx).await {
             tracing::debug!("scheduler: {e}");
         }

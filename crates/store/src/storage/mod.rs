@@ -23,7 +23,8 @@ use crate::error::{corrupt, StoreError};
 use crate::persist::{Queue, Tail};
 use crate::tables::{
     decode_pair, encode_pair, meta, pb_decode, pb_encode, put_meta, seal, unseal, Slot, APPLIED,
-    CONF_STATE, FORMAT, FORMAT_CHECKSUMMED, HARD_STATE, LOG, LOG_START, NODE, RAFT, STATE,
+    CONF_STATE, DATA_FORMAT, FORMAT, FORMAT_CHECKSUMMED, HARD_STATE, LOG, LOG_START, NODE, RAFT,
+    STATE,
 };
 
 /// Who this node is, recorded when it initialises or joins a cluster.
@@ -85,27 +86,19 @@ impl Store {
     }
 
     fn open_with(path: &Path, durability: Durability) -> Result<Self, StoreError> {
-        // Every page's checksum is verified at open: a file changed outside redb is an
-        // error here, where a plain open may panic on it later.
-        let db = Database::builder()
-            .set_check_integrity_on_open(true)
-            .set_repair_callback(|session| {
-                if session.progress() > 0.0 && session.progress() < 0.5 {
-                    tracing::warn!(
-                        "the data file's last commit does not verify (a write cut short by a crash); going back to the commit before it"
-                    );
-                }
-            })
-            .create(path)
-            .map_err(|source| match source {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
-                path: path.to_path_buf(),
-            },
-            source => StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
+        let mut db = create_db(path)?;
+        if let Some(from) = older_format(&db, path)? {
+            // Migrated in one transaction below; the file as it was is kept beside it
+            // first, so a migration that goes wrong loses nothing.
+            drop(db);
+            let copy = keep_copy(path, from)?;
+            tracing::warn!(
+                "data file {} has format {from}, older than this build's {DATA_FORMAT}: migrating it in place (the file as it was is kept at {})",
+                path.display(),
+                copy.display()
+            );
+            db = create_db(path)?;
+        }
         {
             let mut txn = db.begin_write()?;
             txn.set_durability(durability)
@@ -515,6 +508,75 @@ impl Store {
     }
 }
 
+/// Opens (or creates) the redb file, verifying every page.
+fn create_db(path: &Path) -> Result<Database, StoreError> {
+    // Every page's checksum is verified at open: a file changed outside redb is an
+    // error here, where a plain open may panic on it later.
+    Database::builder()
+        .set_check_integrity_on_open(true)
+        .set_repair_callback(|session| {
+            if session.progress() > 0.0 && session.progress() < 0.5 {
+                tracing::warn!(
+                    "the data file's last commit does not verify (a write cut short by a crash); going back to the commit before it"
+                );
+            }
+        })
+        .create(path)
+        .map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                path: path.to_path_buf(),
+            },
+            source => StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        })
+}
+
+/// The format of a file that holds data in an older format than [`DATA_FORMAT`] (to
+/// be migrated); `None` for a new file or one in this format. A newer format is refused,
+/// naming both.
+fn older_format(db: &Database, path: &Path) -> Result<Option<u8>, StoreError> {
+    let txn = db.begin_read()?;
+    let raft = match txn.open_table(RAFT) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let found = match raft.get(FORMAT)? {
+        // Format 2 and later record their format as the value's last byte (after the
+        // checksum), which every later format keeps, so that this build can name it.
+        Some(v) => v.value().last().copied(),
+        None if raft.first()?.is_none() => return Ok(None),
+        None => Some(1),
+    };
+    match found {
+        Some(f) if f > DATA_FORMAT => Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found: f,
+            reads: DATA_FORMAT,
+        }),
+        Some(f) if f < DATA_FORMAT => Ok(Some(f)),
+        _ => Ok(None),
+    }
+}
+
+/// Copies the data file to `<file>.format-<from>` (fsync'd) before a migration.
+fn keep_copy(path: &Path, from: u8) -> Result<std::path::PathBuf, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".format-{from}"));
+    let copy = std::path::PathBuf::from(name);
+    let failed = |source| StoreError::MigrationCopy {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::copy(path, &copy).map_err(failed)?;
+    std::fs::File::open(&copy)
+        .and_then(|f| f.sync_all())
+        .map_err(failed)?;
+    Ok(copy)
+}
+
 /// Brings a file to the checksummed value format: a new file is marked, a file written
 /// before checksums (no `format` key) has every value sealed in this one transaction,
 /// and a file of an unknown (newer) format is refused.
@@ -525,7 +587,7 @@ fn upgrade(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
             [FORMAT_CHECKSUMMED] => Ok(()),
             other => Err(corrupt(
                 "format",
-                format!("unknown value format {other:?} (written by a newer blixard?)"),
+                format!("unknown data file format {other:?}"),
             )),
         };
     }
