@@ -274,3 +274,75 @@ fn done(item: ResponseItem) -> ResponseFrame {
         other => panic!("expected an answer, got {other:?}"),
     }
 }
+
+/// Runs the CLI against `node` with its own `--timeout`; returns (exit code, stderr).
+fn cli_within(node: &Node, secs: u32, args: &[&str]) -> (i32, String) {
+    let out = Command::new(binary())
+        .arg("--data-dir")
+        .arg(&node.dir)
+        .args(["--timeout", &secs.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn exit_codes_tell_not_found_from_refused_and_no_leader_from_an_unknown_outcome() {
+    // Short request timeouts keep the waits of the no-leader cases short.
+    let mut c = Cluster::start_each(3, |n| {
+        std::fs::create_dir_all(&n.dir).unwrap();
+        std::fs::write(n.dir.join("blixard.toml"), "request_timeout_ms = 2000\n").unwrap();
+    });
+    let n1 = &c.nodes[0];
+    // Not found (9): what the request names does not exist.
+    for args in [
+        &["cluster", "meta", "get", "absent"][..],
+        &["vm", "show", "nothing"],
+        &["user", "rm", "nobody"],
+        &["tenant", "rm", "nobody"],
+        &["quota", "show", "nobody"],
+    ] {
+        let (code, err) = cli_within(n1, 10, args);
+        assert_eq!(code, 9, "{args:?}: {err}");
+        assert!(err.starts_with("error: not found: no "), "{args:?}: {err}");
+    }
+    // Refused (5): it exists, and the cluster will not do it.
+    let (code, err) = cli_within(n1, 10, &["tenant", "rm", "default"]);
+    assert_eq!(code, 5, "{err}");
+
+    // Outcome unknown (10): the leader takes the write but, cut off from both followers,
+    // cannot commit it; the retries that follow it find no leader, and the answer stays
+    // "unknown" (the first attempt may yet be applied).
+    let leader = c.leader();
+    for i in (0..3).filter(|i| *i != leader) {
+        c.nodes[i].kill9();
+    }
+    let l = &c.nodes[leader];
+    let (code, err) = cli_within(l, 4, &["cluster", "meta", "set", "k", "v"]);
+    assert_eq!(code, 10, "{err}");
+    assert!(err.contains("may or may not have been applied"), "{err}");
+
+    // No leader (6): nothing happened, for reads and for writes.
+    blixard_tests::wait_for(
+        "the survivor to know no leader",
+        Duration::from_secs(30),
+        || {
+            let s = l.status(true)?;
+            if s["raft"]["leader"].is_null() {
+                Ok(())
+            } else {
+                Err(s["raft"]["leader"].to_string())
+            }
+        },
+    );
+    let (code, err) = cli_within(l, 10, &["cluster", "meta", "get", "k"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("no leader"), "{err}");
+    let (code, err) = cli_within(l, 4, &["cluster", "meta", "set", "k2", "v"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("no leader"), "{err}");
+}

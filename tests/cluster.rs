@@ -285,7 +285,7 @@ fn tenants_quotas_and_the_node_list() {
     let out = n1.cli(&["quota", "set", "acme", "--max-memory", "lots"]);
     assert_eq!(out.status.code(), Some(2));
     let out = n1.cli(&["quota", "set", "nobody", "--max-vms", "1"]);
-    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(out.status.code(), Some(9), "no such tenant: not found");
     let table = n1.cli_ok(&["tenant", "list"]);
     assert!(table.contains("acme") && table.contains("0/10"), "{table}");
 

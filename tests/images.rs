@@ -509,7 +509,7 @@ fn pinned_images_stay_and_removed_images_go() {
     n1.cli_ok(&["image", "rm", "demo"]);
     assert!(json(n1, &["image", "list"]).as_array().unwrap().is_empty());
     let out = n1.cli(&["image", "show", "demo"]);
-    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(out.status.code(), Some(9), "a removed image is not found");
     // Bad input: a relative path through the API, a missing path, a bad name.
     let out = n1.cli(&["image", "import", "/nonexistent/x", "--name", "x"]);
     assert_eq!(

@@ -333,18 +333,7 @@ fn meta_get(node: &Node, key: &str) -> Value {
 
 #[test]
 fn a_rolling_upgrade_raises_the_cluster_version_once_every_member_runs_it() {
-    let root = tempfile::Builder::new()
-        .prefix("blixard-test")
-        .tempdir()
-        .unwrap();
-    let nodes = (1..=3)
-        .map(|i| {
-            let mut n = Node::new(root.path(), &format!("n{i}"));
-            n.env = vec![(OLD.into(), "1".into())];
-            n
-        })
-        .collect();
-    let mut c = Cluster::start_nodes(root, nodes);
+    let mut c = Cluster::start_each(3, |n| n.env = vec![(OLD.into(), "1".into())]);
     let leader = c.leader();
     let l = &c.nodes[leader];
     assert_eq!(versions(l)["cluster"], 1);

@@ -228,7 +228,7 @@ async fn allowed(client: &ApiClient, to: &EndpointAddr, request: Request) -> boo
     {
         Ok(Ok(_)) => true,
         Ok(Err(ApiError::Unauthorized { .. })) => false,
-        Ok(Err(ApiError::Rejected(_))) | Ok(Err(ApiError::BadRequest(_))) => true,
+        Ok(Err(ApiError::Rejected(_) | ApiError::BadRequest(_) | ApiError::NotFound(_))) => true,
         Ok(Err(other)) => panic!("{kind}: unexpected error {other}"),
         Err(ClientError::Api(e)) => panic!("{kind}: {e}"),
         Err(e) => panic!("{kind}: {e}"),

@@ -413,7 +413,7 @@ fn quotas_constraints_anti_affinity_and_drain() {
     n1.cli_ok(&["tenant", "rm", "acme"]);
     assert!(!n1.cli_ok(&["tenant", "list"]).contains("acme"));
     let out = n1.cli(&["tenant", "rm", "acme"]);
-    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(out.status.code(), Some(9), "no such tenant: not found");
 
     // Constraints: zone b only.
     for name in ["b1", "b2"] {

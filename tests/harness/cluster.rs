@@ -14,6 +14,13 @@ impl Cluster {
     /// Starts `n` nodes: the first with `--init`, the others joining with fresh tokens,
     /// and waits until all are voters.
     pub fn start(n: usize, extra: &[&str]) -> Self {
+        Self::start_each(n, |node| {
+            node.extra = extra.iter().map(|s| s.to_string()).collect();
+        })
+    }
+
+    /// [`Self::start`], with `setup` run on each node (n1, n2, …) before it starts.
+    pub fn start_each(n: usize, mut setup: impl FnMut(&mut Node)) -> Self {
         let root = tempfile::Builder::new()
             .prefix("blixard-test")
             .tempdir()
@@ -22,7 +29,7 @@ impl Cluster {
             .map(|i| Node::new(root.path(), &format!("n{i}")))
             .collect();
         for node in &mut nodes {
-            node.extra = extra.iter().map(|s| s.to_string()).collect();
+            setup(node);
         }
         Self::start_nodes(root, nodes)
     }

@@ -269,6 +269,14 @@ pub enum ApiError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    // Appended (older callers do not know them; see docs/operations.md, "Upgrades").
+    /// What the request names does not exist (`meta get` of an absent key, a VM, a user…).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A write may or may not have been applied: it was handed to a leader, and no answer
+    /// came within the timeout, or the leader changed before it was applied.
+    #[error("outcome unknown: {0}; it may or may not have been applied")]
+    OutcomeUnknown(String),
 }
 
 impl ApiError {
@@ -284,6 +292,8 @@ impl ApiError {
             ApiError::Timeout(_) => "timeout",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::OutcomeUnknown(_) => "outcome_unknown",
         }
     }
 }

@@ -27,7 +27,7 @@ pub const UNACKED: Duration = Duration::from_secs(1);
 /// The close code of a connection dropped because the peer did not acknowledge a request.
 const SILENT_CODE: u32 = 3;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach node {node}: {detail}")]
     Connect { node: String, detail: String },
@@ -176,8 +176,25 @@ impl ApiClient {
         // Retries stay within the caller's own timeout, also for long-running requests.
         let budget = self.timeout;
         let mut pause = Duration::from_millis(100);
+        // A write whose outcome one attempt left unknown stays unknown: a later "no
+        // leader" says only that the later attempt did nothing.
+        let mut unknown: Option<Result<ResponseFrame, ClientError>> = None;
         loop {
-            let result = self.exchange(to, request.clone(), &mut on_progress).await;
+            let mut result = self.exchange(to, request.clone(), &mut on_progress).await;
+            if request.id.is_some() {
+                match &result {
+                    Ok(Err(ApiError::Timeout(_) | ApiError::OutcomeUnknown(_)))
+                    | Err(ClientError::Timeout { .. } | ClientError::Silent { .. }) => {
+                        unknown = Some(result.clone());
+                    }
+                    Ok(Err(ApiError::NoLeader)) => {
+                        if let Some(u) = &unknown {
+                            result = u.clone();
+                        }
+                    }
+                    _ => {}
+                }
+            }
             // Ambiguous: the request may not have arrived, its answer was lost, or the
             // cluster had no leader to apply it. Any other error is the request's answer.
             let ambiguous = matches!(
@@ -185,7 +202,9 @@ impl ApiClient {
                 Err(ClientError::Connect { .. }
                     | ClientError::Protocol { .. }
                     | ClientError::Silent { .. })
-                    | Ok(Err(ApiError::Timeout(_) | ApiError::NoLeader))
+                    | Ok(Err(ApiError::Timeout(_)
+                        | ApiError::NoLeader
+                        | ApiError::OutcomeUnknown(_)))
             );
             // A request the peer never acknowledged is sent again on a new connection,
             // reads too: the peer may have restarted, and a read changes nothing.

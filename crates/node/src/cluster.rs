@@ -88,8 +88,12 @@ pub fn propose_error(e: ProposeError) -> ApiError {
         ProposeError::NotLeader { leader: Some(l) } => {
             ApiError::Unavailable(format!("leader {l} unreachable"))
         }
+        ProposeError::Rejected(e) if e.is_not_found() => ApiError::NotFound(e.to_string()),
         ProposeError::Rejected(e) => ApiError::Rejected(e.to_string()),
         ProposeError::Dropped(e) => ApiError::Unavailable(e),
+        e @ (ProposeError::TimedOut | ProposeError::LeaderChanged) => {
+            ApiError::OutcomeUnknown(e.to_string())
+        }
         ProposeError::Stopped => ApiError::Unavailable("the node is shutting down".into()),
     }
 }
@@ -103,6 +107,10 @@ pub struct ClusterHandle {
     pub versions: PeerVersions,
     /// The log version this node applies (`version::log_version`).
     pub log_version: u32,
+    /// How long a proposal waits to be applied before its caller hears that there is no
+    /// leader (it was never handed to one) or that its outcome is unknown: a little less
+    /// than the request timeout, so that the answer says which.
+    pub write_timeout: std::time::Duration,
 }
 
 impl ClusterHandle {
@@ -112,13 +120,16 @@ impl ClusterHandle {
         client: ApiClient,
         versions: PeerVersions,
         log_version: u32,
+        request_timeout: std::time::Duration,
     ) -> Self {
+        let margin = (request_timeout / 10).min(std::time::Duration::from_millis(500));
         Self {
             node,
             cluster_id,
             client,
             versions,
             log_version,
+            write_timeout: request_timeout.saturating_sub(margin),
         }
     }
 
@@ -140,7 +151,7 @@ impl ClusterHandle {
     /// Waits until this node has applied everything committed when it asked (a ReadIndex
     /// round), unless `stale`.
     /// A node that knows no leader yet (it has just started, or an election is on) waits
-    /// up to [`LEADER_WAIT`] for one first: a script that starts a node and reads from it
+    /// up to [`LEADER_WAIT`] (within the write timeout) for one first: a script that starts a node and reads from it
     /// gets an answer, not "no leader".
     pub async fn barrier(&self, stale: bool) -> Result<(), ApiError> {
         if stale {
@@ -148,7 +159,8 @@ impl ClusterHandle {
         }
         if self.leader().is_none() {
             let mut watch = self.node.leader_watch();
-            let _ = tokio::time::timeout(LEADER_WAIT, watch.wait_for(|l| *l != 0)).await;
+            let wait = LEADER_WAIT.min(self.write_timeout);
+            let _ = tokio::time::timeout(wait, watch.wait_for(|l| *l != 0)).await;
         }
         self.node.read_barrier().await.map_err(propose_error)
     }
@@ -175,7 +187,7 @@ impl ClusterHandle {
             otel.name = %format_args!("raft propose {}", command.kind()),
         );
         self.node
-            .propose(once(command))
+            .propose_within(once(command), self.write_timeout)
             .instrument(span)
             .await
             .map_err(propose_error)

@@ -15,15 +15,21 @@ pub const USAGE: u8 = 2;
 pub const UNREACHABLE: u8 = 3;
 /// The caller is not allowed, or its credential could not be read.
 pub const UNAUTHORIZED: u8 = 4;
-/// The cluster refused the request (bad input, used token, unknown node, …).
+/// The cluster refused the request (bad input, used token, a tenant still in use, …).
 pub const REFUSED: u8 = 5;
-/// The cluster could not answer in time (no leader, no quorum, timeout).
+/// The cluster cannot act now (no leader, the leader unreachable, the node stopping):
+/// nothing was applied.
 pub const UNAVAILABLE: u8 = 6;
 /// The data dir cannot be used (locked, corrupt, another cluster's, removed node), or a
 /// backup file is damaged or newer than this build.
 pub const DATA_DIR: u8 = 7;
 /// The configuration is invalid.
 pub const CONFIG: u8 = 8;
+/// What the request names does not exist (a metadata key, a VM, a user, an image, …).
+pub const NOT_FOUND: u8 = 9;
+/// No answer in time, or the leader changed: a write may or may not have been applied
+/// (a retry of the same command is safe to make; it is applied at most once per request).
+pub const OUTCOME_UNKNOWN: u8 = 10;
 
 /// A failure with its exit code.
 #[derive(Debug)]
@@ -54,7 +60,9 @@ pub fn api_code(e: &ApiError) -> u8 {
         | ApiError::Version(_)
         | ApiError::BadRequest(_)
         | ApiError::Rejected(_) => REFUSED,
-        ApiError::NoLeader | ApiError::Timeout(_) | ApiError::Unavailable(_) => UNAVAILABLE,
+        ApiError::NoLeader | ApiError::Unavailable(_) => UNAVAILABLE,
+        ApiError::Timeout(_) | ApiError::OutcomeUnknown(_) => OUTCOME_UNKNOWN,
+        ApiError::NotFound(_) => NOT_FOUND,
         ApiError::Internal(_) => ERROR,
     }
 }
@@ -63,7 +71,7 @@ impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let code = match &e {
             ClientError::Connect { .. } => UNREACHABLE,
-            ClientError::Timeout { .. } | ClientError::Silent { .. } => UNAVAILABLE,
+            ClientError::Timeout { .. } | ClientError::Silent { .. } => OUTCOME_UNKNOWN,
             ClientError::Api(api) => api_code(api),
             ClientError::Protocol { .. } => ERROR,
         };

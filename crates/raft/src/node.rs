@@ -40,6 +40,13 @@ pub enum ProposeError {
     Dropped(String),
     #[error("the raft node has stopped")]
     Stopped,
+    /// Handed to a leader, and not applied within the caller's time: it may or may not
+    /// be applied later.
+    #[error("not applied in time after it was handed to a leader")]
+    TimedOut,
+    /// The leader it was handed to lost its leadership before it was applied.
+    #[error("the leader changed before the write was applied")]
+    LeaderChanged,
 }
 
 /// A peer as the leader sees it.
@@ -77,7 +84,8 @@ type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
 
 enum Input {
     /// A command and the trace context of its caller ([`EntryTracing::context`]).
-    Propose(Command, Vec<u8>, Reply<CommandOutput>),
+    /// A command, its trace context, the reply, and when to give up on it.
+    Propose(Command, Vec<u8>, Reply<CommandOutput>, Option<Instant>),
     Join(JoinRequest, Reply<CommandOutput>),
     Remove(NodeId, u64, Reply<CommandOutput>),
     ReadIndex(Reply<()>),
@@ -233,7 +241,27 @@ impl RaftNode {
             .as_ref()
             .map(|t| t.context())
             .unwrap_or_default();
-        self.ask(|r| Input::Propose(command, context, r)).await
+        self.ask(|r| Input::Propose(command, context, r, None))
+            .await
+    }
+
+    /// [`Self::propose`], answered by `within` at the latest: with
+    /// [`ProposeError::NoLeader`] if it was never handed to a leader (nothing happened),
+    /// else [`ProposeError::TimedOut`] (it may or may not be applied). The raft thread
+    /// decides which, so the answer is exact.
+    pub async fn propose_within(
+        &self,
+        command: Command,
+        within: Duration,
+    ) -> Result<CommandOutput, ProposeError> {
+        let context = self
+            .tracing
+            .as_ref()
+            .map(|t| t.context())
+            .unwrap_or_default();
+        let deadline = Instant::now() + within;
+        self.ask(|r| Input::Propose(command, context, r, Some(deadline)))
+            .await
     }
 
     /// Admits a new member as a learner (leader only). The node id in `request` is
@@ -317,6 +345,8 @@ struct Pending {
     /// The leader it was last handed to (0: none yet) and when (in ticks).
     leader: u64,
     at_tick: u64,
+    /// When the caller is answered anyway ([`RaftNode::propose_within`]).
+    deadline: Option<Instant>,
 }
 
 enum OnLeaderChange {
@@ -431,7 +461,7 @@ impl Worker {
     /// Returns false when the node must stop.
     fn handle(&mut self, input: Input) -> bool {
         match input {
-            Input::Propose(command, context, reply) => {
+            Input::Propose(command, context, reply, deadline) => {
                 let request_id = self.next_request;
                 self.next_request = self.next_request.wrapping_add(1);
                 let once = matches!(command, Command::Once { .. });
@@ -467,6 +497,7 @@ impl Worker {
                                 on_leader_change,
                                 leader,
                                 at_tick: self.ticks,
+                                deadline,
                             },
                         );
                     }
@@ -604,6 +635,7 @@ impl Worker {
         self.ticks += 1;
         self.pending.retain(|_, p| !p.reply.is_closed());
         self.follow_leader_change();
+        self.expire_pending(Instant::now());
         self.reads.retain(|_, (_, _, r)| !r.is_closed());
         let leader = self.core.leader_id();
         if leader != 0 {
@@ -677,10 +709,29 @@ impl Worker {
         for id in failed {
             if let Some(p) = self.pending.remove(&id) {
                 self.core.metrics().proposals_failed.inc();
-                let _ = p.reply.send(Err(ProposeError::Dropped(
-                    "the leader changed before the write was applied; its outcome is unknown"
-                        .into(),
-                )));
+                let _ = p.reply.send(Err(ProposeError::LeaderChanged));
+            }
+        }
+    }
+
+    /// Answers the proposals whose caller's time is up: never handed to a leader, they
+    /// are dropped and nothing happened; handed to one, their outcome is unknown.
+    fn expire_pending(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                self.core.metrics().proposals_failed.inc();
+                let error = if p.leader == 0 {
+                    ProposeError::NoLeader
+                } else {
+                    ProposeError::TimedOut
+                };
+                let _ = p.reply.send(Err(error));
             }
         }
     }
@@ -761,6 +812,7 @@ impl Worker {
                                 on_leader_change: OnLeaderChange::Wait,
                                 leader: self.core.leader_id(),
                                 at_tick: self.ticks,
+                                deadline: None,
                             },
                         );
                     }

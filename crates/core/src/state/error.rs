@@ -91,3 +91,19 @@ pub enum ApplyError {
         cluster: u32,
     },
 }
+
+impl ApplyError {
+    /// Whether the command names something that does not exist (a user, a member, an
+    /// image, a tenant, a VM): the caller hears "not found", not "refused". A join with an
+    /// unknown token is refused: the token is a credential, not what the join names.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::UnknownMember(_)
+                | ApplyError::UnknownUser(_)
+                | ApplyError::UnknownImage(_)
+                | ApplyError::UnknownTenant(_)
+                | ApplyError::UnknownVm(_)
+        )
+    }
+}

@@ -180,7 +180,7 @@ pub(super) async fn token_revoke(cluster: &ClusterHandle, id: &str) -> ResponseF
         .collect();
     let token_hash = match matching.as_slice() {
         [one] => *one,
-        [] => return Err(ApiError::Rejected(format!("no join token {id}"))),
+        [] => return Err(ApiError::NotFound(format!("no join token {id}"))),
         _ => {
             return Err(ApiError::BadRequest(format!(
                 "{} join tokens start with {id}; give more of the id",
@@ -297,7 +297,7 @@ pub(super) async fn leave(
             )));
         }
         if state.member(l.node).is_none() {
-            return Err(ApiError::Rejected(format!(
+            return Err(ApiError::NotFound(format!(
                 "node {} is not a member",
                 l.node
             )));
@@ -326,7 +326,7 @@ pub(super) async fn meta_get(cluster: &ClusterHandle, m: &MetaGet) -> ResponseFr
     let entries = match &m.key {
         Some(k) => match state.meta_get(k) {
             Some(v) => vec![(k.clone(), v.clone())],
-            None => return Err(ApiError::Rejected(format!("no metadata key {k:?}"))),
+            None => return Err(ApiError::NotFound(format!("no metadata key {k:?}"))),
         },
         None => state
             .meta_entries()
@@ -448,13 +448,13 @@ fn principal_spec(api: &Api, spec: &str) -> Result<Principal, ApiError> {
             .user(name)
             .cloned()
             .map(Principal::User)
-            .ok_or_else(|| ApiError::Rejected(format!("no user {name}"))),
+            .ok_or_else(|| ApiError::NotFound(format!("no user {name}"))),
         ("node", id) => {
             let id: NodeId = id.parse().map_err(|_| bad())?;
             state
                 .member(id)
                 .map(|m| Principal::Node(id, m.endpoint))
-                .ok_or_else(|| ApiError::Rejected(format!("node {id} is not a member")))
+                .ok_or_else(|| ApiError::NotFound(format!("node {id} is not a member")))
         }
         ("key", hex) => {
             let key: EndpointKey = hex.parse().map_err(|_| bad())?;
@@ -475,7 +475,7 @@ fn resource_spec(api: &Api, spec: &str) -> Result<Resource, ApiError> {
             .state()
             .user(name)
             .map(user_resource)
-            .ok_or_else(|| ApiError::Rejected(format!("no user {name}"))),
+            .ok_or_else(|| ApiError::NotFound(format!("no user {name}"))),
         Some(("image", name)) => Ok(blixard_net::authz::image_resource(name, api)),
         Some(("tenant", name)) => Ok(Resource::Tenant {
             name: name.to_string(),

@@ -116,7 +116,7 @@ pub(super) async fn pull(
             ));
         }
         if images.cluster.state().member(target).is_none() {
-            return Err(ApiError::Rejected(format!("node {target} is not a member")));
+            return Err(ApiError::NotFound(format!("node {target} is not a member")));
         }
         return images
             .cluster

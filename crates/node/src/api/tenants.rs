@@ -23,7 +23,7 @@ fn tenant_named(cluster: &ClusterHandle, name: &str) -> Result<TenantInfo, ApiEr
         .state()
         .tenant(name)
         .cloned()
-        .ok_or_else(|| ApiError::Rejected(format!("no tenant {name}")))?;
+        .ok_or_else(|| ApiError::NotFound(format!("no tenant {name}")))?;
     Ok(tenant_info(cluster, &tenant))
 }
 

@@ -23,7 +23,7 @@ fn find<'s>(state: &'s State, principal: &Principal, r: &VmRef) -> Result<&'s Vm
     let key = Vm::key(&vm_tenant(principal, r.tenant.as_ref()), &r.name);
     state
         .vm(&key)
-        .ok_or_else(|| ApiError::Rejected(format!("no VM {key}")))
+        .ok_or_else(|| ApiError::NotFound(format!("no VM {key}")))
 }
 
 fn info(cluster: &ClusterHandle, key: &str) -> Result<VmInfo, ApiError> {
@@ -31,7 +31,7 @@ fn info(cluster: &ClusterHandle, key: &str) -> Result<VmInfo, ApiError> {
         .state()
         .vm(key)
         .cloned()
-        .ok_or_else(|| ApiError::Rejected(format!("no VM {key}")))?;
+        .ok_or_else(|| ApiError::NotFound(format!("no VM {key}")))?;
     Ok(VmInfo { vm: Box::new(vm) })
 }
 
@@ -65,7 +65,7 @@ pub(super) async fn create(
         .as_ref()
         .is_some_and(|i| frame.forwarded || api.may(principal)("image:read", &image_entity(i)));
     if !visible {
-        return Err(ApiError::Rejected(format!("no image {}", spec.image)));
+        return Err(ApiError::NotFound(format!("no image {}", spec.image)));
     }
     if !frame.forwarded {
         api.vms

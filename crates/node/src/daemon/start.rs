@@ -149,6 +149,7 @@ pub(super) async fn start(
         ApiClient::new(ep.clone(), Some(cluster_id), timeout),
         versions.clone(),
         log_version,
+        timeout,
     ));
     let mut tasks = Vec::new();
     let audit = Arc::new(

@@ -45,9 +45,9 @@ async fn retried<T, F: std::future::Future<Output = Result<T, ApiError>>>(
                 tracing::info!("a raft step got no answer within {attempt:?}; trying again");
             }
             Err(_) => return Err(ApiError::Timeout(total.as_millis() as u64)),
-            Ok(Err(ApiError::NoLeader | ApiError::Unavailable(_)))
-                if tokio::time::Instant::now() + pause < deadline =>
-            {
+            Ok(Err(
+                ApiError::NoLeader | ApiError::Unavailable(_) | ApiError::OutcomeUnknown(_),
+            )) if tokio::time::Instant::now() + pause < deadline => {
                 tokio::time::sleep(pause).await;
             }
             Ok(result) => return result,
@@ -186,7 +186,7 @@ impl Images {
             .state()
             .image(name)
             .cloned()
-            .ok_or_else(|| ApiError::Rejected(format!("no image {name}")))
+            .ok_or_else(|| ApiError::NotFound(format!("no image {name}")))
     }
 
     /// Sets the cluster's cache signing key if no node has yet.
