@@ -370,3 +370,176 @@ fn the_metrics_endpoint_cannot_be_pinned_by_idle_connections() {
     // Not a path or a method it serves.
     assert_eq!(http::get(m, "/", &[]).unwrap().status, 404);
 }
+
+/// The lines a child process prints, as they come (read on a thread of their own).
+fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead as _;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Collects JSON lines from `rx` until `done` holds for what was collected (or fails).
+fn events_until(
+    rx: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(serde_json::from_str(&line).unwrap()),
+            Err(_) => panic!("no {what} within 60 s; saw {seen:?}"),
+        }
+    }
+    seen
+}
+
+#[test]
+fn events_stream_the_changes_as_members_apply_them() {
+    let c = Cluster::start(2, &[]);
+    let _runners = blixard_tests::runners::Reaper(c.root.path().to_path_buf());
+    let n1 = &c.nodes[0];
+    // The latest changes, once: the second member's join among them.
+    let latest: Vec<Value> = n1
+        .cli_ok(&["events", "--output", "json", "--kind", "member"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        latest
+            .iter()
+            .any(|e| e["kind"] == "join" && e["name"] == "n2"),
+        "{latest:?}"
+    );
+    assert!(latest.iter().all(|e| e["topic"] == "member"), "{latest:?}");
+
+    // A stream of one kind from the follower, as a VM is created, placed and runs.
+    let mut follow = Command::new(blixard_tests::binary())
+        .arg("--data-dir")
+        .arg(&c.nodes[1].dir)
+        .args(["events", "--follow", "--kind", "vm", "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut follow);
+    blixard_tests::runners::import_runner(n1, c.root.path(), "sleeper", "exec sleep 600");
+    n1.cli_ok(&["cluster", "meta", "set", "not", "a-vm-event"]);
+    n1.cli_ok(&["vm", "create", "web", "--image", "sleeper"]);
+    let seen = events_until(&lines, "running report", |seen| {
+        seen.iter()
+            .any(|e| e["kind"] == "report_vm" && e["what"].as_str().unwrap().starts_with("running"))
+    });
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let kinds: Vec<&str> = seen.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"create_vm"), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|e| e["what"].as_str().unwrap().starts_with("starting on n")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|e| e["topic"] == "vm" && e["name"] == "default/web"),
+        "{seen:?}"
+    );
+    let indexes: Vec<u64> = seen.iter().map(|e| e["index"].as_u64().unwrap()).collect();
+    assert!(
+        indexes.windows(2).all(|w| w[0] < w[1]),
+        "in index order: {indexes:?}"
+    );
+
+    // Both members streamed the same changes: the follower's are the leader's.
+    let after = indexes[0] - 1;
+    let on_leader: Vec<Value> = n1
+        .cli_ok(&[
+            "events",
+            "--output",
+            "json",
+            "--kind",
+            "vm",
+            "--after",
+            &after.to_string(),
+        ])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // (Each applied them at its own time: `at_ms` is the member's.)
+    let without_time = |events: &[Value]| -> Vec<Value> {
+        events
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e.as_object_mut().unwrap().remove("at_ms");
+                e
+            })
+            .collect()
+    };
+    assert_eq!(
+        without_time(&on_leader[..seen.len()]),
+        without_time(&seen),
+        "leader and follower agree"
+    );
+
+    // Every tenant's changes: a viewer bound to no tenant may watch; a tenant's may not.
+    let dir = c.root.path();
+    for (name, tenant, code) in [("vic", None, 0), ("tess", Some("default"), 4)] {
+        let key = SecretKeyFile::new(dir, name);
+        let mut args = vec![
+            "user",
+            "add",
+            name,
+            "--key",
+            &key.public,
+            "--role",
+            "viewer",
+        ];
+        if let Some(t) = tenant {
+            args.extend(["--tenant", t]);
+        }
+        n1.cli_ok(&args);
+        let out = Command::new(blixard_tests::binary())
+            .arg("--data-dir")
+            .arg(&n1.dir)
+            .arg("--credential")
+            .arg(&key.path)
+            .args(["events", "--kind", "vm"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A user's secret key in a file, and its public key.
+struct SecretKeyFile {
+    path: PathBuf,
+    public: String,
+}
+
+impl SecretKeyFile {
+    fn new(dir: &Path, name: &str) -> Self {
+        let path = dir.join(format!("{name}.key"));
+        let secret = blixard_net::keys::create(&path).unwrap();
+        Self {
+            path,
+            public: blixard_net::key_of(&secret.public()).to_string(),
+        }
+    }
+}

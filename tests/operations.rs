@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use blixard_tests::runners::{write_runner, Reaper};
+use blixard_tests::runners::{import_runner, write_runner, Reaper};
 use blixard_tests::{binary, wait_for, Cluster, Node};
 use serde_json::Value;
 
@@ -103,16 +103,8 @@ fn wait_running(node: &Node, name: &str, extra: &[&str]) -> Value {
 fn a_backup_restores_into_a_new_cluster_that_serves_it() {
     let mut c = Cluster::start(3, &[]);
     let _runners = Reaper(c.root.path().to_path_buf());
-    let image = c.root.path().join("sleeper");
-    write_runner(&image, "exec sleep 600");
     let n1 = &c.nodes[0];
-    n1.cli_ok(&[
-        "image",
-        "import",
-        image.to_str().unwrap(),
-        "--name",
-        "sleeper",
-    ]);
+    import_runner(n1, c.root.path(), "sleeper", "exec sleep 600");
     n1.cli_ok(&["cluster", "meta", "set", "owner", "ops"]);
     n1.cli_ok(&["tenant", "create", "acme"]);
     let user = blixard_net::SecretKey::generate();
@@ -189,6 +181,7 @@ fn a_backup_restores_into_a_new_cluster_that_serves_it() {
     // again, then it runs on the restored node.
     let vm = json(&fresh, &["vm", "show", "web", "--tenant", "acme"]);
     assert_eq!(vm["desired"], "running", "{vm}");
+    let image = c.root.path().join("sleeper");
     fresh.cli_ok(&[
         "image",
         "import",

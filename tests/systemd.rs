@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use blixard_tests::runners::write_runner;
+use blixard_tests::runners::import_runner;
 use blixard_tests::systemd::{cgroup_v1_file, SystemdNs};
 use blixard_tests::{alive, wait_for, Cluster, Node};
 use serde_json::Value;
@@ -252,16 +252,13 @@ fn vms_run_as_systemd_units() {
     };
     c.wait_voters(1);
 
-    let image = c.root.path().join("sleeper");
-    write_runner(&image, "echo systemd runner up\nexec sleep 1000");
     let n1 = &c.nodes[0];
-    n1.cli_ok(&[
-        "image",
-        "import",
-        image.to_str().unwrap(),
-        "--name",
+    import_runner(
+        n1,
+        c.root.path(),
         "sleeper",
-    ]);
+        "echo systemd runner up\nexec sleep 1000",
+    );
     n1.cli_ok(&[
         "vm", "create", "web", "--image", "sleeper", "--vcpus", "1", "--memory", "64", "--wait",
         "running",

@@ -32,6 +32,14 @@ pub fn write_runner(dir: &Path, script: &str) {
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// Writes a runner running `script` under `dir/name` and imports it through `node` as
+/// image `name`.
+pub fn import_runner(node: &crate::Node, dir: &Path, name: &str, script: &str) {
+    let image = dir.join(name);
+    write_runner(&image, script);
+    node.cli_ok(&["image", "import", image.to_str().unwrap(), "--name", name]);
+}
+
 /// A runner the way microvm.nix writes one for QEMU, carrying its kernel and initrd (a
 /// plain directory image, self-contained). The accelerator comes from
 /// BLIXARD_TEST_ACCEL: tcg here, where KVM guests hang; kvm:tcg on real hosts.

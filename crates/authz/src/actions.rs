@@ -18,6 +18,7 @@ pub const ACTIONS: &[&str] = &[
     "cluster:read",
     "cluster:manage",
     "cluster:backup",
+    "events:read",
     "cluster:join",
     "node:forward",
     "user:manage",

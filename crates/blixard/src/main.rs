@@ -76,6 +76,19 @@ enum Command {
     /// This node's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The cluster's state changes as they are applied (VMs placed and running, members
+    /// joining and going down, images held…): the latest, or with --follow a stream.
+    Events {
+        /// Keep printing changes as they are applied (until interrupted).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only changes of this kind: vm, member, image, tenant, user, cluster; repeatable.
+        #[arg(long = "kind", value_name = "KIND")]
+        kinds: Vec<String>,
+        /// Start after this event index (an earlier event's `index`), not at the latest.
+        #[arg(long, value_name = "INDEX")]
+        after: Option<u64>,
+    },
     #[command(subcommand)]
     Image(cli::images::ImageCommand),
     /// VMs: create, inspect, start, stop, restart, delete, and read their consoles.
@@ -480,6 +493,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Audit(AuditCommand::Tail { lines, follow }) => {
             cli::cluster::audit_tail(&ctx, lines, follow).await
         }
+        Command::Events {
+            follow,
+            kinds,
+            after,
+        } => cli::events::run(&ctx, follow, &kinds, after).await,
         Command::Image(cmd) => cli::images::run(&ctx, cmd).await,
         Command::Tenant(cmd) => cli::tenants::tenant(&ctx, cmd).await,
         Command::Quota(cmd) => cli::tenants::quota(&ctx, cmd).await,

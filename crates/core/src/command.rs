@@ -212,6 +212,62 @@ pub enum Command {
     SetClusterVersion { version: u32 },
 }
 
+/// What a command changed, as `blixard events` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subject {
+    pub topic: Topic,
+    /// The thing changed: a VM's `tenant/name`, a member's `nN`, an image's name, …
+    pub name: String,
+    /// What happened to it, in a few words.
+    pub what: String,
+}
+
+/// The kinds of things events are about (`blixard events --kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topic {
+    Vm,
+    Member,
+    Image,
+    Tenant,
+    User,
+    Cluster,
+}
+
+impl Topic {
+    pub const ALL: [Topic; 6] = [
+        Topic::Vm,
+        Topic::Member,
+        Topic::Image,
+        Topic::Tenant,
+        Topic::User,
+        Topic::Cluster,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Topic::Vm => "vm",
+            Topic::Member => "member",
+            Topic::Image => "image",
+            Topic::Tenant => "tenant",
+            Topic::User => "user",
+            Topic::Cluster => "cluster",
+        }
+    }
+}
+
+impl std::str::FromStr for Topic {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Topic::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown event kind {s:?} (vm, member, image, tenant, user, cluster)")
+            })
+    }
+}
+
 /// A digest of the state machine as a member applied the check entry at `index`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateDigest {
@@ -267,6 +323,139 @@ impl Command {
             | Command::RevokeJoinToken { .. }
             | Command::SetClusterVersion { .. } => 2,
             _ => 1,
+        }
+    }
+
+    /// What the command changes, for the event stream (`blixard events`): `None` for
+    /// commands that change nothing an operator watches (a no-op, a state check).
+    pub fn subject(&self) -> Option<Subject> {
+        let s = |topic: Topic, name: String, what: String| Some(Subject { topic, name, what });
+        let on_off = |b: bool, yes: &str, no: &str| if b { yes } else { no }.to_string();
+        match self {
+            Command::Noop | Command::CheckState { .. } => None,
+            Command::Once { command, .. } => command.subject(),
+            Command::Bootstrap { name, .. } => s(Topic::Cluster, name.clone(), "created".into()),
+            Command::SetMeta { key, value } => s(
+                Topic::Cluster,
+                format!("meta/{key}"),
+                match value {
+                    Some(_) => "set".into(),
+                    None => "deleted".into(),
+                },
+            ),
+            Command::CreateJoinToken { .. } => {
+                s(Topic::Cluster, "join-token".into(), "created".into())
+            }
+            Command::RevokeJoinToken { .. } => {
+                s(Topic::Cluster, "join-token".into(), "revoked".into())
+            }
+            Command::SetPolicies { .. } => s(Topic::Cluster, "policies".into(), "replaced".into()),
+            Command::SetCacheKey { .. } => s(Topic::Cluster, "cache-key".into(), "set".into()),
+            Command::SetClusterVersion { version } => s(
+                Topic::Cluster,
+                "version".into(),
+                format!("raised to {version}"),
+            ),
+            Command::Join(r) => s(
+                Topic::Member,
+                r.member.name.clone(),
+                format!("joined as n{}", r.node),
+            ),
+            Command::SetRole { node, role } => s(
+                Topic::Member,
+                format!("n{node}"),
+                format!("now a {role:?}").to_lowercase(),
+            ),
+            Command::RemoveMember { node, .. } => {
+                s(Topic::Member, format!("n{node}"), "removed".into())
+            }
+            Command::UpdateAddrs { node, .. } => s(
+                Topic::Member,
+                format!("n{node}"),
+                "addresses changed".into(),
+            ),
+            Command::SetAdminKey { node, .. } => s(
+                Topic::Member,
+                format!("n{node}"),
+                "admin key rotated".into(),
+            ),
+            Command::SetDrained { node, drained, .. } => s(
+                Topic::Member,
+                format!("n{node}"),
+                on_off(*drained, "drained", "undrained"),
+            ),
+            Command::SetNodeDown { node, down, .. } => s(
+                Topic::Member,
+                format!("n{node}"),
+                on_off(*down, "down", "up"),
+            ),
+            Command::AddUser(u) => s(Topic::User, u.name.clone(), "added".into()),
+            Command::RemoveUser { name } => s(Topic::User, name.clone(), "removed".into()),
+            Command::SetUserKey { name, .. } => s(Topic::User, name.clone(), "key rotated".into()),
+            Command::AddImage(i) => s(Topic::Image, i.name.clone(), "imported".into()),
+            Command::SetImageHolder {
+                name, node, held, ..
+            } => s(
+                Topic::Image,
+                name.clone(),
+                format!("{} n{node}", on_off(*held, "held by", "dropped by")),
+            ),
+            Command::PinImage { name, pinned } => s(
+                Topic::Image,
+                name.clone(),
+                on_off(*pinned, "pinned", "unpinned"),
+            ),
+            Command::RemoveImage { name } => s(Topic::Image, name.clone(), "removed".into()),
+            Command::CreateTenant { name, .. } => s(Topic::Tenant, name.clone(), "created".into()),
+            Command::SetQuota { tenant, .. } => {
+                s(Topic::Tenant, tenant.clone(), "quota set".into())
+            }
+            Command::RemoveTenant { name } => s(Topic::Tenant, name.clone(), "removed".into()),
+            Command::CreateVm { spec, start, .. } => s(
+                Topic::Vm,
+                format!("{}/{}", spec.tenant, spec.name),
+                on_off(*start, "created", "created stopped"),
+            ),
+            Command::PlaceVm {
+                key, node, reason, ..
+            } => s(
+                Topic::Vm,
+                key.clone(),
+                match (node, reason) {
+                    (Some(n), _) => format!("placed on n{n}"),
+                    (None, Some(r)) => r.clone(),
+                    (None, None) => "unplaced".into(),
+                },
+            ),
+            Command::DeleteVm { key } => s(Topic::Vm, key.clone(), "deleted".into()),
+            Command::SetVmDesired {
+                key,
+                desired,
+                restart,
+                ..
+            } => s(
+                Topic::Vm,
+                key.clone(),
+                if *restart {
+                    "restart requested".into()
+                } else {
+                    format!("desired {desired:?}").to_lowercase()
+                },
+            ),
+            Command::ReportVm {
+                key,
+                node,
+                phase,
+                reason,
+                ..
+            } => s(
+                Topic::Vm,
+                key.clone(),
+                match reason {
+                    Some(r) => format!("{phase} on n{node}: {r}"),
+                    None => format!("{phase} on n{node}"),
+                },
+            ),
         }
     }
 

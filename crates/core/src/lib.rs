@@ -24,7 +24,8 @@ mod user;
 mod vm;
 
 pub use command::{
-    Command, CommandOutput, Envelope, JoinRequest, NewMember, StateDigest, LOG_VERSION,
+    Command, CommandOutput, Envelope, JoinRequest, NewMember, StateDigest, Subject, Topic,
+    LOG_VERSION,
 };
 pub use encoding::{decode_versioned, encode_versioned, DecodeError, FORMAT_VERSION};
 pub use ids::{valid_name, BlobHash, ClusterId, EndpointKey, NodeId, ParseIdError, RequestId};

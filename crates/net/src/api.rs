@@ -99,6 +99,41 @@ rpcs! {
     TenantRemove(TenantRemove) -> TenantRemoved;
     TokenList(TokenListRequest) -> TokenEntries;
     TokenRevoke(TokenRevoke) -> TokenRevoked;
+    Events(EventsRequest) -> EventList;
+}
+
+/// The state changes the answering node applied after `after` (the latest ones without
+/// it), of `topics` (all when empty); when there are none yet, the node waits up to
+/// `wait_ms` (25 s at most) for one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsRequest {
+    pub after: Option<u64>,
+    pub topics: Vec<blixard_core::Topic>,
+    pub wait_ms: u64,
+}
+
+/// One applied state change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Its raft index: events are in index order, and the same on every member.
+    pub index: u64,
+    /// When the answering node applied it.
+    pub at_ms: u64,
+    /// The command (`create_vm`, `report_vm`, `set_node_down`, …).
+    pub kind: String,
+    pub topic: blixard_core::Topic,
+    /// What it changed: `tenant/name` of a VM, `nN` of a member, an image's name, …
+    pub name: String,
+    pub what: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventList {
+    pub events: Vec<Event>,
+    /// The index to ask after next.
+    pub next: u64,
+    /// Events after the index asked for are no longer held: the first one held is this.
+    pub gap: Option<u64>,
 }
 
 /// The progress phase an image pull reports once its node is recorded as a holder (every
@@ -109,12 +144,15 @@ pub const PHASE_HELD: &str = "held";
 pub const LONG_REQUEST: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Request {
-    /// Requests that move whole images (or the whole state) and may take minutes; they get
-    /// [`LONG_REQUEST`].
+    /// Requests that move whole images (or the whole state) and may take minutes, and
+    /// the event stream's long poll; they get [`LONG_REQUEST`].
     pub fn is_long_running(&self) -> bool {
         matches!(
             self,
-            Request::ImageImport(_) | Request::ImagePull(_) | Request::ClusterBackup(_)
+            Request::ImageImport(_)
+                | Request::ImagePull(_)
+                | Request::ClusterBackup(_)
+                | Request::Events(_)
         )
     }
 }

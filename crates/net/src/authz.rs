@@ -194,6 +194,8 @@ pub fn action_of(
         Request::Join(_) => ("cluster:join", Resource::Cluster),
         // The whole state, the binary cache's signing key included: admins only by default.
         Request::ClusterBackup(_) => ("cluster:backup", Resource::Cluster),
+        // Every tenant's changes: not for a tenant's users by default.
+        Request::Events(_) => ("events:read", Resource::Cluster),
         Request::UserAdd(u) => (
             "user:manage",
             Resource::User {
@@ -315,6 +317,7 @@ pub fn is_mutating(request: &Request) -> bool {
             | Request::VmShow(_)
             | Request::VmLogs(_)
             | Request::TokenList(_)
+            | Request::Events(_)
     )
 }
 

@@ -111,6 +111,8 @@ pub struct ClusterHandle {
     /// leader (it was never handed to one) or that its outcome is unknown: a little less
     /// than the request timeout, so that the answer says which.
     pub write_timeout: std::time::Duration,
+    /// The changes this node applied, for `blixard events`.
+    pub events: std::sync::Arc<crate::events::Events>,
 }
 
 impl ClusterHandle {
@@ -130,6 +132,7 @@ impl ClusterHandle {
             versions,
             log_version,
             write_timeout: request_timeout.saturating_sub(margin),
+            events: Default::default(),
         }
     }
 

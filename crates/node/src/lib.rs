@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod datadir;
 pub mod declared;
+pub mod events;
 pub mod exit;
 pub mod gate;
 pub mod images;

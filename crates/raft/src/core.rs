@@ -92,6 +92,8 @@ pub struct Change {
     pub proposer: Option<NodeId>,
     /// The client request it was made for (`Command::Once`).
     pub request: Option<RequestId>,
+    /// What it changed, for the event stream.
+    pub subject: Option<blixard_core::Subject>,
 }
 
 /// What one round of `Ready` handling produced for the caller.
@@ -126,6 +128,7 @@ impl Output {
                 kind: env.command.kind(),
                 proposer: env.proposer,
                 request: env.command.request_id(),
+                subject: env.command.subject(),
             });
         }
         if env.proposer.map(|p| p.0) == Some(me) {

@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod cluster;
 pub mod delivery;
+pub mod events;
 pub mod format;
 pub mod images;
 pub mod parse;

@@ -198,6 +198,12 @@ impl Api {
             Request::VmLogs(r) => vms::logs(c, &self.vms, p, &frame, r).await,
             Request::NodeDrain(r) => vms::drain(c, r).await,
             Request::ClusterBackup(_) => cluster::backup(c).await,
+            Request::Events(r) => {
+                let wait = Duration::from_millis(r.wait_ms);
+                Ok(Response::Events(
+                    c.events.wait(r.after, &r.topics, wait).await,
+                ))
+            }
             Request::NodeStats(_) => match &self.stats {
                 Some(s) => s.read().await.map(|s| Response::NodeStats(Box::new(s))),
                 None => Err(ApiError::Unavailable(

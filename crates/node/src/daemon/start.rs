@@ -278,7 +278,11 @@ pub(super) async fn start(
     tasks.push(tokio::spawn(crate::vms::scheduler::scheduler(
         loops.clone(),
     )));
-    let audit_changes = tokio::spawn(audit_changes(changes, audit.clone()));
+    let audit_changes = tokio::spawn(audit_changes(
+        changes,
+        audit.clone(),
+        cluster.events.clone(),
+    ));
     let reload = match &config.vms.declared_file {
         Some(f) => {
             let declared =
@@ -345,11 +349,22 @@ pub(super) async fn start(
 async fn audit_changes(
     mut changes: tokio::sync::mpsc::Receiver<blixard_raft::Change>,
     audit: Arc<AuditLog>,
+    events: Arc<crate::events::Events>,
 ) {
     while let Some(c) = changes.recv().await {
         audit
             .record_change(c.index, c.kind, c.proposer, c.request)
             .await;
+        if let Some(s) = c.subject {
+            events.push(blixard_net::api::Event {
+                index: c.index,
+                at_ms: crate::cluster::now_ms(),
+                kind: c.kind.to_string(),
+                topic: s.topic,
+                name: s.name,
+                what: s.what,
+            });
+        }
     }
 }
 
