@@ -898,3 +898,84 @@ fn a_long_lived_client_reaches_a_restarted_member_at_once() {
     }
     wait_meta(&c.nodes[follower], "round", "3");
 }
+
+#[test]
+fn writes_answer_one_json_object_and_console_lines_are_json_lines() {
+    let c = Cluster::start(1, &[]);
+    let _runners = blixard_tests::runners::Reaper(c.root.path().to_path_buf());
+    let n = &c.nodes[0];
+    // Each write with --output json prints one object on stdout saying what was applied.
+    let write = |args: &[&str]| -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        // One JSON value and nothing else (the confirmations go to stderr).
+        let out = n.cli_ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    assert_eq!(
+        write(&["cluster", "meta", "set", "owner", "ops"])["value"],
+        "ops"
+    );
+    let key = blixard_net::key_of(&blixard_net::SecretKey::generate().public()).to_string();
+    let other = blixard_net::key_of(&blixard_net::SecretKey::generate().public()).to_string();
+    let u = write(&["user", "add", "vera", "--key", &key, "--role", "viewer"]);
+    assert_eq!(
+        (&u["name"], &u["roles"][0]),
+        (&"vera".into(), &"viewer".into()),
+        "{u}"
+    );
+    assert_eq!(
+        write(&["user", "set-key", "vera", "--key", &other])["key"],
+        other.as_str()
+    );
+    assert_eq!(write(&["user", "rm", "vera"])["removed"], true);
+    assert_eq!(
+        write(&["tenant", "create", "acme"])[0]["tenant"]["name"],
+        "acme"
+    );
+    assert_eq!(write(&["tenant", "rm", "acme"])["removed"], true);
+    let policies = c.root.path().join("policies.cedar");
+    std::fs::write(&policies, n.cli_ok(&["policy", "show"])).unwrap();
+    assert_eq!(
+        write(&["policy", "set", policies.to_str().unwrap()])["replaced"],
+        true
+    );
+    let ticket = write(&["cluster", "token", "create", "--ttl", "1h"]);
+    assert!(ticket["ticket"].as_str().is_some(), "{ticket}");
+    let tokens: serde_json::Value =
+        serde_json::from_str(&n.cli_ok(&["cluster", "token", "list", "--output", "json"])).unwrap();
+    let id = tokens[0]["id"].as_str().unwrap();
+    assert_eq!(write(&["cluster", "token", "revoke", id])["id"], id);
+    blixard_tests::runners::import_runner(
+        n,
+        c.root.path(),
+        "talker",
+        "echo first line\necho 'second \"quoted\" line'\nexec sleep 600",
+    );
+    assert_eq!(write(&["image", "pin", "talker"])["pinned"], true);
+    assert_eq!(write(&["image", "unpin", "talker"])["pinned"], false);
+    assert_eq!(write(&["node", "drain", "1"])["drained"], true);
+    assert_eq!(write(&["node", "undrain", "1"])["drained"], false);
+    let vm = write(&["vm", "create", "web", "--image", "talker"]);
+    assert_eq!(vm["spec"]["name"], "web", "{vm}");
+
+    // The console, one JSON object per line, quotes and all.
+    let lines: Vec<serde_json::Value> =
+        wait_for("the console's two lines", Duration::from_secs(60), || {
+            let out = n.try_cli(&["vm", "logs", "web", "--output", "json"])?;
+            let lines: Vec<serde_json::Value> = out
+                .lines()
+                .map(|l| serde_json::from_str(l).map_err(|e| format!("{e}: {l}")))
+                .collect::<Result<_, _>>()?;
+            if lines.len() >= 2 {
+                Ok(lines)
+            } else {
+                Err(out)
+            }
+        });
+    assert_eq!(lines[0]["line"], "first line", "{lines:?}");
+    assert_eq!(lines[1]["line"], "second \"quoted\" line", "{lines:?}");
+    assert_eq!(lines[0]["vm"], "web");
+    assert_eq!(write(&["vm", "delete", "web"])["deleted"], true);
+    assert_eq!(write(&["image", "rm", "talker"])["removed"], true);
+}

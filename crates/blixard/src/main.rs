@@ -42,7 +42,8 @@ struct Cli {
     /// ~/.config/blixard/key, created on first use).
     #[arg(long, global = true, env = "BLIXARD_CREDENTIAL")]
     credential: Option<PathBuf>,
-    /// Output format of read commands.
+    /// Output format: `json` prints what a read returns, and what a write applied, as one
+    /// JSON value; `vm logs` and `events` print one JSON object per line.
     #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
     /// Seconds to wait for an answer.

@@ -8,10 +8,11 @@ use blixard_net::api::{
     TokenListRequest, TokenRevoke, UserAdd, UserList, UserRemove,
 };
 use blixard_net::keys;
+use serde_json::json;
 
 use super::format::{self as output, Format};
 use super::parse::parse_duration;
-use super::{client, Context};
+use super::{applied, client, Context};
 use blixard_node::datadir::{self, NodeInfo};
 use blixard_node::exit::{self, Failure};
 
@@ -183,11 +184,11 @@ pub async fn token_revoke(ctx: &Context, id: &str) -> Result<(), Failure> {
     let r = client.call(&to, TokenRevoke { id: id.to_string() }).await;
     client.endpoint().close().await;
     let revoked = r?;
-    eprintln!(
+    let text = format!(
         "join token {} revoked; its ticket no longer admits a node",
         revoked.id
     );
-    Ok(())
+    applied(ctx, json!({ "id": revoked.id, "revoked": true }), text)
 }
 
 /// Rotates the local node's admin credential: a new key is written beside the old one,
@@ -240,11 +241,12 @@ pub async fn rotate_admin_key(ctx: &Context) -> Result<(), Failure> {
             ),
         )
     })?;
-    eprintln!(
+    let text = format!(
         "admin credential of node n{} rotated to {new_key}",
         info.node_id
     );
-    Ok(())
+    let result = json!({ "node": info.node_id, "key": new_key.to_string() });
+    applied(ctx, result, text)
 }
 
 pub async fn leave(ctx: &Context, node: &str) -> Result<(), Failure> {
@@ -252,15 +254,24 @@ pub async fn leave(ctx: &Context, node: &str) -> Result<(), Failure> {
     let (client, to) = client(ctx).await?;
     let left = client.call(&to, LeaveCluster { node }).await?;
     client.endpoint().close().await;
-    eprintln!("node n{} removed from the cluster", left.node);
-    Ok(())
+    let text = format!("node n{} removed from the cluster", left.node);
+    applied(ctx, json!({ "node": left.node, "removed": true }), text)
 }
 
 pub async fn meta_set(ctx: &Context, key: String, value: Option<String>) -> Result<(), Failure> {
     let (client, to) = client(ctx).await?;
-    client.call(&to, MetaSet { key, value }).await?;
+    let request = MetaSet { key, value };
+    client.call(&to, request.clone()).await?;
     client.endpoint().close().await;
-    Ok(())
+    let text = match &request.value {
+        Some(v) => format!("{} = {v}", request.key),
+        None => format!("{} removed", request.key),
+    };
+    applied(
+        ctx,
+        json!({ "key": request.key, "value": request.value }),
+        text,
+    )
 }
 
 pub async fn meta_get(ctx: &Context, key: Option<String>, stale: bool) -> Result<(), Failure> {
@@ -291,15 +302,15 @@ pub async fn user_add(
             UserAdd {
                 name: name.clone(),
                 key,
-                roles,
-                tenant,
+                roles: roles.clone(),
+                tenant: tenant.clone(),
             },
         )
         .await;
     client.endpoint().close().await;
     r?;
-    eprintln!("user {name} added");
-    Ok(())
+    let result = json!({ "name": name, "key": key.to_string(), "roles": roles, "tenant": tenant });
+    applied(ctx, result, format!("user {name} added"))
 }
 
 pub async fn user_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
@@ -339,8 +350,8 @@ pub async fn user_set_key(ctx: &Context, name: String, key: &str) -> Result<(), 
         .await;
     client.endpoint().close().await;
     r?;
-    eprintln!("user {name} now has key {key}; the old key is no longer accepted");
-    Ok(())
+    let text = format!("user {name} now has key {key}; the old key is no longer accepted");
+    applied(ctx, json!({ "name": name, "key": key.to_string() }), text)
 }
 
 pub async fn user_rm(ctx: &Context, name: String) -> Result<(), Failure> {
@@ -348,8 +359,8 @@ pub async fn user_rm(ctx: &Context, name: String) -> Result<(), Failure> {
     let r = client.call(&to, UserRemove { name: name.clone() }).await;
     client.endpoint().close().await;
     r?;
-    eprintln!("user {name} removed");
-    Ok(())
+    let text = format!("user {name} removed");
+    applied(ctx, json!({ "name": name, "removed": true }), text)
 }
 
 pub async fn policy_show(ctx: &Context) -> Result<(), Failure> {
@@ -371,11 +382,15 @@ pub async fn policy_set(ctx: &Context, file: &std::path::Path) -> Result<(), Fai
     let text = std::fs::read_to_string(file)
         .map_err(|e| Failure::new(exit::USAGE, format!("cannot read {}: {e}", file.display())))?;
     let (client, to) = client(ctx).await?;
+    let bytes = text.len();
     let r = client.call(&to, PolicySet { text }).await;
     client.endpoint().close().await;
     r?;
-    eprintln!("policies replaced");
-    Ok(())
+    applied(
+        ctx,
+        json!({ "replaced": true, "bytes": bytes }),
+        "policies replaced",
+    )
 }
 
 pub async fn policy_test(

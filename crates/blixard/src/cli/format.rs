@@ -15,6 +15,20 @@ pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reports a write the cluster applied: with `--output json`, `result` as one JSON object
+/// on stdout (what a script reads); else `text` on stderr (a confirmation for a person).
+pub fn applied(
+    output: Format,
+    result: serde_json::Value,
+    text: impl std::fmt::Display,
+) -> anyhow::Result<()> {
+    match output {
+        Format::Json => out!("{}", serde_json::to_string(&result)?),
+        Format::Table => eprintln!("{text}"),
+    }
+    Ok(())
+}
+
 /// Labels (or constraints) as one cell: `k=v,k2=v2`.
 pub fn labels(labels: &std::collections::BTreeMap<String, String>) -> String {
     blixard_net::authz::label_strings(labels).join(",")

@@ -232,8 +232,8 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
             let r = client.call(&to, ImageRemove { name: name.clone() }).await;
             client.endpoint().close().await;
             r?;
-            eprintln!("image {name} removed");
-            Ok(())
+            let result = serde_json::json!({ "image": name, "removed": true });
+            super::applied(ctx, result, format!("image {name} removed"))
         }
         ImageCommand::CacheKey => {
             let (client, to) = client(ctx).await?;
@@ -270,10 +270,11 @@ async fn pin(ctx: &Context, name: String, pinned: bool) -> Result<(), Failure> {
         )
         .await;
     client.endpoint().close().await;
-    r?;
-    eprintln!(
+    let image = r?;
+    let result = serde_json::to_value(&image.image).map_err(super::fail)?;
+    let text = format!(
         "image {name} {}",
         if pinned { "pinned" } else { "unpinned" }
     );
-    Ok(())
+    super::applied(ctx, result, text)
 }

@@ -218,6 +218,15 @@ async fn client_to(ctx: &Context, to: EndpointAddr) -> Result<(ApiClient, Endpoi
     Ok((ApiClient::new(ep, None, ctx.timeout), to))
 }
 
+/// [`format::applied`] for `ctx`: a write's result, as JSON or a confirmation.
+pub fn applied(
+    ctx: &Context,
+    result: serde_json::Value,
+    text: impl std::fmt::Display,
+) -> Result<(), Failure> {
+    format::applied(ctx.output, result, text).map_err(fail)
+}
+
 /// A failure that fits none of the documented exit codes (exit 1).
 pub fn fail(e: impl std::fmt::Display) -> Failure {
     Failure::new(exit::ERROR, e)

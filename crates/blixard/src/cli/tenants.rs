@@ -91,8 +91,8 @@ pub async fn tenant(ctx: &Context, cmd: TenantCommand) -> Result<(), Failure> {
             let r = client.call(&to, TenantRemove { name: name.clone() }).await;
             client.endpoint().close().await;
             r?;
-            eprintln!("tenant {name} removed");
-            return Ok(());
+            let result = serde_json::json!({ "tenant": name, "removed": true });
+            return super::applied(ctx, result, format!("tenant {name} removed"));
         }
     };
     client.endpoint().close().await;

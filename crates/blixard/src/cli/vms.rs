@@ -397,10 +397,14 @@ async fn run_with(
                 .call(
                     to,
                     VmDelete {
-                        vm: vm_ref(name.clone(), tenant),
+                        vm: vm_ref(name.clone(), tenant.clone()),
                     },
                 )
                 .await?;
+            if ctx.output == Format::Json {
+                let result = serde_json::json!({ "vm": name, "tenant": tenant, "deleted": true });
+                return super::applied(ctx, result, "");
+            }
             out!("deleted VM {name}");
             Ok(())
         }
@@ -412,6 +416,9 @@ async fn run_with(
         } => {
             let vm = vm_ref(name, tenant);
             let mut from = None;
+            // With --output json, one object per console line: a line split across two
+            // reads is held until its end arrives (or the last read).
+            let mut partial = String::new();
             loop {
                 let c = client
                     .call(
@@ -424,7 +431,20 @@ async fn run_with(
                     )
                     .await?;
                 let mut out = std::io::stdout().lock();
-                let _ = out.write_all(c.text.as_bytes());
+                if ctx.output == Format::Json {
+                    partial.push_str(&c.text);
+                    let done = partial.rfind('\n').map_or(0, |i| i + 1);
+                    let complete: String = partial.drain(..done).collect();
+                    let last =
+                        (!follow && !partial.is_empty()).then(|| std::mem::take(&mut partial));
+                    for line in complete.lines().map(str::to_string).chain(last) {
+                        let object =
+                            serde_json::json!({ "vm": vm.name, "tenant": vm.tenant, "line": line });
+                        let _ = writeln!(out, "{object}");
+                    }
+                } else {
+                    let _ = out.write_all(c.text.as_bytes());
+                }
                 let _ = out.flush();
                 if !follow {
                     return Ok(());
@@ -522,11 +542,20 @@ pub async fn drain(
     let (client, to) = client(ctx).await?;
     let result = async {
         let moved = client.call(&to, NodeDrain { node, drained }).await?.moved;
+        let json = ctx.output == Format::Json;
+        if json {
+            let result = serde_json::json!({ "node": node, "drained": drained, "moved": moved });
+            super::applied(ctx, result, "")?;
+        }
         if !drained {
-            out!("node {node} takes VMs again");
+            if !json {
+                out!("node {node} takes VMs again");
+            }
             return Ok(());
         }
-        out!("node {node} drained; moving {} VMs", moved.len());
+        if !json {
+            out!("node {node} drained; moving {} VMs", moved.len());
+        }
         let Some(within) = wait else {
             return Ok(());
         };
