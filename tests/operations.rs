@@ -52,6 +52,13 @@ fn run(name: &str, node: &mut Node, vars: &[(&str, &str)]) -> Vec<String> {
     let mut outs = Vec::new();
     for line in procedure(name) {
         if let Some(rest) = line.strip_prefix("blixard node run") {
+            // The shell would expand "$VAR"; the harness starts the node itself.
+            let mut rest = rest.to_string();
+            for (k, v) in vars {
+                rest = rest
+                    .replace(&format!("\"${k}\""), v)
+                    .replace(&format!("${k}"), v);
+            }
             let args: Vec<&str> = rest.split_whitespace().collect();
             node.start(&args);
             outs.push(String::new());
@@ -485,4 +492,64 @@ fn a_data_dir_of_an_earlier_release_opens_keeps_its_state_and_serves() {
     assert_eq!(n.stop(), 0);
     n.start(&[]);
     assert_eq!(meta_get(&n, "opened-by"), env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn a_lost_host_is_replaced_by_a_new_one() {
+    let rack = |n: &mut Node, r: &str| n.extra = vec!["--label".into(), format!("rack={r}")];
+    let mut c = Cluster::start_each(3, |n| {
+        let r = if n.name == "n3" { "r3" } else { "r1" };
+        rack(n, r);
+    });
+    let _runners = Reaper(c.root.path().to_path_buf());
+    let n1 = &c.nodes[0];
+    import_runner(n1, c.root.path(), "sleeper", "exec sleep 600");
+    n1.cli_ok(&[
+        "vm",
+        "create",
+        "web",
+        "--image",
+        "sleeper",
+        "--constraint",
+        "rack=r3",
+    ]);
+    assert_eq!(wait_running(n1, "web", &[])["node"], 3);
+
+    // n3 is lost for good: its process and its disk.
+    c.nodes[2].kill9();
+    std::fs::remove_dir_all(&c.nodes[2].dir).unwrap();
+    let outs = run("replace-host-remove", &mut c.nodes[0], &[("OLD", "3")]);
+    let ticket = outs[1].trim().to_string();
+    let mut fresh = Node::new(c.root.path(), "n4");
+    rack(&mut fresh, "r3");
+    let outs = run("replace-host-join", &mut fresh, &[("TICKET", &ticket)]);
+    assert!(outs[1].contains("n4"), "{}", outs[1]);
+    c.nodes.push(fresh);
+    wait_for("n1, n2 and n4 voting", Duration::from_secs(60), || {
+        let s = json(&c.nodes[0], &["cluster", "status"]);
+        let ids: Vec<u64> = s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "Voter")
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect();
+        if ids == [1, 2, 4] {
+            Ok(())
+        } else {
+            Err(s["members"].to_string())
+        }
+    });
+    // The VM that needed rack r3 runs on the new host.
+    let vm = wait_running(&c.nodes[0], "web", &[]);
+    assert_eq!(vm["node"], 4, "{vm}");
+
+    // Capacity, host by host, as the doc shows it.
+    let outs = run("capacity", &mut c.nodes[0], &[]);
+    assert!(
+        outs[0].contains("n4") && !outs[0].contains("n3"),
+        "{}",
+        outs[0]
+    );
+    assert!(outs[1].contains("raft"), "{}", outs[1]);
 }
