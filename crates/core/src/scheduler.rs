@@ -25,7 +25,9 @@ pub enum Strategy {
     /// Fill the fullest host that still fits (fewer hosts busy).
     #[default]
     BinPack,
-    /// The emptiest host (load spread out).
+    /// Spread over zones first (the `zone` label: the zone whose hosts are the least
+    /// loaded on average), then the emptiest host in that zone: losing a zone loses as
+    /// few VMs as it can.
     Spread,
 }
 
@@ -194,6 +196,20 @@ fn check(
     Ok(())
 }
 
+/// The label that names a host's zone (site, rack, datacenter).
+pub const ZONE_LABEL: &str = "zone";
+
+fn zone_of(m: &Member) -> &str {
+    m.labels.get(ZONE_LABEL).map_or("", String::as_str)
+}
+
+/// Load in parts per million of the larger dimension.
+fn load_of(used: Allocated, capacity: Capacity) -> u64 {
+    let cpu = used.vcpus * 1_000_000 / u64::from(capacity.vcpus).max(1);
+    let mem = used.memory_mib * 1_000_000 / capacity.memory_mib.max(1);
+    cpu.max(mem)
+}
+
 /// Picks a host for `vm` among `members`: deterministic for the same inputs (ties go to
 /// the lowest node id). On failure, says why for every host, grouped.
 pub fn place<'a>(
@@ -202,7 +218,12 @@ pub fn place<'a>(
     ledger: &Ledger,
     config: &SchedulerConfig,
 ) -> Result<NodeId, PlaceError> {
-    let mut best: Option<(u64, NodeId)> = None;
+    let spread = config.strategy == Strategy::Spread;
+    // The hosts that fit: their zone (an index into `zones`), their load after placing,
+    // their id. `zones`: each zone's name, its hosts' summed load and how many hosts that
+    // can take VMs at all (for `spread`; zones are few, a linear search beats a map).
+    let mut fit: Vec<(usize, u64, NodeId)> = Vec::new();
+    let mut zones: Vec<(&str, u64, u64)> = Vec::new();
     // Grouped by the reason's text, so reasons that read the same count as one.
     let mut reasons: BTreeMap<String, (FitError, u32)> = BTreeMap::new();
     let mut hosts = 0;
@@ -210,22 +231,53 @@ pub fn place<'a>(
     for m in members {
         hosts += 1;
         let used = ledger.allocated.get(&m.id).copied().unwrap_or_default();
-        if let Err(why) = check(m, vm, used, group, ledger, config) {
+        let verdict = check(m, vm, used, group, ledger, config);
+        let zone = if spread {
+            let name = zone_of(m);
+            let i = match zones.iter().position(|(z, _, _)| *z == name) {
+                Some(i) => i,
+                None => {
+                    zones.push((name, 0, 0));
+                    zones.len() - 1
+                }
+            };
+            let takes_vms = !matches!(
+                verdict,
+                Err(FitError::NotActive | FitError::Drained | FitError::Down)
+            );
+            if takes_vms {
+                zones[i].1 += load_of(used, m.capacity);
+                zones[i].2 += 1;
+            }
+            i
+        } else {
+            0
+        };
+        if let Err(why) = verdict {
             reasons.entry(why.to_string()).or_insert((why, 0)).1 += 1;
             continue;
         }
-        // Utilisation after placing, in parts per million of the larger dimension.
-        let cpu =
-            (used.vcpus + u64::from(vm.vcpus)) * 1_000_000 / u64::from(m.capacity.vcpus).max(1);
-        let mem = (used.memory_mib + vm.memory_mib) * 1_000_000 / m.capacity.memory_mib.max(1);
-        let load = cpu.max(mem);
-        let score = match config.strategy {
-            Strategy::BinPack => u64::MAX - load,
-            Strategy::Spread => load,
+        let after = Allocated {
+            vcpus: used.vcpus + u64::from(vm.vcpus),
+            memory_mib: used.memory_mib + vm.memory_mib,
+            ..used
         };
-        // Lower score wins; ties go to the lower node id (members come in id order).
-        if best.is_none_or(|(s, _)| score < s) {
-            best = Some((score, m.id));
+        fit.push((zone, load_of(after, m.capacity), m.id));
+    }
+    // Lower score wins; ties go to the lower node id (members come in id order).
+    let score = |&(zone, load, _): &(usize, u64, NodeId)| {
+        if spread {
+            let (_, sum, n) = zones[zone];
+            (sum / n.max(1), load)
+        } else {
+            (0, u64::MAX - load)
+        }
+    };
+    let mut best: Option<((u64, u64), NodeId)> = None;
+    for candidate in &fit {
+        let s = score(candidate);
+        if best.is_none_or(|(b, _)| s < b) {
+            best = Some((s, candidate.2));
         }
     }
     match best {

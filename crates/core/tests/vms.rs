@@ -228,6 +228,37 @@ fn bin_pack_fills_hosts_and_spread_balances_them() {
 }
 
 #[test]
+fn spread_balances_zones_before_hosts() {
+    let spread = SchedulerConfig {
+        strategy: Strategy::Spread,
+        ..SchedulerConfig::default()
+    };
+    // Zone a is nodes 1 and 3, zone b node 2. Node 1 is 3/4 full, node 2 1/4, node 3
+    // empty: zone a is 37.5 % loaded on average, zone b 25 %.
+    let mut s = cluster(3);
+    for (name, node, vcpus) in [("big", 1, 3), ("small", 2, 1)] {
+        let mut v = spec(name, vcpus, 256);
+        v.constraints
+            .insert(blixard_core::NODE_CONSTRAINT.into(), format!("n{node}"));
+        create(&mut s, v).unwrap();
+        assert_eq!(
+            schedule(&mut s, &format!("acme/{name}"), &spread).unwrap(),
+            NodeId(node)
+        );
+    }
+    // The emptiest host is node 3, but zone b is the emptier zone: node 2 it is.
+    create(&mut s, spec("next", 1, 256)).unwrap();
+    assert_eq!(schedule(&mut s, "acme/next", &spread).unwrap(), NodeId(2));
+    // Now zone b is the fuller (50 % against 37.5 %): zone a, and in it the emptier host.
+    create(&mut s, spec("after", 1, 256)).unwrap();
+    assert_eq!(schedule(&mut s, "acme/after", &spread).unwrap(), NodeId(3));
+    // Bin-pack knows no zones: the fullest host that fits.
+    create(&mut s, spec("packed", 1, 256)).unwrap();
+    let packed = schedule(&mut s, "acme/packed", &SchedulerConfig::default()).unwrap();
+    assert_eq!(packed, NodeId(1));
+}
+
+#[test]
 fn constraints_anti_affinity_drain_and_capacity_are_honoured() {
     let config = SchedulerConfig::default();
     let mut s = cluster(4);
