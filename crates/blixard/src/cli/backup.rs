@@ -12,7 +12,7 @@ use blixard_node::exit::{self, Failure};
 use serde::Serialize;
 
 use super::format::{self as output, Format};
-use super::{client, Context};
+use super::{call, Context};
 
 /// A backup file as `backup` and `verify` print it.
 #[derive(Serialize)]
@@ -53,10 +53,7 @@ fn print(ctx: &Context, file: &Path, bytes: u64, b: &Backup) -> Result<(), Failu
 /// written to a temporary file beside FILE (mode 0600: it holds the cache's signing key),
 /// fsync'd and renamed over FILE.
 pub async fn backup(ctx: &Context, out: &Path) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let answer = client.call(&to, BackupRequest {}).await;
-    client.endpoint().close().await;
-    let data = answer?;
+    let data = call(ctx, BackupRequest {}).await?;
     let checked = backup::decode(&data.bytes).map_err(|e| {
         Failure::new(
             exit::ERROR,

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::format::{self as output, Format};
 use super::parse::parse_duration;
-use super::{applied, client, Context};
+use super::{applied, call, client, Context};
 use blixard_node::datadir::{self, NodeInfo};
 use blixard_node::exit::{self, Failure};
 
@@ -21,9 +21,7 @@ fn short(key: &EndpointKey) -> String {
 }
 
 pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let s = client.call(&to, StatusRequest { stale }).await?;
-    client.endpoint().close().await;
+    let s = call(ctx, StatusRequest { stale }).await?;
     if ctx.output == Format::Json {
         return output::json(&s).map_err(|e| Failure::new(exit::ERROR, e));
     }
@@ -125,16 +123,13 @@ pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
 /// (`None` for an unknown unit, which is refused like an overflow, with `bad`).
 pub async fn token_create(ctx: &Context, ttl: &str) -> Result<(), Failure> {
     let ttl = parse_duration(ttl)?;
-    let (client, to) = client(ctx).await?;
-    let t = client
-        .call(
-            &to,
-            TokenCreate {
-                ttl_secs: ttl.as_secs(),
-            },
-        )
-        .await?;
-    client.endpoint().close().await;
+    let t = call(
+        ctx,
+        TokenCreate {
+            ttl_secs: ttl.as_secs(),
+        },
+    )
+    .await?;
     if ctx.output == Format::Json {
         return output::json(&t).map_err(|e| Failure::new(exit::ERROR, e));
     }
@@ -143,10 +138,7 @@ pub async fn token_create(ctx: &Context, ttl: &str) -> Result<(), Failure> {
 }
 
 pub async fn token_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let r = client.call(&to, TokenListRequest { stale }).await;
-    client.endpoint().close().await;
-    let tokens = r?.tokens;
+    let tokens = call(ctx, TokenListRequest { stale }).await?.tokens;
     if ctx.output == Format::Json {
         return output::json(&tokens).map_err(|e| Failure::new(exit::ERROR, e));
     }
@@ -180,10 +172,7 @@ pub async fn token_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
 }
 
 pub async fn token_revoke(ctx: &Context, id: &str) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let r = client.call(&to, TokenRevoke { id: id.to_string() }).await;
-    client.endpoint().close().await;
-    let revoked = r?;
+    let revoked = call(ctx, TokenRevoke { id: id.to_string() }).await?;
     let text = format!(
         "join token {} revoked; its ticket no longer admits a node",
         revoked.id
@@ -216,20 +205,17 @@ pub async fn rotate_admin_key(ctx: &Context) -> Result<(), Failure> {
     let _ = std::fs::remove_file(&fresh);
     let key = keys::create(&fresh).map_err(|e| Failure::new(exit::DATA_DIR, e))?;
     let new_key = blixard_net::key_of(&key.public());
-    let (client, to) = client(ctx).await?;
-    let r = client
-        .call(
-            &to,
-            blixard_net::api::AdminSetKey {
-                node: info.node_id,
-                key: new_key,
-            },
-        )
-        .await;
-    client.endpoint().close().await;
+    let r = call(
+        ctx,
+        blixard_net::api::AdminSetKey {
+            node: info.node_id,
+            key: new_key,
+        },
+    )
+    .await;
     if let Err(e) = r {
         let _ = std::fs::remove_file(&fresh);
-        return Err(e.into());
+        return Err(e);
     }
     std::fs::rename(&fresh, &current).map_err(|e| {
         Failure::new(
@@ -251,9 +237,7 @@ pub async fn rotate_admin_key(ctx: &Context) -> Result<(), Failure> {
 
 pub async fn leave(ctx: &Context, node: &str) -> Result<(), Failure> {
     let node: NodeId = node.parse().map_err(|e| Failure::new(exit::USAGE, e))?;
-    let (client, to) = client(ctx).await?;
-    let left = client.call(&to, LeaveCluster { node }).await?;
-    client.endpoint().close().await;
+    let left = call(ctx, LeaveCluster { node }).await?;
     let text = format!("node n{} removed from the cluster", left.node);
     applied(ctx, json!({ "node": left.node, "removed": true }), text)
 }
@@ -275,9 +259,7 @@ pub async fn meta_set(ctx: &Context, key: String, value: Option<String>) -> Resu
 }
 
 pub async fn meta_get(ctx: &Context, key: Option<String>, stale: bool) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let m = client.call(&to, MetaGet { key, stale }).await?;
-    client.endpoint().close().await;
+    let m = call(ctx, MetaGet { key, stale }).await?;
     if ctx.output == Format::Json {
         let map: std::collections::BTreeMap<_, _> = m.entries.into_iter().collect();
         return output::json(&map).map_err(|e| Failure::new(exit::ERROR, e));
@@ -295,29 +277,22 @@ pub async fn user_add(
     tenant: Option<String>,
 ) -> Result<(), Failure> {
     let key: EndpointKey = key.parse().map_err(|e| Failure::new(exit::USAGE, e))?;
-    let (client, to) = client(ctx).await?;
-    let r = client
-        .call(
-            &to,
-            UserAdd {
-                name: name.clone(),
-                key,
-                roles: roles.clone(),
-                tenant: tenant.clone(),
-            },
-        )
-        .await;
-    client.endpoint().close().await;
-    r?;
+    call(
+        ctx,
+        UserAdd {
+            name: name.clone(),
+            key,
+            roles: roles.clone(),
+            tenant: tenant.clone(),
+        },
+    )
+    .await?;
     let result = json!({ "name": name, "key": key.to_string(), "roles": roles, "tenant": tenant });
     applied(ctx, result, format!("user {name} added"))
 }
 
 pub async fn user_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let r = client.call(&to, UserList { stale }).await;
-    client.endpoint().close().await;
-    let users = r?.users;
+    let users = call(ctx, UserList { stale }).await?.users;
     if ctx.output == Format::Json {
         return output::json(&users).map_err(|e| Failure::new(exit::ERROR, e));
     }
@@ -338,36 +313,26 @@ pub async fn user_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
 
 pub async fn user_set_key(ctx: &Context, name: String, key: &str) -> Result<(), Failure> {
     let key: EndpointKey = key.parse().map_err(|e| Failure::new(exit::USAGE, e))?;
-    let (client, to) = client(ctx).await?;
-    let r = client
-        .call(
-            &to,
-            blixard_net::api::UserSetKey {
-                name: name.clone(),
-                key,
-            },
-        )
-        .await;
-    client.endpoint().close().await;
-    r?;
+    call(
+        ctx,
+        blixard_net::api::UserSetKey {
+            name: name.clone(),
+            key,
+        },
+    )
+    .await?;
     let text = format!("user {name} now has key {key}; the old key is no longer accepted");
     applied(ctx, json!({ "name": name, "key": key.to_string() }), text)
 }
 
 pub async fn user_rm(ctx: &Context, name: String) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let r = client.call(&to, UserRemove { name: name.clone() }).await;
-    client.endpoint().close().await;
-    r?;
+    call(ctx, UserRemove { name: name.clone() }).await?;
     let text = format!("user {name} removed");
     applied(ctx, json!({ "name": name, "removed": true }), text)
 }
 
 pub async fn policy_show(ctx: &Context) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let r = client.call(&to, PolicyGet {}).await;
-    client.endpoint().close().await;
-    let p = r?;
+    let p = call(ctx, PolicyGet {}).await?;
     if ctx.output == Format::Json {
         return output::json(&p).map_err(|e| Failure::new(exit::ERROR, e));
     }
@@ -399,19 +364,15 @@ pub async fn policy_test(
     action: String,
     resource: String,
 ) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let r = client
-        .call(
-            &to,
-            PolicyTest {
-                principal,
-                action: action.clone(),
-                resource: resource.clone(),
-            },
-        )
-        .await;
-    client.endpoint().close().await;
-    let v = r?;
+    let v = call(
+        ctx,
+        PolicyTest {
+            principal,
+            action: action.clone(),
+            resource: resource.clone(),
+        },
+    )
+    .await?;
     if ctx.output == Format::Json {
         return output::json(&v).map_err(|e| Failure::new(exit::ERROR, e));
     }

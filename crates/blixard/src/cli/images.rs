@@ -11,7 +11,7 @@ use clap::Subcommand;
 
 use super::delivery::print_pulled;
 use super::format::{self as output, count, human_bytes, Format};
-use super::{client, fail, Context};
+use super::{call, client, fail, Context};
 use blixard_node::exit::{self, Failure};
 
 #[derive(Subcommand, Debug)]
@@ -131,10 +131,7 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
             Ok(())
         }
         ImageCommand::List { stale } => {
-            let (client, to) = client(ctx).await?;
-            let r = client.call(&to, ImageList { stale }).await;
-            client.endpoint().close().await;
-            let images = r?.images;
+            let images = call(ctx, ImageList { stale }).await?.images;
             if ctx.output == Format::Json {
                 return output::json(&images).map_err(fail);
             }
@@ -161,10 +158,7 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
             Ok(())
         }
         ImageCommand::Show { name, stale } => {
-            let (client, to) = client(ctx).await?;
-            let r = client.call(&to, ImageShow { name, stale }).await;
-            client.endpoint().close().await;
-            let d = r?;
+            let d = call(ctx, ImageShow { name, stale }).await?;
             if ctx.output == Format::Json {
                 return output::json(&d).map_err(fail);
             }
@@ -228,18 +222,12 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
         ImageCommand::Pin { name } => pin(ctx, name, true).await,
         ImageCommand::Unpin { name } => pin(ctx, name, false).await,
         ImageCommand::Rm { name } => {
-            let (client, to) = client(ctx).await?;
-            let r = client.call(&to, ImageRemove { name: name.clone() }).await;
-            client.endpoint().close().await;
-            r?;
+            call(ctx, ImageRemove { name: name.clone() }).await?;
             let result = serde_json::json!({ "image": name, "removed": true });
             super::applied(ctx, result, format!("image {name} removed"))
         }
         ImageCommand::CacheKey => {
-            let (client, to) = client(ctx).await?;
-            let r = client.call(&to, CacheKeyGet {}).await;
-            client.endpoint().close().await;
-            let k = r?;
+            let k = call(ctx, CacheKeyGet {}).await?;
             if ctx.output == Format::Json {
                 return output::json(&k).map_err(fail);
             }
@@ -259,18 +247,14 @@ pub async fn run(ctx: &Context, cmd: ImageCommand) -> Result<(), Failure> {
 }
 
 async fn pin(ctx: &Context, name: String, pinned: bool) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let r = client
-        .call(
-            &to,
-            ImagePin {
-                name: name.clone(),
-                pinned,
-            },
-        )
-        .await;
-    client.endpoint().close().await;
-    let image = r?;
+    let image = call(
+        ctx,
+        ImagePin {
+            name: name.clone(),
+            pinned,
+        },
+    )
+    .await?;
     let result = serde_json::to_value(&image.image).map_err(super::fail)?;
     let text = format!(
         "image {name} {}",

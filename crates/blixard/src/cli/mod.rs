@@ -218,6 +218,18 @@ async fn client_to(ctx: &Context, to: EndpointAddr) -> Result<(ApiClient, Endpoi
     Ok((ApiClient::new(ep, None, ctx.timeout), to))
 }
 
+/// Sends one request to the node `ctx` names, and closes the connection whatever the
+/// answer.
+pub async fn call<R: blixard_net::api::Rpc>(
+    ctx: &Context,
+    request: R,
+) -> Result<R::Response, Failure> {
+    let (client, to) = client(ctx).await?;
+    let r = client.call(&to, request).await;
+    client.endpoint().close().await;
+    Ok(r?)
+}
+
 /// [`format::applied`] for `ctx`: a write's result, as JSON or a confirmation.
 pub fn applied(
     ctx: &Context,

@@ -9,7 +9,7 @@ use clap::Subcommand;
 
 use super::format::{self as output, human_bytes, Format};
 use super::parse::parse_mib;
-use super::{client, fail, Context};
+use super::{call, client, fail, Context};
 use blixard_node::exit::Failure;
 
 #[derive(Subcommand, Debug)]
@@ -129,10 +129,7 @@ pub async fn quota(ctx: &Context, cmd: QuotaCommand) -> Result<(), Failure> {
 }
 
 pub async fn node_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let r = client.call(&to, NodeList { stale }).await;
-    client.endpoint().close().await;
-    let nodes = r?.nodes;
+    let nodes = call(ctx, NodeList { stale }).await?.nodes;
     if ctx.output == Format::Json {
         return output::json(&nodes).map_err(fail);
     }
@@ -170,10 +167,7 @@ pub async fn node_list(ctx: &Context, stale: bool) -> Result<(), Failure> {
 }
 
 pub async fn node_stats(ctx: &Context) -> Result<(), Failure> {
-    let (client, to) = client(ctx).await?;
-    let r = client.call(&to, NodeStatsRequest {}).await;
-    client.endpoint().close().await;
-    let s = r?;
+    let s = call(ctx, NodeStatsRequest {}).await?;
     if ctx.output == Format::Json {
         return output::json(&s).map_err(fail);
     }
