@@ -105,11 +105,14 @@ impl Events {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         let mut newest = self.newest.subscribe();
         loop {
+            // The newest index is taken before the read: an event pushed after the read
+            // is then newer than `seen` and wakes the wait, where taking it after the read
+            // would count it as seen and sleep past it until the deadline.
+            let seen = *newest.borrow_and_update();
             let list = self.read(after, topics);
             if after.is_none() || !list.events.is_empty() || list.gap.is_some() {
                 return list;
             }
-            let seen = *newest.borrow_and_update();
             let more = newest.wait_for(|n| *n > seen);
             if tokio::time::timeout_at(deadline, more).await.is_err() {
                 return self.read(after, topics);
