@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::Instrument as _;
 
-use blixard_core::{
-    ApplyError, ClusterId, Command, CommandOutput, EndpointKey, NodeId, RequestId, State,
-};
+use blixard_core::{ClusterId, Command, CommandOutput, EndpointKey, NodeId, RequestId, State};
 use blixard_net::api::{ApiError, ProgressSink, Request, ResponseFrame};
 use blixard_net::client::ApiClient;
 use blixard_net::raft_transport::PeerVersions;
@@ -175,15 +173,9 @@ impl ClusterHandle {
         // A command newer than the cluster version is never proposed: a member that
         // cannot decode it would stop at it (`apply` refuses it too, should a proposal
         // race a version change; the version only ever goes up).
-        let cluster = self.state().cluster_version();
-        if command.since() > cluster && !matches!(command, Command::SetClusterVersion { .. }) {
-            let refused = ApplyError::NeedsVersion {
-                kind: command.kind().to_string(),
-                needs: command.since(),
-                cluster,
-            };
-            return Err(ApiError::Rejected(refused.to_string()));
-        }
+        self.state()
+            .admits_version(&command)
+            .map_err(|refused| ApiError::Rejected(refused.to_string()))?;
         let span = tracing::info_span!(
             target: blixard_net::trace::TARGET,
             "propose",

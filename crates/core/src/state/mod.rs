@@ -116,14 +116,7 @@ impl State {
         if !matches!(command, Command::Bootstrap { .. }) && self.cluster().is_none() {
             return Err(ApplyError::NotBootstrapped);
         }
-        let cluster = self.cluster_version();
-        if command.since() > cluster && !matches!(command, Command::SetClusterVersion { .. }) {
-            return Err(ApplyError::NeedsVersion {
-                kind: command.kind().to_string(),
-                needs: command.since(),
-                cluster,
-            });
-        }
+        self.admits_version(command)?;
         match command {
             Command::Noop => Ok(CommandOutput::Done),
             // The cluster and its members (members.rs).
@@ -225,6 +218,21 @@ impl State {
                 Ok(CommandOutput::Done)
             }
         }
+    }
+
+    /// Refuses a command newer than the cluster version ([`Command::since`]), which a
+    /// member may not be able to decode. `SetClusterVersion` itself is how the version
+    /// rises, and is always admitted (it only ever raises it).
+    pub fn admits_version(&self, command: &Command) -> Result<(), ApplyError> {
+        let cluster = self.cluster_version();
+        if command.since() > cluster && !matches!(command, Command::SetClusterVersion { .. }) {
+            return Err(ApplyError::NeedsVersion {
+                kind: command.kind().to_string(),
+                needs: command.since(),
+                cluster,
+            });
+        }
+        Ok(())
     }
 
     /// The cluster version: the log version every member applies (1 until the leader
