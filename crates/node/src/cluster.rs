@@ -151,9 +151,10 @@ impl ClusterHandle {
 
     /// Waits until this node has applied everything committed when it asked (a ReadIndex
     /// round), unless `stale`.
+    ///
     /// A node that knows no leader yet (it has just started, or an election is on) waits
-    /// up to [`LEADER_WAIT`] (within the write timeout) for one first: a script that starts a node and reads from it
-    /// gets an answer, not "no leader".
+    /// up to [`LEADER_WAIT`] (within the write timeout) for one first: a script that
+    /// starts a node and reads from it gets an answer, not "no leader".
     pub async fn barrier(&self, stale: bool) -> Result<(), ApiError> {
         if stale {
             return Ok(());

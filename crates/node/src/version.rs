@@ -14,7 +14,6 @@
 //! in its raft hello, that it applies a newer one.
 
 use blixard_core::{Command, MemberStatus, LOG_VERSION};
-use blixard_net::raft_transport::PeerVersions;
 
 use crate::cluster::ClusterHandle;
 use crate::gate::Gate;
@@ -41,9 +40,9 @@ pub fn log_version() -> Result<u32, String> {
 }
 
 /// The cluster version the members allow now: the lowest log version among the active
-/// members, this node's own being `mine`. A member whose hello said nothing of it (a
-/// release before the cluster version) or that has not been heard from counts as 1.
-pub fn allowed(cluster: &ClusterHandle, versions: &PeerVersions, mine: u32) -> u32 {
+/// members, this node's own included. A member whose hello said nothing of it (a release
+/// before the cluster version) or that has not been heard from counts as 1.
+pub fn allowed(cluster: &ClusterHandle) -> u32 {
     let me = cluster.me();
     let state = cluster.state();
     state
@@ -51,13 +50,13 @@ pub fn allowed(cluster: &ClusterHandle, versions: &PeerVersions, mine: u32) -> u
         .filter(|m| m.status == MemberStatus::Active)
         .map(|m| {
             if m.id == me {
-                mine
+                cluster.log_version
             } else {
-                versions.log_version(m.id).unwrap_or(1)
+                cluster.versions.log_version(m.id).unwrap_or(1)
             }
         })
         .min()
-        .unwrap_or(mine)
+        .unwrap_or(cluster.log_version)
 }
 
 /// On the leader: raises the cluster version to what every member allows, if that is
@@ -65,7 +64,7 @@ pub fn allowed(cluster: &ClusterHandle, versions: &PeerVersions, mine: u32) -> u
 pub async fn raise(gate: &Gate) -> Result<(), String> {
     let cluster = &gate.cluster;
     let now = cluster.state().cluster_version();
-    let allowed = allowed(cluster, &cluster.versions, cluster.log_version);
+    let allowed = allowed(cluster);
     if allowed <= now {
         return Ok(());
     }

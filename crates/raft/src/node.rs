@@ -83,8 +83,8 @@ pub struct NodeStatus {
 type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
 
 enum Input {
-    /// A command and the trace context of its caller ([`EntryTracing::context`]).
-    /// A command, its trace context, the reply, and when to give up on it.
+    /// A command, the trace context of its caller ([`EntryTracing::context`]), the reply,
+    /// and when to answer it anyway ([`RaftNode::propose_within`]).
     Propose(Command, Vec<u8>, Reply<CommandOutput>, Option<Instant>),
     Join(JoinRequest, Reply<CommandOutput>),
     Remove(NodeId, u64, Reply<CommandOutput>),
@@ -236,13 +236,7 @@ impl RaftNode {
     /// Proposes a command and waits until it is committed and applied here; returns the
     /// result of `apply`. Callers bound the wait with a timeout.
     pub async fn propose(&self, command: Command) -> Result<CommandOutput, ProposeError> {
-        let context = self
-            .tracing
-            .as_ref()
-            .map(|t| t.context())
-            .unwrap_or_default();
-        self.ask(|r| Input::Propose(command, context, r, None))
-            .await
+        self.propose_by(command, None).await
     }
 
     /// [`Self::propose`], answered by `within` at the latest: with
@@ -254,13 +248,21 @@ impl RaftNode {
         command: Command,
         within: Duration,
     ) -> Result<CommandOutput, ProposeError> {
+        self.propose_by(command, Some(Instant::now() + within))
+            .await
+    }
+
+    async fn propose_by(
+        &self,
+        command: Command,
+        deadline: Option<Instant>,
+    ) -> Result<CommandOutput, ProposeError> {
         let context = self
             .tracing
             .as_ref()
             .map(|t| t.context())
             .unwrap_or_default();
-        let deadline = Instant::now() + within;
-        self.ask(|r| Input::Propose(command, context, r, Some(deadline)))
+        self.ask(|r| Input::Propose(command, context, r, deadline))
             .await
     }
 
