@@ -976,6 +976,12 @@ fn writes_answer_one_json_object_and_console_lines_are_json_lines() {
     assert_eq!(lines[0]["line"], "first line", "{lines:?}");
     assert_eq!(lines[1]["line"], "second \"quoted\" line", "{lines:?}");
     assert_eq!(lines[0]["vm"], "web");
+    // A drain that waits prints one object too: what it applied and where the VMs went
+    // (here nowhere: there is no other host).
+    let drained = write(&["node", "drain", "1", "--wait", "--wait-timeout", "60"]);
+    assert_eq!(drained["moved"][0], "default/web", "{drained}");
+    assert_eq!(drained["vms"][0]["spec"]["name"], "web", "{drained}");
+    write(&["node", "undrain", "1"]);
     assert_eq!(write(&["vm", "delete", "web"])["deleted"], true);
     assert_eq!(write(&["image", "rm", "talker"])["removed"], true);
 }

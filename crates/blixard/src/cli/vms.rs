@@ -542,22 +542,24 @@ pub async fn drain(
     let (client, to) = client(ctx).await?;
     let result = async {
         let moved = client.call(&to, NodeDrain { node, drained }).await?.moved;
+        // With --output json, one object at the end: what was applied and, after a
+        // --wait, where the moved VMs are.
         let json = ctx.output == Format::Json;
-        if json {
-            let result = serde_json::json!({ "node": node, "drained": drained, "moved": moved });
-            super::applied(ctx, result, "")?;
-        }
-        if !drained {
-            if !json {
+        let done = |vms: Option<&[Vm]>| {
+            let result = serde_json::json!({
+                "node": node, "drained": drained, "moved": moved, "vms": vms,
+            });
+            super::applied(ctx, result, "")
+        };
+        if !json {
+            if drained {
+                out!("node {node} drained; moving {} VMs", moved.len());
+            } else {
                 out!("node {node} takes VMs again");
             }
-            return Ok(());
         }
-        if !json {
-            out!("node {node} drained; moving {} VMs", moved.len());
-        }
-        let Some(within) = wait else {
-            return Ok(());
+        let Some(within) = wait.filter(|_| drained) else {
+            return if json { done(None) } else { Ok(()) };
         };
         let deadline = Instant::now() + within;
         loop {
@@ -587,14 +589,16 @@ pub async fn drain(
                 })
                 .collect();
             if waiting.is_empty() {
-                print_vms(
-                    ctx,
-                    &vms.iter()
-                        .filter(|v| moved.contains(&v.id()))
-                        .cloned()
-                        .collect::<Vec<_>>(),
-                )?;
-                return Ok(());
+                let placed: Vec<Vm> = vms
+                    .iter()
+                    .filter(|v| moved.contains(&v.id()))
+                    .cloned()
+                    .collect();
+                return if json {
+                    done(Some(&placed))
+                } else {
+                    print_vms(ctx, &placed)
+                };
             }
             if Instant::now() > deadline {
                 let names: Vec<String> = waiting
