@@ -320,6 +320,8 @@ fn a_lost_majority_comes_back_with_force_new_cluster() {
 
 /// Makes a node act as the release before the cluster version (log version 1).
 const OLD: &str = "BLIXARD_TEST_LOG_VERSION";
+/// The log version of this build.
+const NOW: u32 = blixard_core::LOG_VERSION;
 
 /// The versions part of `cluster status`, as `node` answers.
 fn versions(node: &Node) -> Value {
@@ -351,7 +353,7 @@ fn a_rolling_upgrade_raises_the_cluster_version_once_every_member_runs_it() {
         assert_eq!(c.nodes[i].stop(), 0);
         c.nodes[i].env.clear();
         let outs = run("upgrade-member", &mut c.nodes[i], &[]);
-        let me = format!("{} (log 2)", env!("CARGO_PKG_VERSION"));
+        let me = format!("{} (log {NOW})", env!("CARGO_PKG_VERSION"));
         assert!(outs[1].contains(&me), "{}", outs[1]);
         c.nodes[i].wait_knows_leader(Duration::from_secs(30));
         // Writes go on through the upgrade.
@@ -362,21 +364,25 @@ fn a_rolling_upgrade_raises_the_cluster_version_once_every_member_runs_it() {
     }
     // The last member is back: the leader raises the cluster version.
     for n in &c.nodes {
-        wait_for("cluster version 2", Duration::from_secs(30), || {
-            let v = versions(n);
-            if v["cluster"] == 2 {
-                Ok(())
-            } else {
-                Err(v.to_string())
-            }
-        });
+        wait_for(
+            "the current cluster version",
+            Duration::from_secs(30),
+            || {
+                let v = versions(n);
+                if v["cluster"] == NOW {
+                    Ok(())
+                } else {
+                    Err(v.to_string())
+                }
+            },
+        );
     }
     let leader = c.leader();
     let v = versions(&c.nodes[leader]);
     let members = v["members"].as_array().unwrap();
     assert_eq!(members.len(), 2, "{v}");
     for m in members {
-        assert_eq!(m[1]["log"], 2, "{v}");
+        assert_eq!(m[1]["log"], NOW, "{v}");
         assert_eq!(m[1]["release"], env!("CARGO_PKG_VERSION"), "{v}");
     }
     c.nodes[leader].cli_ok(&["tenant", "rm", "old"]);
@@ -388,14 +394,16 @@ fn a_rolling_upgrade_raises_the_cluster_version_once_every_member_runs_it() {
 #[test]
 fn a_release_older_than_the_cluster_version_stops_rather_than_diverge() {
     let mut c = Cluster::start(2, &[]);
-    assert_eq!(versions(&c.nodes[0])["cluster"], 2);
+    assert_eq!(versions(&c.nodes[0])["cluster"], NOW);
     // A rollback below the cluster version is refused at start, naming both.
     assert_eq!(c.nodes[1].stop(), 0);
     c.nodes[1].env = vec![(OLD.into(), "1".into())];
     let (code, log) = c.nodes[1].try_start(&[]).unwrap_err();
     assert_eq!(code, Some(7), "{log}");
     assert!(
-        log.contains("runs at cluster version 2, and this blixard applies log version 1"),
+        log.contains(&format!(
+            "runs at cluster version {NOW}, and this blixard applies log version 1"
+        )),
         "{log}"
     );
     // On the current release again, it is a member and catches up.
@@ -457,8 +465,20 @@ fn a_data_dir_of_an_earlier_release_opens_keeps_its_state_and_serves() {
     n.start(&[]);
     let s = json(&n, &["cluster", "status"]);
     assert_eq!(s["name"], "fixture", "{s}");
-    assert_eq!(s["versions"]["cluster"], 2, "{s}");
     assert_eq!(s["members"].as_array().unwrap().len(), 1, "{s}");
+    // Its only member now runs this release: the cluster version rises to it.
+    wait_for(
+        "the current cluster version",
+        Duration::from_secs(30),
+        || {
+            let v = versions(&n);
+            if v["cluster"] == NOW {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    );
     // Every kind of state it was written with.
     assert_eq!(meta_get(&n, "owner"), "ops");
     let q = json(&n, &["quota", "show", "acme"]);
@@ -552,4 +572,218 @@ fn a_lost_host_is_replaced_by_a_new_one() {
         outs[0]
     );
     assert!(outs[1].contains("raft"), "{}", outs[1]);
+}
+
+/// Sends `sig` (`STOP`, `CONT`) to a node's daemon.
+fn signal(node: &Node, sig: &str) {
+    let pid = node.pid().unwrap().to_string();
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{sig} {pid}");
+}
+
+/// The raft configuration as `node` sees it, linearizably: (voters, learners).
+fn configuration(node: &Node) -> Result<(Vec<u64>, Vec<u64>), String> {
+    let s = node.status(false)?;
+    let ids = |k: &str| -> Vec<u64> {
+        s["raft"][k]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    Ok((ids("voters"), ids("learners")))
+}
+
+/// Waits until `node` sees `voters` and `learners`, and the members' roles agree.
+fn wait_configuration(node: &Node, voters: &[u64], learners: &[u64]) {
+    let what = format!("voters {voters:?} and learners {learners:?}");
+    wait_for(&what, Duration::from_secs(30), || {
+        let (v, l) = configuration(node)?;
+        let s = node.status(false)?;
+        let roles_agree = s["members"].as_array().is_some_and(|ms| {
+            ms.iter().all(|m| {
+                let id = m["id"].as_u64().unwrap_or(0);
+                let want = if learners.contains(&id) {
+                    "Learner"
+                } else {
+                    "Voter"
+                };
+                m["role"] == want && m["status"] == "Active"
+            })
+        });
+        if v == voters && l == learners && roles_agree {
+            Ok(())
+        } else {
+            Err(format!("{v:?} / {l:?}: {}", s["members"]))
+        }
+    });
+}
+
+/// A write through `node`, expected to fail: its exit code.
+fn failed_write(node: &Node, key: &str) -> i32 {
+    let out = node.cli(&["cluster", "meta", "set", key, "x"]);
+    assert!(!out.status.success(), "{key} was written");
+    out.status.code().unwrap_or(-1)
+}
+
+#[test]
+fn learners_replicate_and_serve_but_never_vote() {
+    let zone = |n: &mut Node| n.extra = vec!["--label".into(), "zone=a".into()];
+    let mut c = Cluster::start_each(3, zone);
+    // Two learners in another site, by the doc's procedures.
+    for i in 4..=5 {
+        let mut node = Node::new(c.root.path(), &format!("n{i}"));
+        let ticket = run("learner-token", &mut c.nodes[0], &[]).remove(0);
+        let outs = run("learner-join", &mut node, &[("TICKET", ticket.trim())]);
+        // Listed at once (as joining until it has caught up).
+        let me = format!("n{i} ");
+        let row = outs[1]
+            .lines()
+            .find(|l| l.starts_with(&me))
+            .unwrap_or_default();
+        assert!(row.contains("zone=b"), "{}", outs[1]);
+        c.nodes.push(node);
+    }
+    wait_configuration(&c.nodes[0], &[1, 2, 3], &[4, 5]);
+    // They stay learners (the leader promotes plain joiners within a tick or two).
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(2) {
+        assert_eq!(configuration(&c.nodes[0]).unwrap().1, [4, 5]);
+    }
+    // A learner hosts VMs: one kept in zone b runs on a learner.
+    let _runners = Reaper(c.root.path().to_path_buf());
+    import_runner(&c.nodes[0], c.root.path(), "sleeper", "exec sleep 600");
+    c.nodes[0].cli_ok(&[
+        "vm",
+        "create",
+        "far",
+        "--image",
+        "sleeper",
+        "--memory",
+        "64",
+        "--constraint",
+        "zone=b",
+    ]);
+    let far = wait_running(&c.nodes[0], "far", &[]);
+    assert!(far["node"] == 4 || far["node"] == 5, "{far}");
+    let n4 = json(&c.nodes[3], &["node", "list", "--stale"]);
+    let b = n4
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["member"]["id"] == 4)
+        .cloned()
+        .unwrap();
+    assert_eq!(b["member"]["labels"]["zone"], "b", "{b}");
+
+    // Writes commit while both learners are cut off; they catch up and serve them.
+    signal(&c.nodes[3], "STOP");
+    signal(&c.nodes[4], "STOP");
+    c.nodes[0].cli_ok(&["cluster", "meta", "set", "cut", "off"]);
+    c.nodes[1].cli_ok(&["cluster", "meta", "set", "still", "writing"]);
+    signal(&c.nodes[3], "CONT");
+    signal(&c.nodes[4], "CONT");
+    for learner in &c.nodes[3..] {
+        wait_for("the learner to catch up", Duration::from_secs(30), || {
+            let m = learner.meta(true)?;
+            if m["still"] == "writing" {
+                Ok(())
+            } else {
+                Err(m.to_string())
+            }
+        });
+    }
+    // A learner answers linearizable reads and takes writes too (asking the leader).
+    c.nodes[4].cli_ok(&["cluster", "meta", "set", "via", "learner"]);
+    assert_eq!(meta_get(&c.nodes[3], "via"), "learner");
+
+    // Two voters of three gone: no quorum, however many learners run; and no learner
+    // takes the lead.
+    let leader = c.leader();
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for &i in &others {
+        c.nodes[i].kill9();
+    }
+    let code = failed_write(&c.nodes[leader], "no-quorum");
+    assert!(code == 6 || code == 10, "exit {code}");
+    let code = failed_write(&c.nodes[3], "no-quorum");
+    assert!(code == 6 || code == 10, "exit {code}");
+    for learner in &c.nodes[3..] {
+        let s = learner.status(true).unwrap();
+        assert_ne!(s["raft"]["role"], "leader", "{s}");
+        assert_ne!(s["raft"]["role"], "candidate", "{s}");
+    }
+    for &i in &others {
+        c.nodes[i].start(&[]);
+    }
+    c.leader();
+    c.nodes[0].cli_ok(&["cluster", "meta", "set", "quorum", "back"]);
+
+    // A learner that has fallen behind is not promoted.
+    signal(&c.nodes[4], "STOP");
+    for i in 0..70 {
+        c.nodes[0].cli_ok(&["cluster", "meta", "set", "behind", &i.to_string()]);
+    }
+    let out = c.nodes[0].cli(&["cluster", "promote", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("node 5 has not caught up with the leader"),
+        "{err}"
+    );
+    signal(&c.nodes[4], "CONT");
+
+    // Promote one learner, by the doc's procedure (a joint configuration change).
+    let outs = run("promote", &mut c.nodes[0], &[("NODE", "4")]);
+    let row = outs[1]
+        .lines()
+        .find(|l| l.starts_with("n4 "))
+        .unwrap_or_default();
+    assert!(row.contains("voter"), "{}", outs[1]);
+    wait_configuration(&c.nodes[0], &[1, 2, 3, 4], &[5]);
+    // Through a joint configuration, which the leader left.
+    let leader = c.leader();
+    let log = c.nodes[leader].log();
+    let joint = log
+        .find("entered a joint configuration")
+        .unwrap_or_else(|| panic!("no joint configuration in {log}"));
+    assert!(
+        log[joint..].contains("left the joint configuration"),
+        "{log}"
+    );
+    let again = c.nodes[0].cli(&["cluster", "promote", "4"]);
+    assert_eq!(again.status.code(), Some(5), "already a voter");
+    // Demote it again: it stays a learner.
+    let out = json(&c.nodes[2], &["cluster", "demote", "4"]);
+    assert_eq!(out, serde_json::json!({"node": 4, "role": "learner"}));
+    wait_configuration(&c.nodes[0], &[1, 2, 3], &[4, 5]);
+
+    // The leader demoted (asked through a follower, which hands the request to it): it
+    // hands its leadership on first, and the new leader makes the change.
+    let leader = c.leader();
+    let id = (leader + 1).to_string();
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    run("demote", &mut c.nodes[follower], &[("NODE", &id)]);
+    let voters: Vec<u64> = (1..=3).filter(|n| *n != leader as u64 + 1).collect();
+    let mut learners = vec![leader as u64 + 1, 4, 5];
+    learners.sort_unstable();
+    let other = voters[0] as usize - 1;
+    wait_configuration(&c.nodes[other], &voters, &learners);
+    assert_ne!(c.leader(), leader);
+    // Two voters now: both are needed. Promote the old leader back.
+    c.nodes[other].cli_ok(&["cluster", "promote", &id]);
+    wait_configuration(&c.nodes[other], &[1, 2, 3], &[4, 5]);
+
+    // The voters' site lost for good: a learner holds the whole state and brings the
+    // cluster back as its only voter.
+    for i in 0..3 {
+        c.nodes[i].kill9();
+    }
+    assert_eq!(c.nodes[4].stop(), 0);
+    run("force-new-cluster", &mut c.nodes[4], &[]);
+    wait_configuration(&c.nodes[4], &[5], &[]);
+    assert_eq!(meta_get(&c.nodes[4], "quorum"), "back");
+    c.nodes[4].cli_ok(&["cluster", "meta", "set", "after", "site-loss"]);
 }

@@ -198,6 +198,12 @@ fn every_request(who: &str) -> Vec<Request> {
             wait_ms: 0,
         }
         .into(),
+        blixard_net::api::LearnerTokenCreate { ttl_secs: 60 }.into(),
+        blixard_net::api::RoleSet {
+            node: NodeId(99),
+            role: blixard_core::MemberRole::Voter,
+        }
+        .into(),
     ]
 }
 
@@ -275,8 +281,9 @@ async fn authorization_matrix_on_a_real_cluster() {
     //            VCreate VList VShow VControl VDelete VLogs NDrain NStats Backup TRm
     //            KList KRevoke Events (every tenant's changes: admins and unbound
     //            viewers and operators only; all the users here but the admin are bound)
+    //            LearnerToken RoleSet
     let (t, f) = (true, false);
-    let expect: [(&str, SecretKey, [bool; 39]); 7] = [
+    let expect: [(&str, SecretKey, [bool; 41]); 7] = [
         (
             "anonymous",
             SecretKey::generate(),
@@ -284,7 +291,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -294,7 +301,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 f, f, f, f, t, f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
                 f, f, f, f, f, f, f, //
-                f, f, f, f, f, f, f, f, f, f, f, f, f,
+                f, f, f, f, f, f, f, f, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -304,7 +311,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f, t, f, f, f, f, f,
+                f, t, t, f, f, t, f, t, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -314,7 +321,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, f, t, f, f, //
-                t, t, f, f, f, f, f, t, f, f, f, f, f,
+                t, t, f, f, f, f, f, t, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -324,7 +331,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, t, f, f, f, //
                 t, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                t, t, t, t, t, t, f, t, f, f, f, f, f,
+                t, t, t, t, t, t, f, t, f, f, f, f, f, f, f,
             ],
         ),
         (
@@ -334,7 +341,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, t, t, t, t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
                 t, t, t, t, t, t, t, //
-                t, t, t, t, t, t, t, t, t, t, t, t, t,
+                t, t, t, t, t, t, t, t, t, t, t, t, t, t, t,
             ],
         ),
         (
@@ -344,7 +351,7 @@ async fn authorization_matrix_on_a_real_cluster() {
                 t, t, f, f, t, f, f, f, f, f, f, f, //
                 f, t, t, f, f, f, t, //
                 f, t, f, t, t, f, f, //
-                f, t, t, f, f, t, f, t, f, f, f, f, f,
+                f, t, t, f, f, t, f, t, f, f, f, f, f, f, f,
             ],
         ),
     ];

@@ -476,6 +476,65 @@ fn quotas_constraints_anti_affinity_and_drain() {
         "{stuck}"
     );
     assert_eq!(show(n1, "p3")["phase"], "pending");
+    // A group spread over zones: one VM per zone (a: n1, b: n2 and n3), the third waits.
+    for name in ["z0", "z1", "z2"] {
+        n1.cli_ok(&[
+            "vm",
+            "create",
+            name,
+            "--image",
+            "sleeper",
+            "--memory",
+            "64",
+            "--anti-affinity",
+            "zp",
+            "--spread-over",
+            "zone",
+        ]);
+    }
+    let placed = wait_for(
+        "two of the zone group placed",
+        Duration::from_secs(20),
+        || {
+            let hosts: Vec<usize> = ["z0", "z1", "z2"]
+                .iter()
+                .filter(|n| show(n1, n)["node"].is_u64())
+                .map(|n| node_of(&show(n1, n)))
+                .collect();
+            if hosts.len() == 2 {
+                Ok(hosts)
+            } else {
+                Err(format!("{hosts:?}"))
+            }
+        },
+    );
+    assert!(placed.contains(&0), "one in zone a: {placed:?}");
+    assert!(
+        placed.contains(&1) || placed.contains(&2),
+        "one in zone b: {placed:?}"
+    );
+    let waiting = ["z0", "z1", "z2"]
+        .into_iter()
+        .find(|n| !show(n1, n)["node"].is_u64())
+        .unwrap();
+    let why = wait_for(
+        "the third's reason",
+        Duration::from_secs(20),
+        || match show(n1, waiting)["reason"].as_str() {
+            Some(r) if r.contains("zone=") => Ok(r.to_string()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(
+        why.contains("2 hosts: already runs a VM of group zp")
+            && why.contains("1 host: group zp already runs on zone=b"),
+        "{why}"
+    );
+    let text = n1.cli_ok(&["vm", "show", waiting]);
+    assert!(text.contains("anti-affinity: zp (one per zone)"), "{text}");
+    for name in ["z0", "z1", "z2"] {
+        n1.cli_ok(&["vm", "delete", name]);
+    }
     // Too big for any host.
     n1.cli_ok(&[
         "vm", "create", "huge", "--image", "sleeper", "--memory", "8GiB",

@@ -247,6 +247,19 @@ enum ClusterCommand {
         #[arg(value_name = "NODE_ID")]
         id: String,
     },
+    /// Make a learner a voter (a joint configuration change). It must have caught up.
+    Promote {
+        /// The node id (e.g. 4 or n4).
+        #[arg(value_name = "NODE_ID")]
+        id: String,
+    },
+    /// Make a voter a learner that stays one (a joint configuration change): it keeps
+    /// the log, serves stale reads and hosts VMs, but no longer votes.
+    Demote {
+        /// The node id (e.g. 3 or n3).
+        #[arg(value_name = "NODE_ID")]
+        id: String,
+    },
     /// Cluster metadata: small key/value pairs stored in cluster state.
     #[command(subcommand)]
     Meta(MetaCommand),
@@ -285,6 +298,10 @@ enum TokenCommand {
         /// How long the token is valid (e.g. 30s, 10m, 2h).
         #[arg(long, default_value = "10m")]
         ttl: String,
+        /// The node joins as a learner and stays one until `cluster promote`: it
+        /// replicates the log, serves stale reads and hosts VMs, but never votes.
+        #[arg(long)]
+        learner: bool,
     },
     /// List the join tokens: id (the hash of the secret), created, expires, state.
     List {
@@ -446,8 +463,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Node(NodeCommand::Run(args)) => daemon::run(&cli.data_dir, (*args).into()).await,
         Command::Cluster(cmd) => match cmd {
             ClusterCommand::Status(a) => cli::cluster::status(&ctx, a.stale).await,
-            ClusterCommand::Token(TokenCommand::Create { ttl }) => {
-                cli::cluster::token_create(&ctx, &ttl).await
+            ClusterCommand::Token(TokenCommand::Create { ttl, learner }) => {
+                cli::cluster::token_create(&ctx, &ttl, learner).await
             }
             ClusterCommand::Token(TokenCommand::List { stale }) => {
                 cli::cluster::token_list(&ctx, stale).await
@@ -456,6 +473,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 cli::cluster::token_revoke(&ctx, &id).await
             }
             ClusterCommand::Leave { id } => cli::cluster::leave(&ctx, &id).await,
+            ClusterCommand::Promote { id } => {
+                cli::cluster::set_role(&ctx, &id, blixard_core::MemberRole::Voter).await
+            }
+            ClusterCommand::Demote { id } => {
+                cli::cluster::set_role(&ctx, &id, blixard_core::MemberRole::Learner).await
+            }
             ClusterCommand::RotateAdminKey => cli::cluster::rotate_admin_key(&ctx).await,
             ClusterCommand::Meta(MetaCommand::Set { name, value }) => {
                 cli::cluster::meta_set(&ctx, name, Some(value)).await

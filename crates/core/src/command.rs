@@ -18,11 +18,12 @@ use crate::vm::{Desired, Phase, Quota, VmSpec};
 /// |---|---|
 /// | 1 | every command up to `CheckState` (releases before the cluster version existed) |
 /// | 2 | `RemoveTenant`, `RevokeJoinToken`, `SetClusterVersion` |
+/// | 3 | `CreateLearnerToken`, `ChangeRole`; `CreateVm` of a spec that spreads its group over a label |
 ///
 /// A command is proposed only once the cluster version (the lowest log version among its
 /// members, raised by the leader) reaches its `since`: a member that cannot decode it never
 /// meets it. New commands are appended with the next version.
-pub const LOG_VERSION: u32 = 2;
+pub const LOG_VERSION: u32 = 3;
 
 /// A command as it travels through the raft log: who proposed it, so that the proposing
 /// node can hand the result of `apply` back to its caller.
@@ -210,6 +211,16 @@ pub enum Command {
     /// Raises the cluster version: the leader proposes it once every member runs a
     /// blixard that applies this log version. Never lowers it.
     SetClusterVersion { version: u32 },
+    /// Registers a one-time join token whose node joins as a learner and stays one (it
+    /// is not promoted once it catches up) until `cluster promote`.
+    CreateLearnerToken {
+        token_hash: [u8; 32],
+        now_ms: u64,
+        expires_at_ms: u64,
+    },
+    /// `cluster promote` / `cluster demote`: the context of a joint configuration change
+    /// that makes `node` a voter (no longer kept a learner) or a learner that stays one.
+    ChangeRole { node: NodeId, role: MemberRole },
 }
 
 /// What a command changed, as `blixard events` shows it.
@@ -311,6 +322,8 @@ impl Command {
             Command::RemoveTenant { .. } => "remove_tenant",
             Command::RevokeJoinToken { .. } => "revoke_join_token",
             Command::SetClusterVersion { .. } => "set_cluster_version",
+            Command::CreateLearnerToken { .. } => "create_learner_token",
+            Command::ChangeRole { .. } => "change_role",
         }
     }
 
@@ -322,6 +335,8 @@ impl Command {
             Command::RemoveTenant { .. }
             | Command::RevokeJoinToken { .. }
             | Command::SetClusterVersion { .. } => 2,
+            Command::CreateLearnerToken { .. } | Command::ChangeRole { .. } => 3,
+            Command::CreateVm { spec, .. } if spec.spread_over().is_some() => 3,
             _ => 1,
         }
     }
@@ -346,6 +361,11 @@ impl Command {
             Command::CreateJoinToken { .. } => {
                 s(Topic::Cluster, "join-token".into(), "created".into())
             }
+            Command::CreateLearnerToken { .. } => s(
+                Topic::Cluster,
+                "join-token".into(),
+                "created (learner)".into(),
+            ),
             Command::RevokeJoinToken { .. } => {
                 s(Topic::Cluster, "join-token".into(), "revoked".into())
             }
@@ -361,7 +381,7 @@ impl Command {
                 r.member.name.clone(),
                 format!("joined as n{}", r.node),
             ),
-            Command::SetRole { node, role } => s(
+            Command::SetRole { node, role } | Command::ChangeRole { node, role } => s(
                 Topic::Member,
                 format!("n{node}"),
                 format!("now a {role:?}").to_lowercase(),

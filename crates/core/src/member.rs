@@ -32,6 +32,16 @@ pub enum MemberRole {
     Voter,
 }
 
+impl MemberRole {
+    /// `voter` or `learner`, as the CLI shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Learner => "learner",
+            MemberRole::Voter => "voter",
+        }
+    }
+}
+
 /// A member's status as the state machine knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberStatus {

@@ -62,6 +62,8 @@ pub struct Ledger {
     pub drained: BTreeSet<NodeId>,
     /// Hosts the leader has marked down.
     pub down: BTreeSet<NodeId>,
+    /// The hosts' labels, for groups that spread over a label ([`VmSpec::spread_over`]).
+    pub host_labels: BTreeMap<NodeId, BTreeMap<String, String>>,
 }
 
 impl Ledger {
@@ -85,8 +87,8 @@ impl Ledger {
         a.vcpus += u64::from(spec.vcpus);
         a.memory_mib += spec.memory_mib;
         a.vms += 1;
-        if let Some(g) = &spec.anti_affinity {
-            self.groups.entry(g.clone()).or_default().insert(node);
+        if let Some(g) = spec.group() {
+            self.groups.entry(g.to_string()).or_default().insert(node);
         }
     }
 }
@@ -107,6 +109,12 @@ pub enum FitError {
     LacksLabel { key: String, value: String },
     #[error("already runs a VM of group {0}")]
     AntiAffinity(String),
+    /// The VM's group spreads over a node label this host lacks.
+    #[error("lacks label {0} (its group spreads over it)")]
+    LacksSpreadLabel(String),
+    /// Another VM of the group runs on a host with the same value of the label.
+    #[error("group {group} already runs on {label}")]
+    SpreadTaken { group: String, label: String },
     #[error("not enough vCPUs")]
     Vcpus,
     #[error("not enough memory")]
@@ -148,7 +156,7 @@ pub fn fits(
         .get(&member.id)
         .copied()
         .unwrap_or_default();
-    let group = vm.anti_affinity.as_ref().and_then(|g| ledger.groups.get(g));
+    let group = vm.group().and_then(|g| ledger.groups.get(g));
     check(member, vm, used, group, ledger, config)
 }
 
@@ -183,8 +191,28 @@ fn check(
         }
     }
     if group.is_some_and(|hosts| hosts.contains(&member.id)) {
-        let g = vm.anti_affinity.clone().unwrap_or_default();
+        let g = vm.group().unwrap_or_default().to_string();
         return Err(FitError::AntiAffinity(g));
+    }
+    if let Some(label) = vm.spread_over() {
+        let Some(value) = member.labels.get(label) else {
+            return Err(FitError::LacksSpreadLabel(label.to_string()));
+        };
+        let taken = group.is_some_and(|hosts| {
+            hosts.iter().any(|h| {
+                ledger
+                    .host_labels
+                    .get(h)
+                    .and_then(|l| l.get(label))
+                    .is_some_and(|v| v == value)
+            })
+        });
+        if taken {
+            return Err(FitError::SpreadTaken {
+                group: vm.group().unwrap_or_default().to_string(),
+                label: format!("{label}={value}"),
+            });
+        }
     }
     let Capacity { vcpus, memory_mib } = member.capacity;
     if used.vcpus + u64::from(vm.vcpus) > limit(u64::from(vcpus), config.cpu_overcommit_pct) {
@@ -227,7 +255,7 @@ pub fn place<'a>(
     // Grouped by the reason's text, so reasons that read the same count as one.
     let mut reasons: BTreeMap<String, (FitError, u32)> = BTreeMap::new();
     let mut hosts = 0;
-    let group = vm.anti_affinity.as_ref().and_then(|g| ledger.groups.get(g));
+    let group = vm.group().and_then(|g| ledger.groups.get(g));
     for m in members {
         hosts += 1;
         let used = ledger.allocated.get(&m.id).copied().unwrap_or_default();

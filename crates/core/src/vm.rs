@@ -129,12 +129,35 @@ pub struct VmSpec {
     pub labels: BTreeMap<String, String>,
     /// Node labels the host must have, with these values.
     pub constraints: BTreeMap<String, String>,
-    /// VMs of the same group never share a host.
+    /// VMs of the same group never share a host. `GROUP@LABEL` (`--spread-over LABEL`)
+    /// asks for more: this VM shares no value of the node label `LABEL` (e.g. `zone`)
+    /// with the group's other VMs. See [`VmSpec::group`] and [`VmSpec::spread_over`].
     pub anti_affinity: Option<String>,
     pub restart: RestartPolicy,
     /// A line the guest prints on its console once it is ready; without one, a running
     /// VM is as ready as Blixard can tell.
     pub ready_marker: Option<String>,
+}
+
+/// Between an anti-affinity group and the node label it spreads over, in
+/// [`VmSpec::anti_affinity`].
+pub const SPREAD_SEPARATOR: char = '@';
+
+impl VmSpec {
+    /// The VM's anti-affinity group, without the label it spreads over.
+    pub fn group(&self) -> Option<&str> {
+        let g = self.anti_affinity.as_deref()?;
+        Some(g.split_once(SPREAD_SEPARATOR).map_or(g, |(group, _)| group))
+    }
+
+    /// The node label whose values the group's VMs may not share (`--spread-over`).
+    pub fn spread_over(&self) -> Option<&str> {
+        let (_, label) = self
+            .anti_affinity
+            .as_deref()?
+            .split_once(SPREAD_SEPARATOR)?;
+        (!label.is_empty()).then_some(label)
+    }
 }
 
 /// A VM in cluster state.

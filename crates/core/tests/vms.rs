@@ -547,3 +547,84 @@ fn a_tenant_is_removed_only_once_it_owns_nothing() {
         Err(ApplyError::UnknownTenant(_))
     ));
 }
+
+#[test]
+fn a_group_spread_over_zones_takes_one_host_per_zone() {
+    let config = SchedulerConfig::default();
+    // Zone a: nodes 1 and 3; zone b: nodes 2 and 4; node 5 (zone a) unlabelled below.
+    let mut s = cluster(4);
+    let spread = |name: &str| {
+        let mut v = spec(name, 1, 256);
+        v.anti_affinity = Some("db@zone".into());
+        v
+    };
+    assert_eq!(spread("x").group(), Some("db"));
+    assert_eq!(spread("x").spread_over(), Some("zone"));
+    // The first VM of the group pins a host of zone a or b; the second goes to the other
+    // zone, though two more hosts are free in the first.
+    for name in ["z0", "z1", "z2"] {
+        create(&mut s, spread(name)).unwrap();
+    }
+    let a = schedule(&mut s, "acme/z0", &config).unwrap();
+    let b = schedule(&mut s, "acme/z1", &config).unwrap();
+    assert_ne!(a.0 % 2, b.0 % 2, "n{a} and n{b} share a zone");
+    let why = schedule(&mut s, "acme/z2", &config).unwrap_err();
+    assert!(why.contains("group db already runs on zone=a"), "{why}");
+    assert!(why.contains("group db already runs on zone=b"), "{why}");
+
+    // A plain VM of the same group counts against the zone rule, and a host-spread VM of
+    // the group only avoids hosts.
+    let mut plain = spec("host-only", 1, 256);
+    plain.anti_affinity = Some("db".into());
+    create(&mut s, plain).unwrap();
+    let h = schedule(&mut s, "acme/host-only", &config).unwrap();
+    assert!(h != a && h != b);
+
+    // A placement decided elsewhere is re-checked in apply: z2 on a taken zone stays
+    // pending.
+    let generation = s.vm("acme/z2").unwrap().generation;
+    s.apply(&Command::PlaceVm {
+        key: "acme/z2".into(),
+        generation,
+        node: Some(a),
+        reason: None,
+        cpu_overcommit_pct: 100,
+        memory_overcommit_pct: 100,
+        now_ms: 7,
+    })
+    .unwrap_err();
+    assert_eq!(s.vm("acme/z2").unwrap().phase, Phase::Pending);
+
+    // Hosts without the label take none of the group.
+    let mut rack = spec("r0", 1, 256);
+    rack.anti_affinity = Some("web@rack".into());
+    create(&mut s, rack).unwrap();
+    let why = schedule(&mut s, "acme/r0", &config).unwrap_err();
+    assert!(
+        why.contains("4 hosts: lacks label rack (its group spreads over it)"),
+        "{why}"
+    );
+}
+
+#[test]
+fn a_spread_group_needs_cluster_version_3() {
+    let mut s = cluster(2);
+    let mut v = spec("z", 1, 256);
+    v.anti_affinity = Some("db@zone".into());
+    let create = Command::CreateVm {
+        spec: v.clone(),
+        start: true,
+        now_ms: 5,
+        placement: None,
+    };
+    assert_eq!(create.since(), 3);
+    v.anti_affinity = Some("db".into());
+    let plain = Command::CreateVm {
+        spec: v,
+        start: true,
+        now_ms: 5,
+        placement: None,
+    };
+    assert_eq!(plain.since(), 1);
+    assert!(s.apply(&create).is_ok());
+}

@@ -100,6 +100,8 @@ rpcs! {
     TokenList(TokenListRequest) -> TokenEntries;
     TokenRevoke(TokenRevoke) -> TokenRevoked;
     Events(EventsRequest) -> EventList;
+    LearnerTokenCreate(LearnerTokenCreate) -> TokenCreated;
+    RoleSet(RoleSet) -> RoleSetDone;
 }
 
 /// The state changes the answering node applied after `after` (the latest ones without
@@ -393,6 +395,27 @@ pub struct TokenCreate {
 pub struct TokenCreated {
     pub ticket: String,
     pub expires_at_ms: u64,
+}
+
+/// Creates a one-time join token whose node joins as a learner and stays one
+/// (`cluster token create --learner`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnerTokenCreate {
+    pub ttl_secs: u64,
+}
+
+/// `cluster promote` / `cluster demote`: makes a member a voter, or a learner that stays
+/// one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleSet {
+    pub node: NodeId,
+    pub role: blixard_core::MemberRole,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleSetDone {
+    pub node: NodeId,
+    pub role: blixard_core::MemberRole,
 }
 
 /// Lists the join tokens (never their secrets: a token is known by the hash of its

@@ -186,6 +186,8 @@ pub fn action_of(
             ("cluster:read", Resource::Cluster)
         }
         Request::TokenCreate(_)
+        | Request::LearnerTokenCreate(_)
+        | Request::RoleSet(_)
         | Request::TokenList(_)
         | Request::TokenRevoke(_)
         | Request::Leave(_)

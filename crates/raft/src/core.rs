@@ -337,6 +337,11 @@ impl RaftCore {
         self.raw.propose_conf_change(vec![], cc)
     }
 
+    /// Asks `to` to take over the leadership (leader only).
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+    }
+
     pub fn read_index(&mut self, ctx: Vec<u8>) {
         self.raw.read_index(ctx);
     }
@@ -665,13 +670,23 @@ impl RaftCore {
                             why: format!("the configuration change does not decode: {e}"),
                         }
                     })?;
-                    let env: Envelope =
+                    // Leaving a joint configuration carries no command when raft-rs
+                    // proposes it itself (an implicit transition); blixard's own carry
+                    // a no-op.
+                    let env: Envelope = if cc.context.is_empty() && cc.leave_joint() {
+                        Envelope {
+                            proposer: None,
+                            request_id: 0,
+                            command: blixard_core::Command::Noop,
+                        }
+                    } else {
                         decode_versioned(&cc.context).map_err(|e| CoreError::CannotApply {
                             index: entry.index,
                             why: format!(
                                 "its context does not decode: {e}; a newer blixard wrote it?"
                             ),
-                        })?;
+                        })?
+                    };
                     self.check_version(entry.index, &env.command)?;
                     // The state machine and raft must agree: try the state change on a
                     // copy, and commit it only if raft accepts the configuration too.
@@ -679,6 +694,21 @@ impl RaftCore {
                     let result = match trial.apply(&env.command) {
                         Ok(output) => match self.raw.apply_conf_change(&cc) {
                             Ok(cs) => {
+                                let what = if !cs.voters_outgoing.is_empty() {
+                                    "entered a joint configuration"
+                                } else if !self.conf.voters_outgoing.is_empty() {
+                                    "left the joint configuration"
+                                } else {
+                                    "configuration changed"
+                                };
+                                tracing::info!(
+                                    index = entry.index,
+                                    voters = ?cs.voters,
+                                    outgoing = ?cs.voters_outgoing,
+                                    learners = ?cs.learners,
+                                    learners_next = ?cs.learners_next,
+                                    "{what}"
+                                );
                                 *state = trial;
                                 self.conf = cs.clone();
                                 batch.conf_state = Some(cs);

@@ -11,10 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use blixard_core::{
-    ApplyError, Command, CommandOutput, Envelope, JoinRequest, MemberRole, NodeId, State,
+    ApplyError, Command, CommandOutput, Envelope, JoinRequest, MemberRole, MemberStatus, NodeId,
+    State,
 };
 use blixard_store::{Persisted, StoreError};
-use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Message,
+};
 use raft::StateRole;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
@@ -88,6 +91,7 @@ enum Input {
     Propose(Command, Vec<u8>, Reply<CommandOutput>, Option<Instant>),
     Join(JoinRequest, Reply<CommandOutput>),
     Remove(NodeId, u64, Reply<CommandOutput>),
+    ChangeRole(NodeId, MemberRole, Reply<CommandOutput>),
     ReadIndex(Reply<()>),
     Raft(Message),
     /// The store's writer made every `Ready` up to this number durable, or failed.
@@ -161,6 +165,7 @@ impl RaftNode {
             feed_warned: None,
             leader_tx,
             logged_term: 0,
+            activated: HashMap::new(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("raft-{id}"))
@@ -277,6 +282,19 @@ impl RaftNode {
         self.ask(|r| Input::Remove(node, now_ms, r)).await
     }
 
+    /// Makes a member a voter or a learner that stays one (leader only), through a joint
+    /// configuration change. A learner must have caught up with the leader first. The
+    /// leader does not demote itself: it hands its leadership to the voter that is most
+    /// up to date and answers [`ProposeError::NotLeader`] with no leader, to be asked
+    /// again once the new leader is known.
+    pub async fn change_role(
+        &self,
+        node: NodeId,
+        role: MemberRole,
+    ) -> Result<CommandOutput, ProposeError> {
+        self.ask(|r| Input::ChangeRole(node, role, r)).await
+    }
+
     /// Waits until the local state reflects everything committed before the call
     /// (raft's ReadIndex), so that a read that follows is linearizable.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
@@ -329,8 +347,14 @@ fn seed_request_id() -> u64 {
 enum ConfWork {
     Join(JoinRequest, Reply<CommandOutput>),
     Remove(NodeId, u64, Reply<CommandOutput>),
+    /// The leader promotes a learner that caught up (unless the operator keeps it one).
     Promote(NodeId),
+    /// `cluster promote` / `cluster demote`.
+    Role(NodeId, MemberRole, Reply<CommandOutput>),
 }
+
+/// How far behind the leader's commit index a learner may be and count as caught up.
+const CAUGHT_UP_ENTRIES: u64 = 64;
 
 /// Ticks after which an unanswered ReadIndex request is sent again.
 const READ_RETRY_TICKS: u64 = 20;
@@ -389,6 +413,8 @@ struct Worker {
     leader_tx: watch::Sender<u64>,
     /// The term of the last leadership change logged, so each is logged once.
     logged_term: u64,
+    /// Kept learners this leader proposed to mark active, and at which tick.
+    activated: HashMap<u64, u64>,
 }
 
 impl Worker {
@@ -519,6 +545,9 @@ impl Worker {
             Input::Remove(node, now, reply) => self
                 .conf_queue
                 .push_back(ConfWork::Remove(node, now, reply)),
+            Input::ChangeRole(node, role, reply) => {
+                self.conf_queue.push_back(ConfWork::Role(node, role, reply))
+            }
             Input::ReadIndex(reply) => {
                 if self.core.leader_id() == 0 {
                     let _ = reply.send(Err(ProposeError::NoLeader));
@@ -659,21 +688,67 @@ impl Worker {
         if self.core.role() != StateRole::Leader {
             return;
         }
-        // Promote learners that have caught up.
-        let commit = self.core.commit_index();
+        // Promote learners that have caught up; a learner the operator keeps one is
+        // marked active instead, once, so that it takes VMs.
         let learners = self.core.conf_state().learners.clone();
         for id in learners {
-            let caught_up = self
-                .core
-                .matched(id)
-                .is_some_and(|m| m + 64 >= commit && m > 0);
+            if !self.caught_up(id) {
+                continue;
+            }
+            let (kept, joining) = {
+                let state = self.core.read_state();
+                (
+                    state.is_kept_learner(NodeId(id)),
+                    state
+                        .member(NodeId(id))
+                        .is_some_and(|m| m.status == MemberStatus::Joining),
+                )
+            };
+            if kept {
+                let due = self
+                    .activated
+                    .get(&id)
+                    .is_none_or(|at| self.ticks >= at + ONCE_RETRY_TICKS);
+                if joining && due {
+                    self.activate_learner(id);
+                }
+                continue;
+            }
             let queued = self
                 .conf_queue
                 .iter()
                 .any(|w| matches!(w, ConfWork::Promote(n) if n.0 == id));
-            if caught_up && !queued {
+            if !queued {
                 self.conf_queue.push_back(ConfWork::Promote(NodeId(id)));
             }
+        }
+    }
+
+    /// Whether a peer's log is within [`CAUGHT_UP_ENTRIES`] of the commit index (leader
+    /// only).
+    fn caught_up(&self, id: u64) -> bool {
+        let commit = self.core.commit_index();
+        self.core
+            .matched(id)
+            .is_some_and(|m| m + CAUGHT_UP_ENTRIES >= commit && m > 0)
+    }
+
+    /// Marks a kept learner that caught up active (a plain entry: its raft role stays).
+    fn activate_learner(&mut self, id: u64) {
+        let env = Envelope {
+            proposer: None,
+            request_id: self.next_request,
+            command: Command::SetRole {
+                node: NodeId(id),
+                role: MemberRole::Learner,
+            },
+        };
+        self.next_request = self.next_request.wrapping_add(1);
+        match self.core.propose(&env, &[]) {
+            Ok(()) => {
+                self.activated.insert(id, self.ticks);
+            }
+            Err(e) => tracing::debug!(node = id, "marking a learner active: {e}"),
         }
     }
 
@@ -740,12 +815,21 @@ impl Worker {
 
     /// Proposes the next queued configuration change once none is pending.
     fn drive_conf_queue(&mut self) {
+        // A joint configuration is left before anything else changes.
+        if self.core.role() == StateRole::Leader
+            && !self.core.has_pending_conf()
+            && self.leave_joint()
+        {
+            return;
+        }
         while !self.conf_queue.is_empty() {
             if self.core.role() != StateRole::Leader {
                 let leader = (self.core.leader_id() != 0).then_some(self.core.leader_id());
                 for work in self.conf_queue.drain(..) {
                     match work {
-                        ConfWork::Join(_, r) | ConfWork::Remove(_, _, r) => {
+                        ConfWork::Join(_, r)
+                        | ConfWork::Remove(_, _, r)
+                        | ConfWork::Role(_, _, r) => {
                             let _ = r.send(Err(ProposeError::NotLeader { leader }));
                         }
                         ConfWork::Promote(_) => {}
@@ -753,7 +837,7 @@ impl Worker {
                 }
                 return;
             }
-            if self.core.has_pending_conf() {
+            if self.core.has_pending_conf() || self.leave_joint() {
                 return;
             }
             let Some(work) = self.conf_queue.pop_front() else {
@@ -801,9 +885,30 @@ impl Worker {
                     };
                     (env, single(ConfChangeType::AddNode, node.0), None)
                 }
+                ConfWork::Role(node, role, reply) => {
+                    let change = match self.role_change(node, role) {
+                        Ok(change) => change,
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                    };
+                    let env = Envelope {
+                        proposer: me,
+                        request_id,
+                        command: Command::ChangeRole { node, role },
+                    };
+                    (env, change, Some(reply))
+                }
             };
+            let joint = matches!(env.command, Command::ChangeRole { .. });
             let mut cc = ConfChangeV2::default();
             cc.set_changes(vec![change].into());
+            if joint {
+                // Through a joint configuration (old and new voters both make a quorum),
+                // left explicitly by the leader once applied (see `leave_joint`).
+                cc.set_transition(ConfChangeTransition::Explicit);
+            }
             match self.core.propose_conf_change(&env, cc) {
                 Ok(()) => {
                     if let Some(reply) = reply {
@@ -826,6 +931,68 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The change that gives `node` its new role, or why it must not happen now: a
+    /// learner that has not caught up is not promoted, and the leader hands its
+    /// leadership on rather than demote itself.
+    fn role_change(
+        &mut self,
+        node: NodeId,
+        role: MemberRole,
+    ) -> Result<ConfChangeSingle, ProposeError> {
+        match role {
+            MemberRole::Voter => {
+                if self.core.conf_state().learners.contains(&node.0) && !self.caught_up(node.0) {
+                    return Err(ProposeError::Rejected(ApplyError::NotCaughtUp {
+                        node,
+                        matched: self.core.matched(node.0).unwrap_or(0),
+                        commit: self.core.commit_index(),
+                    }));
+                }
+                Ok(single(ConfChangeType::AddNode, node.0))
+            }
+            MemberRole::Learner => {
+                if node.0 == self.core.id() {
+                    let me = self.core.id();
+                    let target = self
+                        .core
+                        .conf_state()
+                        .voters
+                        .iter()
+                        .copied()
+                        .filter(|id| *id != me && self.core.recently_active(*id) == Some(true))
+                        .max_by_key(|id| self.core.matched(*id).unwrap_or(0));
+                    return Err(match target {
+                        Some(to) => {
+                            tracing::info!(to, "handing leadership on before demoting this node");
+                            self.core.transfer_leader(to);
+                            ProposeError::NotLeader { leader: None }
+                        }
+                        None => ProposeError::Rejected(ApplyError::OnlyVoter(node)),
+                    });
+                }
+                Ok(single(ConfChangeType::AddLearnerNode, node.0))
+            }
+        }
+    }
+
+    /// Proposes leaving a joint configuration, when the applied one is joint (after
+    /// `cluster promote`/`demote`, or a leader change in between). Returns whether it did.
+    fn leave_joint(&mut self) -> bool {
+        if self.core.conf_state().voters_outgoing.is_empty() {
+            return false;
+        }
+        let env = Envelope {
+            proposer: None,
+            request_id: self.next_request,
+            command: Command::Noop,
+        };
+        self.next_request = self.next_request.wrapping_add(1);
+        if let Err(e) = self.core.propose_conf_change(&env, ConfChangeV2::default()) {
+            tracing::warn!("proposing to leave the joint configuration: {e}");
+        }
+        true
     }
 
     /// One Ready round. Returns false when the node must stop.

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use blixard_core::{EndpointKey, MemberRole, MemberStatus, NodeId};
 use blixard_net::api::{
-    LeaveCluster, MetaGet, MetaSet, PolicyGet, PolicySet, PolicyTest, StatusRequest, TokenCreate,
-    TokenListRequest, TokenRevoke, UserAdd, UserList, UserRemove,
+    LearnerTokenCreate, LeaveCluster, MetaGet, MetaSet, PolicyGet, PolicySet, PolicyTest, RoleSet,
+    StatusRequest, TokenCreate, TokenListRequest, TokenRevoke, UserAdd, UserList, UserRemove,
 };
 use blixard_net::keys;
 use serde_json::json;
@@ -121,15 +121,14 @@ pub async fn status(ctx: &Context, stale: bool) -> Result<(), Failure> {
 
 /// Parses a number with an optional unit suffix; `factor` gives each unit's multiplier
 /// (`None` for an unknown unit, which is refused like an overflow, with `bad`).
-pub async fn token_create(ctx: &Context, ttl: &str) -> Result<(), Failure> {
-    let ttl = parse_duration(ttl)?;
-    let t = call(
-        ctx,
-        TokenCreate {
-            ttl_secs: ttl.as_secs(),
-        },
-    )
-    .await?;
+pub async fn token_create(ctx: &Context, ttl: &str, learner: bool) -> Result<(), Failure> {
+    let ttl_secs = parse_duration(ttl)?.as_secs();
+    // A plain token keeps the request kind every release knows.
+    let t = if learner {
+        call(ctx, LearnerTokenCreate { ttl_secs }).await?
+    } else {
+        call(ctx, TokenCreate { ttl_secs }).await?
+    };
     if ctx.output == Format::Json {
         return output::json(&t).map_err(|e| Failure::new(exit::ERROR, e));
     }
@@ -240,6 +239,15 @@ pub async fn leave(ctx: &Context, node: &str) -> Result<(), Failure> {
     let left = call(ctx, LeaveCluster { node }).await?;
     let text = format!("node n{} removed from the cluster", left.node);
     applied(ctx, json!({ "node": left.node, "removed": true }), text)
+}
+
+/// `cluster promote` / `cluster demote`.
+pub async fn set_role(ctx: &Context, node: &str, role: MemberRole) -> Result<(), Failure> {
+    let node: NodeId = node.parse().map_err(|e| Failure::new(exit::USAGE, e))?;
+    let done = call(ctx, RoleSet { node, role }).await?;
+    let role = done.role.as_str();
+    let text = format!("node n{} is now a {role}", done.node);
+    applied(ctx, json!({ "node": done.node, "role": role }), text)
 }
 
 pub async fn meta_set(ctx: &Context, key: String, value: Option<String>) -> Result<(), Failure> {

@@ -55,6 +55,10 @@ pub enum VmCommand {
         /// VMs of the same group never share a host.
         #[arg(long)]
         anti_affinity: Option<String>,
+        /// With --anti-affinity: nor a value of this node label (e.g. `zone`: one VM of
+        /// the group per zone). Hosts without the label take none of the group's VMs.
+        #[arg(long, value_name = "LABEL", requires = "anti_affinity")]
+        spread_over: Option<String>,
         /// What the host does when the runner exits.
         #[arg(long, value_enum, default_value_t = RestartArg::Always)]
         restart: RestartArg,
@@ -190,8 +194,11 @@ fn print_vm(ctx: &Context, vm: &Vm) -> Result<(), Failure> {
     if !s.constraints.is_empty() {
         out!("constraints: {}", output::labels(&s.constraints));
     }
-    if let Some(g) = &s.anti_affinity {
-        out!("anti-affinity: {g}");
+    if let Some(g) = s.group() {
+        match s.spread_over() {
+            Some(label) => out!("anti-affinity: {g} (one per {label})"),
+            None => out!("anti-affinity: {g}"),
+        }
     }
     out!(
         "node:        {}",
@@ -307,6 +314,7 @@ async fn run_with(
             labels,
             constraints,
             anti_affinity,
+            spread_over,
             restart,
             ready_marker,
             no_start,
@@ -327,7 +335,12 @@ async fn run_with(
                 memory_mib: parse_mib(&memory)?,
                 labels: labels.into_iter().collect(),
                 constraints: constraints.into_iter().collect(),
-                anti_affinity,
+                anti_affinity: match (anti_affinity, spread_over) {
+                    (Some(g), Some(label)) => {
+                        Some(format!("{g}{}{label}", blixard_core::SPREAD_SEPARATOR))
+                    }
+                    (g, _) => g,
+                },
                 restart: match restart {
                     RestartArg::Always => RestartPolicy::Always,
                     RestartArg::OnFailure => RestartPolicy::OnFailure,

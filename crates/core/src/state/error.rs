@@ -41,6 +41,16 @@ pub enum ApplyError {
     InvalidUser(String),
     #[error("node {0} is the last voter; add another node before removing it")]
     LastVoter(NodeId),
+    #[error("node {node} has not caught up with the leader (it holds the log to index {matched} of {commit}); promote it once it has")]
+    NotCaughtUp {
+        node: NodeId,
+        matched: u64,
+        commit: u64,
+    },
+    #[error("node {0} is the only voter; promote another member before demoting it")]
+    OnlyVoter(NodeId),
+    #[error("node {0} is already a {role}", role = .1.as_str())]
+    SameRole(NodeId, crate::member::MemberRole),
     #[error("invalid image: {0}")]
     InvalidImage(String),
     #[error("no image {0}")]

@@ -97,6 +97,7 @@ impl State {
             }) => Err(ApplyError::TokenUsed(*node)),
             Some(_) => {
                 self.tokens.remove(token_hash);
+                self.learner_tokens.remove(token_hash);
                 Ok(CommandOutput::Done)
             }
         }
@@ -138,6 +139,9 @@ impl State {
         let mut member = new_member(node, &request.member, MemberRole::Learner, request.now_ms);
         member.status = MemberStatus::Joining;
         self.members.insert(node, member);
+        if self.learner_tokens.contains(&request.token_hash) {
+            self.kept_learners.insert(node, true);
+        }
         self.admins.insert(
             request.admin,
             AdminCredential {
@@ -154,19 +158,64 @@ impl State {
             m.role = role;
             m.status = MemberStatus::Active;
         }) {
+            // A voter is kept a learner no longer (e.g. a learner that forced a new
+            // cluster, or was restored from a backup, is its only voter).
+            if role == MemberRole::Voter {
+                self.kept_learners.remove(&node);
+            }
             Ok(CommandOutput::Done)
         } else {
             Err(ApplyError::UnknownMember(node))
         }
     }
 
-    pub(super) fn remove_member(&mut self, node: NodeId, now_ms: u64) -> Applied {
+    /// `cluster promote` / `cluster demote`, applied with the configuration change that
+    /// makes the raft role match.
+    pub(super) fn change_role(&mut self, node: NodeId, role: MemberRole) -> Applied {
         self.check_not_removed(node)?;
-        let voters = self
-            .members
+        let Some(member) = self.members.get(&node) else {
+            return Err(ApplyError::UnknownMember(node));
+        };
+        if member.role == role {
+            return Err(ApplyError::SameRole(node, role));
+        }
+        if role == MemberRole::Learner && self.voters() <= 1 {
+            return Err(ApplyError::OnlyVoter(node));
+        }
+        self.members.update(&node, |m| {
+            m.role = role;
+            m.status = MemberStatus::Active;
+        });
+        match role {
+            MemberRole::Learner => self.kept_learners.insert(node, true),
+            MemberRole::Voter => {
+                self.kept_learners.remove(&node);
+            }
+        }
+        Ok(CommandOutput::Done)
+    }
+
+    fn voters(&self) -> usize {
+        self.members
             .values()
             .filter(|m| m.role == MemberRole::Voter)
-            .count();
+            .count()
+    }
+
+    /// Whether the operator keeps `node` a learner (it joined with a learner token, or
+    /// was demoted): the leader does not promote it.
+    pub fn is_kept_learner(&self, node: NodeId) -> bool {
+        self.kept_learners.contains(&node)
+    }
+
+    /// Whether the join token with this hash makes its node a learner that stays one.
+    pub fn is_learner_token(&self, token_hash: &[u8; 32]) -> bool {
+        self.learner_tokens.contains(token_hash)
+    }
+
+    pub(super) fn remove_member(&mut self, node: NodeId, now_ms: u64) -> Applied {
+        self.check_not_removed(node)?;
+        let voters = self.voters();
         match self.members.get(&node) {
             None => return Err(ApplyError::UnknownMember(node)),
             Some(m) if m.role == MemberRole::Voter && voters <= 1 => {
@@ -176,6 +225,7 @@ impl State {
         }
         self.members.remove(&node);
         self.removed.insert(node, now_ms);
+        self.kept_learners.remove(&node);
         self.remove_admins_of(node);
         self.drop_holder(node);
         self.drained.remove(&node);

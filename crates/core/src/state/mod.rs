@@ -101,6 +101,11 @@ tables! {
     request_order: Table<u64, RequestId> = "request_order",
     /// The cluster version (see [`crate::LOG_VERSION`]), under key 0; absent means 1.
     version: Table<u8, u32> = "cluster_version",
+    /// The join tokens (by hash) whose node joins as a learner and stays one.
+    learner_tokens: Table<[u8; 32], bool> = "learner_tokens",
+    /// Members kept learners by the operator (`--learner`, `cluster demote`): the leader
+    /// does not promote them once they catch up.
+    kept_learners: Table<NodeId, bool> = "kept_learners",
 }
 
 impl Default for State {
@@ -133,7 +138,17 @@ impl State {
                 now_ms,
                 expires_at_ms,
             } => self.create_join_token(token_hash, *now_ms, *expires_at_ms),
+            Command::CreateLearnerToken {
+                token_hash,
+                now_ms,
+                expires_at_ms,
+            } => {
+                self.create_join_token(token_hash, *now_ms, *expires_at_ms)?;
+                self.learner_tokens.insert(*token_hash, true);
+                Ok(CommandOutput::Done)
+            }
             Command::Join(request) => self.join(request),
+            Command::ChangeRole { node, role } => self.change_role(*node, *role),
             Command::SetRole { node, role } => self.set_role(*node, *role),
             Command::RemoveMember { node, now_ms } => self.remove_member(*node, *now_ms),
             Command::UpdateAddrs { node, addrs } => self.update_addrs(*node, addrs),

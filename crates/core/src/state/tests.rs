@@ -641,3 +641,103 @@ fn the_nth_request_id_is_distinct_and_stable() {
     assert_eq!(ids.len(), 1000);
     assert_eq!(id.nth(5), id.nth(5));
 }
+
+#[test]
+fn learners_joined_by_a_learner_token_stay_learners_until_promoted() {
+    let mut s = bootstrapped();
+    let hash = [42; 32];
+    s.apply(&Command::CreateLearnerToken {
+        token_hash: hash,
+        now_ms: 1_000,
+        expires_at_ms: 5_000,
+    })
+    .unwrap();
+    assert!(s.is_learner_token(&hash));
+    join(&mut s, hash, 2, 2_000).unwrap();
+    let n2 = NodeId(2);
+    assert!(s.is_kept_learner(n2));
+    assert_eq!(s.member(n2).unwrap().status, MemberStatus::Joining);
+    // Caught up, the leader marks it active; it stays a learner.
+    s.apply(&Command::SetRole {
+        node: n2,
+        role: MemberRole::Learner,
+    })
+    .unwrap();
+    let m = s.member(n2).unwrap();
+    assert_eq!(
+        (m.role, m.status),
+        (MemberRole::Learner, MemberStatus::Active)
+    );
+    assert!(s.is_kept_learner(n2));
+    // A plain token's node is not kept a learner.
+    let plain = token(&mut s, 7, 5_000);
+    join(&mut s, plain, 3, 2_000).unwrap();
+    assert!(!s.is_kept_learner(NodeId(3)));
+
+    // Promote, then demote: the role and the mark follow; a no-op change is refused.
+    let promote = Command::ChangeRole {
+        node: n2,
+        role: MemberRole::Voter,
+    };
+    assert_eq!(promote.since(), 3);
+    s.apply(&promote).unwrap();
+    assert_eq!(s.member(n2).unwrap().role, MemberRole::Voter);
+    assert!(!s.is_kept_learner(n2));
+    assert_eq!(
+        s.apply(&promote).unwrap_err(),
+        ApplyError::SameRole(n2, MemberRole::Voter)
+    );
+    s.apply(&Command::ChangeRole {
+        node: NodeId(1),
+        role: MemberRole::Learner,
+    })
+    .unwrap();
+    assert!(s.is_kept_learner(NodeId(1)));
+    // The only voter left is not demoted.
+    assert_eq!(
+        s.apply(&Command::ChangeRole {
+            node: n2,
+            role: MemberRole::Learner,
+        })
+        .unwrap_err(),
+        ApplyError::OnlyVoter(n2)
+    );
+    // Removal forgets the mark; revoking a learner token forgets it too.
+    s.apply(&Command::RemoveMember {
+        node: NodeId(1),
+        now_ms: 3_000,
+    })
+    .unwrap();
+    assert!(!s.is_kept_learner(NodeId(1)));
+    let unused = [43; 32];
+    s.apply(&Command::CreateLearnerToken {
+        token_hash: unused,
+        now_ms: 1_000,
+        expires_at_ms: 5_000,
+    })
+    .unwrap();
+    s.apply(&Command::RevokeJoinToken { token_hash: unused })
+        .unwrap();
+    assert!(!s.is_learner_token(&unused));
+}
+
+#[test]
+fn learner_commands_wait_for_cluster_version_3() {
+    let mut s = bootstrapped_at_version_1();
+    s.apply(&Command::SetClusterVersion { version: 2 }).unwrap();
+    let refused = s
+        .apply(&Command::CreateLearnerToken {
+            token_hash: [1; 32],
+            now_ms: 1,
+            expires_at_ms: 2,
+        })
+        .unwrap_err();
+    assert_eq!(
+        refused,
+        ApplyError::NeedsVersion {
+            kind: "create_learner_token".into(),
+            needs: 3,
+            cluster: 2
+        }
+    );
+}

@@ -287,6 +287,15 @@ impl State {
         let mut ledger = Ledger::from_vms(self.vms.values());
         ledger.drained = self.drained.iter().map(|(n, _)| *n).collect();
         ledger.down = self.down.iter().map(|(n, _)| *n).collect();
+        // Looked up for the hosts of a group (by a VM that spreads its group), so only
+        // needed once some VM, placed or pending, has one.
+        if self.vms.values().any(|v| v.spec.anti_affinity.is_some()) {
+            ledger.host_labels = self
+                .members
+                .values()
+                .map(|m| (m.id, m.labels.clone()))
+                .collect();
+        }
         ledger
     }
 

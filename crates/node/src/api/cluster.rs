@@ -3,12 +3,14 @@
 
 use blixard_authz::{Authorizer, RequestContext, Resource};
 use blixard_core::backup::BackupHeader;
-use blixard_core::{Command, CommandOutput, EndpointKey, JoinRequest, NewMember, NodeId, User};
+use blixard_core::{
+    ApplyError, Command, CommandOutput, EndpointKey, JoinRequest, NewMember, NodeId, User,
+};
 use blixard_net::api::{
     AdminKeySet, AdminSetKey, ApiError, BackupData, ClusterStatus, JoinCluster, Joined,
     LeaveCluster, Left, MemberVersion, MetaEntries, MetaGet, MetaSet, MetaSetDone, PolicySet,
     PolicySetDone, PolicyTest, PolicyText, PolicyVerdict, ProgressSink, RequestFrame, Response,
-    ResponseFrame, StatusRequest, TokenCreate, TokenCreated, TokenEntries, TokenEntry,
+    ResponseFrame, RoleSet, RoleSetDone, StatusRequest, TokenCreated, TokenEntries, TokenEntry,
     TokenRevoked, UserAdd, UserAdded, UserEntries, UserKeySet, UserRemove, UserRemoved, UserSetKey,
     Versions,
 };
@@ -90,20 +92,34 @@ pub(super) async fn backup(cluster: &ClusterHandle) -> ResponseFrame {
     Ok(Response::ClusterBackup(BackupData { bytes }))
 }
 
-pub(super) async fn token_create(cluster: &ClusterHandle, t: &TokenCreate) -> ResponseFrame {
-    if t.ttl_secs == 0 || t.ttl_secs > 7 * 24 * 3600 {
+/// `cluster token create [--learner]`.
+pub(super) async fn token_create(
+    cluster: &ClusterHandle,
+    ttl_secs: u64,
+    learner: bool,
+) -> ResponseFrame {
+    if ttl_secs == 0 || ttl_secs > 7 * 24 * 3600 {
         return Err(ApiError::BadRequest(
             "token lifetimes are 1 second to 7 days".into(),
         ));
     }
     let secret: [u8; 32] = rand::random();
     let now = now_ms();
-    let expires_at_ms = now + t.ttl_secs * 1000;
+    let expires_at_ms = now + ttl_secs * 1000;
+    let token_hash = hash_secret(&secret);
     cluster
-        .propose(Command::CreateJoinToken {
-            token_hash: hash_secret(&secret),
-            now_ms: now,
-            expires_at_ms,
+        .propose(if learner {
+            Command::CreateLearnerToken {
+                token_hash,
+                now_ms: now,
+                expires_at_ms,
+            }
+        } else {
+            Command::CreateJoinToken {
+                token_hash,
+                now_ms: now,
+                expires_at_ms,
+            }
         })
         .await?;
     let ticket = JoinTicket {
@@ -115,10 +131,15 @@ pub(super) async fn token_create(cluster: &ClusterHandle, t: &TokenCreate) -> Re
             .collect(),
         secret,
     };
-    Ok(Response::TokenCreate(TokenCreated {
+    let created = TokenCreated {
         ticket: ticket.to_string(),
         expires_at_ms,
-    }))
+    };
+    Ok(if learner {
+        Response::LearnerTokenCreate(created)
+    } else {
+        Response::TokenCreate(created)
+    })
 }
 
 /// A membership change runs where raft can propose it, on the leader: a follower hands
@@ -307,6 +328,73 @@ pub(super) async fn leave(
     match on_leader(cluster, frame, result).await {
         Err(forwarded) => forwarded,
         Ok(_) => Ok(Response::Leave(Left { node: l.node })),
+    }
+}
+
+/// How long `cluster demote` of the leader waits for the leadership it handed on.
+const HAND_OVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `cluster promote` / `cluster demote`: a joint configuration change, on the leader.
+pub(super) async fn role_set(
+    cluster: &ClusterHandle,
+    frame: &RequestFrame,
+    r: &RoleSet,
+) -> ResponseFrame {
+    {
+        let state = cluster.state();
+        let command = Command::ChangeRole {
+            node: r.node,
+            role: r.role,
+        };
+        state
+            .admits_version(&command)
+            .map_err(|refused| ApiError::Rejected(refused.to_string()))?;
+        if state.is_removed(r.node) {
+            return Err(ApiError::Rejected(format!("node {} was removed", r.node)));
+        }
+        match state.member(r.node) {
+            None => {
+                return Err(ApiError::NotFound(format!(
+                    "node {} is not a member",
+                    r.node
+                )))
+            }
+            Some(m) if m.role == r.role => {
+                return Err(ApiError::Rejected(
+                    ApplyError::SameRole(r.node, r.role).to_string(),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let result = cluster.node.change_role(r.node, r.role).await;
+    if matches!(result, Err(ProposeError::NotLeader { leader: None })) && r.node == cluster.me() {
+        // This node led and is being demoted: it handed its leadership on. Once the new
+        // leader is known, the change is asked of it (also when this request was handed
+        // here: the new leader is another node, so it goes no further).
+        let mut watch = cluster.node.leader_watch();
+        let me = cluster.me().0;
+        let moved = tokio::time::timeout(HAND_OVER_WAIT, watch.wait_for(|l| *l != 0 && *l != me))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        let Some(leader) = cluster.leader().filter(|l| moved && *l != cluster.me()) else {
+            return Err(ApiError::Unavailable(
+                "this node leads and handed its leadership on, but no other leader was elected in time; try again".into(),
+            ));
+        };
+        return cluster
+            .forward_to(leader, frame.request.clone(), &ProgressSink::none())
+            .await;
+    }
+    match on_leader(cluster, frame, result).await {
+        Err(forwarded) => forwarded,
+        Ok(_) => {
+            tracing::info!(node = %r.node, role = ?r.role, "member role changed");
+            Ok(Response::RoleSet(RoleSetDone {
+                node: r.node,
+                role: r.role,
+            }))
+        }
     }
 }
 

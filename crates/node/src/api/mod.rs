@@ -162,7 +162,9 @@ impl Api {
         let p = &principal;
         match &frame.request {
             Request::Status(r) => cluster::status(c, r).await,
-            Request::TokenCreate(t) => cluster::token_create(c, t).await,
+            Request::TokenCreate(t) => cluster::token_create(c, t.ttl_secs, false).await,
+            Request::LearnerTokenCreate(t) => cluster::token_create(c, t.ttl_secs, true).await,
+            Request::RoleSet(r) => cluster::role_set(c, &frame, r).await,
             Request::Join(j) => cluster::join(self, p, &frame, j).await,
             Request::Leave(l) => cluster::leave(c, &frame, l).await,
             Request::MetaSet(m) => cluster::meta_set(c, m).await,

@@ -57,6 +57,14 @@ pub(super) async fn create(
             )));
         }
         spec.tenant = vm_tenant(principal, Some(&spec.tenant).filter(|t| !t.is_empty()));
+        if let Some(g) = &spec.anti_affinity {
+            let parts: Vec<&str> = g.split(blixard_core::SPREAD_SEPARATOR).collect();
+            if parts.len() > 2 || parts.iter().any(|p| p.is_empty() || p.len() > 64) {
+                return Err(ApiError::BadRequest(format!(
+                    "{g:?}: an anti-affinity group is GROUP, or GROUP@LABEL to spread it over a node label; each 1 to 64 bytes"
+                )));
+            }
+        }
     }
     // The caller must be able to see the image (another tenant's is "no image", as if it
     // did not exist).
