@@ -345,6 +345,24 @@ fn a_rolling_upgrade_raises_the_cluster_version_once_every_member_runs_it() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains("needs cluster version 2"), "{err}");
+    // So is a group spread over a label, which an older member reads as a plain name.
+    let out = l.cli(&[
+        "vm",
+        "create",
+        "spread",
+        "--image",
+        "none",
+        "--anti-affinity",
+        "db",
+        "--spread-over",
+        "zone",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("--spread-over needs cluster version 3"),
+        "{err}"
+    );
 
     // Followers first, the leader last, each by the doc's procedure.
     let mut order: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
@@ -745,13 +763,20 @@ fn learners_replicate_and_serve_but_never_vote() {
     wait_configuration(&c.nodes[0], &[1, 2, 3, 4], &[5]);
     // Through a joint configuration, which the leader left.
     let leader = c.leader();
-    let log = c.nodes[leader].log();
-    let joint = log
-        .find("entered a joint configuration")
-        .unwrap_or_else(|| panic!("no joint configuration in {log}"));
-    assert!(
-        log[joint..].contains("left the joint configuration"),
-        "{log}"
+    wait_for(
+        "the joint configuration left",
+        Duration::from_secs(30),
+        || {
+            let log = c.nodes[leader].log();
+            let joint = log
+                .find("entered a joint configuration")
+                .ok_or("no joint configuration yet")?;
+            if log[joint..].contains("left the joint configuration") {
+                Ok(())
+            } else {
+                Err(log[joint..].to_string())
+            }
+        },
     );
     let again = c.nodes[0].cli(&["cluster", "promote", "4"]);
     assert_eq!(again.status.code(), Some(5), "already a voter");

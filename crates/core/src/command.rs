@@ -18,7 +18,7 @@ use crate::vm::{Desired, Phase, Quota, VmSpec};
 /// |---|---|
 /// | 1 | every command up to `CheckState` (releases before the cluster version existed) |
 /// | 2 | `RemoveTenant`, `RevokeJoinToken`, `SetClusterVersion` |
-/// | 3 | `CreateLearnerToken`, `ChangeRole`; `CreateVm` of a spec that spreads its group over a label |
+/// | 3 | `CreateLearnerToken`, `ChangeRole`; from cluster version 3 on, an anti-affinity group `GROUP@LABEL` spreads over the node label `LABEL` (before, it is a plain group name, as older releases read it) |
 ///
 /// A command is proposed only once the cluster version (the lowest log version among its
 /// members, raised by the leader) reaches its `since`: a member that cannot decode it never
@@ -336,7 +336,6 @@ impl Command {
             | Command::RevokeJoinToken { .. }
             | Command::SetClusterVersion { .. } => 2,
             Command::CreateLearnerToken { .. } | Command::ChangeRole { .. } => 3,
-            Command::CreateVm { spec, .. } if spec.spread_over().is_some() => 3,
             _ => 1,
         }
     }

@@ -64,11 +64,19 @@ pub struct Ledger {
     pub down: BTreeSet<NodeId>,
     /// The hosts' labels, for groups that spread over a label ([`VmSpec::spread_over`]).
     pub host_labels: BTreeMap<NodeId, BTreeMap<String, String>>,
+    /// Whether `GROUP@LABEL` spreads a group over a label: from cluster version 3 on.
+    /// Before, the whole string is the group's name, as older releases read it, so that
+    /// every member of a mixed cluster judges a placement alike.
+    pub spread_groups: bool,
 }
 
 impl Ledger {
-    pub fn from_vms<'a>(vms: impl IntoIterator<Item = &'a Vm>) -> Self {
-        let mut ledger = Ledger::default();
+    /// The placed VMs' allocations and groups; `spread_groups` as [`Ledger::spread_groups`].
+    pub fn from_vms<'a>(vms: impl IntoIterator<Item = &'a Vm>, spread_groups: bool) -> Self {
+        let mut ledger = Ledger {
+            spread_groups,
+            ..Ledger::default()
+        };
         for vm in vms {
             if let Some(node) = vm.node {
                 ledger.add(vm, node);
@@ -87,9 +95,27 @@ impl Ledger {
         a.vcpus += u64::from(spec.vcpus);
         a.memory_mib += spec.memory_mib;
         a.vms += 1;
-        if let Some(g) = spec.group() {
+        if let Some(g) = self.group_of(spec) {
             self.groups.entry(g.to_string()).or_default().insert(node);
         }
+    }
+}
+
+impl Ledger {
+    /// The VM's anti-affinity group ([`VmSpec::group`], or the whole string before
+    /// cluster version 3).
+    pub fn group_of<'a>(&self, spec: &'a VmSpec) -> Option<&'a str> {
+        if self.spread_groups {
+            spec.group()
+        } else {
+            spec.anti_affinity.as_deref()
+        }
+    }
+
+    /// The node label the VM's group spreads over ([`VmSpec::spread_over`]; none before
+    /// cluster version 3).
+    pub fn spread_of<'a>(&self, spec: &'a VmSpec) -> Option<&'a str> {
+        self.spread_groups.then(|| spec.spread_over()).flatten()
     }
 }
 
@@ -156,7 +182,7 @@ pub fn fits(
         .get(&member.id)
         .copied()
         .unwrap_or_default();
-    let group = vm.group().and_then(|g| ledger.groups.get(g));
+    let group = ledger.group_of(vm).and_then(|g| ledger.groups.get(g));
     check(member, vm, used, group, ledger, config)
 }
 
@@ -191,10 +217,10 @@ fn check(
         }
     }
     if group.is_some_and(|hosts| hosts.contains(&member.id)) {
-        let g = vm.group().unwrap_or_default().to_string();
+        let g = ledger.group_of(vm).unwrap_or_default().to_string();
         return Err(FitError::AntiAffinity(g));
     }
-    if let Some(label) = vm.spread_over() {
+    if let Some(label) = ledger.spread_of(vm) {
         let Some(value) = member.labels.get(label) else {
             return Err(FitError::LacksSpreadLabel(label.to_string()));
         };
@@ -209,7 +235,7 @@ fn check(
         });
         if taken {
             return Err(FitError::SpreadTaken {
-                group: vm.group().unwrap_or_default().to_string(),
+                group: ledger.group_of(vm).unwrap_or_default().to_string(),
                 label: format!("{label}={value}"),
             });
         }
@@ -255,7 +281,7 @@ pub fn place<'a>(
     // Grouped by the reason's text, so reasons that read the same count as one.
     let mut reasons: BTreeMap<String, (FitError, u32)> = BTreeMap::new();
     let mut hosts = 0;
-    let group = vm.group().and_then(|g| ledger.groups.get(g));
+    let group = ledger.group_of(vm).and_then(|g| ledger.groups.get(g));
     for m in members {
         hosts += 1;
         let used = ledger.allocated.get(&m.id).copied().unwrap_or_default();

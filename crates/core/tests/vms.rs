@@ -551,7 +551,7 @@ fn a_tenant_is_removed_only_once_it_owns_nothing() {
 #[test]
 fn a_group_spread_over_zones_takes_one_host_per_zone() {
     let config = SchedulerConfig::default();
-    // Zone a: nodes 1 and 3; zone b: nodes 2 and 4; node 5 (zone a) unlabelled below.
+    // Zone a: nodes 1 and 3; zone b: nodes 2 and 4.
     let mut s = cluster(4);
     let spread = |name: &str| {
         let mut v = spec(name, 1, 256);
@@ -607,24 +607,48 @@ fn a_group_spread_over_zones_takes_one_host_per_zone() {
 }
 
 #[test]
-fn a_spread_group_needs_cluster_version_3() {
-    let mut s = cluster(2);
-    let mut v = spec("z", 1, 256);
-    v.anti_affinity = Some("db@zone".into());
-    let create = Command::CreateVm {
-        spec: v.clone(),
+fn before_cluster_version_3_a_group_with_an_at_is_only_a_name() {
+    let v = |name: &str| {
+        let mut v = spec(name, 1, 256);
+        v.anti_affinity = Some("db@zone".into());
+        v
+    };
+    // A cluster a release before version 3 made reads `db@zone` as one group of that
+    // name, kept off shared hosts only; so does this one until the version rises, and
+    // every member of a mixed cluster judges a placement alike.
+    let mut old = State::new();
+    old.apply(&Command::Bootstrap {
+        cluster_id: ClusterId([1; 16]),
+        name: "t".into(),
+        member: member(1, 4, 4096, &[("zone", "a")]),
+        admin: EndpointKey([200; 32]),
+        now_ms: 1,
+    })
+    .unwrap();
+    old.apply(&Command::SetClusterVersion { version: 2 })
+        .unwrap();
+    let ledger = old.ledger();
+    assert!(!ledger.spread_groups);
+    assert_eq!(ledger.group_of(&v("x")), Some("db@zone"));
+    assert_eq!(ledger.spread_of(&v("x")), None);
+    // A create of such a VM is no newer than any other create.
+    let command = Command::CreateVm {
+        spec: v("x"),
         start: true,
         now_ms: 5,
         placement: None,
     };
-    assert_eq!(create.since(), 3);
-    v.anti_affinity = Some("db".into());
-    let plain = Command::CreateVm {
-        spec: v,
-        start: true,
-        now_ms: 5,
-        placement: None,
-    };
-    assert_eq!(plain.since(), 1);
-    assert!(s.apply(&create).is_ok());
+    assert_eq!(command.since(), 1);
+    // At version 3 it spreads: two of three fit, in two zones.
+    let config = SchedulerConfig::default();
+    let mut s = cluster(4);
+    let ledger = s.ledger();
+    assert_eq!(ledger.group_of(&v("x")), Some("db"));
+    assert_eq!(ledger.spread_of(&v("x")), Some("zone"));
+    for name in ["y0", "y1", "y2"] {
+        create(&mut s, v(name)).unwrap();
+    }
+    schedule(&mut s, "acme/y0", &config).unwrap();
+    schedule(&mut s, "acme/y1", &config).unwrap();
+    schedule(&mut s, "acme/y2", &config).unwrap_err();
 }

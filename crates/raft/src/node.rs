@@ -166,6 +166,7 @@ impl RaftNode {
             leader_tx,
             logged_term: 0,
             activated: HashMap::new(),
+            handed_over_at: None,
         };
         let handle = std::thread::Builder::new()
             .name(format!("raft-{id}"))
@@ -353,6 +354,9 @@ enum ConfWork {
     Role(NodeId, MemberRole, Reply<CommandOutput>),
 }
 
+/// Ticks after which a leader that must hand its leadership on asks again.
+const HAND_OVER_RETRY_TICKS: u64 = 20;
+
 /// How far behind the leader's commit index a learner may be and count as caught up.
 const CAUGHT_UP_ENTRIES: u64 = 64;
 
@@ -415,6 +419,8 @@ struct Worker {
     logged_term: u64,
     /// Kept learners this leader proposed to mark active, and at which tick.
     activated: HashMap<u64, u64>,
+    /// When this leader last handed its leadership on (in ticks).
+    handed_over_at: Option<u64>,
 }
 
 impl Worker {
@@ -954,19 +960,9 @@ impl Worker {
             }
             MemberRole::Learner => {
                 if node.0 == self.core.id() {
-                    let me = self.core.id();
-                    let target = self
-                        .core
-                        .conf_state()
-                        .voters
-                        .iter()
-                        .copied()
-                        .filter(|id| *id != me && self.core.recently_active(*id) == Some(true))
-                        .max_by_key(|id| self.core.matched(*id).unwrap_or(0));
-                    return Err(match target {
+                    return Err(match self.hand_over() {
                         Some(to) => {
                             tracing::info!(to, "handing leadership on before demoting this node");
-                            self.core.transfer_leader(to);
                             ProposeError::NotLeader { leader: None }
                         }
                         None => ProposeError::Rejected(ApplyError::OnlyVoter(node)),
@@ -977,11 +973,48 @@ impl Worker {
         }
     }
 
+    /// Asks the most up-to-date other voter of the incoming configuration to take over
+    /// the leadership (preferring ones heard from lately); `None` when there is none.
+    fn hand_over(&mut self) -> Option<u64> {
+        let me = self.core.id();
+        let others: Vec<u64> = self
+            .core
+            .conf_state()
+            .voters
+            .iter()
+            .copied()
+            .filter(|id| *id != me)
+            .collect();
+        let to = others.iter().copied().max_by_key(|id| {
+            (
+                self.core.recently_active(*id) == Some(true),
+                self.core.matched(*id).unwrap_or(0),
+            )
+        })?;
+        self.core.transfer_leader(to);
+        self.handed_over_at = Some(self.ticks);
+        Some(to)
+    }
+
     /// Proposes leaving a joint configuration, when the applied one is joint (after
     /// `cluster promote`/`demote`, or a leader change in between). Returns whether it did.
     fn leave_joint(&mut self) -> bool {
         if self.core.conf_state().voters_outgoing.is_empty() {
             return false;
+        }
+        // A leader the joint configuration demotes (it won an election as an outgoing
+        // voter) hands its leadership to an incoming voter, which leaves the joint
+        // configuration, rather than go on leading as a learner.
+        if !self.core.conf_state().voters.contains(&self.core.id()) {
+            let due = self
+                .handed_over_at
+                .is_none_or(|at| self.ticks >= at + HAND_OVER_RETRY_TICKS);
+            if due {
+                if let Some(to) = self.hand_over() {
+                    tracing::info!(to, "this leader is demoted: handing its leadership on");
+                }
+            }
+            return true;
         }
         let env = Envelope {
             proposer: None,

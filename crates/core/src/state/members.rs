@@ -155,7 +155,12 @@ impl State {
     pub(super) fn set_role(&mut self, node: NodeId, role: MemberRole) -> Applied {
         self.check_not_removed(node)?;
         if self.members.update(&node, |m| {
-            m.role = role;
+            // `SetRole { Learner }` marks a kept learner active; it may come after the
+            // member was promoted (proposed before, or again by a new leader), and then
+            // must not take the role back: only `ChangeRole` demotes.
+            if role == MemberRole::Voter || m.status == MemberStatus::Joining {
+                m.role = role;
+            }
             m.status = MemberStatus::Active;
         }) {
             // A voter is kept a learner no longer (e.g. a learner that forced a new

@@ -42,6 +42,7 @@ impl State {
         self.set_role(node, MemberRole::Voter)?;
         self.remove_all_but(node, r.now_ms)?;
         self.tokens.clear();
+        self.learner_tokens.clear();
         if let Some(mut meta) = self.cluster().cloned() {
             meta.cluster_id = r.cluster_id;
             self.meta.insert(0, meta);

@@ -683,6 +683,14 @@ fn learners_joined_by_a_learner_token_stay_learners_until_promoted() {
     s.apply(&promote).unwrap();
     assert_eq!(s.member(n2).unwrap().role, MemberRole::Voter);
     assert!(!s.is_kept_learner(n2));
+    // A late "mark it active" (proposed before the promotion, or again by a new leader)
+    // does not take the role back.
+    s.apply(&Command::SetRole {
+        node: n2,
+        role: MemberRole::Learner,
+    })
+    .unwrap();
+    assert_eq!(s.member(n2).unwrap().role, MemberRole::Voter);
     assert_eq!(
         s.apply(&promote).unwrap_err(),
         ApplyError::SameRole(n2, MemberRole::Voter)

@@ -284,7 +284,7 @@ impl State {
 
     /// What is placed where, for the scheduler.
     pub fn ledger(&self) -> Ledger {
-        let mut ledger = Ledger::from_vms(self.vms.values());
+        let mut ledger = Ledger::from_vms(self.vms.values(), self.cluster_version() >= 3);
         ledger.drained = self.drained.iter().map(|(n, _)| *n).collect();
         ledger.down = self.down.iter().map(|(n, _)| *n).collect();
         // Looked up for the hosts of a group (by a VM that spreads its group), so only

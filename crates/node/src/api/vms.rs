@@ -64,6 +64,13 @@ pub(super) async fn create(
                     "{g:?}: an anti-affinity group is GROUP, or GROUP@LABEL to spread it over a node label; each 1 to 64 bytes"
                 )));
             }
+            // Before cluster version 3 a member may read `@` as part of a group's name.
+            let cluster = api.cluster.state().cluster_version();
+            if parts.len() == 2 && cluster < 3 {
+                return Err(ApiError::Rejected(format!(
+                    "--spread-over needs cluster version 3 (the cluster runs at {cluster}); upgrade every member first"
+                )));
+            }
         }
     }
     // The caller must be able to see the image (another tenant's is "no image", as if it

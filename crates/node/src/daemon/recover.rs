@@ -155,7 +155,11 @@ pub(super) fn force_new_cluster(store: &Store, record: Option<&NodeRecord>) -> R
         ));
     };
     let conf = store.conf_state().map_err(store_err)?;
-    if conf.voters == [record.node_id.0] && conf.learners.is_empty() {
+    if conf.voters == [record.node_id.0]
+        && conf.learners.is_empty()
+        && conf.voters_outgoing.is_empty()
+        && conf.learners_next.is_empty()
+    {
         tracing::warn!(
             "--force-new-cluster: node {} is already the only member of the configuration; nothing to do (remove the flag: on a cluster that has grown again it would remove the new members)",
             record.node_id
