@@ -2,11 +2,20 @@
 //! loopback, loaded with `MetaSet` requests (each one a committed raft write) by
 //! concurrent writers in this process.
 //!
-//! Run: `cargo build --release --bin blixard && cargo bench -p blixard-tests --bench writes`.
+//! With `BENCH_ETCD=1` (what `scripts/bench-writes.sh` sets, after installing Debian's
+//! etcd and building `tests/etcd-load`) a three-member etcd cluster runs beside it on the
+//! same disk and takes the identical load at each writer count, level by level in the same
+//! run (`blixard-etcd-load`: one gRPC connection per writer to etcd's leader, fresh keys,
+//! 256-byte values), and the report sets the two side by side.
+//!
+//! Run: `scripts/bench-writes.sh`, or `cargo build --release --bin blixard && cargo bench
+//! -p blixard-tests --bench writes` for Blixard alone.
 //! Env: `BLIXARD_BIN` (the binary; default target/release/blixard), `BENCH_SECS` (measured
 //! seconds per level, default 10), `BENCH_TRACES` (set: the nodes export trace spans to an
 //! OTLP receiver in this process), `BENCH_KEEP_LOGS` (a dir to copy the daemons' logs
-//! to). Each level runs a 2 s warm-up first.
+//! to), `BENCH_ETCD` (set: etcd side by side; `ETCD_BIN`, default `etcd`, and
+//! `BENCH_ETCD_LOAD`, default `blixard-etcd-load` beside the daemon binary). Each level
+//! runs a 2 s warm-up first.
 //!
 //! Prints a one-line machine description and markdown tables to stdout.
 
@@ -25,6 +34,8 @@ use blixard_tests::{
 };
 
 const WARMUP: Duration = Duration::from_secs(2);
+/// The size of every value written (Blixard and etcd alike).
+const VALUE_BYTES: usize = 256;
 const IDLE: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Writers per follower in the failover rounds.
@@ -56,6 +67,7 @@ const LEVELS: &[(Via, usize)] = &[
     (Via::Leader, 1),
     (Via::Leader, 16),
     (Via::Leader, 64),
+    (Via::Leader, 256),
     (Via::Follower, 1),
     (Via::Follower, 64),
 ];
@@ -128,6 +140,7 @@ async fn run_level(
         let client = client.clone();
         let to = to.clone();
         let prefix = format!("bench/{}/{writers}/{w}", via.name());
+        let value = "v".repeat(VALUE_BYTES);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
@@ -140,7 +153,7 @@ async fn run_level(
                 }
                 let request = MetaSet {
                     key: format!("{prefix}/{i}"),
-                    value: Some(i.to_string()),
+                    value: Some(value.clone()),
                 };
                 i += 1;
                 let result = client.call(&to, request).await;
@@ -237,9 +250,33 @@ fn main() {
     let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.pid().unwrap()).collect();
     let addrs: Vec<(u64, EndpointAddr)> = cluster.nodes.iter().map(api::addr_of).collect();
 
+    // etcd beside it (BENCH_ETCD), started now so both idle as long before the load.
+    let etcd = std::env::var_os("BENCH_ETCD").map(|_| {
+        let tool = std::env::var_os("BENCH_ETCD_LOAD")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| bin.with_file_name("blixard-etcd-load"));
+        assert!(
+            tool.exists(),
+            "BENCH_ETCD: no load generator at {} (scripts/bench-writes.sh builds tests/etcd-load)",
+            tool.display()
+        );
+        eprintln!("bench: starting a 3-member etcd cluster beside it");
+        (Etcd::start(cluster.root.path()), tool)
+    });
+    if etcd.is_none() {
+        eprintln!(
+            "bench: Blixard alone; BENCH_ETCD=1 (scripts/bench-writes.sh) runs etcd side by side"
+        );
+    }
     eprintln!("bench: idle for {IDLE:?}");
     std::thread::sleep(IDLE);
     let rss_idle: Vec<Option<u64>> = pids.iter().map(|p| proc_status_kib(*p, "VmRSS")).collect();
+    let etcd_rss: Vec<Option<u64>> = etcd
+        .iter()
+        .flat_map(|(e, _)| e.pids())
+        .map(|p| proc_status_kib(p, "VmRSS"))
+        .collect();
+    let mut etcd_levels = Vec::new();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -267,6 +304,17 @@ fn main() {
                 Via::Leader => leader,
                 Via::Follower => follower,
             };
+            if let (Some((e, tool)), Via::Leader) = (&etcd, via) {
+                eprintln!(
+                    "bench: {writers} writer(s) against etcd, {WARMUP:?} warm-up + {measure:?}"
+                );
+                let level = tokio::task::block_in_place(|| etcd_level(tool, e, writers, measure));
+                if level.errors > 0 {
+                    eprintln!("bench: etcd: {} error(s) in the window", level.errors);
+                }
+                etcd_levels.push(level);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             eprintln!(
                 "bench: {writers} writer(s) via the {} (n{}), {WARMUP:?} warm-up + {measure:?}",
                 via.name(),
@@ -296,6 +344,7 @@ fn main() {
         client.endpoint().close().await;
         (results, leader_id, leader_after)
     });
+    drop(etcd);
     let rss_after: Vec<Option<u64>> = pids.iter().map(|p| proc_status_kib(*p, "VmRSS")).collect();
     let hwm_after: Vec<Option<u64>> = pids.iter().map(|p| proc_status_kib(*p, "VmHWM")).collect();
     let failovers = failovers(&runtime, &mut cluster, &addrs);
@@ -350,6 +399,9 @@ fn main() {
             mib(rss_after[i]),
             mib(hwm_after[i])
         );
+    }
+    if !etcd_levels.is_empty() {
+        report_against_etcd(&results, &etcd_levels, &etcd_rss);
     }
     let total_keys: usize = results.iter().map(|r| r.commits).sum();
     println!();
@@ -492,4 +544,220 @@ fn failovers(
     }
     rt.block_on(client.endpoint().close());
     out
+}
+
+/// A three-member etcd cluster on loopback: the yardstick (`BENCH_ETCD`).
+struct Etcd {
+    children: Vec<std::process::Child>,
+    endpoints: Vec<String>,
+}
+
+/// A TCP port free now on loopback.
+fn tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    /// Starts the members with their data dirs under `root` (beside the Blixard nodes',
+    /// on the same disk), default flags otherwise (fsync on every write), and waits until
+    /// the cluster has a leader.
+    fn start(root: &std::path::Path) -> Etcd {
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (tcp_port(), tcp_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("e{}=http://127.0.0.1:{peer}", i + 1))
+            .collect();
+        let mut children = Vec::new();
+        let mut endpoints = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let name = format!("e{}", i + 1);
+            let log = std::fs::File::create(root.join(format!("{name}.log"))).unwrap();
+            let client_url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let child = std::process::Command::new(&bin)
+                .args(["--name", &name])
+                .arg("--data-dir")
+                .arg(root.join(format!("{name}.etcd")))
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "blixard-bench"])
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("BENCH_ETCD: cannot run {bin} ({e}); scripts/bench-writes.sh installs Debian's etcd-server")
+                });
+            children.push(child);
+            endpoints.push(client_url);
+        }
+        let etcd = Etcd {
+            children,
+            endpoints,
+        };
+        blixard_tests::wait_for("etcd to elect a leader", Duration::from_secs(60), || {
+            let out = std::process::Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg("--endpoints")
+                .arg(etcd.endpoints.join(","))
+                .args(["endpoint", "status", "--write-out", "json"])
+                .output()
+                .map_err(|e| format!("etcdctl: {e}"))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if out.status.success()
+                && text.contains("\"leader\":")
+                && !text.contains("\"leader\":0")
+            {
+                Ok(())
+            } else {
+                Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+            }
+        });
+        etcd
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(std::process::Child::id).collect()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One level of the load against etcd, as `blixard-etcd-load` measured it.
+struct EtcdLevel {
+    writers: usize,
+    commits: u64,
+    secs: f64,
+    errors: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    cpu_servers: f64,
+}
+
+/// Runs the load generator against `etcd` with `writers` writers.
+fn etcd_level(tool: &std::path::Path, etcd: &Etcd, writers: usize, measure: Duration) -> EtcdLevel {
+    let pids: Vec<String> = etcd.pids().iter().map(u32::to_string).collect();
+    let out = std::process::Command::new(tool)
+        .args(["--endpoints", &etcd.endpoints.join(",")])
+        .args(["--writers", &writers.to_string()])
+        .args(["--secs", &measure.as_secs().to_string()])
+        .args(["--warmup", &WARMUP.as_secs().to_string()])
+        .args(["--value-bytes", &VALUE_BYTES.to_string()])
+        .args(["--pids", &pids.join(",")])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", tool.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}: {text}{}",
+        tool.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f: Vec<f64> = text
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(f.len(), 7, "{text}");
+    EtcdLevel {
+        writers,
+        commits: f[0] as u64,
+        secs: f[1],
+        errors: f[2] as u64,
+        p50_ms: f[3] / 1000.0,
+        p99_ms: f[4] / 1000.0,
+        max_ms: f[5] / 1000.0,
+        cpu_servers: f[6],
+    }
+}
+
+impl EtcdLevel {
+    fn throughput(&self) -> f64 {
+        self.commits as f64 / self.secs
+    }
+}
+
+/// Microseconds of server CPU per commit.
+fn cpu_us_per_commit(cores: f64, commits_per_sec: f64) -> f64 {
+    cores * 1e6 / commits_per_sec.max(1.0)
+}
+
+/// The side-by-side table and the issue's targets against etcd.
+fn report_against_etcd(results: &[LevelResult], etcd: &[EtcdLevel], etcd_rss: &[Option<u64>]) {
+    println!();
+    println!(
+        "Side by side, same run: etcd (3 members, loopback, default flags, blixard-etcd-load: \
+         one gRPC connection per writer to the leader) and Blixard (via the leader); fresh \
+         keys, {VALUE_BYTES}-byte values; levels interleaved (etcd, then Blixard, per writer count)."
+    );
+    println!();
+    println!(
+        "| writers | etcd commits/s | Blixard commits/s | ratio | etcd p50 / p99 / max ms | Blixard p50 / p99 / max ms | p99 ratio | etcd CPU µs/commit | Blixard CPU µs/commit | errors etcd / Blixard |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut verdicts = Vec::new();
+    for e in etcd {
+        let Some(b) = results
+            .iter()
+            .find(|r| r.via == Via::Leader && r.writers == e.writers)
+        else {
+            continue;
+        };
+        let ratio = b.throughput() / e.throughput().max(1.0);
+        let p99_ratio = b.quantile_ms(0.99) / e.p99_ms.max(1e-3);
+        let cpu_e = cpu_us_per_commit(e.cpu_servers, e.throughput());
+        let cpu_b = cpu_us_per_commit(b.cpu_daemons, b.throughput());
+        println!(
+            "| {} | {:.0} | {:.0} | {ratio:.2}× | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {p99_ratio:.2}× | {cpu_e:.0} | {cpu_b:.0} | {} / {} |",
+            e.writers,
+            e.throughput(),
+            b.throughput(),
+            e.p50_ms,
+            e.p99_ms,
+            e.max_ms,
+            b.quantile_ms(0.50),
+            b.quantile_ms(0.99),
+            b.max_ms(),
+            e.errors,
+            b.errors,
+        );
+        let want = if e.writers >= 64 { 1.5 } else { 1.0 };
+        verdicts.push((
+            e.writers,
+            ratio >= want,
+            want,
+            p99_ratio <= 1.0,
+            cpu_b <= cpu_e,
+        ));
+    }
+    let rss: Vec<String> = etcd_rss.iter().map(|k| mib(*k)).collect();
+    println!();
+    println!("etcd members' idle RSS (MiB): {}", rss.join(", "));
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!();
+    for (writers, throughput_ok, want, p99_ok, cpu_ok) in verdicts {
+        println!(
+            "- {writers} writer(s): commits/s >= {want}× etcd -> {}; p99 <= etcd's -> {}; CPU per commit <= etcd's -> {}",
+            verdict(throughput_ok),
+            verdict(p99_ok),
+            verdict(cpu_ok)
+        );
+    }
 }
