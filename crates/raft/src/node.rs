@@ -492,12 +492,18 @@ impl Worker {
         tracing::debug!("raft thread exiting");
     }
 
+    /// A request id not used before by this node (since its start).
+    fn take_request_id(&mut self) -> u64 {
+        let id = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        id
+    }
+
     /// Returns false when the node must stop.
     fn handle(&mut self, input: Input) -> bool {
         match input {
             Input::Propose(command, context, reply, deadline) => {
-                let request_id = self.next_request;
-                self.next_request = self.next_request.wrapping_add(1);
+                let request_id = self.take_request_id();
                 let once = matches!(command, Command::Once { .. });
                 let env = Envelope {
                     proposer: Some(NodeId(self.core.id())),
@@ -743,13 +749,12 @@ impl Worker {
     fn activate_learner(&mut self, id: u64) {
         let env = Envelope {
             proposer: None,
-            request_id: self.next_request,
+            request_id: self.take_request_id(),
             command: Command::SetRole {
                 node: NodeId(id),
                 role: MemberRole::Learner,
             },
         };
-        self.next_request = self.next_request.wrapping_add(1);
         match self.core.propose(&env, &[]) {
             Ok(()) => {
                 self.activated.insert(id, self.ticks);
@@ -843,14 +848,13 @@ impl Worker {
                 }
                 return;
             }
-            if self.core.has_pending_conf() || self.leave_joint() {
+            if self.core.has_pending_conf() {
                 return;
             }
             let Some(work) = self.conf_queue.pop_front() else {
                 return;
             };
-            let request_id = self.next_request;
-            self.next_request = self.next_request.wrapping_add(1);
+            let request_id = self.take_request_id();
             let me = Some(NodeId(self.core.id()));
             let (env, change, reply) = match work {
                 ConfWork::Join(mut request, reply) => {
@@ -1018,10 +1022,9 @@ impl Worker {
         }
         let env = Envelope {
             proposer: None,
-            request_id: self.next_request,
+            request_id: self.take_request_id(),
             command: Command::Noop,
         };
-        self.next_request = self.next_request.wrapping_add(1);
         if let Err(e) = self.core.propose_conf_change(&env, ConfChangeV2::default()) {
             tracing::warn!("proposing to leave the joint configuration: {e}");
         }
