@@ -42,5 +42,5 @@ pub use user::User;
 pub use vm::{
     valid_vm_name, Allocated, Desired, Phase, Quota, QuotaError, RestartPolicy, Tenant, Transition,
     Vm, VmSpec, DEFAULT_TENANT, HISTORY, MAX_MEMORY_MIB, MAX_VCPUS, MAX_VM_NAME, MIN_MEMORY_MIB,
-    NODE_CONSTRAINT, SPREAD_SEPARATOR, VM_NAME_RULE,
+    NODE_CONSTRAINT, SPREAD_GROUPS_SINCE, SPREAD_SEPARATOR, VM_NAME_RULE,
 };

@@ -143,6 +143,10 @@ pub struct VmSpec {
 /// [`VmSpec::anti_affinity`].
 pub const SPREAD_SEPARATOR: char = '@';
 
+/// The cluster version from which `GROUP@LABEL` spreads a group over a label; before,
+/// the whole string is a group's name, as older releases read it.
+pub const SPREAD_GROUPS_SINCE: u32 = 3;
+
 impl VmSpec {
     /// The VM's anti-affinity group, without the label it spreads over.
     pub fn group(&self) -> Option<&str> {

@@ -25,9 +25,8 @@ fn member(n: u8, vcpus: u32, memory_mib: u64, labels: &[(&str, &str)]) -> NewMem
     }
 }
 
-/// A cluster of `hosts` (4 vCPUs / 4 GiB each; node 1 in zone a, then alternating b, a),
-/// with tenant acme and image web.
-fn cluster(hosts: u8) -> State {
+/// A one-node cluster (node 1 in zone a) at cluster version `version`.
+fn bootstrapped_at(version: u32) -> State {
     let mut s = State::new();
     s.apply(&Command::Bootstrap {
         cluster_id: ClusterId([1; 16]),
@@ -37,10 +36,14 @@ fn cluster(hosts: u8) -> State {
         now_ms: 1,
     })
     .unwrap();
-    s.apply(&Command::SetClusterVersion {
-        version: blixard_core::LOG_VERSION,
-    })
-    .unwrap();
+    s.apply(&Command::SetClusterVersion { version }).unwrap();
+    s
+}
+
+/// A cluster of `hosts` (4 vCPUs / 4 GiB each; node 1 in zone a, then alternating b, a),
+/// with tenant acme and image web.
+fn cluster(hosts: u8) -> State {
+    let mut s = bootstrapped_at(blixard_core::LOG_VERSION);
     for n in 2..=hosts {
         let hash = [n; 32];
         s.apply(&Command::CreateJoinToken {
@@ -616,17 +619,7 @@ fn before_cluster_version_3_a_group_with_an_at_is_only_a_name() {
     // A cluster a release before version 3 made reads `db@zone` as one group of that
     // name, kept off shared hosts only; so does this one until the version rises, and
     // every member of a mixed cluster judges a placement alike.
-    let mut old = State::new();
-    old.apply(&Command::Bootstrap {
-        cluster_id: ClusterId([1; 16]),
-        name: "t".into(),
-        member: member(1, 4, 4096, &[("zone", "a")]),
-        admin: EndpointKey([200; 32]),
-        now_ms: 1,
-    })
-    .unwrap();
-    old.apply(&Command::SetClusterVersion { version: 2 })
-        .unwrap();
+    let old = bootstrapped_at(2);
     let ledger = old.ledger();
     assert!(!ledger.spread_groups);
     assert_eq!(ledger.group_of(&v("x")), Some("db@zone"));

@@ -7,7 +7,7 @@ use crate::ids::{valid_name, NodeId};
 use crate::scheduler::{fits, FitError, Ledger, Placement, SchedulerConfig};
 use crate::vm::{
     Allocated, Desired, Phase, Quota, Tenant, Vm, VmSpec, DEFAULT_TENANT, MAX_MEMORY_MIB,
-    MAX_VCPUS, MIN_MEMORY_MIB,
+    MAX_VCPUS, MIN_MEMORY_MIB, SPREAD_GROUPS_SINCE,
 };
 
 impl State {
@@ -284,12 +284,13 @@ impl State {
 
     /// What is placed where, for the scheduler.
     pub fn ledger(&self) -> Ledger {
-        let mut ledger = Ledger::from_vms(self.vms.values(), self.cluster_version() >= 3);
+        let spread_groups = self.cluster_version() >= SPREAD_GROUPS_SINCE;
+        let mut ledger = Ledger::from_vms(self.vms.values(), spread_groups);
         ledger.drained = self.drained.iter().map(|(n, _)| *n).collect();
         ledger.down = self.down.iter().map(|(n, _)| *n).collect();
         // Looked up for the hosts of a group (by a VM that spreads its group), so only
-        // needed once some VM, placed or pending, has one.
-        if self.vms.values().any(|v| v.spec.anti_affinity.is_some()) {
+        // needed once groups spread and some VM, placed or pending, has one.
+        if spread_groups && self.vms.values().any(|v| v.spec.anti_affinity.is_some()) {
             ledger.host_labels = self
                 .members
                 .values()

@@ -64,11 +64,12 @@ pub(super) async fn create(
                     "{g:?}: an anti-affinity group is GROUP, or GROUP@LABEL to spread it over a node label; each 1 to 64 bytes"
                 )));
             }
-            // Before cluster version 3 a member may read `@` as part of a group's name.
+            // Before then a member may read `@` as part of a group's name.
             let cluster = api.cluster.state().cluster_version();
-            if parts.len() == 2 && cluster < 3 {
+            let needs = blixard_core::SPREAD_GROUPS_SINCE;
+            if parts.len() == 2 && cluster < needs {
                 return Err(ApiError::Rejected(format!(
-                    "--spread-over needs cluster version 3 (the cluster runs at {cluster}); upgrade every member first"
+                    "--spread-over needs cluster version {needs} (the cluster runs at {cluster}); upgrade every member first"
                 )));
             }
         }
