@@ -4,7 +4,7 @@
 use blixard_authz::{Authorizer, RequestContext, Resource};
 use blixard_core::backup::BackupHeader;
 use blixard_core::{
-    ApplyError, Command, CommandOutput, EndpointKey, JoinRequest, NewMember, NodeId, User,
+    ApplyError, Command, CommandOutput, EndpointKey, JoinRequest, Member, NewMember, NodeId, User,
 };
 use blixard_net::api::{
     AdminKeySet, AdminSetKey, ApiError, BackupData, ClusterStatus, JoinCluster, Joined,
@@ -309,26 +309,24 @@ pub(super) async fn leave(
     frame: &RequestFrame,
     l: &LeaveCluster,
 ) -> ResponseFrame {
-    {
-        let state = cluster.state();
-        if state.is_removed(l.node) {
-            return Err(ApiError::Rejected(format!(
-                "node {} was already removed",
-                l.node
-            )));
-        }
-        if state.member(l.node).is_none() {
-            return Err(ApiError::NotFound(format!(
-                "node {} is not a member",
-                l.node
-            )));
-        }
-    }
+    current_member(&cluster.state(), l.node)?;
     let result = cluster.node.remove(l.node, now_ms()).await;
     match on_leader(cluster, frame, result).await {
         Err(forwarded) => forwarded,
         Ok(_) => Ok(Response::Leave(Left { node: l.node })),
     }
+}
+
+/// `node` as a current member, or why a membership change cannot name it.
+fn current_member(state: &blixard_core::State, node: NodeId) -> Result<&Member, ApiError> {
+    if state.is_removed(node) {
+        return Err(ApiError::Rejected(format!(
+            "node {node} was already removed"
+        )));
+    }
+    state
+        .member(node)
+        .ok_or_else(|| ApiError::NotFound(format!("node {node} is not a member")))
 }
 
 /// How long `cluster demote` of the leader waits for the leadership it handed on.
@@ -349,22 +347,10 @@ pub(super) async fn role_set(
         state
             .admits_version(&command)
             .map_err(|refused| ApiError::Rejected(refused.to_string()))?;
-        if state.is_removed(r.node) {
-            return Err(ApiError::Rejected(format!("node {} was removed", r.node)));
-        }
-        match state.member(r.node) {
-            None => {
-                return Err(ApiError::NotFound(format!(
-                    "node {} is not a member",
-                    r.node
-                )))
-            }
-            Some(m) if m.role == r.role => {
-                return Err(ApiError::Rejected(
-                    ApplyError::SameRole(r.node, r.role).to_string(),
-                ))
-            }
-            Some(_) => {}
+        if current_member(&state, r.node)?.role == r.role {
+            return Err(ApiError::Rejected(
+                ApplyError::SameRole(r.node, r.role).to_string(),
+            ));
         }
     }
     let result = cluster.node.change_role(r.node, r.role).await;
