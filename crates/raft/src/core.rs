@@ -157,6 +157,9 @@ pub struct RaftCore {
     persisted: u64,
     /// The last compaction queued.
     compact_queued: u64,
+    /// As leader: the last log index whose commit the followers must hear of at once
+    /// (see [`RaftCore::quiet_commits`]).
+    urgent: u64,
     /// This node's digests at the last few check entries it applied.
     checks: VecDeque<StateDigest>,
     /// Set when a check found this node's state unlike the proposer's.
@@ -269,6 +272,7 @@ impl RaftCore {
             held: VecDeque::new(),
             persisted: 0,
             compact_queued: 0,
+            urgent: 0,
             checks: VecDeque::new(),
             alarm: None,
             metrics: RaftMetrics::default(),
@@ -311,7 +315,28 @@ impl RaftCore {
     }
 
     pub fn step(&mut self, msg: Message) -> Result<(), raft::Error> {
-        self.raw.step(msg)
+        let forwarded = msg.get_msg_type() == raft::eraftpb::MessageType::MsgPropose;
+        self.quiet_commits();
+        self.raw.step(msg)?;
+        if forwarded {
+            // A follower's proposal: it answers its caller once it has applied it.
+            self.urgent = self.raw.raft.raft_log.last_index();
+        }
+        Ok(())
+    }
+
+    /// Whether the leader tells the followers of a new commit index at once (an append
+    /// message of its own to each) or with the next append or heartbeat. At once only
+    /// while an entry that someone waits on elsewhere is not yet committed: a follower's
+    /// proposal (the follower answers once it applied it) or any command but the
+    /// leader's own metadata writes (a host agent or the scheduler may act on it). So a
+    /// stream of key-value writes through the leader costs one round of messages per
+    /// write, not two; the followers apply each write when the next one, or the next
+    /// heartbeat, reaches them. raft-rs still tells them at once while a configuration
+    /// change is pending.
+    fn quiet_commits(&mut self) {
+        let quiet = self.urgent <= self.raw.raft.raft_log.committed;
+        self.raw.raft.skip_bcast_commit(quiet);
     }
 
     pub fn campaign(&mut self) -> Result<(), raft::Error> {
@@ -322,7 +347,13 @@ impl RaftCore {
     /// `context` (a trace context, or empty) travels with the entry, outside the command.
     pub fn propose(&mut self, envelope: &Envelope, context: &[u8]) -> Result<(), raft::Error> {
         self.raw
-            .propose(context.to_vec(), encode_versioned(envelope))
+            .propose(context.to_vec(), encode_versioned(envelope))?;
+        let own_metadata =
+            envelope.proposer == Some(NodeId(self.cfg.id)) && envelope.command.kind() == "set_meta";
+        if !own_metadata {
+            self.urgent = self.raw.raft.raft_log.last_index();
+        }
+        Ok(())
     }
 
     /// Proposes a configuration change; `envelope` (applied with it) records the change in
@@ -499,6 +530,8 @@ impl RaftCore {
             return out;
         }
         self.persisted = number;
+        // The leader's own write may complete a commit.
+        self.quiet_commits();
         self.raw.on_persist_ready(number);
         while self.held.front().is_some_and(|(n, _)| *n <= number) {
             if let Some((_, msgs)) = self.held.pop_front() {

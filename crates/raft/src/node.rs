@@ -108,7 +108,7 @@ enum Input {
 pub struct RaftNode {
     tx: mpsc::Sender<Input>,
     state: Arc<RwLock<State>>,
-    applied: watch::Receiver<u64>,
+    changed: watch::Receiver<u64>,
     removed: watch::Receiver<bool>,
     halted: watch::Receiver<Option<String>>,
     leader: watch::Receiver<u64>,
@@ -140,7 +140,7 @@ impl RaftNode {
             let _ = persisted.send(Input::Persisted(done));
         }))?;
         let state = core.state();
-        let (applied_tx, applied) = watch::channel(core.applied_index());
+        let (changed_tx, changed) = watch::channel(core.applied_index());
         let (removed_tx, removed) = watch::channel(false);
         let (halted_tx, halted) = watch::channel(None);
         let (leader_tx, leader) = watch::channel(0);
@@ -158,7 +158,7 @@ impl RaftNode {
             ticks: 0,
             waiting_reads: Vec::new(),
             next_read: 0,
-            applied_tx,
+            changed_tx,
             removed_tx,
             halted_tx,
             changes,
@@ -175,7 +175,7 @@ impl RaftNode {
             Self {
                 tx,
                 state,
-                applied,
+                changed,
                 removed,
                 halted,
                 leader,
@@ -215,8 +215,12 @@ impl RaftNode {
         self.removed.clone()
     }
 
-    pub fn applied(&self) -> watch::Receiver<u64> {
-        self.applied.clone()
+    /// The applied index as of the last round that applied anything but metadata writes
+    /// and state checks: what the host agents and the scheduler wake on. A round that
+    /// only wrote metadata keys (`SetMeta`) changes nothing they read, and a busy
+    /// key-value load would otherwise wake both on every node for every write.
+    pub fn changed(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
     }
 
     /// The leader this node knows of, as of the raft thread's last round (no round trip
@@ -405,7 +409,7 @@ struct Worker {
     /// ReadIndex answers waiting for the applied index to catch up.
     waiting_reads: Vec<(u64, Reply<()>)>,
     next_read: u64,
-    applied_tx: watch::Sender<u64>,
+    changed_tx: watch::Sender<u64>,
     removed_tx: watch::Sender<bool>,
     /// Set when the thread stops on an error ([`RaftNode::halted`]).
     halted_tx: watch::Sender<Option<String>>,
@@ -576,10 +580,12 @@ impl Worker {
                 }
             }
             Input::Persisted(Ok(done)) => {
-                self.core
-                    .metrics()
-                    .log_fsync_duration
-                    .observe(done.took.as_secs_f64());
+                if let Some(took) = done.took {
+                    self.core
+                        .metrics()
+                        .log_fsync_duration
+                        .observe(took.as_secs_f64());
+                }
                 let messages = self.core.on_persisted(done.ready);
                 if !messages.is_empty() {
                     self.transport.send(messages);
@@ -1036,6 +1042,7 @@ impl Worker {
         if !self.core.has_ready() {
             return Ok(true);
         }
+        let applied_before = self.core.applied_index();
         let Output {
             changes,
             messages,
@@ -1043,6 +1050,14 @@ impl Worker {
             read_states,
             removed_self,
         } = self.core.process_ready()?;
+        // Only metadata writes (and state checks) applied in this round: nothing the
+        // agents and the scheduler read changed. A round that applied entries without a
+        // change (no-ops, refusals, repeats) still wakes them, to be safe; one that
+        // applied nothing does not.
+        let quiet = !changes.is_empty()
+            && changes
+                .iter()
+                .all(|c| matches!(c.kind, "set_meta" | "check_state"));
         for change in changes {
             self.feed(change);
         }
@@ -1069,7 +1084,9 @@ impl Worker {
         for (_, reply) in ready {
             let _ = reply.send(Ok(()));
         }
-        self.applied_tx.send_replace(applied_index);
+        if applied_index != applied_before && !quiet {
+            self.changed_tx.send_replace(applied_index);
+        }
         if removed_self {
             tracing::warn!("this node was removed from the cluster");
             self.removed_tx.send_replace(true);

@@ -9,11 +9,19 @@
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use raft::eraftpb::Entry;
 
 use crate::batch::WriteBatch;
 use crate::error::StoreError;
+
+/// How long the writer may hold a batch that need not be synced (a commit index, applied
+/// rows) for the next one, so that both go in one transaction: at one writer the applied
+/// rows of write N then ride in the transaction that appends write N+1 instead of making
+/// one of their own. Held or written, such a batch is lost in a crash alike (redb's
+/// non-durable commits are), and recovered from the log.
+pub(crate) const CARRY_FOR: Duration = Duration::from_millis(10);
 
 /// Written entries kept in the tail beyond the ones still queued.
 pub(crate) const TAIL_KEEP: usize = 1024;
@@ -88,8 +96,9 @@ pub type PersistNotify = Box<dyn Fn(Result<Persisted, StoreError>) + Send>;
 pub struct Persisted {
     /// The highest `Ready` number now durable.
     pub ready: u64,
-    /// How long writing the group took, its fsync included.
-    pub took: std::time::Duration,
+    /// How long writing the group took, its fsync included; `None` when nothing had to
+    /// be written (the group was held for the next one, see `CARRY_FOR`).
+    pub took: Option<Duration>,
 }
 
 /// One queued write.
@@ -111,6 +120,16 @@ pub(crate) struct QueueState {
     pub(crate) stop: bool,
     /// The first write that failed; nothing is written after it.
     pub(crate) failed: Option<String>,
+    /// A batch that need not be synced, reported and held for the next one.
+    pub(crate) carried: Option<Carried>,
+    /// Someone waits for everything to be written: write the carried batch now.
+    pub(crate) draining: bool,
+}
+
+/// A batch the writer holds (see `CARRY_FOR`), and since when.
+pub(crate) struct Carried {
+    pub(crate) batch: WriteBatch,
+    pub(crate) since: Instant,
 }
 
 #[derive(Default)]

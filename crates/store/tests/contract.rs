@@ -123,6 +123,15 @@ fn open(path: &Path) -> Store {
     Store::open(path).unwrap()
 }
 
+/// A store at `path` holding an empty state snapshot at index 2 (term 2), voters 1–3.
+fn open_from_snapshot(path: &Path) -> Store {
+    let store = open(path);
+    store
+        .apply_snapshot(&snapshot_of(&State::new(), 2, 2, &[1, 2, 3]))
+        .unwrap();
+    store
+}
+
 fn new_store() -> (TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&db_path(&dir));
@@ -680,10 +689,7 @@ fn staged_entries_are_readable_before_they_are_written_and_lost_if_never_written
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
     {
-        let store = open(&path);
-        store
-            .apply_snapshot(&snapshot_of(&State::new(), 2, 2, &[1, 2, 3]))
-            .unwrap();
+        let store = open_from_snapshot(&path);
         queue(&store, &[(3, 3), (4, 3)], 1);
         queue(&store, &[(5, 4)], 2);
         assert_eq!(Storage::last_index(&store), Ok(5));
@@ -701,10 +707,7 @@ fn a_queued_conflicting_append_replaces_the_tail_in_memory_and_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
     {
-        let store = open(&path);
-        store
-            .apply_snapshot(&snapshot_of(&State::new(), 2, 2, &[1, 2, 3]))
-            .unwrap();
+        let store = open_from_snapshot(&path);
         queue(&store, &[(3, 3), (4, 3), (5, 3)], 1);
         assert_eq!(store.run_queued(usize::MAX).unwrap(), Some(1));
         // Written entries 4 and 5 are replaced before the replacement is written.
@@ -748,10 +751,7 @@ fn the_writer_thread_reports_each_group_in_order_and_stops_after_writing_everyth
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
     {
-        let store = open(&path);
-        store
-            .apply_snapshot(&snapshot_of(&State::new(), 2, 2, &[1, 2, 3]))
-            .unwrap();
+        let store = open_from_snapshot(&path);
         let rx = start_writer(&store);
         for n in 1..=50u64 {
             queue(&store, &[(n + 2, 1)], n);
@@ -784,6 +784,86 @@ fn a_failed_queued_write_is_reported_and_nothing_after_it_is_written() {
     drop(store);
     let store = open(&path);
     assert_eq!(Storage::last_index(&store), Ok(5));
+}
+
+/// A batch with no entries and no vote: the applied state `(index, term)`, unsynced.
+fn applied_batch(index: u64, term: u64) -> WriteBatch {
+    WriteBatch {
+        applied: Some((index, term)),
+        ..Default::default()
+    }
+}
+
+/// Starts the writer; each report arrives with whether the group reached the file.
+fn start_writer_reporting(store: &Store) -> std::sync::mpsc::Receiver<(u64, bool)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .start_writer(Box::new(move |done| {
+            let done = done.unwrap();
+            let _ = tx.send((done.ready, done.took.is_some()));
+        }))
+        .unwrap();
+    rx
+}
+
+fn next_report(rx: &std::sync::mpsc::Receiver<(u64, bool)>) -> (u64, bool) {
+    rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap()
+}
+
+#[test]
+fn an_unsynced_batch_is_reported_at_once_and_written_with_the_next_synced_one() {
+    let (_dir, store) = store_345();
+    let rx = start_writer_reporting(&store);
+    store.submit(applied_batch(3, 3), 1);
+    // Reported without being written: it is held for the next batch.
+    assert_eq!(next_report(&rx), (1, false));
+    queue(&store, &[(6, 5)], 2);
+    assert_eq!(next_report(&rx), (2, true));
+    assert_eq!(store.applied().unwrap(), (3, 3));
+    assert_eq!(Storage::last_index(&store), Ok(6));
+    // Synced batches are never held.
+    queue(&store, &[(7, 5)], 3);
+    assert_eq!(next_report(&rx), (3, true));
+    store.stop_writer().unwrap();
+}
+
+#[test]
+fn a_held_batch_is_written_on_its_own_after_a_while_by_flush_and_at_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let store = open_from_snapshot(&path);
+        queue(&store, &[(3, 3), (4, 3), (5, 3)], 1);
+        store.flush().unwrap();
+        let rx = start_writer_reporting(&store);
+
+        // Nothing follows: the writer writes it within its carry time.
+        store.submit(applied_batch(3, 3), 2);
+        assert_eq!(next_report(&rx), (2, false));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while store.applied().unwrap() != (3, 3) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the held batch was never written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+
+        // flush waits for a held batch too.
+        store.submit(applied_batch(4, 3), 3);
+        store.flush().unwrap();
+        assert_eq!(store.applied().unwrap(), (4, 3));
+        // (Held or written at once, depending on whether the writer saw it before the
+        // flush did.)
+        assert_eq!(next_report(&rx).0, 3);
+
+        // So does stopping.
+        store.submit(applied_batch(5, 3), 4);
+        assert_eq!(next_report(&rx), (4, false));
+        store.stop_writer().unwrap();
+    }
+    let store = open(&path);
+    assert_eq!(store.applied().unwrap(), (5, 3));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -115,8 +115,8 @@ pub async fn reconciler(loops: Arc<Loops>) {
         fence_after: loops.vms.fence_after,
         stop_timeout: loops.vms.stop_timeout,
     };
-    let applied = loops.cluster.node.applied();
+    let changed = loops.cluster.node.changed();
     let supervisor = loops.vms.supervisor.clone();
     let agent = Arc::new(Agent::new(loops, supervisor, config));
-    agent.run(applied).await;
+    agent.run(changed).await;
 }

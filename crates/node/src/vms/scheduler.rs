@@ -19,12 +19,12 @@ const LIVENESS_POLL: Duration = Duration::from_millis(250);
 
 /// The leader's scheduler and liveness watch; idle on followers.
 pub async fn scheduler(ctx: Arc<Loops>) {
-    let mut applied = ctx.cluster.node.applied();
+    let mut changed = ctx.cluster.node.changed();
     // When each peer was last seen active, as far as this leader knows.
     let mut seen: HashMap<NodeId, Instant> = HashMap::new();
     let mut was_leader = false;
     let never = tokio::sync::Notify::new();
-    while next_change(&mut applied, &never, LIVENESS_POLL).await != Wake::Stopped {
+    while next_change(&mut changed, &never, LIVENESS_POLL).await != Wake::Stopped {
         let Ok(status) = ctx.cluster.node.status().await else {
             continue;
         };

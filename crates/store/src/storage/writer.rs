@@ -1,12 +1,25 @@
 //! The `Store` side of asynchronous persistence (see `crate::persist`): staging entries,
 //! queueing batches and compactions, and the writer that commits them in order.
 
+use std::time::Instant;
+
 use raft::eraftpb::Entry;
 
 use super::Store;
 use crate::batch::WriteBatch;
 use crate::error::{corrupt, StoreError};
-use crate::persist::{Job, PersistNotify, Persisted};
+use crate::persist::{Carried, Job, PersistNotify, Persisted, CARRY_FOR};
+
+/// What one run of the writer did.
+#[derive(Default)]
+struct Executed {
+    /// The highest `Ready` number written or held.
+    top: Option<u64>,
+    /// The batch handed back to be held.
+    carry: Option<WriteBatch>,
+    /// Whether anything reached the database.
+    wrote: bool,
+}
 
 impl Store {
     /// Makes appended entries readable through `raft::Storage` before they are written
@@ -48,48 +61,91 @@ impl Store {
     fn writer_loop(&self, notify: PersistNotify) {
         let queue = &self.inner.queue;
         loop {
-            let jobs: Vec<Job> = {
+            let (jobs, carried, may_carry) = {
                 let mut q = queue.lock();
-                while q.jobs.is_empty() && !q.stop {
-                    q = match queue.changed.wait(q) {
-                        Ok(g) => g,
-                        Err(poisoned) => poisoned.into_inner(),
-                    };
-                }
-                if q.jobs.is_empty() {
-                    return;
+                loop {
+                    if !q.jobs.is_empty() {
+                        break;
+                    }
+                    match q.carried.as_ref().map(|c| c.since.elapsed()) {
+                        Some(held) if q.stop || q.draining || held >= CARRY_FOR => break,
+                        Some(held) => {
+                            q = match queue.changed.wait_timeout(q, CARRY_FOR - held) {
+                                Ok((g, _)) => g,
+                                Err(poisoned) => poisoned.into_inner().0,
+                            };
+                        }
+                        None if q.stop => return,
+                        None => {
+                            q = match queue.changed.wait(q) {
+                                Ok(g) => g,
+                                Err(poisoned) => poisoned.into_inner(),
+                            };
+                        }
+                    }
                 }
                 q.busy = true;
-                q.jobs.drain(..).collect()
+                let carried = q.carried.take();
+                let may_carry = !q.stop
+                    && !q.draining
+                    && carried
+                        .as_ref()
+                        .is_none_or(|c| c.since.elapsed() < CARRY_FOR);
+                (q.jobs.drain(..).collect::<Vec<_>>(), carried, may_carry)
             };
-            let started = std::time::Instant::now();
-            let result = self.execute(jobs);
+            let since = carried.as_ref().map(|c| c.since);
+            let started = Instant::now();
+            let result = self.execute(carried.map(|c| c.batch), jobs, may_carry);
             let took = started.elapsed();
-            {
+            let report = {
                 let mut q = queue.lock();
                 q.busy = false;
-                if let Err(e) = &result {
-                    q.failed = Some(e.to_string());
-                    q.jobs.clear();
+                match result {
+                    Ok(done) => {
+                        if let Some(batch) = done.carry {
+                            q.carried = Some(Carried {
+                                batch,
+                                since: since.unwrap_or(started),
+                            });
+                        }
+                        done.top.map(|ready| {
+                            Ok(Persisted {
+                                ready,
+                                took: done.wrote.then_some(took),
+                            })
+                        })
+                    }
+                    Err(e) => {
+                        q.failed = Some(e.to_string());
+                        q.jobs.clear();
+                        q.carried = None;
+                        Some(Err(e))
+                    }
                 }
-            }
+            };
             queue.changed.notify_all();
-            match result {
-                Ok(Some(ready)) => notify(Ok(Persisted { ready, took })),
-                Ok(None) => {}
-                Err(e) => {
+            match report {
+                Some(Ok(done)) => notify(Ok(done)),
+                Some(Err(e)) => {
                     notify(Err(e));
                     return;
                 }
+                None => {}
             }
         }
     }
 
-    /// Writes jobs in order, consecutive batches in one transaction. Returns the highest
-    /// `Ready` number written.
-    fn execute(&self, jobs: Vec<Job>) -> Result<Option<u64>, StoreError> {
-        let mut merged: Option<WriteBatch> = None;
-        let mut top = None;
+    /// Writes `carried` and then `jobs` in order, consecutive batches in one transaction.
+    /// With `may_carry`, a last batch that need not be synced is handed back unwritten
+    /// instead (to be held for the next one, see `CARRY_FOR`).
+    fn execute(
+        &self,
+        carried: Option<WriteBatch>,
+        jobs: Vec<Job>,
+        may_carry: bool,
+    ) -> Result<Executed, StoreError> {
+        let mut merged = carried;
+        let mut done = Executed::default();
         for job in jobs {
             match job {
                 Job::Write { batch, ready } => {
@@ -97,24 +153,31 @@ impl Store {
                         Some(m) => m.merge(*batch),
                         None => merged = Some(*batch),
                     }
-                    top = Some(ready);
+                    done.top = Some(ready);
                 }
                 Job::Compact(index) => {
                     if let Some(m) = merged.take() {
+                        done.wrote |= !m.is_empty();
                         self.write(m)?;
                     }
                     self.compact(index)?;
+                    done.wrote = true;
                 }
             }
         }
-        if let Some(m) = merged {
-            self.write(m)?;
+        match merged {
+            Some(m) if may_carry && !m.sync && !m.is_empty() => done.carry = Some(m),
+            Some(m) => {
+                done.wrote |= !m.is_empty();
+                self.write(m)?;
+            }
+            None => {}
         }
-        Ok(top)
+        Ok(done)
     }
 
     /// Without a writer thread: runs up to `max` queued jobs here and returns the highest
-    /// `Ready` number written (simulations decide when writes happen).
+    /// `Ready` number written (simulations decide when writes happen; nothing is held).
     pub fn run_queued(&self, max: usize) -> Result<Option<u64>, StoreError> {
         let jobs: Vec<Job> = {
             let mut q = self.inner.queue.lock();
@@ -124,11 +187,12 @@ impl Store {
             let n = max.min(q.jobs.len());
             q.jobs.drain(..n).collect()
         };
-        self.execute(jobs)
+        Ok(self.execute(None, jobs, false)?.top)
     }
 
-    /// Waits until every queued job is written (or runs them, without a writer thread).
-    /// Returns the highest `Ready` number this wrote, if it ran them itself.
+    /// Waits until every queued job is written, a held batch included (or runs them,
+    /// without a writer thread). Returns the highest `Ready` number this wrote, if it ran
+    /// them itself.
     pub fn flush(&self) -> Result<Option<u64>, StoreError> {
         let queue = &self.inner.queue;
         let mut q = queue.lock();
@@ -140,8 +204,13 @@ impl Store {
             if let Some(e) = &q.failed {
                 return Err(corrupt("queued write", e));
             }
-            if q.jobs.is_empty() && !q.busy {
+            if q.jobs.is_empty() && !q.busy && q.carried.is_none() {
+                q.draining = false;
                 return Ok(None);
+            }
+            if !q.draining {
+                q.draining = true;
+                queue.changed.notify_all();
             }
             q = match queue.changed.wait(q) {
                 Ok(g) => g,
