@@ -5,12 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
-
-use blixard_core::{Capacity, ClusterId, Command, EndpointKey, Envelope, NewMember, NodeId, State};
+use blixard_core::{Command, Envelope, NodeId};
 use blixard_raft::{CoreConfig, Message, RaftCore, StateRole};
 use blixard_store::Store;
 use raft::eraftpb::MessageType;
+
+mod common;
 
 struct Net {
     cores: Vec<RaftCore>,
@@ -19,36 +19,12 @@ struct Net {
     _dir: tempfile::TempDir,
 }
 
-fn bootstrapped() -> State {
-    let mut state = State::new();
-    state
-        .apply(&Command::Bootstrap {
-            cluster_id: ClusterId([7; 16]),
-            name: "commits".into(),
-            member: NewMember {
-                name: "n1".into(),
-                endpoint: EndpointKey([1; 32]),
-                addrs: vec![],
-                labels: BTreeMap::new(),
-                capacity: Capacity {
-                    vcpus: 2,
-                    memory_mib: 1024,
-                },
-            },
-            admin: EndpointKey([9; 32]),
-            now_ms: 1,
-        })
-        .unwrap();
-    state.drain_changes();
-    state
-}
-
 impl Net {
     /// Three voters; node 1 is elected.
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let state = bootstrapped();
+        let state = common::initial_state();
         let mut cores = Vec::new();
         let mut stores = Vec::new();
         for id in 1..=3u64 {
@@ -113,6 +89,12 @@ impl Net {
     fn applied(&self) -> Vec<u64> {
         self.cores.iter().map(RaftCore::applied_index).collect()
     }
+
+    /// Every node has applied as far as the others.
+    fn assert_applied_alike(&self) {
+        let applied = self.applied();
+        assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
+    }
 }
 
 fn meta(key: &str) -> Command {
@@ -159,8 +141,7 @@ fn the_leaders_own_metadata_write_reaches_the_followers_commit_with_the_next_mes
         net.cores[0].tick();
     }
     net.settle();
-    let applied = net.applied();
-    assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
+    net.assert_applied_alike();
 }
 
 #[test]
@@ -170,8 +151,7 @@ fn what_a_follower_or_a_host_waits_on_is_committed_to_the_followers_at_once() {
     net.propose(1, 2, meta("from-a-follower"));
     let sent = net.settle();
     assert_eq!((appends_to(&sent, 2), appends_to(&sent, 3)), (2, 2));
-    let applied = net.applied();
-    assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
+    net.assert_applied_alike();
     assert!(net.cores[1]
         .read_state()
         .meta_get("from-a-follower")
@@ -188,8 +168,7 @@ fn what_a_follower_or_a_host_waits_on_is_committed_to_the_followers_at_once() {
     );
     let sent = net.settle();
     assert_eq!((appends_to(&sent, 2), appends_to(&sent, 3)), (2, 2));
-    let applied = net.applied();
-    assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
+    net.assert_applied_alike();
 }
 
 /// The raft thread wakes the host agents and the scheduler (`RaftNode::changed`) for
@@ -203,7 +182,7 @@ fn metadata_writes_do_not_wake_what_watches_for_changes() {
     let dir = tempfile::tempdir().unwrap();
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let store = Store::open(&dir.path().join("n1.redb")).unwrap();
-    store.bootstrap(&bootstrapped(), &[1]).unwrap();
+    store.bootstrap(&common::initial_state(), &[1]).unwrap();
     let core = RaftCore::open(store, CoreConfig::new(1), &logger).unwrap();
     let (node, thread) = blixard_raft::RaftNode::spawn(
         core,

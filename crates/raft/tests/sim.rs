@@ -32,13 +32,13 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use blixard_core::{
-    Capacity, ClusterId, Command, CommandOutput, EndpointKey, Envelope, NewMember, NodeId, State,
-};
+use blixard_core::{Command, CommandOutput, Envelope, NodeId};
 use blixard_raft::{CoreConfig, Message, RaftCore, StateRole};
 use blixard_store::Store;
 use raft::eraftpb::MessageType;
 use raft::{GetEntriesContext, Storage};
+
+mod common;
 
 const DEFAULT_SEEDS: u64 = 200;
 const ELECTION_TICK: u64 = 10;
@@ -234,30 +234,6 @@ fn temp_dir() -> tempfile::TempDir {
     builder.tempdir().unwrap()
 }
 
-fn initial_state() -> State {
-    let mut state = State::new();
-    state
-        .apply(&Command::Bootstrap {
-            cluster_id: ClusterId([0x5a; 16]),
-            name: "sim".into(),
-            member: NewMember {
-                name: "node1".into(),
-                endpoint: EndpointKey([1; 32]),
-                addrs: vec![],
-                labels: BTreeMap::new(),
-                capacity: Capacity {
-                    vcpus: 4,
-                    memory_mib: 4096,
-                },
-            },
-            admin: EndpointKey([100; 32]),
-            now_ms: 1,
-        })
-        .unwrap();
-    state.drain_changes();
-    state
-}
-
 fn is_leader(core: &RaftCore) -> bool {
     core.role() == StateRole::Leader
 }
@@ -270,7 +246,7 @@ impl Sim {
         // fsync on tmpfs is free, so use durable commits there; elsewhere the nodes' clean
         // shutdown (dropping the store) persists volatile commits as well.
         let durable = dir.path().starts_with("/dev/shm");
-        let state = initial_state();
+        let state = common::initial_state();
         let voters: Vec<u64> = (1..=p.nodes).collect();
         let mut sim = Sim {
             seed,
@@ -921,7 +897,7 @@ impl Sim {
         // same state.
         let last = applied[0];
         if (2..=last).all(|i| self.committed.contains_key(&i)) {
-            let mut state = initial_state();
+            let mut state = common::initial_state();
             for i in 2..=last {
                 let (_, data) = &self.committed[&i];
                 if data.is_empty() {

@@ -126,6 +126,19 @@ pub(crate) struct QueueState {
     pub(crate) draining: bool,
 }
 
+impl QueueState {
+    /// Whether the held batch, if any, must be written now rather than wait for the next
+    /// one: the writer stops, someone flushes, or it was held `CARRY_FOR` already.
+    pub(crate) fn carry_due(&self) -> bool {
+        self.stop
+            || self.draining
+            || self
+                .carried
+                .as_ref()
+                .is_some_and(|c| c.since.elapsed() >= CARRY_FOR)
+    }
+}
+
 /// A batch the writer holds (see `CARRY_FOR`), and since when.
 pub(crate) struct Carried {
     pub(crate) batch: WriteBatch,
@@ -143,6 +156,26 @@ impl Queue {
         match self.state.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Waits until the queue changes.
+    pub(crate) fn wait<'a>(&self, q: MutexGuard<'a, QueueState>) -> MutexGuard<'a, QueueState> {
+        match self.changed.wait(q) {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Waits until the queue changes, or `at_most`.
+    pub(crate) fn wait_for<'a>(
+        &self,
+        q: MutexGuard<'a, QueueState>,
+        at_most: Duration,
+    ) -> MutexGuard<'a, QueueState> {
+        match self.changed.wait_timeout(q, at_most) {
+            Ok((g, _)) => g,
+            Err(poisoned) => poisoned.into_inner().0,
         }
     }
 

@@ -63,34 +63,17 @@ impl Store {
         loop {
             let (jobs, carried, may_carry) = {
                 let mut q = queue.lock();
-                loop {
-                    if !q.jobs.is_empty() {
-                        break;
-                    }
+                while q.jobs.is_empty() {
                     match q.carried.as_ref().map(|c| c.since.elapsed()) {
-                        Some(held) if q.stop || q.draining || held >= CARRY_FOR => break,
-                        Some(held) => {
-                            q = match queue.changed.wait_timeout(q, CARRY_FOR - held) {
-                                Ok((g, _)) => g,
-                                Err(poisoned) => poisoned.into_inner().0,
-                            };
-                        }
+                        Some(_) if q.carry_due() => break,
+                        Some(held) => q = queue.wait_for(q, CARRY_FOR.saturating_sub(held)),
                         None if q.stop => return,
-                        None => {
-                            q = match queue.changed.wait(q) {
-                                Ok(g) => g,
-                                Err(poisoned) => poisoned.into_inner(),
-                            };
-                        }
+                        None => q = queue.wait(q),
                     }
                 }
                 q.busy = true;
+                let may_carry = !q.carry_due();
                 let carried = q.carried.take();
-                let may_carry = !q.stop
-                    && !q.draining
-                    && carried
-                        .as_ref()
-                        .is_none_or(|c| c.since.elapsed() < CARRY_FOR);
                 (q.jobs.drain(..).collect::<Vec<_>>(), carried, may_carry)
             };
             let since = carried.as_ref().map(|c| c.since);
@@ -212,10 +195,7 @@ impl Store {
                 q.draining = true;
                 queue.changed.notify_all();
             }
-            q = match queue.changed.wait(q) {
-                Ok(g) => g,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            q = queue.wait(q);
         }
     }
 
