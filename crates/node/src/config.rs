@@ -243,6 +243,9 @@ pub struct ImagesConfig {
     /// import reads files on this host, so it is limited to these directories (the Nix
     /// store, which is world-readable anyway, by default).
     pub import_paths: Vec<String>,
+    /// How often the image janitor runs (drops the copies of removed images, gives up
+    /// holding images this node lost, evicts beyond `cache_size_mib`), in milliseconds.
+    pub janitor_interval_ms: u64,
 }
 
 /// See [`ImagesConfig::materialise`].
@@ -267,6 +270,7 @@ impl Default for ImagesConfig {
             materialise: Materialise::Unpack,
             nix_store: None,
             import_paths: vec!["/nix/store".into()],
+            janitor_interval_ms: 3000,
         }
     }
 }
@@ -280,6 +284,10 @@ impl ImagesConfig {
             header_timeout: std::time::Duration::from_millis(self.cache_header_timeout_ms),
             idle_timeout: std::time::Duration::from_millis(self.cache_idle_timeout_ms),
         }
+    }
+
+    pub fn janitor_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.janitor_interval_ms)
     }
 }
 
@@ -552,6 +560,12 @@ impl Config {
                 return bad(setting, "must be between 100 and 3600000 (an hour)".into());
             }
         }
+        if !(10..=3_600_000).contains(&i.janitor_interval_ms) {
+            return bad(
+                "images.janitor_interval_ms",
+                "must be between 10 and 3600000 (an hour)".into(),
+            );
+        }
         if let Some(e) = &self.telemetry.otlp_endpoint {
             if let Err(e) = crate::telemetry::check_endpoint(e) {
                 return bad("telemetry.otlp_endpoint", e.to_string());
@@ -688,6 +702,10 @@ mod tests {
         assert_eq!(
             refused("[images]\ncache_max_connections = 100000"),
             "images.cache_max_connections"
+        );
+        assert_eq!(
+            refused("[images]\njanitor_interval_ms = 0"),
+            "images.janitor_interval_ms"
         );
         assert_eq!(
             refused("[images]\ncache_max_streams = 0"),

@@ -210,7 +210,8 @@ pub(super) async fn start(
                 .map(PathBuf::from)
                 .collect(),
         )
-        .counting(metrics.images.clone()),
+        .counting(metrics.images.clone())
+        .janitor_every(config.images.janitor_interval()),
     );
 
     // The audit log, the VM machinery, and the API on the router.

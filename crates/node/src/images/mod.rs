@@ -72,6 +72,13 @@ pub struct Images {
     pub import_paths: Vec<PathBuf>,
     last_used: Mutex<HashMap<BlobHash, Instant>>,
     metrics: crate::metrics::ImageMetrics,
+    /// Held shared by each import from its start until cluster state records the image,
+    /// and exclusively by the janitor while it drops the copies of images the cluster
+    /// does not know: an image being imported is tagged in the blob store before it is
+    /// recorded, and must not be taken for a removed one.
+    importing: tokio::sync::RwLock<()>,
+    /// How often the janitor runs.
+    pub janitor_interval: Duration,
 }
 
 impl Images {
@@ -93,7 +100,15 @@ impl Images {
             import_paths,
             last_used: Mutex::new(HashMap::new()),
             metrics: Default::default(),
+            importing: tokio::sync::RwLock::new(()),
+            janitor_interval: Duration::from_secs(3),
         }
+    }
+
+    /// Runs the janitor every `every`.
+    pub fn janitor_every(mut self, every: Duration) -> Self {
+        self.janitor_interval = every;
+        self
     }
 
     /// Counts pulls in `metrics`.
@@ -247,6 +262,8 @@ impl Images {
                 existing.root
             )));
         }
+        // Until the image is recorded below, its tagged blobs are known to no one else.
+        let _importing = self.importing.read().await;
         self.ensure_cache_key().await?;
         let progress = Progress::new(move |p| sink.report(p.phase, p.done, p.total));
         let started = Instant::now();
@@ -471,15 +488,24 @@ impl Images {
     pub async fn janitor_round(&self) -> Result<(), JanitorError> {
         let me = self.cluster.me();
         let store = &self.store;
-        let held = store.held().await?;
-        let images: Vec<Image> = self.cluster.state().images().cloned().collect();
-        for hash in &held {
-            let known = images.iter().any(|i| blob_hash(i.manifest) == *hash);
-            if !known {
-                tracing::info!(%hash, "dropping the blobs of a removed image");
-                store.forget(*hash).await?;
+        match self.importing.try_write() {
+            Ok(_no_imports) => {
+                // Held first, then the state: an image recorded in between is known.
+                let held = store.held().await?;
+                let images: Vec<Image> = self.cluster.state().images().cloned().collect();
+                for hash in &held {
+                    let known = images.iter().any(|i| blob_hash(i.manifest) == *hash);
+                    if !known {
+                        tracing::info!(%hash, "dropping the blobs of a removed image");
+                        store.forget(*hash).await?;
+                    }
+                }
             }
+            Err(_) => tracing::debug!(
+                "image janitor: an import is under way; removed images are dropped next round"
+            ),
         }
+        let images: Vec<Image> = self.cluster.state().images().cloned().collect();
         for image in images.iter().filter(|i| i.holders.contains(&me)) {
             let hash = blob_hash(image.manifest);
             if !store.is_complete(hash).await? {
@@ -541,7 +567,9 @@ pub enum JanitorError {
 
 /// Runs the janitor every few seconds until the node stops.
 pub async fn janitor(images: Arc<Images>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    // `interval` refuses a zero period; the config allows 10 ms at least.
+    let every = images.janitor_interval.max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         if let Err(e) = images.janitor_round().await {
