@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
 use iroh_blobs::api::TempTag;
 use iroh_blobs::hashseq::HashSeq;
+use iroh_blobs::store::fs::options::PathOptions;
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::{BlobFormat, Hash, HashAndFormat};
 
@@ -39,6 +41,8 @@ pub struct ImageStore {
     stage: PathBuf,
     /// Store paths of complete local images by hash part: what the binary cache serves.
     index: Arc<RwLock<Index>>,
+    /// Where the blob store keeps each blob's bytes (iroh-blobs' own path scheme).
+    paths: PathOptions,
 }
 
 fn blob_err(what: &str) -> impl Fn(String) -> ImageError + '_ {
@@ -71,6 +75,7 @@ impl ImageStore {
             interval: std::time::Duration::from_secs(60),
             add_protected: None,
         });
+        let paths = options.path.clone();
         let blobs = FsStore::load_with_opts(dir.join("blobs.db"), options)
             .await
             .map_err(|e| ImageError::Blobs(format!("cannot open {}: {e}", dir.display())))?;
@@ -79,6 +84,7 @@ impl ImageStore {
             store_dir,
             stage,
             index: Arc::new(RwLock::new(Index::default())),
+            paths,
         };
         store.reindex().await?;
         Ok(store)
@@ -144,6 +150,25 @@ impl ImageStore {
         let index = self.index.read().ok()?;
         let hash_part = index.by_blob.get(blob)?;
         index.by_hash_part.get(hash_part).cloned()
+    }
+
+    /// The file holding a complete blob's bytes, opened for reading, if the blob store
+    /// keeps them in one (not blobs small enough to live in its database) and the file
+    /// is `size` bytes long. Reading it directly spares the store's export, which hands
+    /// out 1 KiB at a time. The caller knows the blob is complete (a held image's), so
+    /// the file is whole and no longer written; a blob collected since is simply not
+    /// found, and the caller falls back to the store.
+    pub fn blob_file(&self, blob: &Hash, size: u64) -> Option<std::fs::File> {
+        let path = self.paths.data_path(blob);
+        let file = std::fs::File::open(&path).ok()?;
+        match file.metadata() {
+            Ok(m) if m.is_file() && m.len() == size => Some(file),
+            Ok(m) => {
+                tracing::debug!(path = %path.display(), len = m.len(), size, "blob file of another size; reading through the store");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Whether the image's hash sequence and every blob it lists are here.
@@ -344,40 +369,45 @@ impl ImageStore {
         self.reindex().await
     }
 
-    /// Serialises a file tree to NAR in the stage dir and adds it to the blob store.
+    /// Serialises a file tree to NAR and streams it into the blob store (which writes it
+    /// once, to the file it keeps).
     async fn add_tree(
         &self,
         path: &Path,
         progress: &Progress,
     ) -> Result<(Hash, crate::nix::NarSummary, TempTag), ImageError> {
-        let tmp = self
-            .stage
-            .join(format!("{:016x}.nar", rand::random::<u64>()));
-        let (src, dst, counter) = (path.to_owned(), tmp.clone(), progress.clone());
-        let summary = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::create(&dst).map_err(|e| ImageError::Io(dst.clone(), e))?;
-            let counted = Counting {
-                inner: file,
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+        let (src, counter) = (path.to_owned(), progress.clone());
+        let writer = tokio::task::spawn_blocking(move || {
+            let chunks = Chunks {
+                tx: tx.clone(),
                 progress: counter,
             };
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, counted);
-            let summary = dump_path(&src, &mut out).map_err(|e| ImageError::Io(src.clone(), e))?;
-            std::io::Write::flush(&mut out).map_err(|e| ImageError::Io(dst.clone(), e))?;
-            Ok::<_, ImageError>(summary)
-        })
-        .await
-        .map_err(|e| ImageError::Blobs(format!("NAR writer: {e}")))?;
-        let summary = match summary {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
+            let mut out = std::io::BufWriter::with_capacity(NAR_CHUNK, chunks);
+            let summary = dump_path(&src, &mut out)
+                .and_then(|summary| std::io::Write::flush(&mut out).map(|()| summary));
+            if let Err(e) = &summary {
+                // The store then gives up on the blob instead of keeping half a NAR.
+                let _ = tx.blocking_send(Err(std::io::Error::new(e.kind(), e.to_string())));
             }
-        };
-        let added = self.blobs.add_path(&tmp).temp_tag().await;
-        let _ = std::fs::remove_file(&tmp);
-        let tag = added.map_err(|e| blob_err("adding a NAR")(e.to_string()))?;
-        Ok((tag.hash(), summary, tag))
+            summary.map_err(|e| ImageError::Io(src, e))
+        });
+        let stream = n0_future::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let added = self.blobs.add_stream(stream).await.temp_tag().await;
+        let summary = writer
+            .await
+            .map_err(|e| ImageError::Blobs(format!("NAR writer: {e}")))?;
+        match (summary, added) {
+            (Ok(summary), Ok(tag)) => Ok((tag.hash(), summary, tag)),
+            // The store stopped reading: its error says why.
+            (Err(ImageError::Io(_, e)), Err(store))
+                if e.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                Err(blob_err("adding a NAR")(store.to_string()))
+            }
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(store)) => Err(blob_err("adding a NAR")(store.to_string())),
+        }
     }
 
     /// Unpacks every store path of `manifest` that is not yet in the store dir, each
@@ -398,24 +428,36 @@ impl ImageStore {
             if std::fs::symlink_metadata(&dest).is_ok() {
                 continue;
             }
-            let nar = self
-                .stage
-                .join(format!("{:016x}.nar", rand::random::<u64>()));
-            self.blobs
-                .export(e.blob, &nar)
-                .await
-                .map_err(|err| blob_err("exporting a NAR")(err.to_string()))?;
+            // The blob's own file when it has one; else a copy exported to the stage dir.
+            let (file, staged) = match self.blob_file(&e.blob, e.nar_size) {
+                Some(file) => (file, None),
+                None => {
+                    let nar = self
+                        .stage
+                        .join(format!("{:016x}.nar", rand::random::<u64>()));
+                    self.blobs
+                        .export(e.blob, &nar)
+                        .await
+                        .map_err(|err| blob_err("exporting a NAR")(err.to_string()))?;
+                    let file = std::fs::File::open(&nar).map_err(|err| {
+                        let _ = std::fs::remove_file(&nar);
+                        ImageError::Io(nar.clone(), err)
+                    })?;
+                    (file, Some(nar))
+                }
+            };
             let tmp = target_dir.join(format!(".blixard-unpack-{:016x}", rand::random::<u64>()));
-            let (nar2, tmp2, policy2) = (nar.clone(), tmp.clone(), policy.clone());
+            let (tmp2, policy2) = (tmp.clone(), policy.clone());
             let expect = (e.nar_hash, e.nar_size);
             let result = tokio::task::spawn_blocking(move || {
-                let file = std::fs::File::open(&nar2).map_err(|err| ImageError::Io(nar2, err))?;
                 let reader = std::io::BufReader::with_capacity(1 << 20, file);
                 unpack_nar(reader, &tmp2, Some(expect), &policy2).map_err(ImageError::Nar)
             })
             .await
             .map_err(|err| ImageError::Blobs(format!("NAR reader: {err}")));
-            let _ = std::fs::remove_file(&nar);
+            if let Some(nar) = staged {
+                let _ = std::fs::remove_file(&nar);
+            }
             let abs = e.path.to_absolute(&image_dir);
             match result {
                 Ok(Ok(_)) => {}
@@ -440,21 +482,32 @@ impl ImageStore {
     }
 }
 
-/// Counts bytes written into a progress report.
-struct Counting<W> {
-    inner: W,
+/// How much of a NAR goes to the blob store at a time.
+const NAR_CHUNK: usize = 1 << 20;
+
+/// A NAR being written, handed to the blob store in chunks, counted into a progress
+/// report.
+struct Chunks {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
     progress: Progress,
 }
 
-impl<W: std::io::Write> std::io::Write for Counting<W> {
+impl std::io::Write for Chunks {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.progress.advance(n as u64);
-        Ok(n)
+        self.tx
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the blob store stopped reading the NAR",
+                )
+            })?;
+        self.progress.advance(buf.len() as u64);
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        Ok(())
     }
 }
 

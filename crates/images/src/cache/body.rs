@@ -18,15 +18,25 @@ use iroh_blobs::Hash;
 use n0_future::boxed::BoxStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-/// Where a NAR's bytes come from: the blob store, or a stand-in in tests.
+/// Where a NAR's bytes come from: the image store, or a stand-in in tests.
 pub(crate) trait NarSource: Send + Sync + 'static {
     /// The blob's size, then the bytes of `range` in order (iroh-blobs' `export_ranges`).
     fn export(&self, blob: Hash, range: Range<u64>) -> BoxStream<ExportRangesItem>;
+
+    /// The file holding the complete blob's `size` bytes, when there is one to read
+    /// directly (much cheaper than `export`, which hands out 1 KiB at a time).
+    fn file(&self, _blob: &Hash, _size: u64) -> Option<std::fs::File> {
+        None
+    }
 }
 
-impl NarSource for iroh_blobs::store::fs::FsStore {
+impl NarSource for crate::store::ImageStore {
     fn export(&self, blob: Hash, range: Range<u64>) -> BoxStream<ExportRangesItem> {
-        Box::pin(self.export_ranges(blob, range).stream())
+        Box::pin(self.blobs().export_ranges(blob, range).stream())
+    }
+
+    fn file(&self, blob: &Hash, size: u64) -> Option<std::fs::File> {
+        self.blob_file(blob, size)
     }
 }
 
@@ -63,6 +73,32 @@ const FIRST_WAIT: Duration = if cfg!(test) {
 /// Frames handed to hyper hold up to this much (the store sends 1 KiB pieces).
 const FRAME: usize = 64 << 10;
 
+/// Reads of a blob's own file take this much at a time.
+const FILE_READ: u64 = 256 << 10;
+
+/// A range of a complete blob's file, read on the blocking pool one read ahead of what
+/// hyper is sending.
+struct FileRange {
+    file: Arc<std::fs::File>,
+    /// The read under way: its offset, and its bytes to come.
+    reading: Option<(u64, tokio::task::JoinHandle<std::io::Result<Bytes>>)>,
+}
+
+impl FileRange {
+    /// Starts reading `at..end` (up to `FILE_READ` of it).
+    fn start(&mut self, at: u64, end: u64) {
+        let len = (end - at).min(FILE_READ) as usize;
+        let file = self.file.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = BytesMut::zeroed(len);
+            file.read_exact_at(&mut buf, at)?;
+            Ok(buf.freeze())
+        });
+        self.reading = Some((at, read));
+    }
+}
+
 /// A NAR, or a range of one, from the blob store.
 pub(crate) struct NarBody {
     source: Arc<dyn NarSource>,
@@ -85,6 +121,8 @@ pub(crate) struct NarBody {
     _slot: Option<OwnedSemaphorePermit>,
     /// Counts the bytes handed to hyper (`blixard_cache_sent_bytes_total`).
     sent: Option<prometheus_client::metrics::counter::Counter>,
+    /// The blob's own file, read directly instead of through the store's export.
+    file: Option<FileRange>,
 }
 
 impl NarBody {
@@ -108,7 +146,17 @@ impl NarBody {
             error: None,
             _slot: slot,
             sent: None,
+            file: None,
         }
+    }
+
+    /// Reads the bytes from `file`, the blob's own (complete, `size` bytes long).
+    pub(crate) fn reading(mut self, file: std::fs::File) -> Self {
+        self.file = Some(FileRange {
+            file: Arc::new(file),
+            reading: None,
+        });
+        self
     }
 
     pub(crate) fn counting(mut self, sent: prometheus_client::metrics::counter::Counter) -> Self {
@@ -137,12 +185,73 @@ impl NarBody {
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
+    /// The next frame read from the blob's file.
+    fn poll_file(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, NarBodyError>>> {
+        let (blob, next, end) = (self.blob, self.next, self.end);
+        if next >= end {
+            return Poll::Ready(None);
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if file.reading.is_none() {
+            file.start(next, end);
+        }
+        let Some((at, read)) = file.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let at = *at;
+        let got = ready!(Pin::new(read).poll(cx));
+        file.reading = None;
+        let data = match got {
+            Ok(Ok(data)) if at == next => data,
+            Ok(Ok(_)) => {
+                let e = NarBodyError::Order {
+                    blob,
+                    got: at,
+                    want: next,
+                };
+                return self.failed(e);
+            }
+            Ok(Err(source)) => {
+                return self.failed(NarBodyError::Read {
+                    blob,
+                    offset: at,
+                    source,
+                })
+            }
+            Err(join) => {
+                let source = std::io::Error::other(join.to_string());
+                return self.failed(NarBodyError::Read {
+                    blob,
+                    offset: at,
+                    source,
+                });
+            }
+        };
+        self.next += data.len() as u64;
+        // Read the next piece while hyper sends this one.
+        if self.next < end {
+            file.start(self.next, end);
+        }
+        if let Some(sent) = &self.sent {
+            sent.inc_by(data.len() as u64);
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
     fn poll_nar(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, NarBodyError>>> {
         if let Some(e) = self.error.take() {
             return Poll::Ready(Some(Err(e)));
+        }
+        if self.file.is_some() {
+            return self.poll_file(cx);
         }
         loop {
             if self.next >= self.end {
@@ -404,6 +513,58 @@ mod tests {
         };
         assert_eq!(got, fake.data[..4096].to_vec());
         assert!(err.to_string().contains("disk on fire"), "{err}");
+    }
+
+    /// A body read from the blob's own file: the bytes of the range, in frames of
+    /// `FILE_READ` at most, and the store never asked.
+    #[tokio::test]
+    async fn a_range_read_from_the_file_is_exactly_its_bytes() {
+        let fake = Fake::new(700_000, 0, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.data");
+        std::fs::write(&path, &fake.data).unwrap();
+        for range in [0..700_000, 1000..2500, 262_144..600_001, 699_999..700_000] {
+            let file = std::fs::File::open(&path).unwrap();
+            let body =
+                NarBody::new(fake.clone(), Hash::EMPTY, 700_000, range.clone(), None).reading(file);
+            let mut body = CacheBody::Nar(Box::new(body));
+            assert_eq!(body.size_hint().exact(), Some(range.end - range.start));
+            let mut got = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let data = frame.unwrap().into_data().unwrap();
+                assert!(data.len() as u64 <= FILE_READ);
+                got.extend_from_slice(&data);
+            }
+            let (a, b) = (range.start as usize, range.end as usize);
+            assert_eq!(got, fake.data[a..b].to_vec(), "{range:?}");
+        }
+        assert!(fake.exports.lock().unwrap().is_empty());
+    }
+
+    /// A file cut short under the body fails it after the bytes it had: the client sees
+    /// a response short of its `Content-Length`.
+    #[tokio::test]
+    async fn a_file_cut_short_fails_the_body() {
+        let fake = Fake::new(600_000, 0, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.data");
+        std::fs::write(&path, &fake.data[..300_000]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let body = NarBody::new(fake.clone(), Hash::EMPTY, 600_000, 0..600_000, None).reading(file);
+        let mut body = CacheBody::Nar(Box::new(body));
+        let mut got = 0u64;
+        let err = loop {
+            match body.frame().await {
+                Some(Ok(f)) => got += f.into_data().unwrap().len() as u64,
+                Some(Err(e)) => break e,
+                None => panic!("the body ended as if whole after {got} bytes"),
+            }
+        };
+        assert_eq!(got, FILE_READ);
+        assert!(
+            matches!(err, NarBodyError::Read { offset, .. } if offset == FILE_READ),
+            "{err}"
+        );
     }
 
     #[tokio::test]

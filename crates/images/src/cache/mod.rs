@@ -114,7 +114,7 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let source = Arc::new(store.blobs().clone());
+    let source = Arc::new(store.clone());
     let cache = Arc::new(Cache::new(store, store_dir, keys, limits, source).counting(metrics));
     Ok((local, tokio::spawn(conn::accept_loop(listener, cache))))
 }
@@ -311,8 +311,13 @@ impl Cache {
                 }
             }
         };
-        let body = NarBody::new(self.source.clone(), hash, size, bytes.clone(), slot)
+        let mut body = NarBody::new(self.source.clone(), hash, size, bytes.clone(), slot)
             .counting(self.metrics.sent_bytes.clone());
+        if !head {
+            if let Some(file) = self.source.file(&hash, size) {
+                body = body.reading(file);
+            }
+        }
         let mut r = Response::new(CacheBody::Nar(Box::new(body)));
         *r.status_mut() = status;
         r.headers_mut().insert(

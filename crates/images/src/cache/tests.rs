@@ -68,7 +68,7 @@ async fn start(
 ) -> (SocketAddr, Arc<Cache>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let source = source.unwrap_or_else(|| Arc::new(store.blobs().clone()));
+    let source = source.unwrap_or_else(|| Arc::new(store.clone()));
     let cache = Arc::new(Cache::new(
         store.clone(),
         StoreDir::default(),
@@ -165,6 +165,48 @@ async fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) 
 
 fn nar_path(e: &CheckedEntry) -> String {
     format!("/nar/{}.nar", e.blob.to_hex())
+}
+
+/// The cache (and the unpack) read a complete NAR from the blob store's own file of it,
+/// where iroh-blobs keeps it (`PathOptions::data_path`). If an iroh-blobs upgrade moves
+/// it, this fails rather than every NAR silently taking the slow road.
+#[tokio::test]
+async fn a_complete_nar_is_read_from_the_blob_stores_own_file() {
+    let (_dir, store, e) = store_with_nar(1).await;
+    let mut file = store
+        .blob_file(&e.blob, e.nar_size)
+        .expect("the NAR's blob in a file of its own");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).unwrap();
+    assert_eq!(NarHash::digest(&bytes), e.nar_hash);
+    // A file of another length than the manifest says is not taken.
+    assert!(store.blob_file(&e.blob, e.nar_size + 1).is_none());
+    assert!(store.blob_file(&iroh_blobs::Hash::EMPTY, 0).is_none());
+}
+
+/// An import that fails part way through its NAR (here at a fifo, after 2 MiB of a
+/// file) is an error naming what failed, and leaves no image behind.
+#[tokio::test]
+async fn an_import_failing_midway_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a-disk.img"), vec![7u8; 2 << 20]).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(src.join("z-pipe"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let store = ImageStore::open(&dir.path().join("blobs"), StoreDir::default())
+        .await
+        .unwrap();
+    let err = store
+        .import(&src, "broken", &Progress::none())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("z-pipe"), "{err}");
+    assert!(store.held().await.unwrap().is_empty());
 }
 
 #[tokio::test]
