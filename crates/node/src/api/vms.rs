@@ -12,7 +12,7 @@ use tracing::Instrument as _;
 
 use super::Api;
 use crate::cluster::{now_ms, ClusterHandle};
-use crate::vms::{hook_vm, placement, Vms};
+use crate::vms::{hook_vm, Vms};
 
 fn vetoed(v: Veto) -> ApiError {
     ApiError::Rejected(format!("vetoed by hook {v}"))
@@ -106,15 +106,18 @@ pub(super) async fn create(
             Some(Err(e)) => tracing::debug!("handing a create to the leader: {e}"),
         }
     }
-    let placement = if cluster.leader() == Some(cluster.me()) {
+    let key = Vm::key(&spec.tenant, &spec.name);
+    let (placement, _in_flight) = if cluster.leader() == Some(cluster.me()) {
         let _span = tracing::info_span!(target: blixard_net::trace::TARGET, "schedule").entered();
         let state = cluster.state();
-        let members: Vec<_> = state.members().cloned().collect();
-        placement(&members, &state.ledger(), &spec, &api.vms.scheduler).ok()
+        let (p, guard) = api
+            .vms
+            .in_flight
+            .place(&state, &key, &spec, &api.vms.scheduler);
+        (p, Some(guard))
     } else {
-        None
+        (None, None)
     };
-    let key = Vm::key(&spec.tenant, &spec.name);
     cluster
         .propose(Command::CreateVm {
             spec,

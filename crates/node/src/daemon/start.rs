@@ -441,6 +441,7 @@ fn vms_of(
         down_after: Duration::from_millis(v.down_timeout_ms),
         fence_after: Duration::from_millis(v.fence_timeout_ms),
         stop_timeout: Duration::from_millis(v.stop_timeout_ms),
+        in_flight: Default::default(),
     })
 }
 

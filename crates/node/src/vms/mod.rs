@@ -47,6 +47,63 @@ pub struct Vms {
     pub fence_after: Duration,
     /// How long a runner gets to stop before it is killed.
     pub stop_timeout: Duration,
+    /// Creates this node (as leader) has placed and proposed, not yet applied.
+    pub in_flight: InFlight,
+}
+
+/// The placements of creates the leader has proposed and not yet applied. Creates that
+/// arrive together are decided before any of them is applied; each must count the ones
+/// decided before it, or all go to the host that was emptiest before the burst.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    next: std::sync::atomic::AtomicU64,
+    placed: std::sync::Mutex<Vec<(u64, String, VmSpec, NodeId)>>,
+}
+
+/// An in-flight placement; it no longer counts once dropped (its create applied, or
+/// failed).
+pub struct InFlightGuard<'a> {
+    set: &'a InFlight,
+    id: u64,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut placed) = self.set.placed.lock() {
+            placed.retain(|(id, ..)| *id != self.id);
+        }
+    }
+}
+
+impl InFlight {
+    /// Places `spec` (key `key`) against `state`'s ledger plus the placements still in
+    /// flight, and holds this one in flight until the guard drops.
+    pub fn place(
+        &self,
+        state: &blixard_core::State,
+        key: &str,
+        spec: &VmSpec,
+        config: &SchedulerConfig,
+    ) -> (Option<Placement>, InFlightGuard<'_>) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let guard = InFlightGuard { set: self, id };
+        let members: Vec<_> = state.members().cloned().collect();
+        let mut ledger = state.ledger();
+        let Ok(mut placed) = self.placed.lock() else {
+            return (placement(&members, &ledger, spec, config).ok(), guard);
+        };
+        // One applied since is in the state's ledger already.
+        for (_, other, other_spec, node) in placed.iter() {
+            if state.vm(other).is_none() {
+                ledger.add_spec(other_spec, *node);
+            }
+        }
+        let decision = placement(&members, &ledger, spec, config).ok();
+        if let Some(p) = &decision {
+            placed.push((id, key.to_string(), spec.clone(), p.node));
+        }
+        (decision, guard)
+    }
 }
 
 /// Where the scheduler would put `spec` now, given what is placed (`ledger`): the one

@@ -257,18 +257,7 @@ mod tests {
         .unwrap();
         for (i, vcpus) in vms.iter().enumerate() {
             s.apply(&Command::CreateVm {
-                spec: VmSpec {
-                    name: format!("vm{i}"),
-                    tenant: "default".into(),
-                    image: "web".into(),
-                    vcpus: *vcpus,
-                    memory_mib: 64,
-                    labels: BTreeMap::new(),
-                    constraints: BTreeMap::new(),
-                    anti_affinity: None,
-                    restart: RestartPolicy::Always,
-                    ready_marker: None,
-                },
+                spec: web(&format!("vm{i}"), *vcpus),
                 start: true,
                 now_ms: 4,
                 placement: None,
@@ -300,6 +289,74 @@ mod tests {
                 other => panic!("not a placement: {other:?}"),
             })
             .collect()
+    }
+
+    fn web(name: &str, vcpus: u32) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            tenant: "default".into(),
+            image: "web".into(),
+            vcpus,
+            memory_mib: 64,
+            labels: BTreeMap::new(),
+            constraints: BTreeMap::new(),
+            anti_affinity: None,
+            restart: RestartPolicy::Always,
+            ready_marker: None,
+        }
+    }
+
+    /// Creates decided before any of them is applied (a burst at the leader) count the
+    /// ones decided before them: spread over three equal hosts, three creates go to three
+    /// hosts, not all to the first. Once applied, or failed, a placement counts only
+    /// through the state.
+    #[test]
+    fn creates_decided_together_count_each_other() {
+        let s = state(&[8, 8, 8], &[]);
+        let in_flight = crate::vms::InFlight::default();
+        let cfg = config(Strategy::Spread);
+        let mut guards = Vec::new();
+        let mut hosts = Vec::new();
+        for i in 0..3 {
+            let name = format!("b{i}");
+            let key = blixard_core::Vm::key("default", &name);
+            let (p, g) = in_flight.place(&s, &key, &web(&name, 2), &cfg);
+            hosts.push(p.unwrap().node.0);
+            guards.push(g);
+        }
+        hosts.sort();
+        assert_eq!(hosts, vec![1, 2, 3]);
+        drop(guards);
+        let key = blixard_core::Vm::key("default", "b3");
+        let (again, b3) = in_flight.place(&s, &key, &web("b3", 2), &cfg);
+        let alone = crate::vms::placement(
+            &s.members().cloned().collect::<Vec<_>>(),
+            &s.ledger(),
+            &web("b3", 2),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(again.unwrap().node, alone.node);
+        drop(b3);
+        // A placement whose create has been applied is not counted twice: packing, the
+        // second half of a host goes where the first half was applied.
+        let pack = config(Strategy::BinPack);
+        let mut applied = s.clone();
+        let x = blixard_core::Vm::key("default", "x");
+        let (p, _held) = in_flight.place(&applied, &x, &web("x", 4), &pack);
+        let p = p.unwrap();
+        applied
+            .apply(&Command::CreateVm {
+                spec: web("x", 4),
+                start: true,
+                now_ms: 5,
+                placement: Some(p),
+            })
+            .unwrap();
+        assert_eq!(applied.vm(&x).and_then(|v| v.node), Some(p.node));
+        let y = blixard_core::Vm::key("default", "y");
+        let (next, _g) = in_flight.place(&applied, &y, &web("y", 4), &pack);
+        assert_eq!(next.unwrap().node, p.node);
     }
 
     #[test]
