@@ -269,9 +269,24 @@ impl ImageStore {
                 blob: blob.to_hex().to_string(),
             });
         } else {
-            for info in &infos {
-                let abs = info.path.to_absolute(&store_dir);
-                let (blob, summary, tag) = self.add_tree(Path::new(&abs), progress).await?;
+            // A few paths at once: each NAR's sha256 runs on a thread of its own, beside
+            // the blob store hashing and writing the others.
+            let added: Vec<_> = {
+                use n0_future::{BufferedStreamExt, StreamExt};
+                let paths: Vec<String> = infos
+                    .iter()
+                    .map(|info| info.path.to_absolute(&store_dir))
+                    .collect();
+                n0_future::stream::iter(paths.into_iter().map(|abs| async move {
+                    let added = self.add_tree(Path::new(&abs), progress).await;
+                    (abs, added)
+                }))
+                .buffered_ordered(import_parallelism())
+                .collect()
+                .await
+            };
+            for (info, (abs, added)) in infos.iter().zip(added) {
+                let (blob, summary, tag) = added?;
                 if summary.hash != info.nar_hash || summary.size != info.nar_size {
                     return Err(ImageError::Source(format!(
                         "{abs}: the NAR of the path on disk ({}, {} bytes) differs from what Nix recorded ({}, {} bytes); run `nix-store --verify-path {abs}`",
@@ -480,6 +495,12 @@ impl ImageStore {
         }
         Ok(done)
     }
+}
+
+/// How many store paths of a closure an import serialises at once: one per CPU, at most
+/// four.
+fn import_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
 }
 
 /// How much of a NAR goes to the blob store at a time.
