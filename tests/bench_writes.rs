@@ -46,7 +46,8 @@ const ELECTION_MS: u64 = 1000;
 /// Targets from the issue.
 const TARGET_COMMITS_64: f64 = 10_000.0;
 const TARGET_P99_1_MS: f64 = 10.0;
-const TARGET_IDLE_RSS_MIB: f64 = 30.0;
+/// Issue 20 lowered it from 30 MiB (the earlier issue's) to 25 MiB.
+const TARGET_IDLE_RSS_MIB: f64 = 25.0;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Via {
