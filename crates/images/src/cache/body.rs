@@ -84,19 +84,20 @@ struct FileRange {
     reading: Option<(u64, tokio::task::JoinHandle<std::io::Result<Bytes>>)>,
 }
 
-impl FileRange {
-    /// Starts reading `at..end` (up to `FILE_READ` of it).
-    fn start(&mut self, at: u64, end: u64) {
-        let len = (end - at).min(FILE_READ) as usize;
-        let file = self.file.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
-            let mut buf = BytesMut::zeroed(len);
-            file.read_exact_at(&mut buf, at)?;
-            Ok(buf.freeze())
-        });
-        self.reading = Some((at, read));
-    }
+/// Reads `at..end` of `file` (up to `FILE_READ` of it) on the blocking pool.
+fn read_at(
+    file: Arc<std::fs::File>,
+    at: u64,
+    end: u64,
+) -> (u64, tokio::task::JoinHandle<std::io::Result<Bytes>>) {
+    let len = (end - at).min(FILE_READ) as usize;
+    let read = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = BytesMut::zeroed(len);
+        file.read_exact_at(&mut buf, at)?;
+        Ok(buf.freeze())
+    });
+    (at, read)
 }
 
 /// A NAR, or a range of one, from the blob store.
@@ -185,30 +186,25 @@ impl NarBody {
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
-    /// The next frame read from the blob's file.
+    /// The next frame read from the blob's file (`file` is set).
     fn poll_file(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, NarBodyError>>> {
         let (blob, next, end) = (self.blob, self.next, self.end);
-        if next >= end {
-            return Poll::Ready(None);
-        }
-        let Some(file) = self.file.as_mut() else {
+        let Some(file) = self.file.as_mut().filter(|_| next < end) else {
             return Poll::Ready(None);
         };
-        if file.reading.is_none() {
-            file.start(next, end);
-        }
-        let Some((at, read)) = file.reading.as_mut() else {
-            return Poll::Ready(None);
-        };
+        let handle = file.file.clone();
+        let (at, read) = file
+            .reading
+            .get_or_insert_with(|| read_at(handle, next, end));
         let at = *at;
         let got = ready!(Pin::new(read).poll(cx));
         file.reading = None;
-        let data = match got {
-            Ok(Ok(data)) if at == next => data,
-            Ok(Ok(_)) => {
+        let data = match got.unwrap_or_else(|join| Err(std::io::Error::other(join.to_string()))) {
+            Ok(data) if at == next => data,
+            Ok(_) => {
                 let e = NarBodyError::Order {
                     blob,
                     got: at,
@@ -216,26 +212,18 @@ impl NarBody {
                 };
                 return self.failed(e);
             }
-            Ok(Err(source)) => {
+            Err(source) => {
                 return self.failed(NarBodyError::Read {
                     blob,
                     offset: at,
                     source,
                 })
             }
-            Err(join) => {
-                let source = std::io::Error::other(join.to_string());
-                return self.failed(NarBodyError::Read {
-                    blob,
-                    offset: at,
-                    source,
-                });
-            }
         };
         self.next += data.len() as u64;
         // Read the next piece while hyper sends this one.
         if self.next < end {
-            file.start(self.next, end);
+            file.reading = Some(read_at(file.file.clone(), self.next, end));
         }
         if let Some(sent) = &self.sent {
             sent.inc_by(data.len() as u64);

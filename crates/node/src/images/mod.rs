@@ -488,24 +488,26 @@ impl Images {
     pub async fn janitor_round(&self) -> Result<(), JanitorError> {
         let me = self.cluster.me();
         let store = &self.store;
-        match self.importing.try_write() {
-            Ok(_no_imports) => {
-                // Held first, then the state: an image recorded in between is known.
-                let held = store.held().await?;
-                let images: Vec<Image> = self.cluster.state().images().cloned().collect();
-                for hash in &held {
-                    let known = images.iter().any(|i| blob_hash(i.manifest) == *hash);
-                    if !known {
-                        tracing::info!(%hash, "dropping the blobs of a removed image");
-                        store.forget(*hash).await?;
-                    }
+        // Held first, then the state: an image recorded in between is known.
+        let held = match self.importing.try_write() {
+            Ok(no_imports) => Some((no_imports, store.held().await?)),
+            Err(_) => {
+                tracing::debug!(
+                    "image janitor: an import is under way; removed images are dropped next round"
+                );
+                None
+            }
+        };
+        let images: Vec<Image> = self.cluster.state().images().cloned().collect();
+        if let Some((_no_imports, held)) = held {
+            for hash in &held {
+                let known = images.iter().any(|i| blob_hash(i.manifest) == *hash);
+                if !known {
+                    tracing::info!(%hash, "dropping the blobs of a removed image");
+                    store.forget(*hash).await?;
                 }
             }
-            Err(_) => tracing::debug!(
-                "image janitor: an import is under way; removed images are dropped next round"
-            ),
         }
-        let images: Vec<Image> = self.cluster.state().images().cloned().collect();
         for image in images.iter().filter(|i| i.holders.contains(&me)) {
             let hash = blob_hash(image.manifest);
             if !store.is_complete(hash).await? {

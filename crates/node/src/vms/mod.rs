@@ -89,17 +89,15 @@ impl InFlight {
         let guard = InFlightGuard { set: self, id };
         let members: Vec<_> = state.members().cloned().collect();
         let mut ledger = state.ledger();
-        let Ok(mut placed) = self.placed.lock() else {
-            return (placement(&members, &ledger, spec, config).ok(), guard);
-        };
+        let mut placed = self.placed.lock().ok();
         // One applied since is in the state's ledger already.
-        for (_, other, other_spec, node) in placed.iter() {
+        for (_, other, other_spec, node) in placed.iter().flat_map(|p| p.iter()) {
             if state.vm(other).is_none() {
                 ledger.add_spec(other_spec, *node);
             }
         }
         let decision = placement(&members, &ledger, spec, config).ok();
-        if let Some(p) = &decision {
+        if let (Some(p), Some(placed)) = (&decision, placed.as_mut()) {
             placed.push((id, key.to_string(), spec.clone(), p.node));
         }
         (decision, guard)
